@@ -1,0 +1,1 @@
+"""Checkpoint reading, vocabulary reconciliation, and writing of the merged model folder."""

@@ -1,0 +1,228 @@
+"""Lazy, tensor-by-tensor access to a checkpoint: a Hugging Face folder (one or many safetensors shards, or
+PyTorch ``.bin``), a single safetensors/.bin file, or a hub id.
+
+Opening a checkpoint reads and checks only the safetensors headers (names, dtypes, shapes, offsets against
+the file size), so a corrupt or truncated file is reported before any work starts. Tensor data is read on
+demand, whole or a range of rows at a time, in the process that needs it; a ``Checkpoint`` pickles without
+its open file handles, so the driver can describe inputs and the actors read them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distmerge.errors import InputError, where
+
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
+    if hasattr(torch, _attr):
+        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
+MAX_HEADER = 100 * 1024 * 1024
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.tiktoken", "*.py"]
+BIN_NAMES = re.compile(r"^(pytorch_model|model)(-\d+-of-\d+)?\.bin$")
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: str  # absolute path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+
+
+def resolve_source(source: str, model: str) -> Path:
+    """A local path for a config entry: the path itself, or a hub snapshot (cached or downloaded)."""
+    path = Path(source).expanduser()
+    if path.exists():
+        return path.resolve()
+    if not HUB_ID.match(source):
+        raise InputError(f"{where(model=model)}: '{source}' is neither an existing path nor a hub id (org/name)")
+    try:
+        from huggingface_hub import snapshot_download
+
+        return Path(snapshot_download(source, allow_patterns=HUB_PATTERNS))
+    except Exception as exc:  # offline, gated, missing: one actionable message
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise InputError(
+            f"{where(model=model)}: '{source}' is not a local path and could not be fetched from the Hugging Face "
+            f"Hub ({first}). Download it where there is network (`hf download {source} --local-dir DIR`) and put "
+            f"DIR in the config instead."
+        ) from None
+
+
+def read_safetensors_header(path: Path, model: str) -> dict[str, TensorInfo]:
+    """Parse and check a safetensors header without reading tensor data."""
+    try:
+        size = path.stat().st_size
+        with open(path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise ValueError("file shorter than the 8-byte header length")
+            (length,) = struct.unpack("<Q", head)
+            if length > min(MAX_HEADER, size - 8):
+                raise ValueError(f"header length {length} exceeds the file size {size}")
+            header = json.loads(f.read(length))
+    except (OSError, ValueError, UnicodeDecodeError) as exc:
+        raise InputError(f"{where(model=model, file=str(path))}: corrupt safetensors header ({exc})") from None
+    if not isinstance(header, dict):
+        raise InputError(f"{where(model=model, file=str(path))}: corrupt safetensors header (not a mapping)")
+    data_size = size - 8 - length
+    tensors = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            shape = tuple(int(s) for s in info["shape"])
+            begin, end = (int(x) for x in info["data_offsets"])
+        except (KeyError, TypeError, ValueError) as exc:
+            raise InputError(f"{where(model=model, file=str(path), tensor=name)}: corrupt safetensors entry ({exc})") from None
+        tensor = TensorInfo(str(path), dtype, shape)
+        if end > data_size or end - begin != tensor.nbytes:
+            raise InputError(
+                f"{where(model=model, file=str(path), tensor=name)}: truncated or corrupt safetensors file "
+                f"(tensor data ends at byte {end} of {data_size})"
+            )
+        tensors[name] = tensor
+    return tensors
+
+
+class Checkpoint:
+    """The tensors of one model, by name, read lazily."""
+
+    def __init__(self, source: str, name: str):
+        self.source = source
+        self.name = name
+        self.path = resolve_source(source, name)
+        self.folder = self.path if self.path.is_dir() else self.path.parent
+        self.tensors: dict[str, TensorInfo] = self._index()
+        self._handles: dict[str, Any] = {}
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_handles"] = {}
+        return state
+
+    # --- index ----------------------------------------------------------------------------------
+    def _files(self) -> list[Path]:
+        if self.path.is_file():
+            return [self.path]
+        index = self.path / "model.safetensors.index.json"
+        if index.exists():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (ValueError, KeyError) as exc:
+                raise InputError(f"{where(model=self.name, file=str(index))}: unreadable index ({exc})") from None
+            files = sorted({self.path / f for f in weight_map.values()})
+            missing = [f for f in files if not f.exists()]
+            if missing:
+                raise InputError(f"{where(model=self.name, file=str(missing[0]))}: listed in the index but missing")
+            return files
+        shards = sorted(self.path.glob("*.safetensors"))
+        if shards:
+            return shards
+        bins = sorted(p for p in self.path.glob("*.bin") if BIN_NAMES.match(p.name))
+        if bins:
+            return bins
+        raise InputError(f"{where(model=self.name, file=str(self.path))}: no safetensors or .bin weights in this folder")
+
+    def _index(self) -> dict[str, TensorInfo]:
+        tensors: dict[str, TensorInfo] = {}
+        for file in self._files():
+            if file.suffix == ".safetensors":
+                found = read_safetensors_header(file, self.name)
+            else:
+                found = {k: TensorInfo(str(file), v.dtype, tuple(v.shape)) for k, v in self._load_bin(file).items()}
+            for key, info in found.items():
+                if key in tensors:
+                    raise InputError(f"{where(model=self.name, file=str(file), tensor=key)}: tensor stored twice")
+                tensors[key] = info
+        return tensors
+
+    def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:
+        if str(file) not in self._handles_dict():
+            try:
+                state = torch.load(file, mmap=True, weights_only=True, map_location="cpu")
+            except Exception as exc:
+                raise InputError(f"{where(model=self.name, file=str(file))}: cannot read PyTorch checkpoint ({exc})") from None
+            if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
+                state = state["state_dict"]
+            self._handles_dict()[str(file)] = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        return self._handles_dict()[str(file)]
+
+    def _handles_dict(self) -> dict[str, Any]:
+        if not hasattr(self, "_handles"):
+            self._handles = {}
+        return self._handles
+
+    # --- metadata -------------------------------------------------------------------------------
+    def json_file(self, filename: str) -> dict[str, Any] | None:
+        path = self.folder / filename
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except ValueError as exc:
+            raise InputError(f"{where(model=self.name, file=str(path))}: invalid JSON ({exc})") from None
+
+    @property
+    def config(self) -> dict[str, Any] | None:
+        return self.json_file("config.json")
+
+    def info(self, tensor: str) -> TensorInfo:
+        try:
+            return self.tensors[tensor]
+        except KeyError:
+            raise InputError(f"{where(model=self.name, tensor=tensor)}: missing in this model") from None
+
+    # --- data -----------------------------------------------------------------------------------
+    def read(self, tensor: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
+        """The tensor (or rows [start, stop) of its first dimension), in its stored dtype, on the CPU."""
+        info = self.info(tensor)
+        try:
+            if info.file.endswith(".safetensors"):
+                handle = self._handles_dict().get(info.file)
+                if handle is None:
+                    from safetensors import safe_open
+
+                    handle = safe_open(info.file, framework="pt", device="cpu")
+                    self._handles_dict()[info.file] = handle
+                if start is None or not info.shape:
+                    return handle.get_tensor(tensor)
+                return handle.get_slice(tensor)[start:stop]
+            value = self._load_bin(Path(info.file))[tensor]
+            return value if start is None or not info.shape else value[start:stop]
+        except InputError:
+            raise
+        except Exception as exc:
+            raise InputError(f"{where(model=self.name, file=info.file, tensor=tensor)}: read failed ({exc})") from None
+
+    def close(self) -> None:
+        self._handles = {}
+
+
+def file_size_total(checkpoint: Checkpoint) -> int:
+    return sum(os.path.getsize(f) for f in {info.file for info in checkpoint.tensors.values()})

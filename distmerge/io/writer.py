@@ -1,0 +1,109 @@
+"""Writing the merged model: shards written atomically into a staging folder beside the target, which is
+renamed into place only when everything is there. A failed or interrupted run leaves no model at the target;
+an existing target is replaced only when asked (``force``)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distmerge.errors import OutputError
+
+STAGING_MARK = ".distmerge-staging-"
+
+
+def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    """save_file to a temporary name, fsync, rename: a reader never sees a half-written shard."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        os.replace(tmp, path)
+    except OSError as exc:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from None
+
+
+def write_json(path: Path, data: Any) -> None:
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    os.replace(tmp, path)
+
+
+def check_target(out: Path, force: bool) -> None:
+    """Refuse an existing target without force, and an unwritable parent, before any work."""
+    if out.exists() and not force:
+        raise OutputError(f"'{out}' already exists; pass --force (force=True) to replace it")
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"'{out}' exists and is not a folder")
+    parent = out.parent
+    if not parent.exists():
+        raise OutputError(f"the parent folder of '{out}' does not exist")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputError(f"no write permission in '{parent}'")
+
+
+def make_staging(out: Path) -> Path:
+    staging = out.parent / f".{out.name}{STAGING_MARK}{uuid.uuid4().hex[:12]}"
+    try:
+        staging.mkdir()
+    except OSError as exc:
+        raise OutputError(f"cannot create a folder in '{out.parent}': {exc.strerror or exc}") from None
+    return staging
+
+
+def finalize(staging: Path, out: Path, force: bool) -> None:
+    """Move the finished staging folder to the target (the old target, with force, goes only after)."""
+    fsync_dir(staging)
+    if out.exists():
+        if not force:
+            raise OutputError(f"'{out}' appeared during the merge; pass --force to replace it")
+        trash = out.parent / f".{out.name}.distmerge-old-{uuid.uuid4().hex[:12]}"
+        os.rename(out, trash)
+        os.rename(staging, out)
+        shutil.rmtree(trash, ignore_errors=True)
+    else:
+        os.rename(staging, out)
+    fsync_dir(out.parent)
+
+
+def discard(staging: Path) -> None:
+    shutil.rmtree(staging, ignore_errors=True)
+
+
+def fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_index(staging: Path, shard_results: list[dict[str, Any]], metadata: dict[str, Any],
+                filename: str = "model.safetensors.index.json", key: str = "filename") -> None:
+    weight_map = {}
+    total = 0
+    for result in sorted(shard_results, key=lambda r: r["shard"]):
+        for name in result["tensors"]:
+            weight_map[name] = result[key]
+        total += result["bytes"]
+    write_json(staging / filename, {"metadata": {"total_size": total, **metadata},
+                                    "weight_map": dict(sorted(weight_map.items()))})

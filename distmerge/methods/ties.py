@@ -1,0 +1,146 @@
+"""TIES-Merging (spec section 3): trim per task, elect a sign, merge the agreeing values.
+
+``trim_scope: global`` is the paper's: one threshold per task over the whole model, found exactly by two
+histogram passes over all actors (``distmerge.ops.ties``). ``trim_scope: tensor`` is mergekit's and PEFT's:
+a threshold per tensor, no reduction pass.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distmerge.errors import ConfigError
+from distmerge.methods.base import TaskVectorMethod, require_choice, require_number
+from distmerge.ops import ties as ops
+
+
+@dataclass(frozen=True)
+class TiesParams:
+    ALIASES = {"lambda": "lam"}
+    lam: float = 1.0
+    density: float = 0.2  # fraction of each task vector kept by the trim
+    trim_scope: str = "global"  # global (paper) | tensor (mergekit, PEFT)
+    disjoint: str = "mean"  # mean | sum
+    convention: str = "paper"  # paper | mergekit: trim count and the sign given to zero-sum elements
+
+    def validate(self, where: str) -> None:
+        require_number(where, "lambda", self.lam)
+        require_number(where, "density", self.density, 0.0, 1.0, lo_open=True)
+        require_choice(where, "trim_scope", self.trim_scope, ("global", "tensor"))
+        require_choice(where, "disjoint", self.disjoint, ("mean", "sum"))
+        require_choice(where, "convention", self.convention, ("paper", "mergekit"))
+
+
+class Ties(TaskVectorMethod):
+    name = "ties"
+    Params = TiesParams
+    per_model_keys = frozenset({"weight", "density"})
+
+    def densities(self, job) -> list[float]:
+        return [self.params.density if d is None else d for d in job.densities]
+
+    def chunkable(self) -> bool:
+        return self.params.trim_scope == "global"
+
+    def initial_state(self, jobs):
+        if self.params.trim_scope != "global" or not jobs:
+            return {}
+        per_task = {tuple(self.densities(job)) for job in jobs}
+        if len(per_task) > 1:
+            raise ConfigError("parameters.density: trim_scope 'global' needs one density per model for the whole "
+                              "model; use trim_scope 'tensor' for densities that vary by tensor")
+        densities = list(per_task.pop())
+        for density in densities:
+            require_number("models[].parameters", "density", density, 0.0, 1.0, lo_open=True)
+        return {"densities": densities}
+
+    def next_pass(self, state):
+        if self.params.trim_scope != "global":
+            return None
+        if "high_bins" not in state:
+            return "trim_high"
+        if "thresholds" not in state:
+            return "trim_low"
+        if "zero_sign" not in state:
+            return "sign_sum"
+        return None
+
+    def stats_delta(self, pass_name, base, task_vector, job, offset, state):
+        count = task_vector.shape[0]
+        if pass_name == "trim_high":
+            hist = torch.stack([ops.radix_high_histogram(task_vector[t]) for t in range(count)])
+            return {"hist": hist, "numel": task_vector[0].numel()}
+        if pass_name == "trim_low":
+            hist = torch.stack([
+                ops.radix_low_histogram(task_vector[t], b) if b >= 0 else torch.zeros(ops.HIGH_BINS, dtype=torch.int64)
+                for t, b in enumerate(state["high_bins"])
+            ])
+            certain, uncertain = ops.sign_sum_bounds(task_vector, state["sign_bins"], job.weights)
+            return {"hist": hist, "certain_sign_sum": certain, "uncertain": uncertain}
+        if pass_name == "sign_sum":
+            weighted = ops.trim(task_vector, state["thresholds"]) * torch.tensor(
+                job.weights, dtype=task_vector.dtype, device=task_vector.device
+            ).reshape((count,) + (1,) * (task_vector.dim() - 1))
+            return {"sign_sum": int(ops.elected_sign(weighted).sum(dtype=torch.float64))}
+        return super().stats_delta(pass_name, base, task_vector, job, offset, state)
+
+    def finish_pass(self, pass_name, totals, state):
+        state = dict(state)
+        rule = self.params.convention
+        if pass_name == "trim_high":
+            numel = int(totals["numel"])
+            high_bins, ranks, sign_bins, fixed = [], [], [], []
+            for t, density in enumerate(state["densities"]):
+                rank = ops.trim_rank(numel, density, rule)
+                if rank == 0 or rank > numel:  # keep all / keep none: no selection needed
+                    high_bins.append(-1)
+                    ranks.append(0)
+                    sign_bins.append(-1 if rank == 0 else ops.HIGH_BINS)
+                    fixed.append(ops.KEEP_ALL if rank == 0 else ops.KEEP_NONE)
+                    continue
+                bin_index, within = ops.locate_rank(totals["hist"][t], rank)
+                high_bins.append(bin_index)
+                ranks.append(within)
+                sign_bins.append(bin_index)
+                fixed.append(None)
+            state.update(numel=numel, high_bins=high_bins, ranks=ranks, sign_bins=sign_bins, fixed=fixed)
+            return state
+        if pass_name == "trim_low":
+            thresholds = []
+            for t, b in enumerate(state["high_bins"]):
+                if b < 0:
+                    thresholds.append(state["fixed"][t])
+                else:
+                    low, _ = ops.locate_rank(totals["hist"][t], state["ranks"][t])
+                    thresholds.append(ops.bits_to_value(b, low))
+            state["thresholds"] = thresholds
+            if rule == "mergekit":
+                state["zero_sign"] = 1.0
+            else:
+                certain, uncertain = int(totals["certain_sign_sum"]), int(totals["uncertain"])
+                if abs(certain) > uncertain or uncertain == 0:
+                    state["zero_sign"] = float((certain > 0) - (certain < 0))
+            return state
+        if pass_name == "sign_sum":
+            total = int(totals["sign_sum"])
+            state["zero_sign"] = float((total > 0) - (total < 0))
+            return state
+        return super().finish_pass(pass_name, totals, state)
+
+    def merge_delta(self, base, task_vector, job, offset, state):
+        if self.params.trim_scope == "global":
+            thresholds, zero_sign = state["thresholds"], state["zero_sign"]
+        else:
+            thresholds = [ops.magnitude_threshold(task_vector[t], d, self.params.convention)
+                          for t, d in enumerate(self.densities(job))]
+            zero_sign = 1.0 if self.params.convention == "mergekit" else None
+        delta = ops.ties_delta(task_vector, thresholds, job.weights, zero_sign, self.params.disjoint)
+        return base + self.params.lam * delta
+
+    def describe(self, state):
+        if "thresholds" not in state:
+            return {}
+        return {"trim_thresholds": [float(x) for x in state["thresholds"]], "zero_sign": state.get("zero_sign"),
+                "trimmed_values": state.get("numel")}

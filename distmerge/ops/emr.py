@@ -1,0 +1,64 @@
+"""EMR-Merging: elect, mask, rescale (Huang et al. 2024; spec section 5).
+
+One unified task vector, a boolean mask per task and a scalar rescaler per task. The rescaler is a ratio of
+sums over tensors of per-tensor *means* (the reference's quirk: every tensor weighs the same whatever its
+size), so the engine accumulates ``sum|x| / numel`` per chunk.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def elect(task_vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(unified task vector [..], masks [T, ..]) from stacked task vectors [T, ..].
+
+    The sign is +1 where the mean over tasks is > 0 and -1 elsewhere (an exact-zero mean gives -1, as in the
+    reference). Only tasks that agree with it contribute their magnitude; exact zeros never agree.
+    """
+    flag = torch.where(task_vector.mean(dim=0) > 0, 1.0, -1.0).to(task_vector.dtype)
+    masks = task_vector * flag > 0
+    magnitude = (task_vector.abs() * masks).amax(dim=0)
+    return magnitude * flag, masks
+
+
+def rescaler_sums(task_vector: torch.Tensor, unified: torch.Tensor, masks: torch.Tensor, numel: int) -> torch.Tensor:
+    """float64 [2, T]: this chunk's share of A_t = sum_n mean|tau_t,n| and B_t = sum_n mean|M_t,n * tau_uni,n|."""
+    count = task_vector.shape[0]
+    a = task_vector.reshape(count, -1).abs().sum(dim=1, dtype=torch.float64) / numel
+    b = (unified.unsqueeze(0) * masks).reshape(count, -1).abs().sum(dim=1, dtype=torch.float64) / numel
+    return torch.stack([a, b])
+
+
+def rescalers(sums: torch.Tensor) -> list[float]:
+    """lambda_t = A_t / B_t; a task whose masked vector is all zero gets 0."""
+    a, b = sums[0], sums[1]
+    return [float(x / y) if y > 0 else 0.0 for x, y in zip(a.tolist(), b.tolist())]
+
+
+def task_model(base: torch.Tensor, unified: torch.Tensor, mask: torch.Tensor, rescaler: float) -> torch.Tensor:
+    """theta_t = theta_0 + lambda_t * (M_t * tau_uni)."""
+    return base + rescaler * (unified * mask.to(unified.dtype))
+
+
+def pack_mask(mask: torch.Tensor) -> torch.Tensor:
+    """Bit-pack a boolean tensor [T, ...] into uint8 [T, ceil(n/8)] (little-endian bit order)."""
+    count = mask.shape[0]
+    flat = mask.reshape(count, -1).to(torch.uint8)
+    pad = (-flat.shape[1]) % 8
+    if pad:
+        flat = torch.nn.functional.pad(flat, (0, pad))
+    bits = flat.reshape(count, -1, 8)
+    shifts = torch.arange(8, dtype=torch.uint8, device=mask.device)
+    return (bits << shifts).sum(dim=2, dtype=torch.uint8)
+
+
+def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """Inverse of pack_mask for one or more tasks: packed [T, m] -> bool [T, *shape]."""
+    count = packed.shape[0]
+    shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
+    bits = (packed.unsqueeze(-1) >> shifts) & 1
+    numel = 1
+    for size in shape:
+        numel *= size
+    return bits.reshape(count, -1)[:, :numel].bool().reshape((count,) + tuple(shape))

@@ -1,0 +1,171 @@
+"""TIES-Merging: trim, elect sign, disjoint merge (Yadav et al. 2023; spec algorithms.md section 3).
+
+Two trim rules exist in the wild and both are kept here:
+
+* ``paper``: the reference ``topk_values_mask``: with P values and density d, the threshold is the
+  (P - int(P*d))-th smallest |tau| (``kthvalue``), and every |tau| >= threshold is kept, ties included
+  (so int(P*d) + 1 values survive when there are no ties).
+* ``mergekit``: ``sparsify.magnitude`` keeps the int(d*P) largest |tau|; as a threshold that is the
+  (P - int(P*d) + 1)-th smallest. mergekit breaks exact ties at the cut by an unstable argsort; here all
+  values tied with the cut are kept.
+
+The exact threshold over a whole model (the paper's global trim) is found without holding the model:
+|tau| as float32 bits is a monotone integer, so a 65536-bin histogram of the high 16 bits locates the bin of
+the cut, and a second histogram of the low 16 bits inside that bin gives the exact value (``radix_*``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from distmerge.ops.task_vectors import broadcast_weights
+
+HIGH_BINS = 1 << 16
+LOW_MASK = 0xFFFF
+KEEP_ALL = 0.0  # threshold that keeps every value (|x| >= 0)
+KEEP_NONE = float("inf")
+
+
+def trim_rank(numel: int, density: float, rule: str = "paper") -> int:
+    """1-based ascending rank of the threshold among |tau|; 0 means keep everything."""
+    if density >= 1.0:
+        return 0
+    keep = int(numel * density)
+    if rule == "paper":
+        return numel - keep
+    if rule == "mergekit":
+        return numel - keep + 1 if keep > 0 else numel + 1  # keep nothing
+    raise ValueError(f"unknown trim rule {rule!r}")
+
+
+def magnitude_threshold(values: torch.Tensor, density: float, rule: str = "paper") -> float:
+    """Threshold on |values| for one tensor (the per-tensor trim)."""
+    flat = values.reshape(-1).abs().float()
+    rank = trim_rank(flat.numel(), density, rule)
+    if rank == 0:
+        return KEEP_ALL
+    if rank > flat.numel():
+        return KEEP_NONE
+    return float(flat.kthvalue(rank).values)
+
+
+def trim(task_vector: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
+    """Zero every |tau_t| below its task's threshold; task_vector is [T, ...]."""
+    thr = torch.tensor(list(thresholds), dtype=task_vector.dtype, device=task_vector.device)
+    thr = thr.reshape((len(thresholds),) + (1,) * (task_vector.dim() - 1))
+    return torch.where(task_vector.abs() >= thr, task_vector, torch.zeros((), dtype=task_vector.dtype, device=task_vector.device))
+
+
+def elected_sign(weighted_trimmed: torch.Tensor) -> torch.Tensor:
+    """s_i = sign(sum_t w_t trimmed_t,i), before zero signs are resolved."""
+    return torch.sign(weighted_trimmed.sum(dim=0))
+
+
+def majority_sign(sign: torch.Tensor) -> float:
+    """The reference's fallback for s_i = 0: sign(sum_i s_i) (may itself be 0)."""
+    return float(torch.sign(sign.sum(dtype=torch.float64)))
+
+
+def disjoint_merge(
+    weighted_trimmed: torch.Tensor,
+    weights: Sequence[float],
+    sign: torch.Tensor,
+    zero_sign: float,
+    mode: str = "mean",
+) -> torch.Tensor:
+    """Keep each task's value only where it agrees with the elected sign, then mean or sum them.
+
+    ``sign`` is the unresolved elected sign; its zeros take ``zero_sign``. As in the reference
+    (``torch.where(sign > 0, x > 0, x < 0)``) a resolved sign of 0 selects the negative entries.
+    ``mean`` divides by the summed weights of the agreeing tasks (the count when all weights are 1),
+    with an empty set giving 0.
+    """
+    resolved = torch.where(sign == 0, torch.full_like(sign, zero_sign), sign)
+    selected = torch.where(resolved > 0, weighted_trimmed > 0, weighted_trimmed < 0)
+    kept = weighted_trimmed * selected
+    merged = kept.sum(dim=0)
+    if mode == "sum":
+        return merged
+    if mode != "mean":
+        raise ValueError(f"unknown disjoint mode {mode!r}")
+    divisor = (selected.to(weighted_trimmed.dtype) * broadcast_weights(weights, weighted_trimmed)).sum(dim=0)
+    divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
+    return merged / divisor
+
+
+def ties_delta(
+    task_vector: torch.Tensor,
+    thresholds: Sequence[float],
+    weights: Sequence[float],
+    zero_sign: float | None,
+    mode: str = "mean",
+) -> torch.Tensor:
+    """The merged task vector of one tensor (or chunk): trim, elect, disjoint merge.
+
+    ``zero_sign=None`` resolves zero signs by this tensor's own majority (the per-tensor scope).
+    """
+    weighted = trim(task_vector, thresholds) * broadcast_weights(weights, task_vector)
+    sign = elected_sign(weighted)
+    if zero_sign is None:
+        zero_sign = majority_sign(sign)
+    return disjoint_merge(weighted, weights, sign, zero_sign, mode)
+
+
+# --- exact global threshold by radix selection over float32 bit patterns ---------------------------
+
+
+def _abs_bits(values: torch.Tensor) -> torch.Tensor:
+    """|x| as int64 keys ordered like the values (non-negative float32 bits are monotone)."""
+    return values.detach().abs().float().reshape(-1).view(torch.int32).to(torch.int64)
+
+
+def radix_high_histogram(values: torch.Tensor) -> torch.Tensor:
+    """Counts of |x| by the high 16 bits of its float32 pattern: int64[65536]."""
+    return torch.bincount(_abs_bits(values) >> 16, minlength=HIGH_BINS)
+
+
+def radix_low_histogram(values: torch.Tensor, high_bin: int) -> torch.Tensor:
+    """Counts by the low 16 bits, among the values whose high 16 bits equal ``high_bin``."""
+    bits = _abs_bits(values)
+    inside = bits[(bits >> 16) == high_bin]
+    return torch.bincount(inside & LOW_MASK, minlength=HIGH_BINS)
+
+
+def locate_rank(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
+    """(bin holding the rank-th smallest value, rank within that bin), rank 1-based."""
+    cumulative = torch.cumsum(histogram, dim=0)
+    total = int(cumulative[-1])
+    if not 1 <= rank <= total:
+        raise ValueError(f"rank {rank} outside 1..{total}")
+    index = int(torch.searchsorted(cumulative, torch.tensor(rank, dtype=cumulative.dtype)))
+    before = int(cumulative[index - 1]) if index > 0 else 0
+    return index, rank - before
+
+
+def bits_to_value(high_bin: int, low_bin: int) -> float:
+    """The float32 whose pattern is (high << 16) | low."""
+    return float(torch.tensor([(high_bin << 16) | low_bin], dtype=torch.int32).view(torch.float32))
+
+
+def high_bin_of(value: float) -> int:
+    return int(torch.tensor([value], dtype=torch.float32).view(torch.int32)) >> 16
+
+
+def sign_sum_bounds(
+    task_vector: torch.Tensor, high_bins: Sequence[int], weights: Sequence[float]
+) -> tuple[int, int]:
+    """Partial sums for the global majority sign when only each task's cut bin is known.
+
+    Returns (sum of elected signs over elements whose trim is already certain, number of elements where
+    some task's |tau| lies in its cut bin, whose sign must wait for the exact threshold).
+    """
+    bits = _abs_bits(task_vector).reshape(task_vector.shape[0], -1) >> 16
+    cut = torch.tensor(list(high_bins), dtype=torch.int64, device=bits.device).unsqueeze(1)
+    uncertain = (bits == cut).any(dim=0)
+    flat = task_vector.reshape(task_vector.shape[0], -1)
+    sure = torch.where(bits > cut, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
+    sign = elected_sign(sure * broadcast_weights(weights, sure))
+    certain_sum = int(sign[~uncertain].sum(dtype=torch.float64))
+    return certain_sum, int(uncertain.sum())

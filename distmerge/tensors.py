@@ -1,0 +1,183 @@
+"""The output tensors of a merge and where each model's value of each comes from.
+
+Checked here, before any tensor data is read: every model has every merged tensor (tied LM heads resolve
+to the input embedding), shapes agree (vocabulary rows excepted, which are reconciled), and each tensor is
+either merged, or copied from the base (excluded by the config, or not floating point).
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from distmerge.config import MergeConfig, resolve_setting
+from distmerge.errors import ConfigError, InputError, where
+from distmerge.io import vocab
+from distmerge.io.checkpoint import Checkpoint
+from distmerge.methods.base import TensorJob
+
+LOG = logging.getLogger(__name__)
+TIED_HEADS = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
+LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.(\d+))\.")
+
+
+@dataclass(frozen=True)
+class TensorSource:
+    """Which stored tensor of a model gives this output tensor, and how its rows map."""
+
+    tensor: str
+    row_map: vocab.RowMap | None = None
+
+
+@dataclass(frozen=True)
+class OutputTensor:
+    name: str
+    shape: tuple[int, ...]
+    out_dtype: torch.dtype
+    merged: bool  # False: copied from the reference model
+    base: TensorSource | None  # None without a base model
+    experts: tuple[TensorSource, ...]
+    job: TensorJob | None
+    group: str
+    layer: int | None
+
+    @property
+    def nbytes(self) -> int:
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n * torch.empty((), dtype=self.out_dtype).element_size()
+
+
+@dataclass(frozen=True)
+class VocabPlan:
+    out_rows: int | None
+    token_map: dict[str, int] | None  # union vocabulary, when tokenizer: union
+    changed: bool
+
+
+def layer_of(name: str) -> tuple[str, int | None]:
+    """(layer group key, layer index) — non-layer tensors are grouped by their module."""
+    match = LAYER.match(name)
+    if match:
+        return match.group(1), int(match.group(2))
+    return (name.rsplit(".", 1)[0] if "." in name else name), None
+
+
+def plan_vocab(config: MergeConfig, base: Checkpoint | None, experts: list[Checkpoint]) -> tuple[VocabPlan, list[int | None]]:
+    models = ([base] if base else []) + experts
+    rows = [vocab.input_embedding_rows(m.tensors) for m in models]
+    if config.tokenizer == "union":
+        maps = [vocab.load_token_map(m.folder) for m in models]
+        for m, tokens in zip(models, maps):
+            if tokens is None:
+                raise InputError(f"{where(model=m.name, file=str(m.folder))}: tokenizer 'union' needs every model's tokenizer files")
+        token_map = vocab.union_vocab(maps)
+        out_rows = max(max(token_map.values()) + 1, rows[0] or 0)
+        return VocabPlan(out_rows, token_map, True), rows
+    if config.tokenizer == "base":
+        out_rows = rows[0]
+    else:
+        out_rows = rows[len(models) - len(experts) + config.names.index(config.tokenizer)]
+    changed = any(r is not None and r != out_rows for r in rows)
+    return VocabPlan(out_rows, None, changed), rows
+
+
+def _source(model: Checkpoint, name: str, shape: tuple[int, ...], vocab_rows: int | None, vp: VocabPlan,
+            token_maps: dict[str, dict[str, int] | None]) -> TensorSource:
+    stored = name
+    if name not in model.tensors and TIED_HEADS.search(name):
+        tied = [n for n in model.tensors if vocab.INPUT_EMBEDDING.search(n)]
+        if tied:
+            stored = tied[0]
+    info = model.info(stored)
+    is_vocab = vp.out_rows is not None and vocab.is_vocab_tensor(stored, info.shape, vocab_rows) and \
+        vocab.is_vocab_tensor(name, shape, vp.out_rows)
+    if is_vocab:
+        if tuple(info.shape[1:]) != tuple(shape[1:]):
+            raise InputError(f"{where(model=model.name, file=info.file, tensor=stored)}: shape {list(info.shape)} does "
+                             f"not match {list(shape)} beyond the vocabulary dimension")
+        if vp.token_map is not None:
+            tokens = token_maps.get(model.name)
+            row_map = vocab.union_row_map(vp.token_map, tokens or {}, info.shape[0], vp.out_rows)
+        else:
+            row_map = vocab.RowMap.positional(info.shape[0], vp.out_rows)
+        return TensorSource(stored, None if row_map.identity else row_map)
+    if tuple(info.shape) != tuple(shape):
+        raise InputError(f"{where(model=model.name, file=info.file, tensor=stored)}: shape {list(info.shape)} does not "
+                         f"match the base's {list(shape)}")
+    return TensorSource(stored)
+
+
+def resolve_tensors(config: MergeConfig, base: Checkpoint | None, experts: list[Checkpoint]) -> tuple[list[OutputTensor], VocabPlan, list[str]]:
+    """Every output tensor with its sources; also the vocab plan and the tensors experts have but the base lacks."""
+    reference = base if base is not None else experts[0]
+    vp, rows = plan_vocab(config, base, experts)
+    token_maps = {}
+    if vp.token_map is not None:
+        for m in ([base] if base else []) + experts:
+            token_maps[m.name] = vocab.load_token_map(m.folder)
+    offset = 1 if base is not None else 0
+    ref_rows = rows[0]
+    exclude = [re.compile(p) for p in config.exclude]
+    include = [re.compile(p) for p in config.include]
+    names = sorted(reference.tensors)
+    layers = [layer_of(n)[1] for n in names]
+    num_layers = max((l for l in layers if l is not None), default=-1) + 1
+    out_dtype_default = getattr(torch, config.out_dtype) if config.out_dtype else None
+    outputs = []
+    for name in names:
+        info = reference.tensors[name]
+        group, layer = layer_of(name)
+        ref_is_vocab = vp.out_rows is not None and vocab.is_vocab_tensor(name, info.shape, ref_rows)
+        shape = (vp.out_rows,) + tuple(info.shape[1:]) if ref_is_vocab else tuple(info.shape)
+        floating = info.dtype.is_floating_point
+        merged = floating and not any(p.search(name) for p in exclude) and \
+            (not include or any(p.search(name) for p in include))
+        out_dtype = out_dtype_default if (out_dtype_default is not None and floating) else info.dtype
+        base_src = _source(base, name, shape, rows[0], vp, token_maps) if base is not None else None
+        expert_srcs: tuple[TensorSource, ...] = ()
+        if merged or base is None:
+            expert_srcs = tuple(_source(m, name, shape, rows[offset + i], vp, token_maps) for i, m in enumerate(experts))
+        job = None
+        if merged:
+            t = (layer / (num_layers - 1) if num_layers > 1 else 1.0) if layer is not None else 0.0
+            job = TensorJob(
+                name=name, numel=_numel(shape), model_names=config.names,
+                weights=tuple(_number(_setting(config, m, "weight", name, t, 1.0), f"models[{i}].weight")
+                              for i, m in enumerate(config.models)),
+                densities=tuple(_setting(config, m, "density", name, t, None) for m in config.models),
+                drop_rates=tuple(_setting(config, m, "drop_rate", name, t, None) for m in config.models),
+            )
+        outputs.append(OutputTensor(name, shape, out_dtype, merged, base_src, expert_srcs, job, group, layer))
+    extra = sorted({n for m in experts for n in m.tensors} - set(reference.tensors))
+    if extra:
+        LOG.warning("%d tensor(s) exist in an expert but not in the base and are left out, e.g. %s", len(extra), extra[0])
+    if not any(o.merged for o in outputs):
+        raise ConfigError("exclude/include: no tensor is left to merge")
+    return outputs, vp, extra
+
+
+def _setting(config: MergeConfig, spec, key: str, name: str, t: float, default: Any) -> Any:
+    value = spec.parameters.get(key, config.global_settings.get(key))
+    if value is None:
+        return default
+    resolved = resolve_setting(value, name, t)
+    return default if resolved is None else resolved
+
+
+def _number(value: Any, key: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ConfigError(f"{key}: expected a number, got {value!r}")
+    return float(value)
+
+
+def _numel(shape: tuple[int, ...]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
