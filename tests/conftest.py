@@ -1,0 +1,49 @@
+"""Shared fixtures: one Ray instance per test session, tiny model families built once (no downloads)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.pop("RAY_ADDRESS", None)
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    # A private local instance even if a cluster is running; 4 logical CPUs so 4 fractional workers fit.
+    ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024**2,
+             log_to_driver=False)
+    yield
+    ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def llama_family(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """A tiny Llama base and two experts (base + seeded deltas), several shards each."""
+    from distmerge.tiny_models import build_family
+
+    return build_family(tmp_path_factory.mktemp("llama"), "llama", experts=2)
+
+
+@pytest.fixture(scope="session")
+def llama_family_vocab(tmp_path_factory) -> tuple[Path, list[Path]]:
+    """Like llama_family, but expert_1 adds a [PAD] token (129 rows against 128), as WizardMath does."""
+    from distmerge.tiny_models import build_family
+
+    return build_family(tmp_path_factory.mktemp("llama_vocab"), "llama", experts=2, extra_tokens={1: ("[PAD]",)})
+
+
+def merge_config(base: Path | None, experts: list[Path], method: str, **parameters) -> dict:
+    """A distmerge config dict naming the experts e0, e1, ..."""
+    config = {"models": [{"model": str(p), "name": f"e{i}"} for i, p in enumerate(experts)], "method": method,
+              "parameters": parameters, "out_shard_size": "40KB"}
+    if base is not None:
+        config["base_model"] = str(base)
+    return config

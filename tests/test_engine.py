@@ -1,0 +1,317 @@
+"""End to end: tiny models built here, merged on Ray actors, checked against single-process formulas."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors import safe_open
+
+from conftest import merge_config
+from distmerge import merge
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+
+def load_folder(folder: Path) -> dict[str, torch.Tensor]:
+    tensors = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(shard), framework="pt") as f:
+            for key in f.keys():
+                tensors[key] = f.get_tensor(key)
+    return tensors
+
+
+def file_digests(folder: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.rglob("*.safetensors"))}
+
+
+def reference_ties_global(base, experts, density, lam, names):
+    """The paper's TIES over the whole model, flat, in one process (spec section 3, reference code)."""
+    flat = torch.stack([torch.cat([(e[n].float() - base[n].float()).reshape(-1) for n in names]) for e in experts])
+    p = flat.shape[1]
+    k = p - int(p * density)
+    kth = flat.abs().kthvalue(k, dim=1, keepdim=True).values
+    trimmed = flat * (flat.abs() >= kth)
+    sign = torch.sign(trimmed.sum(dim=0))
+    sign[sign == 0] = torch.sign(sign.sum())
+    keep = torch.where(sign.unsqueeze(0) > 0, trimmed > 0, trimmed < 0)
+    selected = trimmed * keep
+    merged = selected.sum(dim=0) / torch.clamp((selected != 0).sum(dim=0).float(), min=1)
+    out, offset = {}, 0
+    for n in names:
+        size = base[n].numel()
+        out[n] = base[n].float() + lam * merged[offset: offset + size].reshape(base[n].shape)
+        offset += size
+    return out
+
+
+def test_every_method_loads_and_runs(llama_family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, experts = llama_family
+    for method, params in [("weight_average", {}), ("task_arithmetic", {"lambda": 0.5}),
+                           ("ties", {"density": 0.3}), ("ties", {"density": 0.3, "trim_scope": "tensor"}),
+                           ("dare", {"drop_rate": 0.5, "then": "ties", "density": 0.5}), ("emr", {})]:
+        out = tmp_path / f"{method}-{params.get('trim_scope', 'x')}"
+        result = merge(merge_config(base, experts, method, **params), out, workers=2, progress=False)
+        assert result.out == out.resolve()
+        names = {p.name for p in out.iterdir()}
+        assert {"config.json", "model.safetensors.index.json", "README.md", "distmerge.yaml", "tokenizer.json",
+                "generation_config.json"} <= names
+        index = json.loads((out / "model.safetensors.index.json").read_text())
+        assert set(index["weight_map"]) == set(load_folder(base))
+        assert all((out / f).exists() for f in set(index["weight_map"].values()))
+        model = AutoModelForCausalLM.from_pretrained(str(out))
+        logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+        assert logits.shape == (1, 4, 128) and torch.isfinite(logits).all()
+        card = (out / "README.md").read_text()
+        assert method in card and "e0" in card and "e1" in card
+
+
+def test_task_arithmetic_matches_formula(llama_family, tmp_path):
+    base, experts = llama_family
+    out = tmp_path / "ta"
+    merge(merge_config(base, experts, "task_arithmetic", **{"lambda": 0.7}), out, workers=2, progress=False)
+    b, e0, e1, got = load_folder(base), load_folder(experts[0]), load_folder(experts[1]), load_folder(out)
+    for name in b:
+        expected = b[name] + 0.7 * ((e0[name] - b[name]) + (e1[name] - b[name]))
+        torch.testing.assert_close(got[name], expected, rtol=0, atol=1e-6)
+
+
+def test_weight_average_matches_mean(llama_family, tmp_path):
+    base, experts = llama_family
+    out = tmp_path / "avg"
+    merge(merge_config(base, experts, "weight_average"), out, workers=1, progress=False)
+    e0, e1, got = load_folder(experts[0]), load_folder(experts[1]), load_folder(out)
+    for name in e0:
+        torch.testing.assert_close(got[name], (e0[name] + e1[name]) / 2, rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("density", [0.2, 0.5])
+def test_ties_global_equals_flat_reference(llama_family, tmp_path, density):
+    base, experts = llama_family
+    out = tmp_path / "ties"
+    merge(merge_config(base, experts, "ties", density=density, **{"lambda": 1.2}), out, workers=3, progress=False)
+    b = load_folder(base)
+    ex = [load_folder(p) for p in experts]
+    names = sorted(b)
+    expected = reference_ties_global(b, ex, density, 1.2, names)
+    got = load_folder(out)
+    for name in names:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("method,params", [
+    ("ties", {"density": 0.3}),
+    ("dare", {"drop_rate": 0.7, "then": "ties", "density": 0.5, "seed": 3}),
+    ("emr", {}),
+])
+def test_one_and_many_workers_give_identical_files(llama_family, tmp_path, method, params):
+    base, experts = llama_family
+    config = merge_config(base, experts, method, **params)
+    merge(config, tmp_path / "w1", workers=1, progress=False)
+    merge(config, tmp_path / "w4", workers=4, progress=False)
+    one, four = file_digests(tmp_path / "w1"), file_digests(tmp_path / "w4")
+    assert len(one) > 3 and one == four
+
+
+def test_dare_masks_follow_the_seed(llama_family, tmp_path):
+    base, experts = llama_family
+    runs = {}
+    for seed in (0, 0, 1):
+        out = tmp_path / f"dare-{seed}-{len(runs)}"
+        merge(merge_config(base, experts, "dare", drop_rate=0.5, seed=seed), out, workers=2, progress=False)
+        runs[out.name] = load_folder(out)
+    a, b, c = runs.values()
+    name = "model.layers.0.mlp.up_proj.weight"
+    assert torch.equal(a[name], b[name])
+    assert not torch.equal(a[name], c[name])
+
+
+def test_dare_task_arithmetic_matches_formula(llama_family, tmp_path):
+    from distmerge.ops.dare import keep_mask
+
+    base, experts = llama_family
+    out = tmp_path / "dare"
+    merge(merge_config(base, experts, "dare", drop_rate=0.3, seed=5, **{"lambda": 0.5}), out, workers=2,
+          progress=False)
+    b, ex, got = load_folder(base), [load_folder(p) for p in experts], load_folder(out)
+    for name in b:
+        delta = torch.zeros_like(b[name])
+        for i, e in enumerate(ex):
+            tau = e[name] - b[name]
+            keep = keep_mask(0.3, 5, f"e{i}", name, tau.numel(), 0, tau.numel()).reshape(tau.shape)
+            delta += tau * keep / 0.7
+        torch.testing.assert_close(got[name], b[name] + 0.5 * delta, rtol=0, atol=1e-6)
+
+
+def test_emr_task_models_match_reference(llama_family, tmp_path):
+    from distmerge.emr_task import materialize_task
+
+    base, experts = llama_family
+    out = tmp_path / "emr"
+    merge(merge_config(base, experts, "emr"), out, workers=2, progress=False)
+    b, ex = load_folder(base), [load_folder(p) for p in experts]
+    names = sorted(b)
+    taus = {n: torch.stack([e[n] - b[n] for e in ex]) for n in names}
+    flags = {n: torch.where(taus[n].mean(0) > 0, 1.0, -1.0) for n in names}
+    masks = {n: taus[n] * flags[n] > 0 for n in names}
+    unified = {n: (taus[n].abs() * masks[n]).amax(0) * flags[n] for n in names}
+    scales = [sum(taus[n][t].abs().mean() for n in names) / sum((unified[n] * masks[n][t]).abs().mean() for n in names)
+              for t in range(2)]
+    meta = json.loads((out / "emr" / "index.json").read_text())["metadata"]
+    assert meta["tasks"] == ["e0", "e1"]
+    for t, task in enumerate(("e0", "e1")):
+        assert meta["rescalers"][t] == pytest.approx(float(scales[t]), rel=1e-5)
+        task_dir = materialize_task(out, task, tmp_path / f"task-{task}")
+        got = load_folder(task_dir)
+        for n in names:
+            expected = b[n] + scales[t] * unified[n] * masks[n][t]
+            torch.testing.assert_close(got[n], expected.float(), rtol=0, atol=1e-5)
+    from transformers import AutoModelForCausalLM
+
+    AutoModelForCausalLM.from_pretrained(str(tmp_path / "task-e0"))
+
+
+def test_emr_single_task_reproduces_the_expert(llama_family, tmp_path):
+    from distmerge.emr_task import materialize_task
+
+    base, experts = llama_family
+    out = tmp_path / "emr1"
+    merge(merge_config(base, experts[:1], "emr"), out, workers=2, progress=False)
+    meta = json.loads((out / "emr" / "index.json").read_text())["metadata"]
+    assert meta["rescalers"][0] == pytest.approx(1.0, rel=1e-6)
+    got = load_folder(materialize_task(out, "e0", tmp_path / "t"))
+    for name, value in load_folder(experts[0]).items():
+        torch.testing.assert_close(got[name], value, rtol=0, atol=1e-6)
+
+
+def test_vocab_mismatch_is_reconciled(llama_family_vocab, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base, experts = llama_family_vocab
+    b, e0, e1 = load_folder(base), load_folder(experts[0]), load_folder(experts[1])
+    assert e1["model.embed_tokens.weight"].shape[0] == 129
+
+    # tokenizer: base -> the base's 128 rows; the expert's extra row is dropped
+    out = tmp_path / "base-vocab"
+    merge(merge_config(base, experts, "task_arithmetic"), out, workers=2, progress=False)
+    got = load_folder(out)
+    emb = "model.embed_tokens.weight"
+    torch.testing.assert_close(got[emb], b[emb] + (e0[emb] - b[emb]) + (e1[emb][:128] - b[emb]), rtol=0, atol=1e-6)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 128
+
+    # tokenizer: e1 -> 129 rows; the base and e0 get the new row from the mean of their rows (MergeLM's rule)
+    config = merge_config(base, experts, "task_arithmetic")
+    config["tokenizer"] = "e1"
+    out = tmp_path / "e1-vocab"
+    merge(config, out, workers=2, progress=False)
+    got = load_folder(out)
+    assert got[emb].shape[0] == 129 and got["lm_head.weight"].shape[0] == 129
+    base_new, e0_new = b[emb].mean(0), e0[emb].mean(0)
+    expected_new = base_new + (e0_new - base_new) + (e1[emb][128] - base_new)
+    torch.testing.assert_close(got[emb][128], expected_new, rtol=0, atol=1e-5)
+    assert json.loads((out / "config.json").read_text())["vocab_size"] == 129
+    assert len(AutoTokenizer.from_pretrained(str(out))) == 129
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert model(torch.tensor([[1, 128]])).logits.shape[-1] == 129
+
+
+def test_union_tokenizer(llama_family_vocab, tmp_path):
+    from transformers import AutoTokenizer
+
+    base, experts = llama_family_vocab
+    config = merge_config(base, experts, "task_arithmetic")
+    config["tokenizer"] = "union"
+    out = tmp_path / "union"
+    merge(config, out, workers=2, progress=False)
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    pad_id = tokenizer.convert_tokens_to_ids("[PAD]")
+    assert pad_id == 128
+    got, e1, b = load_folder(out), load_folder(experts[1]), load_folder(base)
+    emb = "model.embed_tokens.weight"
+    assert got[emb].shape[0] == 129
+    # [PAD] row: the base and e0 contribute their mean rows, e1 its own row
+    e0 = load_folder(experts[0])
+    expected = b[emb].mean(0) + (e0[emb].mean(0) - b[emb].mean(0)) + (e1[emb][128] - b[emb].mean(0))
+    torch.testing.assert_close(got[emb][pad_id], expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "roberta"])
+def test_other_architectures(arch, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    from distmerge.tiny_models import build_family
+
+    base, experts = build_family(tmp_path / "models", arch, experts=3)
+    config = merge_config(base, experts, "ties", density=0.3)
+    config["exclude"] = [".*classifier.*"]
+    out = tmp_path / "merged"
+    merge(config, out, workers=2, progress=False)
+    b, got = load_folder(base), load_folder(out)
+    if arch == "roberta":
+        for name in b:
+            if "classifier" in name:
+                assert torch.equal(got[name], b[name])
+        model = AutoModelForSequenceClassification.from_pretrained(str(out))
+        assert model(torch.tensor([[0, 5, 6, 2]])).logits.shape == (1, 3)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(str(out))
+        assert torch.isfinite(model(torch.tensor([[1, 2, 3]])).logits).all()
+
+
+def test_tied_embeddings_stay_tied(tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    from distmerge.tiny_models import build_family
+
+    base, experts = build_family(tmp_path / "models", "llama", experts=2, tie=True)
+    out = tmp_path / "merged"
+    merge(merge_config(base, experts, "task_arithmetic"), out, workers=2, progress=False)
+    got = load_folder(out)
+    assert "lm_head.weight" not in got
+    assert json.loads((out / "config.json").read_text())["tie_word_embeddings"] is True
+    model = AutoModelForCausalLM.from_pretrained(str(out))
+    assert torch.equal(model.lm_head.weight, model.model.embed_tokens.weight)
+
+
+def test_bin_checkpoints_and_single_files(llama_family, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    base, experts = llama_family
+    bin_expert = tmp_path / "expert_bin"
+    AutoModelForCausalLM.from_pretrained(str(experts[1])).save_pretrained(str(bin_expert), safe_serialization=False)
+    if not list(bin_expert.glob("*.bin")):  # newer transformers only write safetensors: write the .bin by hand
+        torch.save(load_folder(experts[1]), bin_expert / "pytorch_model.bin")
+        for f in bin_expert.glob("*.safetensors*"):
+            f.unlink()
+    from safetensors.torch import save_file
+
+    single = tmp_path / "expert0.safetensors"
+    save_file(load_folder(experts[0]), str(single))
+    out = tmp_path / "merged"
+    merge(merge_config(base, [single, bin_expert], "task_arithmetic"), out, workers=2, progress=False)
+    reference = tmp_path / "reference"
+    merge(merge_config(base, experts, "task_arithmetic"), reference, workers=2, progress=False)
+    got, expected = load_folder(out), load_folder(reference)
+    for name in expected:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=0)
+
+
+def test_out_dtype_and_resolved_config_reproduces(llama_family, tmp_path):
+    base, experts = llama_family
+    config = merge_config(base, experts, "ties", density=0.4)
+    config["out_dtype"] = "bfloat16"
+    out = tmp_path / "bf16"
+    merge(config, out, workers=2, progress=False)
+    got = load_folder(out)
+    assert all(t.dtype == torch.bfloat16 for t in got.values())
+    assert json.loads((out / "config.json").read_text()).get("dtype", None) in ("bfloat16", None) or \
+        json.loads((out / "config.json").read_text()).get("torch_dtype") == "bfloat16"
+    again = tmp_path / "again"
+    merge(out / "distmerge.yaml", again, workers=3, progress=False)
+    assert file_digests(out) == file_digests(again)
