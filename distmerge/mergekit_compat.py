@@ -58,7 +58,7 @@ def translate_mergekit(raw: dict[str, Any]) -> MergeConfig:
     global_settings = {k: params.pop(k) for k in list(params) if k in PER_MODEL}
     lam = params.pop("lambda", 1.0)
     normalize = params.pop("normalize", None)
-    rescale = params.pop("rescale", True)
+    rescale = params.pop("rescale", None)  # default: true for dare_*, false for ties
     params.pop("int8_mask", None)  # only the mask's storage dtype; results are the same
     if params:
         raise ConfigError(f"parameters.{sorted(params)[0]}: not a parameter of mergekit's {method}")
@@ -102,10 +102,11 @@ def translate_mergekit(raw: dict[str, Any]) -> MergeConfig:
         name, method_params = "ties", {
             "lambda": lam, "density": 1.0, "trim_scope": "tensor", "convention": "mergekit",
             "disjoint": "mean" if (normalize is None or normalize) else "sum",
+            "trim_rescale": "l1" if rescale else "none",
         }
     else:
         name = "dare"
-        method_params = {"drop_rate": 0.0, "rescale": "l1" if rescale else "none", "seed": 0, "lambda": lam}
+        method_params = {"drop_rate": 0.0, "rescale": "none" if rescale is False else "l1", "seed": 0, "lambda": lam}
         if method == "dare_linear":
             method_params.update(then="task_arithmetic", normalize=bool(normalize))
         else:

@@ -64,25 +64,20 @@ def _config(family: dict[str, str], case: str) -> dict:
                                  "models": [_model(e0, weight=0.5, density=1.0), _model(e1, weight=1.0, density=1.0)]},
         "dare_ties_density1": {"merge_method": "dare_ties", "base_model": base,
                                "models": [_model(e0, weight=1.0, density=1.0), _model(e1, weight=0.5, density=1.0)]},
-        # Known gaps (strict xfail: they start failing loudly once distmerge matches mergekit here).
+        "ties_bf16": {"merge_method": "ties", "base_model": base, "models": ties_models},
         "ties_rescale": {"merge_method": "ties", "base_model": base, "models": ties_models,
                          "parameters": {"rescale": True}},
         "ties_min_keep": {"merge_method": "ties", "base_model": base,
                           "models": [_model(e0, weight=1.0, density=0.02), _model(e1, weight=0.5, density=0.02)]},
     }
     config = cases[case]
-    config["dtype"] = "float32"
+    config["dtype"] = "bfloat16" if case.endswith("_bf16") else "float32"
     return config
 
 
-KNOWN_GAPS = {
-    "ties_rescale": "mergekit's ties honours rescale: true (L1 rescale after the magnitude trim, "
-                    "sparsify.rescaled_masked_tensor); distmerge's mergekit_compat drops the key for ties",
-    "ties_min_keep": "mergekit's sparsify.magnitude keeps max(1, int(density*numel)) values; distmerge's "
-                     "trim_rank(rule='mergekit') keeps none when int(density*numel) == 0",
-}
+KNOWN_GAPS: dict[str, str] = {}
 CASES = ["linear", "task_arithmetic", "ties", "ties_normalize_false", "dare_linear_density1", "dare_ties_density1",
-         *KNOWN_GAPS]
+         "ties_rescale", "ties_min_keep", "ties_bf16", *KNOWN_GAPS]
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
@@ -121,14 +116,28 @@ def family(tmp_path_factory) -> dict[str, str]:
     return {"base": str(base), **{p.name: str(p) for p in experts}}
 
 
+@pytest.fixture(scope="module")
+def family_bf16(tmp_path_factory) -> dict[str, str]:
+    """The same in bfloat16: many tied magnitudes at the trim cut."""
+    from distmerge.tiny_models import build_family
+
+    base, experts = build_family(tmp_path_factory.mktemp("mergekit_oracle_bf16"), "llama", experts=2,
+                                 dtype=torch.bfloat16)
+    return {"base": str(base), **{p.name: str(p) for p in experts}}
+
+
 # --- the test -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
     "case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[c])) if c in KNOWN_GAPS else c
              for c in CASES]
 )
-def test_matches_mergekit(case, family, tmp_path, ray_cluster):
+def test_matches_mergekit(case, request, tmp_path, ray_cluster):
     from distmerge import merge
+
+    family = request.getfixturevalue("family_bf16" if case.endswith("_bf16") else "family")
+    # bf16 arithmetic may round the last bit differently; a wrong trim or sign moves values by a whole delta.
+    rtol, atol = (8e-3, 1e-3) if case.endswith("_bf16") else (1e-5, 1e-6)
 
     config_path = tmp_path / f"{case}.yaml"
     config_path.write_text(yaml.safe_dump(_config(family, case), sort_keys=False))
@@ -143,7 +152,7 @@ def test_matches_mergekit(case, family, tmp_path, ray_cluster):
     for name, want in expected.items():
         got = actual[name]
         assert got.shape == want.shape and got.dtype == want.dtype, (name, got.shape, want.shape, got.dtype, want.dtype)
-        if not torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+        if not torch.allclose(got.float(), want.float(), rtol=rtol, atol=atol):
             mismatched.append(f"{name}: max|diff|={(got.double() - want.double()).abs().max().item():.3g}")
         moved += int(not torch.equal(want, base[name]))
     assert not mismatched, f"{len(mismatched)}/{len(expected)} tensors differ from mergekit:\n" + "\n".join(mismatched)

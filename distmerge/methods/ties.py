@@ -24,6 +24,7 @@ class TiesParams:
     trim_scope: str = "global"  # global (paper) | tensor (mergekit, PEFT)
     disjoint: str = "mean"  # mean | sum
     convention: str = "paper"  # paper | mergekit: trim count and the sign given to zero-sum elements
+    trim_rescale: str = "none"  # none | l1: scale each trimmed task vector back to its L1 norm (mergekit's rescale)
 
     def validate(self, where: str) -> None:
         require_number(where, "lambda", self.lam)
@@ -31,6 +32,9 @@ class TiesParams:
         require_choice(where, "trim_scope", self.trim_scope, ("global", "tensor"))
         require_choice(where, "disjoint", self.disjoint, ("mean", "sum"))
         require_choice(where, "convention", self.convention, ("paper", "mergekit"))
+        require_choice(where, "trim_rescale", self.trim_rescale, ("none", "l1"))
+        if self.trim_rescale == "l1" and self.trim_scope != "tensor":
+            raise ConfigError(f"{where}.trim_rescale: 'l1' is a per-tensor rescale; it needs trim_scope 'tensor'")
 
 
 class Ties(TaskVectorMethod):
@@ -131,12 +135,20 @@ class Ties(TaskVectorMethod):
 
     def merge_delta(self, base, task_vector, job, offset, state):
         if self.params.trim_scope == "global":
-            thresholds, zero_sign = state["thresholds"], state["zero_sign"]
+            delta = ops.ties_delta(task_vector, state["thresholds"], job.weights, state["zero_sign"],
+                                   self.params.disjoint)
+            return base + self.params.lam * delta
+        if self.params.convention == "mergekit":
+            trimmed = torch.stack([task_vector[t] * ops.mergekit_magnitude_mask(task_vector[t], d)
+                                   for t, d in enumerate(self.densities(job))])
+            zero_sign = 1.0
         else:
-            thresholds = [ops.magnitude_threshold(task_vector[t], d, self.params.convention)
-                          for t, d in enumerate(self.densities(job))]
-            zero_sign = 1.0 if self.params.convention == "mergekit" else None
-        delta = ops.ties_delta(task_vector, thresholds, job.weights, zero_sign, self.params.disjoint)
+            thresholds = [ops.magnitude_threshold(task_vector[t], d) for t, d in enumerate(self.densities(job))]
+            trimmed = ops.trim(task_vector, thresholds)
+            zero_sign = None
+        if self.params.trim_rescale == "l1":
+            trimmed = torch.stack([ops.l1_rescale(trimmed[t], task_vector[t]) for t in range(trimmed.shape[0])])
+        delta = ops.merge_trimmed(trimmed, job.weights, zero_sign, self.params.disjoint)
         return base + self.params.lam * delta
 
     def describe(self, state):

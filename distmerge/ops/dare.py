@@ -22,6 +22,8 @@ def block_seed(seed: int, model: str, tensor: str, block: int) -> int:
 
 def keep_mask(drop_rate: float, seed: int, model: str, tensor: str, numel: int, start: int, stop: int) -> torch.Tensor:
     """Boolean keep-mask for elements [start, stop) of a tensor with ``numel`` elements (flattened)."""
+    if stop <= start:
+        return torch.zeros(0, dtype=torch.bool)
     parts = []
     first, last = start // MASK_BLOCK, (stop - 1) // MASK_BLOCK
     for block in range(first, last + 1):
@@ -47,8 +49,7 @@ def drop_and_rescale(task_vector: torch.Tensor, keep: torch.Tensor, drop_rate: f
     if rescale == "inverse":
         return dropped / (1.0 - drop_rate)
     if rescale == "l1":
-        before, after = task_vector.abs().sum(), dropped.abs().sum()
-        if before < 1e-7 or after < 1e-7:  # mergekit's rescaled_masked_tensor guard
-            return dropped
-        return dropped * (before / after)
+        from distmerge.ops.ties import l1_rescale
+
+        return l1_rescale(dropped, task_vector)
     raise ValueError(f"unknown rescale {rescale!r}")

@@ -5,9 +5,9 @@ Two trim rules exist in the wild and both are kept here:
 * ``paper``: the reference ``topk_values_mask``: with P values and density d, the threshold is the
   (P - int(P*d))-th smallest |tau| (``kthvalue``), and every |tau| >= threshold is kept, ties included
   (so int(P*d) + 1 values survive when there are no ties).
-* ``mergekit``: ``sparsify.magnitude`` keeps the int(d*P) largest |tau|; as a threshold that is the
-  (P - int(P*d) + 1)-th smallest. mergekit breaks exact ties at the cut by an unstable argsort; here all
-  values tied with the cut are kept.
+* ``mergekit``: ``sparsify.magnitude`` keeps exactly max(1, int(d*P)) largest |tau|, chosen by
+  ``argsort`` (``mergekit_magnitude_mask``, the same call, so ties at the cut fall the same way with the
+  same torch). As a threshold (global scope) that is the (P - max(1, int(P*d)) + 1)-th smallest, ties kept.
 
 The exact threshold over a whole model (the paper's global trim) is found without holding the model:
 |tau| as float32 bits is a monotone integer, so a 65536-bin histogram of the high 16 bits locates the bin of
@@ -36,7 +36,7 @@ def trim_rank(numel: int, density: float, rule: str = "paper") -> int:
     if rule == "paper":
         return numel - keep
     if rule == "mergekit":
-        return numel - keep + 1 if keep > 0 else numel + 1  # keep nothing
+        return numel - max(1, keep) + 1
     raise ValueError(f"unknown trim rule {rule!r}")
 
 
@@ -49,6 +49,25 @@ def magnitude_threshold(values: torch.Tensor, density: float, rule: str = "paper
     if rank > flat.numel():
         return KEEP_NONE
     return float(flat.kthvalue(rank).values)
+
+
+def mergekit_magnitude_mask(values: torch.Tensor, density: float) -> torch.Tensor:
+    """mergekit's ``sparsify.magnitude`` mask: the max(1, int(d*n)) largest |x| by a descending argsort."""
+    if density >= 1.0:
+        return torch.ones_like(values, dtype=torch.bool)
+    flat = values.reshape(-1).abs().float()
+    keep = max(1, int(density * flat.numel()))
+    mask = torch.zeros(flat.numel(), dtype=torch.bool, device=values.device)
+    mask[torch.argsort(flat, descending=True)[:keep]] = True
+    return mask.reshape(values.shape)
+
+
+def l1_rescale(trimmed: torch.Tensor, original: torch.Tensor) -> torch.Tensor:
+    """Scale ``trimmed`` back to ``original``'s L1 norm (mergekit's rescale; untouched below 1e-7)."""
+    before, after = original.abs().sum(), trimmed.abs().sum()
+    if before < 1e-7 or after < 1e-7:
+        return trimmed
+    return trimmed * (before / after)
 
 
 def trim(task_vector: torch.Tensor, thresholds: Sequence[float]) -> torch.Tensor:
@@ -106,7 +125,13 @@ def ties_delta(
 
     ``zero_sign=None`` resolves zero signs by this tensor's own majority (the per-tensor scope).
     """
-    weighted = trim(task_vector, thresholds) * broadcast_weights(weights, task_vector)
+    return merge_trimmed(trim(task_vector, thresholds), weights, zero_sign, mode)
+
+
+def merge_trimmed(trimmed: torch.Tensor, weights: Sequence[float], zero_sign: float | None,
+                  mode: str = "mean") -> torch.Tensor:
+    """Weight the trimmed task vectors, elect the sign, disjoint merge."""
+    weighted = trimmed * broadcast_weights(weights, trimmed)
     sign = elected_sign(weighted)
     if zero_sign is None:
         zero_sign = majority_sign(sign)
