@@ -242,13 +242,15 @@ def test_union_tokenizer(llama_family_vocab, tmp_path):
 
 
 @pytest.mark.parametrize("arch", ["qwen2", "roberta"])
-def test_other_architectures(arch, tmp_path):
+@pytest.mark.parametrize("method,params", [("weight_average", {}), ("task_arithmetic", {"lambda": 0.4}),
+                                           ("ties", {"density": 0.3}), ("dare", {"drop_rate": 0.5}), ("emr", {})])
+def test_other_architectures(arch, method, params, tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     from distmerge.tiny_models import build_family
 
     base, experts = build_family(tmp_path / "models", arch, experts=3)
-    config = merge_config(base, experts, "ties", density=0.3)
+    config = merge_config(base, experts, method, **params)
     config["exclude"] = [".*classifier.*"]
     out = tmp_path / "merged"
     merge(config, out, workers=2, progress=False)

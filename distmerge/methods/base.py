@@ -115,10 +115,9 @@ def require_number(where: str, key: str, value: Any, lo: float | None = None, hi
                    lo_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}.{key}: expected a number, got {value!r}")
-    if lo is not None and (value < lo or (lo_open and value == lo)):
-        raise ConfigError(f"{where}.{key}: {value} is out of range ({'(' if lo_open else '['}{lo}, {hi if hi is not None else 'inf'}])")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{where}.{key}: {value} is out of range ([{lo}, {hi}])")
+    span = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
+    if (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and value > hi):
+        raise ConfigError(f"{where}.{key}: {value} is out of range {span}")
 
 
 class TaskVectorMethod(MergeMethod):
