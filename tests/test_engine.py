@@ -317,3 +317,35 @@ def test_out_dtype_and_resolved_config_reproduces(llama_family, tmp_path):
     again = tmp_path / "again"
     merge(out / "distmerge.yaml", again, workers=3, progress=False)
     assert file_digests(out) == file_digests(again)
+
+
+def test_ties_global_majority_sign_patches_written_shards(tmp_path):
+    """Exact cancellations with a negative model-wide majority: the shards are patched after the merge."""
+    import yaml
+    from safetensors.torch import save_file
+
+    g = torch.Generator().manual_seed(11)
+    shapes = {"model.layers.0.mlp.w": (16, 8), "model.layers.1.mlp.w": (16, 8), "model.norm.weight": (8,)}
+    # values on coarse grids so that (base + tau) - base == tau exactly in float32
+    base = {n: torch.round(torch.randn(s, generator=g) * 64) / 64 for n, s in shapes.items()}
+    tau_a = {n: torch.round(torch.randn(s, generator=g) * 4096) / 4096 - 0.004 for n, s in shapes.items()}
+    tau_b = {n: torch.where(torch.rand(s, generator=g) < 0.3, -tau_a[n], torch.round(torch.randn(s, generator=g) * 4096) / 4096 - 0.004)
+             for n, s in shapes.items()}
+    paths = []
+    for label, tensors in (("base", base), ("a", {n: base[n] + tau_a[n] for n in base}),
+                           ("b", {n: base[n] + tau_b[n] for n in base})):
+        folder = tmp_path / label
+        folder.mkdir()
+        save_file(tensors, str(folder / "model.safetensors"))
+        paths.append(folder)
+    out = tmp_path / "out"
+    merge(merge_config(paths[0], paths[1:], "ties", density=0.9), out, workers=2, progress=False)
+    names = sorted(base)
+    ex = [load_folder(p) for p in paths[1:]]
+    expected = reference_ties_global(base, ex, 0.9, 1.0, names)
+    got = load_folder(out)
+    for name in names:
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
+    card = (out / "README.md").read_text()
+    state = yaml.safe_load(card.split("## Computed during the merge")[1].split("```yaml")[1].split("```")[0])
+    assert state["majority_sign"] == -1 and state["patched_elements"] > 0

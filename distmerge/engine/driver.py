@@ -83,6 +83,7 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
             try:
                 state = _run_passes(actors, plan, method, state, progress)
                 shard_results = _run_merge(actors, plan, state, progress)
+                state = _resolve_deferred(actors, method, state)
                 reports = _get([a.report.remote() for a in actors])
             finally:
                 for actor in actors:
@@ -174,6 +175,14 @@ def _run_merge(actors: list, plan: MergePlan, state: dict, progress: bool) -> li
     with _bar(len(group_refs), "merge", progress) as bar:
         _wait_all(group_refs, bar)
     return _get(shard_refs)
+
+
+def _resolve_deferred(actors: list, method, state: dict) -> dict:
+    """Decisions only the whole merged model could make (TIES' majority sign): patch the few elements."""
+    state = {**state, "sign_sum": sum(_get([a.take_sign_sum.remote() for a in actors]))}
+    if method.resolve_deferred(state):
+        state["patched_elements"] = sum(_get([a.apply_patches.remote() for a in actors]))
+    return state
 
 
 def _finish_folder(staging: Path, config: MergeConfig, method, state: dict, base, experts, vocab_plan,

@@ -23,7 +23,7 @@ from distmerge.ops.emr import pack_mask
 from distmerge.plan import MergePlan
 from distmerge.tensors import OutputTensor, TensorSource
 
-CHUNK_ELEMENTS = 1 << 23  # elements per input chunk: 32 MiB in float32
+CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass
@@ -61,6 +61,9 @@ class MergeWorker:
         self.timings = {"read": 0.0, "merge": 0.0, "write": 0.0}
         self.bytes_read = 0
         self._reconciled: dict[tuple[str, str], torch.Tensor] = {}
+        self.sign_sum = 0  # deferred decisions (TIES' global majority sign): summed here, patched later
+        self.pending_patches: dict[str, tuple[list, list]] = {}
+        self.patches: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # file -> tensor -> patch
 
     # --- reading --------------------------------------------------------------------------------
     def _read(self, model: Checkpoint, source: TensorSource, start: int | None, stop: int | None) -> torch.Tensor:
@@ -152,6 +155,12 @@ class MergeWorker:
                         out.copy_(merged.reshape(tensor.shape))
                     else:
                         out[start:stop] = merged
+                    if "sign_sum" in result:
+                        self.sign_sum += result["sign_sum"]
+                    if "patch_index" in result and result["patch_index"].numel():
+                        idx, val = self.pending_patches.setdefault(tensor.name, ([], []))
+                        idx.append(result["patch_index"].cpu() + self._row_offset(tensor, start))
+                        val.append(result["patch_value"].to("cpu", tensor.out_dtype))
                     if "emr_vector" in result:
                         if vector is None:
                             vector = torch.empty(tensor.shape, dtype=self.dtype)
@@ -177,6 +186,10 @@ class MergeWorker:
         target = Path(self.spec.staging) / shard.filename
         write_safetensors(self.outputs, target)
         written = {name: list(t.shape) for name, t in self.outputs.items()}
+        patches = {name: (torch.cat(idx), torch.cat(val)) for name, (idx, val) in self.pending_patches.items()}
+        if patches:
+            self.patches[shard.filename] = patches
+        self.pending_patches = {}
         nbytes = sum(t.numel() * t.element_size() for t in self.outputs.values())
         sidecar = None
         if self.sidecar and self.spec.method.sidecar:
@@ -189,6 +202,15 @@ class MergeWorker:
         self.timings["write"] += time.perf_counter() - began
         return {"shard": shard_index, "filename": shard.filename, "tensors": written, "bytes": nbytes,
                 "sidecar": sidecar}
+
+    def take_sign_sum(self) -> int:
+        return self.sign_sum
+
+    def apply_patches(self) -> int:
+        """Rewrite the deferred elements in this worker's written shards (still in the staging folder)."""
+        from distmerge.io.writer import patch_safetensors
+
+        return sum(patch_safetensors(Path(self.spec.staging) / f, p) for f, p in self.patches.items())
 
     def report(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "timings": dict(self.timings), "bytes_read": self.bytes_read,

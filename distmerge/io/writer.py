@@ -7,6 +7,8 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import struct
+import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,9 +24,10 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     """save_file to a temporary name, fsync, rename: a reader never sees a half-written shard."""
     from safetensors.torch import save_file
 
-    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     try:
+        # Never parents=True: a staging folder discarded after a failure must not be recreated by a late writer.
+        path.parent.mkdir(exist_ok=True)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata={"format": "pt"})
         fd = os.open(tmp, os.O_RDONLY)
         try:
@@ -35,6 +38,25 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
     except OSError as exc:
         tmp.unlink(missing_ok=True)
         raise OutputError(f"cannot write '{path}': {exc.strerror or exc}") from None
+
+
+def patch_safetensors(path: Path, patches: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
+    """Overwrite single elements of tensors in a written safetensors file: {name: (flat indices, values)}."""
+    with open(path, "r+b") as f:
+        (length,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(length))
+        count = 0
+        for name, (index, values) in patches.items():
+            start = 8 + length + header[name]["data_offsets"][0]
+            raw = values.contiguous().view(torch.uint8).reshape(values.numel(), -1)
+            size = raw.shape[1]
+            for i, row in zip(index.tolist(), raw):
+                f.seek(start + i * size)
+                f.write(row.numpy().tobytes())
+                count += 1
+        f.flush()
+        os.fsync(f.fileno())
+    return count
 
 
 def write_json(path: Path, data: Any) -> None:
@@ -81,7 +103,12 @@ def finalize(staging: Path, out: Path, force: bool) -> None:
 
 
 def discard(staging: Path) -> None:
-    shutil.rmtree(staging, ignore_errors=True)
+    """Remove a staging folder, retrying while killed writers may still be closing files in it."""
+    for _ in range(50):
+        shutil.rmtree(staging, ignore_errors=True)
+        if not staging.exists():
+            return
+        time.sleep(0.1)
 
 
 def fsync_dir(path: Path) -> None:

@@ -65,8 +65,14 @@ class MergeMethod:
     # --- work -----------------------------------------------------------------------------------
     def merge(self, base: torch.Tensor | None, experts: list[torch.Tensor], job: TensorJob, offset: int,
               state: dict) -> dict[str, torch.Tensor]:
-        """{'weight': merged chunk} plus sidecar entries; ``offset`` is the chunk's first flat element."""
+        """{'weight': merged chunk} plus sidecar entries (``emr_*``) or deferred-decision entries
+        (``sign_sum``, ``patch_index``: flat indices in the chunk, ``patch_value``: their values should
+        ``resolve_deferred`` say so); ``offset`` is the chunk's first flat element."""
         raise NotImplementedError
+
+    def resolve_deferred(self, state: dict[str, Any]) -> bool:
+        """With the merge's summed ``sign_sum`` in ``state``: whether the recorded patches apply."""
+        return False
 
     # --- reporting ------------------------------------------------------------------------------
     def describe(self, state: dict) -> dict[str, Any]:
@@ -127,15 +133,20 @@ class TaskVectorMethod(MergeMethod):
         return self.stats_delta(pass_name, base, stack_task_vectors(base, experts), job, offset, state)
 
     def merge(self, base, experts, job, offset, state):
-        return {"weight": self.merge_delta(base, stack_task_vectors(base, experts), job, offset, state)}
+        return as_result(self.merge_delta(base, stack_task_vectors(base, experts), job, offset, state))
 
     def stats_delta(self, pass_name: str, base: torch.Tensor, task_vector: torch.Tensor, job: TensorJob,
                     offset: int, state: dict) -> dict[str, Any]:
         raise NotImplementedError(f"{self.name} has no pass {pass_name!r}")
 
     def merge_delta(self, base: torch.Tensor, task_vector: torch.Tensor, job: TensorJob, offset: int,
-                    state: dict) -> torch.Tensor:
+                    state: dict) -> torch.Tensor | dict[str, Any]:
+        """The merged chunk, or a ``merge`` result dict when the method defers part of its decision."""
         raise NotImplementedError
+
+
+def as_result(merged: torch.Tensor | dict[str, Any]) -> dict[str, Any]:
+    return merged if isinstance(merged, dict) else {"weight": merged}
 
 
 def stack_task_vectors(base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:

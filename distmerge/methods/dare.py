@@ -12,6 +12,7 @@ from distmerge.errors import ConfigError
 from distmerge.methods.base import (
     MergeMethod,
     TaskVectorMethod,
+    as_result,
     build_params,
     params_to_yaml,
     require_choice,
@@ -88,7 +89,10 @@ class Dare(MergeMethod):
         return self.inner.finish_pass(pass_name, totals, state)
 
     def merge(self, base, experts, job, offset, state):
-        return {"weight": self.inner.merge_delta(base, self.dropped(base, experts, job, offset), job, offset, state)}
+        return as_result(self.inner.merge_delta(base, self.dropped(base, experts, job, offset), job, offset, state))
+
+    def resolve_deferred(self, state):
+        return self.inner.resolve_deferred(state)
 
     def describe(self, state):
         return self.inner.describe(state)

@@ -67,8 +67,6 @@ class Ties(TaskVectorMethod):
             return "trim_high"
         if "thresholds" not in state:
             return "trim_low"
-        if "zero_sign" not in state:
-            return "sign_sum"
         return None
 
     def stats_delta(self, pass_name, base, task_vector, job, offset, state):
@@ -81,13 +79,7 @@ class Ties(TaskVectorMethod):
                 ops.radix_low_histogram(task_vector[t], b) if b >= 0 else torch.zeros(ops.HIGH_BINS, dtype=torch.int64)
                 for t, b in enumerate(state["high_bins"])
             ])
-            certain, uncertain = ops.sign_sum_bounds(task_vector, state["sign_bins"], job.weights)
-            return {"hist": hist, "certain_sign_sum": certain, "uncertain": uncertain}
-        if pass_name == "sign_sum":
-            weighted = ops.trim(task_vector, state["thresholds"]) * torch.tensor(
-                job.weights, dtype=task_vector.dtype, device=task_vector.device
-            ).reshape((count,) + (1,) * (task_vector.dim() - 1))
-            return {"sign_sum": int(ops.elected_sign(weighted).sum(dtype=torch.float64))}
+            return {"hist": hist}
         return super().stats_delta(pass_name, base, task_vector, job, offset, state)
 
     def finish_pass(self, pass_name, totals, state):
@@ -95,21 +87,19 @@ class Ties(TaskVectorMethod):
         rule = self.params.convention
         if pass_name == "trim_high":
             numel = int(totals["numel"])
-            high_bins, ranks, sign_bins, fixed = [], [], [], []
+            high_bins, ranks, fixed = [], [], []
             for t, density in enumerate(state["densities"]):
                 rank = ops.trim_rank(numel, density, rule)
                 if rank == 0 or rank > numel:  # keep all / keep none: no selection needed
                     high_bins.append(-1)
                     ranks.append(0)
-                    sign_bins.append(-1 if rank == 0 else ops.HIGH_BINS)
                     fixed.append(ops.KEEP_ALL if rank == 0 else ops.KEEP_NONE)
                     continue
                 bin_index, within = ops.locate_rank(totals["hist"][t], rank)
                 high_bins.append(bin_index)
                 ranks.append(within)
-                sign_bins.append(bin_index)
                 fixed.append(None)
-            state.update(numel=numel, high_bins=high_bins, ranks=ranks, sign_bins=sign_bins, fixed=fixed)
+            state.update(numel=numel, high_bins=high_bins, ranks=ranks, fixed=fixed)
             return state
         if pass_name == "trim_low":
             thresholds = []
@@ -120,24 +110,20 @@ class Ties(TaskVectorMethod):
                     low, _ = ops.locate_rank(totals["hist"][t], state["ranks"][t])
                     thresholds.append(ops.bits_to_value(b, low))
             state["thresholds"] = thresholds
-            if rule == "mergekit":
-                state["zero_sign"] = 1.0
-            else:
-                certain, uncertain = int(totals["certain_sign_sum"]), int(totals["uncertain"])
-                if abs(certain) > uncertain or uncertain == 0:
-                    state["zero_sign"] = float((certain > 0) - (certain < 0))
-            return state
-        if pass_name == "sign_sum":
-            total = int(totals["sign_sum"])
-            state["zero_sign"] = float((total > 0) - (total < 0))
             return state
         return super().finish_pass(pass_name, totals, state)
 
     def merge_delta(self, base, task_vector, job, offset, state):
         if self.params.trim_scope == "global":
-            delta = ops.ties_delta(task_vector, state["thresholds"], job.weights, state["zero_sign"],
-                                   self.params.disjoint)
-            return base + self.params.lam * delta
+            trimmed = ops.trim(task_vector, state["thresholds"])
+            if self.params.convention == "mergekit":  # zero sums take +1: nothing to defer
+                return base + self.params.lam * ops.merge_trimmed(trimmed, job.weights, 1.0, self.params.disjoint)
+            # The zero-sign rule needs the model-wide majority sign, known only after every chunk is merged:
+            # merge with +1 now and hand back the (rare) elements that would change with -1 or 0.
+            delta, sign_sum, index, alternative = ops.merge_deferred_sign(trimmed, job.weights, self.params.disjoint)
+            flat_base = base.reshape(-1)
+            return {"weight": base + self.params.lam * delta, "sign_sum": sign_sum, "patch_index": index,
+                    "patch_value": flat_base[index] + self.params.lam * alternative}
         if self.params.convention == "mergekit":
             trimmed = torch.stack([task_vector[t] * ops.mergekit_magnitude_mask(task_vector[t], d)
                                    for t, d in enumerate(self.densities(job))])
@@ -151,8 +137,21 @@ class Ties(TaskVectorMethod):
         delta = ops.merge_trimmed(trimmed, job.weights, zero_sign, self.params.disjoint)
         return base + self.params.lam * delta
 
+    def resolve_deferred(self, state):
+        """After the merge pass: the patches (merged with zero signs as +1) apply when the majority is <= 0."""
+        if self.params.trim_scope != "global" or self.params.convention == "mergekit":
+            return False
+        return _sign(state.get("sign_sum", 0)) <= 0
+
     def describe(self, state):
         if "thresholds" not in state:
             return {}
-        return {"trim_thresholds": [float(x) for x in state["thresholds"]], "zero_sign": state.get("zero_sign"),
-                "trimmed_values": state.get("numel")}
+        out = {"trim_thresholds": [float(x) for x in state["thresholds"]], "trimmed_values": state.get("numel")}
+        if "sign_sum" in state and self.params.convention == "paper":
+            out["majority_sign"] = _sign(state["sign_sum"])
+            out["patched_elements"] = state.get("patched_elements", 0)
+        return out
+
+
+def _sign(value: int) -> int:
+    return (value > 0) - (value < 0)

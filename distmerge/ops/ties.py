@@ -101,17 +101,48 @@ def disjoint_merge(
     ``mean`` divides by the summed weights of the agreeing tasks (the count when all weights are 1),
     with an empty set giving 0.
     """
-    resolved = torch.where(sign == 0, torch.full_like(sign, zero_sign), sign)
-    selected = torch.where(resolved > 0, weighted_trimmed > 0, weighted_trimmed < 0)
-    kept = weighted_trimmed * selected
-    merged = kept.sum(dim=0)
-    if mode == "sum":
-        return merged
-    if mode != "mean":
+    return _disjoint(weighted_trimmed, weights, sign, zero_sign, mode)[0]
+
+
+def _disjoint(weighted, weights, sign, zero_sign, mode):
+    """(merged, whether any task agreed) per element."""
+    # A resolved sign of 0 behaves as -1 (negatives are selected), so only +1/-1 need handling.
+    resolved = torch.where(sign == 0, 1.0 if zero_sign > 0 else -1.0, sign)
+    selected = weighted * resolved > 0
+    merged = torch.where(selected, weighted, 0.0).sum(dim=0)
+    if mode not in ("mean", "sum"):
         raise ValueError(f"unknown disjoint mode {mode!r}")
-    divisor = (selected.to(weighted_trimmed.dtype) * broadcast_weights(weights, weighted_trimmed)).sum(dim=0)
-    divisor = torch.where(divisor == 0, torch.ones_like(divisor), divisor)
-    return merged / divisor
+    if all(w == 1.0 for w in weights):
+        count = selected.sum(dim=0)
+        if mode == "mean":
+            merged = merged / count.clamp(min=1).to(merged.dtype)
+        return merged, count > 0
+    agreed = selected.any(dim=0)
+    if mode == "mean":
+        divisor = (selected.to(merged.dtype) * broadcast_weights(weights, weighted)).sum(dim=0)
+        merged = merged / torch.where(divisor == 0, 1.0, divisor)
+    return merged, agreed
+
+
+def merge_deferred_sign(trimmed: torch.Tensor, weights: Sequence[float], mode: str = "mean"):
+    """The global-scope merge before the model-wide majority sign is known.
+
+    Returns (merged with zero signs taken as +1, the sum of elected signs of this chunk, flat indices of the
+    elements whose elected sign is 0 but that hold a nonzero value, their merged value with zero signs taken
+    as -1). Such elements need exact cancellation between tasks and are rare; the caller patches them once
+    the majority sign is known.
+    """
+    weighted = trimmed * broadcast_weights(weights, trimmed)
+    sign = elected_sign(weighted)
+    merged, agreed = _disjoint(weighted, weights, sign, 1.0, mode)
+    sign_sum = int(sign.sum(dtype=torch.float64))
+    # With a zero sum, a positive value that agreed with +1 implies a negative one: the choice matters.
+    index = ((sign == 0) & agreed).reshape(-1).nonzero().squeeze(1)
+    if index.numel() == 0:
+        return merged, sign_sum, index, merged.reshape(-1)[:0]
+    alternative = disjoint_merge(weighted.reshape(weighted.shape[0], -1)[:, index], weights,
+                                 sign.reshape(-1)[index], -1.0, mode)
+    return merged, sign_sum, index, alternative
 
 
 def ties_delta(
@@ -142,20 +173,20 @@ def merge_trimmed(trimmed: torch.Tensor, weights: Sequence[float], zero_sign: fl
 
 
 def _abs_bits(values: torch.Tensor) -> torch.Tensor:
-    """|x| as int64 keys ordered like the values (non-negative float32 bits are monotone)."""
-    return values.detach().abs().float().reshape(-1).view(torch.int32).to(torch.int64)
+    """|x| as int32 keys ordered like the values (non-negative float32 bits are monotone)."""
+    return values.detach().float().abs().reshape(-1).view(torch.int32)
 
 
 def radix_high_histogram(values: torch.Tensor) -> torch.Tensor:
     """Counts of |x| by the high 16 bits of its float32 pattern: int64[65536]."""
-    return torch.bincount(_abs_bits(values) >> 16, minlength=HIGH_BINS)
+    return torch.bincount(_abs_bits(values) >> 16, minlength=HIGH_BINS).to(torch.int64)
 
 
 def radix_low_histogram(values: torch.Tensor, high_bin: int) -> torch.Tensor:
     """Counts by the low 16 bits, among the values whose high 16 bits equal ``high_bin``."""
     bits = _abs_bits(values)
     inside = bits[(bits >> 16) == high_bin]
-    return torch.bincount(inside & LOW_MASK, minlength=HIGH_BINS)
+    return torch.bincount(inside & LOW_MASK, minlength=HIGH_BINS).to(torch.int64)
 
 
 def locate_rank(histogram: torch.Tensor, rank: int) -> tuple[int, int]:
@@ -176,21 +207,3 @@ def bits_to_value(high_bin: int, low_bin: int) -> float:
 
 def high_bin_of(value: float) -> int:
     return int(torch.tensor([value], dtype=torch.float32).view(torch.int32)) >> 16
-
-
-def sign_sum_bounds(
-    task_vector: torch.Tensor, high_bins: Sequence[int], weights: Sequence[float]
-) -> tuple[int, int]:
-    """Partial sums for the global majority sign when only each task's cut bin is known.
-
-    Returns (sum of elected signs over elements whose trim is already certain, number of elements where
-    some task's |tau| lies in its cut bin, whose sign must wait for the exact threshold).
-    """
-    bits = _abs_bits(task_vector).reshape(task_vector.shape[0], -1) >> 16
-    cut = torch.tensor(list(high_bins), dtype=torch.int64, device=bits.device).unsqueeze(1)
-    uncertain = (bits == cut).any(dim=0)
-    flat = task_vector.reshape(task_vector.shape[0], -1)
-    sure = torch.where(bits > cut, flat, torch.zeros((), dtype=flat.dtype, device=flat.device))
-    sign = elected_sign(sure * broadcast_weights(weights, sure))
-    certain_sum = int(sign[~uncertain].sum(dtype=torch.float64))
-    return certain_sum, int(uncertain.sum())

@@ -1,0 +1,416 @@
+"""Merge throughput of distmerge against the I/O floor, a minimal single-process loop and mergekit.
+
+    python benchmarks/merge_throughput.py --models /tmp/ckpt-1b \
+        --methods weight_average,task_arithmetic,ties_tensor,ties_global,dare_ties,emr --workers 1,2,4 \
+        [--mergekit /tmp/mkvenv/bin/mergekit-yaml] [--out-root DIR] [--repeat 1] [--json results.json]
+
+``--models`` is a family made by make_checkpoints.py (``base/`` and ``expert_*/``). Every figure comes from
+this one run, on one local Ray started once before anything is timed, with a warm page cache: the inputs
+are read once before any timing and nothing is ever dropped from the cache. Each output folder is deleted
+after it is measured. With --repeat N every configuration runs N times and the fastest run is reported.
+
+Baselines, measured in the same run:
+  floor         read every input file from the page cache in 64 MiB blocks, plus write one model-size file
+                and fsync it (timed separately and summed; per method, only the inputs that method reads);
+  minimal loop  one process: per output shard (the input's grouping), per tensor, safe_open each model's
+                shard and get_tensor, base + 0.5 * sum(tau) in float32, cast to bf16, save_file, fsync;
+  mergekit      mergekit-yaml on the equivalent mergekit config, with `--async-write -j <cores>` ("best")
+                and with no flags, when --mergekit is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import multiprocessing
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    family_spec,
+    files_bytes,
+    fsync_path,
+    machine_info,
+    mib,
+    model_folders,
+    peak_rss_bytes,
+    reset_peak_rss,
+    shard_files,
+    weight_map,
+)
+
+BLOCK = 64 << 20
+TA_LAMBDA = 0.5
+
+# method -> (distmerge method, parameters, reads the base)
+METHODS = {
+    "weight_average": ("weight_average", {}, False),
+    "task_arithmetic": ("task_arithmetic", {"lambda": TA_LAMBDA}, True),
+    "ties_tensor": ("ties", {"density": 0.2, "trim_scope": "tensor"}, True),
+    "ties_global": ("ties", {"density": 0.2, "trim_scope": "global"}, True),
+    "dare_ties": ("dare", {"drop_rate": 0.9, "then": "ties", "density": 0.2, "trim_scope": "global"}, True),
+    "emr": ("emr", {}, True),
+}
+# method -> (mergekit merge_method, how close it is). mergekit has no global trim and no EMR.
+MERGEKIT = {
+    "weight_average": ("linear", "same"),
+    "task_arithmetic": ("task_arithmetic", "same"),
+    "ties_tensor": ("ties", "same"),
+    "ties_global": ("ties", "nearest: mergekit trims per tensor"),
+    "dare_ties": ("dare_ties", "nearest: mergekit keeps 10% by DARE, no magnitude trim after"),
+}
+
+
+# --- configs ------------------------------------------------------------------------------------------------
+
+def distmerge_config(method: str, base: Path, experts: list[Path], out_shard_size: int) -> dict:
+    name, params, reads_base = METHODS[method]
+    config = {"method": name, "models": [{"model": str(e)} for e in experts], "parameters": dict(params),
+              "out_shard_size": out_shard_size}
+    if reads_base:
+        config["base_model"] = str(base)
+    return config
+
+
+def mergekit_config(mk_method: str, base: Path, experts: list[Path]) -> dict:
+    """Compute in float32 and write bfloat16, as distmerge does by default on bf16 inputs."""
+    params = {"linear": {"weight": 1.0}, "task_arithmetic": {"weight": TA_LAMBDA},
+              "ties": {"weight": 1.0, "density": 0.2}, "dare_ties": {"weight": 1.0, "density": 0.1}}[mk_method]
+    config = {"merge_method": mk_method, "models": [{"model": str(e), "parameters": params} for e in experts],
+              "dtype": "float32", "out_dtype": "bfloat16"}
+    if mk_method != "linear":
+        config["base_model"] = str(base)
+    return config
+
+
+# --- baselines ----------------------------------------------------------------------------------------------
+
+def read_file(path: Path, buffer: bytearray) -> None:
+    with open(path, "rb", buffering=0) as f:
+        while f.readinto(buffer):
+            pass
+
+
+def measure_floor(files: list[Path], write_bytes: int, out_root: Path) -> dict:
+    buffer = bytearray(BLOCK)
+    for path in files:  # warm the page cache
+        read_file(path, buffer)
+    reads = {}
+    for path in files:
+        began = time.perf_counter()
+        read_file(path, buffer)
+        reads[str(path)] = time.perf_counter() - began
+    block = memoryview(os.urandom(BLOCK))
+    target = out_root / "floor-write.bin"
+    began = time.perf_counter()
+    with open(target, "wb", buffering=0) as f:
+        left = write_bytes
+        while left > 0:
+            left -= f.write(block[:min(left, BLOCK)])
+        os.fsync(f.fileno())
+    write_seconds = time.perf_counter() - began
+    target.unlink()
+    return {"read_seconds": reads, "write_seconds": write_seconds, "write_bytes": write_bytes}
+
+
+def minimal_loop(base: str, experts: list[str], out: str) -> dict:
+    """Task arithmetic the plainest way, in a process of its own (its memory is not the driver's)."""
+    import torch
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    models = [Path(base), *map(Path, experts)]
+    maps = [weight_map(m) for m in models]
+    shards: dict[str, list[str]] = {}
+    for name, filename in maps[0].items():
+        shards.setdefault(filename, []).append(name)
+    Path(out).mkdir(parents=True)
+    began = time.perf_counter()
+    for filename, names in sorted(shards.items()):
+        merged = {}
+        for name in names:
+            values = []
+            for model, wmap in zip(models, maps):
+                with safe_open(str(model / wmap[name]), "pt") as handle:
+                    values.append(handle.get_tensor(name).float())
+            base_value = values[0]
+            task_sum = sum(v - base_value for v in values[1:])
+            merged[name] = (base_value + TA_LAMBDA * task_sum).to(torch.bfloat16)
+        path = Path(out) / filename
+        save_file(merged, str(path), metadata={"format": "pt"})
+        fsync_path(path)
+    return {"seconds": time.perf_counter() - began, "peak_rss_bytes": peak_rss_bytes()}
+
+
+def run_mergekit(command: list[str], config_path: Path, out: Path, log: Path) -> dict:
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    with open(log, "wb") as stream:
+        began = time.perf_counter()
+        proc = subprocess.Popen([*command[:1], str(config_path), str(out), *command[1:]], stdout=stream,
+                                stderr=subprocess.STDOUT, env=env)
+        _, status, usage = os.wait4(proc.pid, 0)
+        seconds = time.perf_counter() - began
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        tail = log.read_text(errors="replace")[-3000:]
+        raise RuntimeError(f"mergekit-yaml failed ({proc.returncode}), log {log}:\n{tail}")
+    return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024}
+
+
+# --- running ------------------------------------------------------------------------------------------------
+
+def remove(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def best_of(runs: list[dict]) -> dict:
+    best = dict(min(runs, key=lambda r: r["seconds"]))
+    best["all_seconds"] = [round(r["seconds"], 3) for r in runs]
+    return best
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def versions(mergekit: str | None) -> dict:
+    import importlib.metadata as md
+
+    import ray
+    import torch
+
+    out = {"torch": torch.__version__, "ray": ray.__version__}
+    for package in ("distmerge", "transformers", "safetensors"):
+        out[package] = md.version(package)
+    if mergekit:
+        python = Path(mergekit).parent / "python"
+        probe = subprocess.run([str(python), "-c", "import importlib.metadata as m; print(m.version('mergekit'), "
+                                "m.version('torch'), m.version('transformers'))"], capture_output=True, text=True)
+        found = probe.stdout.split()
+        out["mergekit"] = (f"mergekit {found[0]} (its venv: torch {found[1]}, transformers {found[2]})"
+                           if len(found) == 3 else f"mergekit version unknown ({python})")
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--models", type=Path, required=True, help="a family made by make_checkpoints.py")
+    parser.add_argument("--methods", default=",".join(METHODS))
+    parser.add_argument("--workers", default="1,2,4")
+    parser.add_argument("--mergekit", help="path of mergekit-yaml (in its own venv); mergekit runs only if given")
+    parser.add_argument("--out-root", type=Path, help="where outputs go (deleted after each run); default: a "
+                        "temporary folder beside --models")
+    parser.add_argument("--repeat", type=int, default=1)
+    parser.add_argument("--out-shard-size", help="distmerge's out_shard_size; default: the family's shard size")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+
+    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown:
+        parser.error(f"unknown method(s) {unknown}; choose from {', '.join(METHODS)}")
+    worker_counts = [int(w) for w in args.workers.split(",")]
+    models_dir = args.models.expanduser().resolve()
+    base, experts = model_folders(models_dir)
+    spec = family_spec(models_dir) or {}
+    out_shard_size = args.out_shard_size or spec.get("shard_bytes") or max(f.stat().st_size for f in shard_files(base))
+    base_files = shard_files(base)
+    expert_files = [f for e in experts for f in shard_files(e)]
+    bytes_with_base = files_bytes(base_files + expert_files)
+    bytes_experts = files_bytes(expert_files)
+    model_bytes = files_bytes(base_files)
+
+    created_root = args.out_root is None
+    out_root = Path(tempfile.mkdtemp(prefix="merge-throughput-", dir=models_dir.parent)) if created_root \
+        else args.out_root.expanduser().resolve()
+    out_root.mkdir(parents=True, exist_ok=True)
+
+    import ray
+
+    import distmerge
+
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    cores = os.cpu_count() or 1
+    ray_began = time.perf_counter()
+    ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)
+    ray_seconds = time.perf_counter() - ray_began
+
+    info = {"machine": machine_info(), "versions": versions(args.mergekit), "models": str(models_dir),
+            "family": spec, "input_bytes": {"base": model_bytes, "experts": bytes_experts},
+            "out_root": str(out_root), "out_shard_size": out_shard_size, "repeat": args.repeat,
+            "ray_init_seconds": round(ray_seconds, 2), "cache": "warm (inputs read before timing; nothing dropped)"}
+    rows: list[dict] = []
+    try:
+        log("floor: warming the page cache, then reading every input and writing one model-size file")
+        floor = measure_floor(base_files + expert_files, model_bytes, out_root)
+        read_all = sum(floor["read_seconds"].values())
+        read_experts = sum(floor["read_seconds"][str(f)] for f in expert_files)
+
+        def floor_seconds(reads_base: bool) -> float:
+            return (read_all if reads_base else read_experts) + floor["write_seconds"]
+
+        info["floor"] = {"read_all_seconds": read_all, "read_experts_seconds": read_experts,
+                         "write_seconds": floor["write_seconds"], "write_bytes": model_bytes}
+        rows.append({"kind": "floor", "label": "floor: read inputs + write 1 model", "workers": None,
+                     "seconds": floor_seconds(True), "input_bytes": bytes_with_base,
+                     "floor_seconds": floor_seconds(True)})
+
+        log("minimal loop: task arithmetic in one process")
+        runs = []
+        for i in range(args.repeat):
+            out = out_root / f"minimal-{i}"
+            with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
+                runs.append(pool.submit(minimal_loop, str(base), [str(e) for e in experts], str(out)).result())
+            remove(out)
+        run = best_of(runs)
+        rows.append({"kind": "minimal_loop", "label": "minimal loop (TA, 1 process)", "workers": 1,
+                     "input_bytes": bytes_with_base, "floor_seconds": floor_seconds(True),
+                     "worker_peak_rss_bytes": [run["peak_rss_bytes"]], **run})
+
+        mergekit_best: dict[str, float] = {}
+        if args.mergekit:
+            cores_flag = ["--async-write", "-j", str(cores)]
+            for mk_method in dict.fromkeys(MERGEKIT[m][0] for m in methods if m in MERGEKIT):
+                config_path = out_root / f"mergekit-{mk_method}.yaml"
+                config_path.write_text(yaml.safe_dump(mergekit_config(mk_method, base, experts), sort_keys=False))
+                reads_base = mk_method != "linear"
+                for flags, label in ((cores_flag, " ".join(cores_flag)), ([], "no flags")):
+                    log(f"mergekit {mk_method} ({label})")
+                    runs = []
+                    for i in range(args.repeat):
+                        out = out_root / f"mergekit-{mk_method}-{i}"
+                        runs.append(run_mergekit([args.mergekit, *flags], config_path, out,
+                                                 out_root / f"mergekit-{mk_method}.log"))
+                        remove(out)
+                    run = best_of(runs)
+                    if flags:
+                        mergekit_best[mk_method] = run["seconds"]
+                    rows.append({"kind": "mergekit", "label": f"mergekit {mk_method} ({label})", "workers": None,
+                                 "mergekit_method": mk_method, "flags": flags,
+                                 "input_bytes": bytes_with_base if reads_base else bytes_experts,
+                                 "floor_seconds": floor_seconds(reads_base),
+                                 "mergekit_best_seconds": mergekit_best.get(mk_method),
+                                 "worker_peak_rss_bytes": [run["peak_rss_bytes"]], **run})
+                (out_root / f"mergekit-{mk_method}.log").unlink(missing_ok=True)
+                config_path.unlink()
+
+        # Ray's first actors in a fresh session pay one-time costs (worker pool, module export): untimed warm-up.
+        log("distmerge warm-up (untimed): task_arithmetic, 1 worker")
+        began = time.perf_counter()
+        distmerge.merge(distmerge_config("task_arithmetic", base, experts, out_shard_size), out_root / "warmup",
+                        workers=1, progress=False)
+        info["warmup_seconds"] = round(time.perf_counter() - began, 2)
+        remove(out_root / "warmup")
+
+        ta_seconds: dict[int, float] = {}
+        for method in methods:
+            reads_base = METHODS[method][2]
+            config = distmerge_config(method, base, experts, out_shard_size)
+            for workers in worker_counts:
+                log(f"distmerge {method}, {workers} worker(s)")
+                runs = []
+                for i in range(args.repeat):
+                    out = out_root / f"distmerge-{method}-w{workers}-{i}"
+                    reset_peak_rss()
+                    began = time.perf_counter()
+                    result = distmerge.merge(config, out, workers=workers, progress=False)
+                    seconds = time.perf_counter() - began
+                    runs.append({
+                        "seconds": seconds, "driver_peak_rss_bytes": peak_rss_bytes(),
+                        "worker_peak_rss_bytes": [r["peak_rss_bytes"] for r in result.worker_reports],
+                        "worker_timings": [{k: round(v, 3) for k, v in r["timings"].items()}
+                                           for r in result.worker_reports],
+                        "actors": result.workers, "shards": result.shards, "bytes_read": result.bytes_read,
+                        "bytes_written": result.bytes_written,
+                    })
+                    remove(out)
+                run = best_of(runs)
+                if method == "task_arithmetic":
+                    ta_seconds[workers] = run["seconds"]
+                mk = MERGEKIT.get(method)
+                rows.append({"kind": "distmerge", "label": method, "workers": workers, "config": config,
+                             "input_bytes": bytes_with_base if reads_base else bytes_experts,
+                             "floor_seconds": floor_seconds(reads_base), "ta_seconds": ta_seconds.get(workers),
+                             "mergekit_method": mk and mk[0], "mergekit_equivalence": mk and mk[1],
+                             "mergekit_best_seconds": mk and mergekit_best.get(mk[0]), **run})
+    finally:
+        ray.shutdown()
+        if created_root:
+            remove(out_root)
+
+    for row in rows:
+        row["input_gbps"] = row["input_bytes"] / row["seconds"] / 1e9
+        row["x_floor"] = row["seconds"] / row["floor_seconds"]
+        row["x_ta"] = row["seconds"] / row["ta_seconds"] if row.get("ta_seconds") else None
+        mk_best = row.get("mergekit_best_seconds")
+        row["x_mergekit_best"] = row["seconds"] / mk_best if mk_best else None
+    print_report(info, rows)
+    if args.json:
+        args.json.write_text(json.dumps({**info, "rows": rows}, indent=2, default=str) + "\n")
+        log(f"wrote {args.json}")
+
+
+def ratio(value: float | None) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+def print_report(info: dict, rows: list[dict]) -> None:
+    m, v, spec = info["machine"], info["versions"], info["family"]
+    print(f"# merge throughput, {m['date']}")
+    print(f"machine: {m['cpu']}, {m['cores']} cores, {m['ram_gib']} GiB RAM; {m['platform']}")
+    print("versions: " + ", ".join(f"{k} {val}" for k, val in v.items() if k != "mergekit")
+          + (f"; {v['mergekit']}" if v.get("mergekit") else ""))
+    size = spec.get("size", "?")
+    print(f"models: {info['models']} ({size}: base + {spec.get('experts', '?')} experts, bf16, "
+          f"{info['input_bytes']['base'] / 1e9:.3f} GB per model, {spec.get('shards', '?')} shards each); "
+          f"distmerge out_shard_size {info['out_shard_size']} B")
+    print(f"page cache: WARM for every run (inputs read once before timing, nothing dropped); best of "
+          f"{info['repeat']}; Ray started once ({info['ray_init_seconds']}s, not counted); one untimed distmerge "
+          f"warm-up ({info.get('warmup_seconds', '-')}s)")
+    floor = info["floor"]
+    print(f"floor: read all inputs {floor['read_all_seconds']:.3f}s (experts only {floor['read_experts_seconds']:.3f}s)"
+          f" + write {floor['write_bytes'] / 1e9:.3f} GB with fsync {floor['write_seconds']:.3f}s")
+    print("ratios: x floor = seconds / floor for the inputs the method reads; x TA = / distmerge task_arithmetic "
+          "at the same workers; x mk = / mergekit best flags on the equivalent config")
+    header = ["method", "workers", "seconds", "in GB/s", "x floor", "x TA", "x mk", "worker RSS MiB", "driver MiB"]
+    table = []
+    for row in rows:
+        table.append([row["label"], "-" if row["workers"] is None else str(row["workers"]), f"{row['seconds']:.2f}",
+                      f"{row['input_gbps']:.3g}", ratio(row["x_floor"]), ratio(row["x_ta"]),
+                      ratio(row["x_mergekit_best"]),
+                      "/".join(mib(b) for b in row.get("worker_peak_rss_bytes", [])) or "-",
+                      mib(row.get("driver_peak_rss_bytes"))])
+    widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
+    line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+    print(line(header))
+    print(line(["-" * w for w in widths]))
+    for cells in table:
+        print(line(cells))
+    notes = {row["label"]: row["mergekit_equivalence"] for row in rows
+             if row["kind"] == "distmerge" and row.get("mergekit_equivalence") not in (None, "same")}
+    for label, note in notes.items():
+        print(f"x mk for {label}: {note}")
+    print("\ndistmerge time per worker (read / merge / write s, busiest worker) vs wall:")
+    for row in rows:
+        if row["kind"] != "distmerge":
+            continue
+        busiest = max(row["worker_timings"], key=lambda t: sum(t.values()))
+        busy = sum(busiest.values())
+        print(f"  {row['label']:<16} w={row['workers']}: {busiest['read']:.2f} / {busiest['merge']:.2f} / "
+              f"{busiest['write']:.2f}, busy {busy:.2f} of {row['seconds']:.2f}s wall; {row['shards']} shards on "
+              f"{row['actors']} actor(s); read {row['bytes_read'] / 1e9:.3f} GB, "
+              f"wrote {row['bytes_written'] / 1e9:.3f} GB")
+
+
+if __name__ == "__main__":
+    main()
