@@ -127,57 +127,50 @@ class MergeWorker:
 
     # --- merging --------------------------------------------------------------------------------
     def merge_group(self, state: dict, shard_index: int, group_index: int) -> dict[str, Any]:
-        method = self.spec.method
-        chunked = method.chunkable()
-        spec = self.spec
         for group in self._groups(shard_index, group_index):
             for tensor in group.tensors:
-                out = torch.empty(tensor.shape, dtype=tensor.out_dtype)
-                if not tensor.merged:
-                    source_model = spec.base if spec.base is not None else spec.experts[0]
-                    source = tensor.base if spec.base is not None else tensor.experts[0]
-                    for start, stop in self._chunks(tensor, True):
-                        value = self._read(source_model, source, start, stop)
-                        if start is None:
-                            out.copy_(value.to("cpu", tensor.out_dtype))
-                        else:
-                            out[start:stop] = value.to("cpu", tensor.out_dtype)
-                    self.outputs[tensor.name] = out
-                    self._reconciled.clear()
-                    continue
-                vector = mask = None
-                for start, stop in self._chunks(tensor, chunked):
-                    base, experts = self._inputs(tensor, start, stop)
-                    began = time.perf_counter()
-                    result = method.merge(base, experts, tensor.job, self._row_offset(tensor, start), state)
-                    merged = result["weight"].to("cpu", tensor.out_dtype)
-                    if start is None:
-                        out.copy_(merged.reshape(tensor.shape))
-                    else:
-                        out[start:stop] = merged
-                    if "sign_sum" in result:
-                        self.sign_sum += result["sign_sum"]
-                    if "patch_index" in result and result["patch_index"].numel():
-                        idx, val = self.pending_patches.setdefault(tensor.name, ([], []))
-                        idx.append(result["patch_index"].cpu() + self._row_offset(tensor, start))
-                        val.append(result["patch_value"].to("cpu", tensor.out_dtype))
-                    if "emr_vector" in result:
-                        if vector is None:
-                            vector = torch.empty(tensor.shape, dtype=self.dtype)
-                            mask = torch.empty((len(experts),) + tuple(tensor.shape), dtype=torch.bool)
-                        if start is None:
-                            vector.copy_(result["emr_vector"].cpu().reshape(tensor.shape))
-                            mask.copy_(result["emr_mask"].cpu().reshape(mask.shape))
-                        else:
-                            vector[start:stop] = result["emr_vector"].cpu()
-                            mask[:, start:stop] = result["emr_mask"].cpu()
-                    self.timings["merge"] += time.perf_counter() - began
-                self.outputs[tensor.name] = out
-                if vector is not None:
-                    self.sidecar[tensor.name] = vector
-                    self.sidecar[f"{tensor.name}::mask"] = pack_mask(mask)
+                if tensor.merged:
+                    self._merge_tensor(tensor, state)
+                else:
+                    self._copy_tensor(tensor)
                 self._reconciled.clear()
         return {"shard": shard_index, "group": group_index}
+
+    def _copy_tensor(self, tensor: OutputTensor) -> None:
+        """An unmerged tensor (excluded, or not floating point): the base's value (the first model's without one)."""
+        spec = self.spec
+        model, source = (spec.base, tensor.base) if spec.base is not None else (spec.experts[0], tensor.experts[0])
+        out = torch.empty(tensor.shape, dtype=tensor.out_dtype)
+        for start, stop in self._chunks(tensor, True):
+            _put(out, start, stop, self._read(model, source, start, stop).to("cpu", tensor.out_dtype))
+        self.outputs[tensor.name] = out
+
+    def _merge_tensor(self, tensor: OutputTensor, state: dict) -> None:
+        method = self.spec.method
+        out = torch.empty(tensor.shape, dtype=tensor.out_dtype)
+        vector = mask = None
+        for start, stop in self._chunks(tensor, method.chunkable()):
+            base, experts = self._inputs(tensor, start, stop)
+            began = time.perf_counter()
+            offset = self._row_offset(tensor, start)
+            result = method.merge(base, experts, tensor.job, offset, state)
+            _put(out, start, stop, result["weight"].to("cpu", tensor.out_dtype))
+            self.sign_sum += result.get("sign_sum", 0)
+            if "patch_index" in result and result["patch_index"].numel():
+                index, value = self.pending_patches.setdefault(tensor.name, ([], []))
+                index.append(result["patch_index"].cpu() + offset)
+                value.append(result["patch_value"].to("cpu", tensor.out_dtype))
+            if "emr_vector" in result:
+                if vector is None:
+                    vector = torch.empty(tensor.shape, dtype=self.dtype)
+                    mask = torch.empty((len(experts),) + tuple(tensor.shape), dtype=torch.bool)
+                _put(vector, start, stop, result["emr_vector"].cpu())
+                _put(mask, start, stop, result["emr_mask"].cpu(), task_axis=True)
+            self.timings["merge"] += time.perf_counter() - began
+        self.outputs[tensor.name] = out
+        if vector is not None:
+            self.sidecar[tensor.name] = vector
+            self.sidecar[f"{tensor.name}::mask"] = pack_mask(mask)
 
     def finish_shard(self, shard_index: int) -> dict[str, Any]:
         """Write the shard (and its sidecar) atomically inside the staging folder."""
@@ -215,6 +208,17 @@ class MergeWorker:
     def report(self) -> dict[str, Any]:
         return {"pid": os.getpid(), "timings": dict(self.timings), "bytes_read": self.bytes_read,
                 "peak_rss_bytes": peak_rss_bytes()}
+
+
+def _put(target: torch.Tensor, start: int | None, stop: int | None, value: torch.Tensor,
+         task_axis: bool = False) -> None:
+    """Write a chunk (rows [start, stop), or the whole tensor) into its place; ``task_axis``: target is [T, ...]."""
+    if start is None:
+        target.copy_(value.reshape(target.shape))
+    elif task_axis:
+        target[:, start:stop] = value
+    else:
+        target[start:stop] = value
 
 
 def row_elements(tensor: OutputTensor) -> int:
