@@ -250,6 +250,11 @@ def main() -> None:
             "out_root": str(out_root), "out_shard_size": out_shard_size, "repeat": args.repeat,
             "ray_init_seconds": round(ray_seconds, 2), "cache": "warm (inputs read before timing; nothing dropped)"}
     rows: list[dict] = []
+
+    def save_partial() -> None:  # a long run that is stopped still leaves what it measured
+        if args.json:
+            args.json.write_text(json.dumps({**info, "rows": rows, "partial": True}, indent=2, default=str) + "\n")
+
     try:
         log("floor: warming the page cache, then reading every input and writing one model-size file")
         floor = measure_floor(base_files + expert_files, model_bytes, out_root)
@@ -343,6 +348,7 @@ def main() -> None:
                              "floor_seconds": floor_seconds(reads_base), "ta_seconds": ta_seconds.get(workers),
                              "mergekit_method": mk and mk[0], "mergekit_equivalence": mk and mk[1],
                              "mergekit_best_seconds": mk and mergekit_best.get(mk[0]), **run})
+                save_partial()
     finally:
         ray.shutdown()
         if created_root:

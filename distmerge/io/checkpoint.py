@@ -10,7 +10,6 @@ its open file handles, so the driver can describe inputs and the actors read the
 from __future__ import annotations
 
 import json
-import os
 import re
 import struct
 from dataclasses import dataclass
@@ -31,7 +30,9 @@ for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
         SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
 MAX_HEADER = 100 * 1024 * 1024
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-HUB_PATTERNS = ["*.safetensors", "*.safetensors.index.json", "*.json", "*.model", "*.txt", "*.tiktoken", "*.py"]
+HUB_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
+HUB_SAFETENSORS = ["*.safetensors"]
+HUB_BIN = ["pytorch_model*.bin"]
 BIN_NAMES = re.compile(r"^(pytorch_model|model)(-\d+-of-\d+)?\.bin$")
 
 
@@ -61,9 +62,14 @@ def resolve_source(source: str, model: str) -> Path:
     if not HUB_ID.match(source):
         raise InputError(f"{where(model=model)}: '{source}' is neither an existing path nor a hub id (org/name)")
     try:
-        from huggingface_hub import snapshot_download
+        from huggingface_hub import HfApi, snapshot_download
 
-        return Path(snapshot_download(source, allow_patterns=HUB_PATTERNS))
+        try:  # download one weight format: safetensors where the repo has them, else .bin (older repos)
+            files = HfApi().list_repo_files(source)
+            weights = HUB_SAFETENSORS if any(f.endswith(".safetensors") for f in files) else HUB_BIN
+        except Exception:
+            weights = HUB_SAFETENSORS + HUB_BIN  # offline: whatever the local cache holds
+        return Path(snapshot_download(source, allow_patterns=HUB_PATTERNS + weights))
     except Exception as exc:  # offline, gated, missing: one actionable message
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise InputError(
@@ -118,8 +124,8 @@ class Checkpoint:
         self.name = name
         self.path = resolve_source(source, name)
         self.folder = self.path if self.path.is_dir() else self.path.parent
+        self._handles: dict[str, Any] = {}  # open safetensors files / loaded .bin state dicts, per process
         self.tensors: dict[str, TensorInfo] = self._index()
-        self._handles: dict[str, Any] = {}
 
     def __getstate__(self):
         state = dict(self.__dict__)
@@ -163,20 +169,15 @@ class Checkpoint:
         return tensors
 
     def _load_bin(self, file: Path) -> dict[str, torch.Tensor]:
-        if str(file) not in self._handles_dict():
+        if str(file) not in self._handles:
             try:
                 state = torch.load(file, mmap=True, weights_only=True, map_location="cpu")
             except Exception as exc:
                 raise InputError(f"{where(model=self.name, file=str(file))}: cannot read PyTorch checkpoint ({exc})") from None
             if isinstance(state, dict) and "state_dict" in state and isinstance(state["state_dict"], dict):
                 state = state["state_dict"]
-            self._handles_dict()[str(file)] = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
-        return self._handles_dict()[str(file)]
-
-    def _handles_dict(self) -> dict[str, Any]:
-        if not hasattr(self, "_handles"):
-            self._handles = {}
-        return self._handles
+            self._handles[str(file)] = {k: v for k, v in state.items() if isinstance(v, torch.Tensor)}
+        return self._handles[str(file)]
 
     # --- metadata -------------------------------------------------------------------------------
     def json_file(self, filename: str) -> dict[str, Any] | None:
@@ -204,12 +205,12 @@ class Checkpoint:
         info = self.info(tensor)
         try:
             if info.file.endswith(".safetensors"):
-                handle = self._handles_dict().get(info.file)
+                handle = self._handles.get(info.file)
                 if handle is None:
                     from safetensors import safe_open
 
                     handle = safe_open(info.file, framework="pt", device="cpu")
-                    self._handles_dict()[info.file] = handle
+                    self._handles[info.file] = handle
                 if start is None or not info.shape:
                     return handle.get_tensor(tensor)
                 return handle.get_slice(tensor)[start:stop]
@@ -222,7 +223,3 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles = {}
-
-
-def file_size_total(checkpoint: Checkpoint) -> int:
-    return sum(os.path.getsize(f) for f in {info.file for info in checkpoint.tensors.values()})

@@ -42,20 +42,28 @@ def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
 
 def patch_safetensors(path: Path, patches: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> int:
     """Overwrite single elements of tensors in a written safetensors file: {name: (flat indices, values)}."""
-    with open(path, "r+b") as f:
+    import numpy as np
+
+    with open(path, "rb") as f:
         (length,) = struct.unpack("<Q", f.read(8))
         header = json.loads(f.read(length))
-        count = 0
-        for name, (index, values) in patches.items():
-            start = 8 + length + header[name]["data_offsets"][0]
-            raw = values.contiguous().view(torch.uint8).reshape(values.numel(), -1)
-            size = raw.shape[1]
-            for i, row in zip(index.tolist(), raw):
-                f.seek(start + i * size)
-                f.write(row.numpy().tobytes())
-                count += 1
-        f.flush()
-        os.fsync(f.fileno())
+    count = 0
+    for name, (index, values) in patches.items():
+        begin, end = header[name]["data_offsets"]
+        size = values.element_size()
+        # The tensor's bytes mapped as integers of the element's width: indexed writes, no dtype conversion.
+        view = np.memmap(path, dtype={1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[size], mode="r+",
+                         offset=8 + length + begin, shape=((end - begin) // size,))
+        raw = values.contiguous().view({1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[size])
+        view[index.numpy()] = raw.numpy().view(view.dtype)
+        view.flush()
+        del view
+        count += index.numel()
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
     return count
 
 
