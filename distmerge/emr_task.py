@@ -60,14 +60,6 @@ def materialize_task(merged: str | Path, task: str, out: str | Path, force: bool
     return out
 
 
-def task_tensor(merged: Path, task: str, name: str) -> torch.Tensor:
-    """One tensor of a task's model, without writing a folder (for evaluation and tests)."""
-    index = json.loads((Path(merged) / "emr" / "index.json").read_text())
-    t = index["metadata"]["tasks"].index(task)
-    return _task_value(Checkpoint(str(merged), "merged"), Checkpoint(str(Path(merged) / "emr"), "emr"), name, t,
-                       float(index["metadata"]["rescalers"][t]))
-
-
 def _task_value(backbone: Checkpoint, sidecar: Checkpoint, name: str, t: int, rescaler: float) -> torch.Tensor:
     base = backbone.read(name)
     if name not in sidecar.tensors:
