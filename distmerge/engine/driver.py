@@ -46,8 +46,12 @@ class MergeResult:
     def summary(self) -> str:
         peak = max((r["peak_rss_bytes"] for r in self.worker_reports), default=0)
         return (f"merged ({self.method}) into {self.out}: {self.shards} shard(s) by {self.workers} worker(s) in "
-                f"{self.seconds:.1f}s; read {self.bytes_read / 1e9:.2f} GB, wrote {self.bytes_written / 1e9:.2f} GB, "
+                f"{self.seconds:.1f}s; read {_size(self.bytes_read)}, wrote {_size(self.bytes_written)}, "
                 f"peak worker RSS {peak / 2**20:.0f} MiB")
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
 def resolve_device(device: str) -> str:
