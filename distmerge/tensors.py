@@ -58,6 +58,7 @@ class VocabPlan:
     out_rows: int | None
     token_map: dict[str, int] | None  # union vocabulary, when tokenizer: union
     changed: bool
+    model_token_maps: dict[str, dict[str, int]] | None = None  # each model's own vocabulary (union only)
 
 
 def layer_of(name: str) -> tuple[str, int | None]:
@@ -78,7 +79,7 @@ def plan_vocab(config: MergeConfig, base: Checkpoint | None, experts: list[Check
                 raise InputError(f"{where(model=m.name, file=str(m.folder))}: tokenizer 'union' needs every model's tokenizer files")
         token_map = vocab.union_vocab(maps)
         out_rows = max(max(token_map.values()) + 1, rows[0] or 0)
-        return VocabPlan(out_rows, token_map, True), rows
+        return VocabPlan(out_rows, token_map, True, {m.name: t for m, t in zip(models, maps)}), rows
     if config.tokenizer == "base":
         out_rows = rows[0]
     else:
@@ -87,8 +88,7 @@ def plan_vocab(config: MergeConfig, base: Checkpoint | None, experts: list[Check
     return VocabPlan(out_rows, None, changed), rows
 
 
-def _source(model: Checkpoint, name: str, shape: tuple[int, ...], vocab_rows: int | None, vp: VocabPlan,
-            token_maps: dict[str, dict[str, int] | None]) -> TensorSource:
+def _source(model: Checkpoint, name: str, shape: tuple[int, ...], vocab_rows: int | None, vp: VocabPlan) -> TensorSource:
     stored = name
     if name not in model.tensors and TIED_HEADS.search(name):
         tied = [n for n in model.tensors if vocab.INPUT_EMBEDDING.search(n)]
@@ -102,7 +102,7 @@ def _source(model: Checkpoint, name: str, shape: tuple[int, ...], vocab_rows: in
             raise InputError(f"{where(model=model.name, file=info.file, tensor=stored)}: shape {list(info.shape)} does "
                              f"not match {list(shape)} beyond the vocabulary dimension")
         if vp.token_map is not None:
-            tokens = token_maps.get(model.name)
+            tokens = vp.model_token_maps.get(model.name)
             row_map = vocab.union_row_map(vp.token_map, tokens or {}, info.shape[0], vp.out_rows)
         else:
             row_map = vocab.RowMap.positional(info.shape[0], vp.out_rows)
@@ -117,10 +117,6 @@ def resolve_tensors(config: MergeConfig, base: Checkpoint | None, experts: list[
     """Every output tensor with its sources; also the vocab plan and the tensors experts have but the base lacks."""
     reference = base if base is not None else experts[0]
     vp, rows = plan_vocab(config, base, experts)
-    token_maps = {}
-    if vp.token_map is not None:
-        for m in ([base] if base else []) + experts:
-            token_maps[m.name] = vocab.load_token_map(m.folder)
     offset = 1 if base is not None else 0
     ref_rows = rows[0]
     exclude = [re.compile(p) for p in config.exclude]
@@ -139,10 +135,10 @@ def resolve_tensors(config: MergeConfig, base: Checkpoint | None, experts: list[
         merged = floating and not any(p.search(name) for p in exclude) and \
             (not include or any(p.search(name) for p in include))
         out_dtype = out_dtype_default if (out_dtype_default is not None and floating) else info.dtype
-        base_src = _source(base, name, shape, rows[0], vp, token_maps) if base is not None else None
+        base_src = _source(base, name, shape, rows[0], vp) if base is not None else None
         expert_srcs: tuple[TensorSource, ...] = ()
         if merged or base is None:
-            expert_srcs = tuple(_source(m, name, shape, rows[offset + i], vp, token_maps) for i, m in enumerate(experts))
+            expert_srcs = tuple(_source(m, name, shape, rows[offset + i], vp) for i, m in enumerate(experts))
         job = None
         if merged:
             t = (layer / (num_layers - 1) if num_layers > 1 else 1.0) if layer is not None else 0.0

@@ -109,8 +109,8 @@ def _start_actors(plan: MergePlan, base, experts, method, staging: Path, dtype: 
     count = len(plan.assignment)
     # Fractional CPUs so that N workers fit on fewer cores without waiting on each other.
     num_cpus = min(1.0, total_cpus / count)
-    num_gpus = 1.0 if device.startswith("cuda") and cluster_gpus() >= count else (
-        cluster_gpus() / count if device.startswith("cuda") else 0.0)
+    # One GPU per worker where there are enough; otherwise the GPUs are shared evenly.
+    num_gpus = min(1.0, cluster_gpus() / count) if device.startswith("cuda") else 0.0
     run = uuid.uuid4().hex[:6]
     remote = ray.remote(MergeWorker)
     actors = []
