@@ -72,6 +72,30 @@ def demo_cmd(
         _fail(exc)
 
 
+# Each capability keeps its commands next to its code and adds them here through ``register(app)``.
+_COMMAND_MODULES = (
+    "distmerge.fda.cli",
+    "distmerge.evaluate.cli",
+    "distmerge.sweep_cli",
+    "distmerge.jobs_cli",
+)
+
+
+def _register_command_modules() -> None:
+    import importlib
+    import importlib.util
+
+    for name in _COMMAND_MODULES:
+        package, _, _ = name.rpartition(".")
+        if package != "distmerge" and importlib.util.find_spec(package) is None:
+            continue
+        if importlib.util.find_spec(name) is not None:
+            importlib.import_module(name).register(app)
+
+
+_register_command_modules()
+
+
 def main() -> None:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     app()
