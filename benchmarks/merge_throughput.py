@@ -57,6 +57,7 @@ METHODS = {
     "task_arithmetic": ("task_arithmetic", {"lambda": TA_LAMBDA}, True),
     "ties_tensor": ("ties", {"density": 0.2, "trim_scope": "tensor"}, True),
     "ties_global": ("ties", {"density": 0.2, "trim_scope": "global"}, True),
+    "dare_ta": ("dare", {"drop_rate": 0.9, "then": "task_arithmetic", "lambda": TA_LAMBDA}, True),
     "dare_ties": ("dare", {"drop_rate": 0.9, "then": "ties", "density": 0.2, "trim_scope": "global"}, True),
     "emr": ("emr", {}, True),
 }
@@ -66,6 +67,7 @@ MERGEKIT = {
     "task_arithmetic": ("task_arithmetic", "same"),
     "ties_tensor": ("ties", "same"),
     "ties_global": ("ties", "nearest: mergekit trims per tensor"),
+    "dare_ta": ("dare_linear", "same (mergekit rescales by 1/(1-p) too)"),
     "dare_ties": ("dare_ties", "nearest: mergekit keeps 10% by DARE, no magnitude trim after"),
 }
 
@@ -84,7 +86,8 @@ def distmerge_config(method: str, base: Path, experts: list[Path], out_shard_siz
 def mergekit_config(mk_method: str, base: Path, experts: list[Path]) -> dict:
     """Compute in float32 and write bfloat16, as distmerge does by default on bf16 inputs."""
     params = {"linear": {"weight": 1.0}, "task_arithmetic": {"weight": TA_LAMBDA},
-              "ties": {"weight": 1.0, "density": 0.2}, "dare_ties": {"weight": 1.0, "density": 0.1}}[mk_method]
+              "ties": {"weight": 1.0, "density": 0.2}, "dare_ties": {"weight": 1.0, "density": 0.1},
+              "dare_linear": {"weight": TA_LAMBDA, "density": 0.1}}[mk_method]
     config = {"merge_method": mk_method, "models": [{"model": str(e), "parameters": params} for e in experts],
               "dtype": "float32", "out_dtype": "bfloat16"}
     if mk_method != "linear":
@@ -333,6 +336,7 @@ def main() -> None:
                     runs.append({
                         "seconds": seconds, "driver_peak_rss_bytes": peak_rss_bytes(),
                         "worker_peak_rss_bytes": [r["peak_rss_bytes"] for r in result.worker_reports],
+                        "worker_peak_anon_bytes": [r["peak_anon_bytes"] for r in result.worker_reports],
                         "worker_timings": [{k: round(v, 3) for k, v in r["timings"].items()}
                                            for r in result.worker_reports],
                         "actors": result.workers, "shards": result.shards, "bytes_read": result.bytes_read,
@@ -388,13 +392,15 @@ def print_report(info: dict, rows: list[dict]) -> None:
           f" + write {floor['write_bytes'] / 1e9:.3f} GB with fsync {floor['write_seconds']:.3f}s")
     print("ratios: x floor = seconds / floor for the inputs the method reads; x TA = / distmerge task_arithmetic "
           "at the same workers; x mk = / mergekit best flags on the equivalent config")
-    header = ["method", "workers", "seconds", "in GB/s", "x floor", "x TA", "x mk", "worker RSS MiB", "driver MiB"]
+    header = ["method", "workers", "seconds", "in GB/s", "x floor", "x TA", "x mk", "worker RSS MiB",
+              "worker anon MiB", "driver MiB"]
     table = []
     for row in rows:
         table.append([row["label"], "-" if row["workers"] is None else str(row["workers"]), f"{row['seconds']:.2f}",
                       f"{row['input_gbps']:.3g}", ratio(row["x_floor"]), ratio(row["x_ta"]),
                       ratio(row["x_mergekit_best"]),
                       "/".join(mib(b) for b in row.get("worker_peak_rss_bytes", [])) or "-",
+                      "/".join(mib(b) for b in row.get("worker_peak_anon_bytes", [])) or "-",
                       mib(row.get("driver_peak_rss_bytes"))])
     widths = [max(len(r[i]) for r in [header, *table]) for i in range(len(header))]
     line = lambda cells: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))

@@ -27,14 +27,27 @@ def merge_cmd(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address, or 'auto'; default: embedded"),
     force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress bars"),
+    placement: str = typer.Option("pack", "--placement",
+                                  help="pack: fill nodes in turn | spread: workers on as many nodes as possible"),
+    resume: bool = typer.Option(True, "--resume/--no-resume",
+                                help="reuse the verified shards an interrupted run of the same merge left"),
 ) -> None:
-    """Merge the models a config names into a Hugging Face model folder."""
+    """Merge the models a config names into a Hugging Face model folder.
+
+    The output is written beside the target and renamed into place at the end: a failed run leaves nothing;
+    an interrupted run (Ctrl-C, a killed driver) keeps its finished shards hidden beside the target, and
+    rerunning the same command reuses those whose checksums still match.
+    """
     from distmerge.engine.driver import merge
 
     try:
-        result = merge(config, out, workers=workers, address=address, force=force, progress=not quiet)
+        result = merge(config, out, workers=workers, address=address, force=force, progress=not quiet,
+                       placement=placement, resume=resume)
     except DistmergeError as exc:
         _fail(exc)
+    except KeyboardInterrupt:
+        typer.secho("interrupted: rerun the same command to resume from the finished shards", err=True)
+        raise typer.Exit(code=130)
     typer.echo(result.summary())
 
 

@@ -18,6 +18,7 @@ DESCRIPTIONS = {
     "distmerge_bytes_read": "input bytes read by merge workers",
     "distmerge_anchors_constructed": "FDA (layer, task) anchor sets constructed",
     "distmerge_layers_adapted": "FDA layers adapted",
+    "distmerge_fda_loss": "current FDA loss per layer (stage, layer, task)",
     "distmerge_examples_evaluated": "evaluation examples scored",
     "distmerge_trials_finished": "sweep trials finished",
 }

@@ -1,8 +1,12 @@
 """The merge driver: validate, plan, run reduction passes and the merge on Ray actors, finalize the folder.
 
-The driver never touches tensor data: actors read inputs and write shards themselves; the driver sums the
-small pass partials (histograms, scalars), writes the index, config, tokenizer and card, and renames the
-staging folder into place.
+The driver never reads the model: actors read inputs and write shards themselves; the driver sums the
+small pass partials (histograms, scalars), records finished shards for resume, applies the few deferred
+element patches, writes the index, config, tokenizer and card, and renames the staging folder into place.
+
+Output location: every worker writes its shards straight into the staging folder beside the target, so on
+a cluster the target must be on a filesystem every node mounts at the same path (NFS, Lustre, a FUSE
+bucket). The driver checks each shard is visible to it and stops with an explanation when it is not.
 """
 
 from __future__ import annotations
@@ -11,24 +15,31 @@ import logging
 import os
 import sys
 import time
-import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import ray
+import torch
 from tqdm import tqdm
 
+from distmerge import telemetry
 from distmerge.config import MergeConfig, load_config
+from distmerge.engine import faults
+from distmerge.engine.pool import WorkerPool, WorkItem
 from distmerge.engine.ray_session import cluster_cpus, cluster_gpus, ray_session
-from distmerge.engine.worker import MergeWorker, WorkerSpec, add_partials
-from distmerge.errors import DistmergeError
+from distmerge.engine.resume import RunFolder, run_key
+from distmerge.engine.worker import WorkerSpec, add_partials
+from distmerge.errors import ConfigError, OutputError
 from distmerge.io import model_files, writer
 from distmerge.io.checkpoint import Checkpoint
 from distmerge.plan import MergePlan, make_plan
-from distmerge.tensors import resolve_tensors
+from distmerge.tensors import OutputTensor, resolve_tensors
 
 LOG = logging.getLogger(__name__)
+
+
+PLACEMENTS = ("pack", "spread", "strict_spread")
 
 
 @dataclass
@@ -42,12 +53,20 @@ class MergeResult:
     bytes_read: int
     method_state: dict[str, Any] = field(default_factory=dict)
     worker_reports: list[dict[str, Any]] = field(default_factory=list)
+    resumed_shards: int = 0
+    replaced_workers: int = 0
 
     def summary(self) -> str:
-        peak = max((r["peak_rss_bytes"] for r in self.worker_reports), default=0)
-        return (f"merged ({self.method}) into {self.out}: {self.shards} shard(s) by {self.workers} worker(s) in "
-                f"{self.seconds:.1f}s; read {_size(self.bytes_read)}, wrote {_size(self.bytes_written)}, "
-                f"peak worker RSS {peak / 2**20:.0f} MiB")
+        memory = "+".join(f"{r['peak_anon_bytes'] / 2**20:.0f}" for r in self.worker_reports) or "0"
+        rate = self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        line = (f"merged ({self.method}) into {self.out}: {self.shards} shard(s) by {self.workers} worker(s) in "
+                f"{self.seconds:.1f}s; read {_size(self.bytes_read)} ({rate:.2f} GB/s), wrote "
+                f"{_size(self.bytes_written)}, peak worker memory {memory} MiB")
+        if self.resumed_shards:
+            line += f"; reused {self.resumed_shards} verified shard(s) of an interrupted run"
+        if self.replaced_workers:
+            line += f"; replaced {self.replaced_workers} dead worker(s)"
+        return line
 
 
 def _size(nbytes: int) -> str:
@@ -56,141 +75,186 @@ def _size(nbytes: int) -> str:
 
 def resolve_device(device: str) -> str:
     if device == "auto":
-        import torch
-
         return "cuda" if torch.cuda.is_available() else "cpu"
     return device
 
 
 def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: int | None = None,
-          address: str | None = None, force: bool = False, progress: bool = True) -> MergeResult:
-    """Merge as the config says into ``out`` (a Hugging Face model folder). Same as ``distmerge merge``."""
+          address: str | None = None, force: bool = False, progress: bool = True, placement: str = "pack",
+          resume: bool = True) -> MergeResult:
+    """Merge as the config says into ``out`` (a Hugging Face model folder). Same as ``distmerge merge``.
+
+    ``placement``: how worker actors spread over nodes (``pack`` fills nodes in turn, ``spread`` puts them on
+    as many nodes as possible). ``resume``: reuse the verified shards of an interrupted run of the same merge.
+    """
     began = time.perf_counter()
     if not isinstance(config, MergeConfig):
         config = load_config(config)
+    if placement not in PLACEMENTS:
+        raise ConfigError(f"placement: {placement!r} is not one of {', '.join(PLACEMENTS)}")
     method = config.build_method()
     out = Path(out).expanduser().resolve()
     writer.check_target(out, force)
     base = Checkpoint(config.base_model, "base") if config.base_model else None
     experts = [Checkpoint(spec.model, spec.name) for spec in config.models]
     outputs, vocab_plan, _ = resolve_tensors(config, base, experts)
-    state = method.initial_state([o.job for o in outputs if o.merged])
+    initial_state = method.initial_state([o.job for o in outputs if o.merged])
     device = resolve_device(config.device)
+    injected = faults.parse()
+    models = ([base] if base is not None else []) + experts
 
-    staging = writer.make_staging(out)
-    try:
-        with ray_session(address):
-            total_cpus = cluster_cpus()
-            requested = workers or max(1, int(total_cpus))
-            plan = make_plan(outputs, config.out_shard_size, requested, len(experts) + (1 if base else 0))
-            actors = _start_actors(plan, base, experts, method, staging, config.dtype, device, total_cpus)
+    with ray_session(address):
+        total_cpus = cluster_cpus()
+        plan = make_plan(outputs, config.out_shard_size, workers or max(1, int(total_cpus)), len(models))
+        run = RunFolder(out, run_key(config.to_yaml_dict(), models, plan))
+        if not resume:
+            writer.discard(run.path)
+        finished = run.open()
+        resumed = len(finished)
+        try:
+            count = len(plan.assignment)
+            num_cpus = min(1.0, total_cpus / count)  # fractional, so N workers fit on fewer cores
+            num_gpus = min(1.0, cluster_gpus() / count) if device.startswith("cuda") else 0.0
+            specs = [WorkerSpec(base=base, experts=experts, method=method, plan=plan, staging=str(run.path),
+                                dtype=config.dtype, device=device, num_threads=max(1, int(num_cpus)),
+                                worker_index=i, faults=injected) for i in range(count)]
+            sizes = _group_input_bytes(plan, base, experts, method.needs_base)
+            pool = WorkerPool(specs, num_cpus, num_gpus, placement)
             try:
-                state = _run_passes(actors, plan, method, state, progress)
-                shard_results = _run_merge(actors, plan, state, progress)
-                state = _resolve_deferred(actors, method, state)
-                reports = _get([a.report.remote() for a in actors])
+                state = run.load_passes() if finished else None
+                if state is None:
+                    state = _run_passes(pool, plan, method, initial_state, sizes, progress)
+                    run.save_passes(state)
+                results = _run_merge(pool, plan, state, sizes, finished, run, injected, progress)
+                reports = pool.call_all("report")
+                replaced = sum(pool.replacements)
             finally:
-                for actor in actors:
-                    ray.kill(actor)
-        summary = _finish_folder(staging, config, method, state, base, experts, vocab_plan, shard_results, reports,
-                                 time.perf_counter() - began)
-        writer.finalize(staging, out, force)
-    except BaseException:
-        writer.discard(staging)
-        raise
+                pool.shutdown()
+            state = _resolve_deferred(method, state, results, run.path)
+            seconds = time.perf_counter() - began
+            summary = _finish_folder(run.path, config, method, state, base, experts, vocab_plan, results, reports,
+                                     seconds, resumed, replaced)
+            run.clear_bookkeeping()
+            writer.finalize(run.path, out, force)
+        except KeyboardInterrupt:
+            LOG.warning("interrupted: the finished shards stay in %s; rerun the same command to resume", run.path)
+            raise
+        except BaseException:
+            writer.discard(run.path)
+            raise
+        finally:
+            run.release()
     return MergeResult(out=out, method=config.method, shards=len(plan.shards), workers=len(plan.assignment),
-                       seconds=time.perf_counter() - began, bytes_written=sum(r["bytes"] for r in shard_results),
+                       seconds=time.perf_counter() - began, bytes_written=sum(r["bytes"] for r in results),
                        bytes_read=sum(r["bytes_read"] for r in reports), method_state=summary["method_state"],
-                       worker_reports=reports)
+                       worker_reports=reports, resumed_shards=resumed, replaced_workers=replaced)
 
 
-def _start_actors(plan: MergePlan, base, experts, method, staging: Path, dtype: str, device: str,
-                  total_cpus: float) -> list:
-    count = len(plan.assignment)
-    # Fractional CPUs so that N workers fit on fewer cores without waiting on each other.
-    num_cpus = min(1.0, total_cpus / count)
-    # One GPU per worker where there are enough; otherwise the GPUs are shared evenly.
-    num_gpus = min(1.0, cluster_gpus() / count) if device.startswith("cuda") else 0.0
-    run = uuid.uuid4().hex[:6]
-    remote = ray.remote(MergeWorker)
-    actors = []
-    for index in range(count):
-        spec = WorkerSpec(base=base, experts=experts, method=method, plan=plan, staging=str(staging), dtype=dtype,
-                          device=device, num_threads=max(1, int(num_cpus)))
-        actors.append(remote.options(name=f"distmerge-merge-worker-{index}-{run}", num_cpus=num_cpus,
-                                     num_gpus=num_gpus, max_restarts=0).remote(spec))
-    return actors
+def _group_input_bytes(plan: MergePlan, base, experts, needs_base: bool) -> dict[tuple[int, int], int]:
+    """Input bytes each (shard, group) reads, for progress in bytes."""
+
+    def tensor_bytes(tensor: OutputTensor) -> int:
+        if not tensor.merged:
+            model, source = (base, tensor.base) if base is not None else (experts[0], tensor.experts[0])
+            return model.info(source.tensor).nbytes
+        total = sum(m.info(s.tensor).nbytes for m, s in zip(experts, tensor.experts))
+        if base is not None and needs_base:
+            total += base.info(tensor.base.tensor).nbytes
+        return total
+
+    return {(s, g): sum(tensor_bytes(t) for t in group.tensors)
+            for s, shard in enumerate(plan.shards) for g, group in enumerate(shard.groups)}
 
 
 def _bar(total: int, desc: str, enabled: bool):
-    return tqdm(total=total, desc=desc, unit="group", disable=not enabled, file=sys.stderr, leave=True)
+    return tqdm(total=total, desc=desc, unit="B", unit_scale=True, disable=not enabled, file=sys.stderr,
+                leave=True, dynamic_ncols=True)
 
 
-def _owned_groups(plan: MergePlan, worker: int):
-    for shard_index in plan.assignment[worker]:
-        for group_index in range(len(plan.shards[shard_index].groups)):
-            yield shard_index, group_index
-
-
-def _get(refs):
-    """ray.get that re-raises a user-facing error from an actor as itself, without Ray's wrapping."""
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, DistmergeError):
-            raise cause from None
-        raise
-
-
-def _wait_all(refs: list, bar) -> list:
-    """Wait for every ref, advancing the bar as they finish; re-raise the first failure."""
-    pending = list(refs)
-    while pending:
-        done, pending = ray.wait(pending, num_returns=1)
-        _get(done)
-        bar.update(len(done))
-    return _get(refs)
-
-
-def _run_passes(actors: list, plan: MergePlan, method, state: dict, progress: bool) -> dict:
+def _run_passes(pool: WorkerPool, plan: MergePlan, method, state: dict, sizes: dict, progress: bool) -> dict:
     while (pass_name := method.next_pass(state)) is not None:
         state_ref = ray.put(state)
-        refs = [actor.run_pass.remote(pass_name, state_ref, s, g)
-                for w, actor in enumerate(actors) for s, g in _owned_groups(plan, w)]
-        with _bar(len(refs), f"pass {pass_name}", progress) as bar:
-            _wait_all(refs, bar)
-        totals = None
-        for part in _get([a.take_pass_totals.remote() for a in actors]):
+        items = [[WorkItem((s, g), lambda actor, s=s, g=g: [actor.run_pass.remote(pass_name, state_ref, s, g)],
+                           [sizes[s, g]])
+                  for s in shards for g in range(len(plan.shards[s].groups))] for shards in plan.assignment]
+        totals: dict[str, Any] | None = None
+
+        def add(item: WorkItem, part) -> None:
+            nonlocal totals
             if part is not None:
                 totals = add_partials(totals, part)
+
+        with _bar(sum(i.sizes[0] for slot in items for i in slot), f"pass {pass_name}", progress) as bar:
+            pool.run(items, add, bar.update)
         state = method.finish_pass(pass_name, totals or {}, state)
     return state
 
 
-def _run_merge(actors: list, plan: MergePlan, state: dict, progress: bool) -> list[dict[str, Any]]:
+def _run_merge(pool: WorkerPool, plan: MergePlan, state: dict, sizes: dict, finished: dict, run: RunFolder,
+               injected: dict, progress: bool) -> list[dict[str, Any]]:
     state_ref = ray.put(state)
-    group_refs, shard_refs = [], []
-    for worker, actor in enumerate(actors):
-        for shard_index in plan.assignment[worker]:
-            for group_index in range(len(plan.shards[shard_index].groups)):
-                group_refs.append(actor.merge_group.remote(state_ref, shard_index, group_index))
-            shard_refs.append(actor.finish_shard.remote(shard_index))
-    with _bar(len(group_refs), "merge", progress) as bar:
-        _wait_all(group_refs, bar)
-    return _get(shard_refs)
+    results = dict(finished)
+
+    def shard_item(s: int) -> WorkItem:
+        groups = range(len(plan.shards[s].groups))
+        return WorkItem(s, lambda actor: [actor.merge_group.remote(state_ref, s, g) for g in groups]
+                        + [actor.finish_shard.remote(s)], [sizes[s, g] for g in groups] + [0])
+
+    exit_after = faults.driver_exit_after(injected)
+
+    def record(item: WorkItem, result: dict) -> None:
+        _check_visible(run.path, result)
+        run.record(result)
+        results[item.key] = result
+        if exit_after is not None and len(results) - len(finished) >= exit_after:
+            os._exit(3)  # injected fault: the driver dies without cleanup
+
+    def advance(nbytes: int) -> None:
+        bar.update(nbytes)
+        telemetry.count("distmerge_bytes_read", nbytes)
+
+    items = [[shard_item(s) for s in shards if s not in finished] for shards in plan.assignment]
+    total = sum(sum(i.sizes) for slot in items for i in slot)
+    with _bar(total, "merge", progress) as bar:
+        pool.run(items, record, advance)
+    return [results[s] for s in sorted(results)]
 
 
-def _resolve_deferred(actors: list, method, state: dict) -> dict:
+def _check_visible(staging: Path, result: dict) -> None:
+    """A worker on another node wrote this shard: the driver must see the same file."""
+    for file in result["files"]:
+        path = staging / file["name"]
+        try:
+            size = path.stat().st_size
+        except OSError:
+            size = -1
+        if size != file["bytes"]:
+            raise OutputError(f"shard '{file['name']}' written on node {result.get('node')} is not visible at "
+                              f"'{path}' from the driver: the output folder must be on a filesystem every node "
+                              "mounts at the same path (NFS, Lustre, a mounted bucket)")
+
+
+def _resolve_deferred(method, state: dict, results: list[dict[str, Any]], staging: Path) -> dict:
     """Decisions only the whole merged model could make (TIES' majority sign): patch the few elements."""
-    state = {**state, "sign_sum": sum(_get([a.take_sign_sum.remote() for a in actors]))}
+    from safetensors.torch import load_file
+
+    state = {**state, "sign_sum": sum(r.get("sign_sum", 0) for r in results)}
     if method.resolve_deferred(state):
-        state["patched_elements"] = sum(_get([a.apply_patches.remote() for a in actors]))
+        patched = 0
+        for result in results:
+            if not result.get("patches"):
+                continue
+            stored = load_file(str(staging / result["patches"]))
+            patches = {name[:-len("::index")]: (index, stored[name[:-len("::index")] + "::value"])
+                       for name, index in stored.items() if name.endswith("::index")}
+            patched += writer.patch_safetensors(staging / result["filename"], patches)
+        state["patched_elements"] = patched
     return state
 
 
 def _finish_folder(staging: Path, config: MergeConfig, method, state: dict, base, experts, vocab_plan,
-                   shard_results: list[dict[str, Any]], reports: list[dict[str, Any]], seconds: float) -> dict:
+                   shard_results: list[dict[str, Any]], reports: list[dict[str, Any]], seconds: float,
+                   resumed: int, replaced: int) -> dict:
     reference = base if base is not None else experts[0]
     writer.write_index(staging, shard_results, {"distmerge_method": config.method})
     model_files.write_config_json(staging, reference, vocab_plan, config.out_dtype)
@@ -204,8 +268,11 @@ def _finish_folder(staging: Path, config: MergeConfig, method, state: dict, base
     timings = {
         "seconds": round(seconds, 2),
         "workers": len(reports),
-        "per_worker": [{k: round(v, 2) for k, v in r["timings"].items()} | {"peak_rss_mib": r["peak_rss_bytes"] >> 20}
-                       for r in reports],
+        "per_worker": [{k: round(v, 2) for k, v in r["timings"].items()}
+                       | {"peak_anon_mib": r["peak_anon_bytes"] >> 20, "node": r["node"],
+                          "incarnation": r["incarnation"]} for r in reports],
+        "resumed_shards": resumed,
+        "replaced_workers": replaced,
         "tokenizer": tokenizer,
     }
     model_files.write_resolved_config(staging, config)

@@ -8,15 +8,18 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from distmerge.engine import faults
+from distmerge.engine.allocator import keep_freed_memory, rss_anon_bytes
 from distmerge.errors import InputError, where
 from distmerge.io import vocab
 from distmerge.io.checkpoint import Checkpoint
+from distmerge.engine.resume import file_sha256
 from distmerge.io.writer import write_safetensors
 from distmerge.methods.base import MergeMethod
 from distmerge.ops.emr import pack_mask
@@ -38,6 +41,9 @@ class WorkerSpec:
     dtype: str
     device: str
     num_threads: int
+    worker_index: int = 0
+    incarnation: int = 0  # 0 for the first actor of a worker slot, then 1, 2, ... for its replacements
+    faults: dict[str, str] = field(default_factory=dict)
 
 
 def add_partials(total: dict[str, Any] | None, part: dict[str, Any]) -> dict[str, Any]:
@@ -54,20 +60,31 @@ class MergeWorker:
         self.dtype = getattr(torch, spec.dtype)
         self.device = torch.device(spec.device)
         torch.set_num_threads(max(1, spec.num_threads))
+        keep_freed_memory()
         self.needs_base = spec.method.needs_base
         self.outputs: dict[str, torch.Tensor] = {}
         self.sidecar: dict[str, torch.Tensor] = {}
-        self.pass_totals: dict[str, Any] | None = None
         self.timings = {"read": 0.0, "merge": 0.0, "write": 0.0}
         self.bytes_read = 0
+        self.groups_merged = 0
+        self.failed_shard: int | None = None
+        self.peak_anon = rss_anon_bytes()
+        self.exit_after = faults.worker_exit_after(spec.faults, spec.worker_index, spec.incarnation)
         self._reconciled: dict[tuple[str, str], torch.Tensor] = {}
-        self.sign_sum = 0  # deferred decisions (TIES' global majority sign): summed here, patched later
+        # Deferred decisions (TIES' global majority sign) of the shard being merged: its summed signs and
+        # the elements to rewrite should the model-wide sum say so; written beside the shard.
+        self.sign_sum = 0
         self.pending_patches: dict[str, tuple[list, list]] = {}
-        self.patches: dict[str, dict[str, tuple[torch.Tensor, torch.Tensor]]] = {}  # file -> tensor -> patch
 
     # --- reading --------------------------------------------------------------------------------
     def _read(self, model: Checkpoint, source: TensorSource, start: int | None, stop: int | None) -> torch.Tensor:
         began = time.perf_counter()
+        if self.spec.faults:
+            try:
+                faults.check_read(self.spec.faults, source.tensor, model.info(source.tensor).file)
+            except OSError as exc:
+                raise InputError(f"{where(model=model.name, file=model.info(source.tensor).file, tensor=source.tensor)}"
+                                 f": read failed ({exc.strerror})") from None
         if source.row_map is not None:
             key = (model.name, source.tensor)
             if key not in self._reconciled:
@@ -104,10 +121,11 @@ class MergeWorker:
         return shard.groups if group_index is None else (shard.groups[group_index],)
 
     # --- reduction passes -----------------------------------------------------------------------
-    def run_pass(self, pass_name: str, state: dict, shard_index: int, group_index: int) -> int:
-        """Add this group's partial of a reduction pass to the worker's running total."""
+    def run_pass(self, pass_name: str, state: dict, shard_index: int, group_index: int) -> dict[str, Any] | None:
+        """This group's summable partial of a reduction pass (histograms, sums)."""
         method = self.spec.method
         chunked = method.chunkable()
+        totals = None
         for group in self._groups(shard_index, group_index):
             for tensor in group.tensors:
                 if not tensor.merged:
@@ -116,17 +134,21 @@ class MergeWorker:
                     base, experts = self._inputs(tensor, start, stop)
                     began = time.perf_counter()
                     part = method.stats(pass_name, base, experts, tensor.job, self._row_offset(tensor, start), state)
-                    self.pass_totals = add_partials(self.pass_totals, part)
+                    totals = add_partials(totals, part)
                     self.timings["merge"] += time.perf_counter() - began
                 self._reconciled.clear()
-        return group_index
-
-    def take_pass_totals(self) -> dict[str, Any] | None:
-        totals, self.pass_totals = self.pass_totals, None
+        self._sample_memory()
         return totals
 
     # --- merging --------------------------------------------------------------------------------
     def merge_group(self, state: dict, shard_index: int, group_index: int) -> dict[str, Any]:
+        try:
+            return self._merge_group(state, shard_index, group_index)
+        except BaseException:
+            self.failed_shard = shard_index  # its finish_shard must not write what is there
+            raise
+
+    def _merge_group(self, state: dict, shard_index: int, group_index: int) -> dict[str, Any]:
         for group in self._groups(shard_index, group_index):
             for tensor in group.tensors:
                 if tensor.merged:
@@ -134,6 +156,10 @@ class MergeWorker:
                 else:
                     self._copy_tensor(tensor)
                 self._reconciled.clear()
+        self._sample_memory()
+        self.groups_merged += 1
+        if self.exit_after is not None and self.groups_merged >= self.exit_after:
+            os._exit(17)  # injected fault: the process dies without cleanup, as a killed actor does
         return {"shard": shard_index, "group": group_index}
 
     def _copy_tensor(self, tensor: OutputTensor) -> None:
@@ -173,41 +199,69 @@ class MergeWorker:
             self.sidecar[f"{tensor.name}::mask"] = pack_mask(mask)
 
     def finish_shard(self, shard_index: int) -> dict[str, Any]:
-        """Write the shard (and its sidecar) atomically inside the staging folder."""
+        """Write the shard (and its sidecar, and its deferred patches) atomically inside the staging folder."""
         shard = self.spec.plan.shards[shard_index]
+        expected = {t.name for t in shard.tensors}
+        if self.failed_shard == shard_index or set(self.outputs) != expected:
+            self.outputs, self.sidecar, self.pending_patches, self.sign_sum = {}, {}, {}, 0
+            raise RuntimeError(f"shard {shard.filename} is incomplete on this worker; not written")
+        staging = Path(self.spec.staging)
         began = time.perf_counter()
-        target = Path(self.spec.staging) / shard.filename
-        write_safetensors(self.outputs, target)
+        files = [self._write(self.outputs, staging / shard.filename, shard_index)]
         written = {name: list(t.shape) for name, t in self.outputs.items()}
-        patches = {name: (torch.cat(idx), torch.cat(val)) for name, (idx, val) in self.pending_patches.items()}
-        if patches:
-            self.patches[shard.filename] = patches
-        self.pending_patches = {}
         nbytes = sum(t.numel() * t.element_size() for t in self.outputs.values())
         sidecar = None
         if self.sidecar and self.spec.method.sidecar:
             folder = self.spec.method.sidecar
-            name = shard.filename.replace("model-", f"{folder}-")
-            write_safetensors(self.sidecar, Path(self.spec.staging) / folder / name)
-            sidecar = {"shard": shard_index, "filename": name, "tensors": list(self.sidecar),
+            name = f"{folder}/" + shard.filename.replace("model-", f"{folder}-")
+            files.append(self._write(self.sidecar, staging / name, shard_index))
+            sidecar = {"shard": shard_index, "filename": name.split("/", 1)[1], "tensors": list(self.sidecar),
                        "bytes": sum(t.numel() * t.element_size() for t in self.sidecar.values())}
-        self.outputs, self.sidecar = {}, {}
+        patches = None
+        if self.pending_patches:
+            patches = f".patches/{shard.filename}"
+            tensors = {}
+            for tensor, (index, value) in self.pending_patches.items():
+                tensors[f"{tensor}::index"] = torch.cat(index)
+                tensors[f"{tensor}::value"] = torch.cat(value)
+            files.append(self._write(tensors, staging / patches, shard_index))
+        result = {"shard": shard_index, "filename": shard.filename, "tensors": written, "bytes": nbytes,
+                  "sidecar": sidecar, "sign_sum": self.sign_sum, "patches": patches, "files": files,
+                  "node": _node_id()}
+        self.outputs, self.sidecar, self.pending_patches, self.sign_sum = {}, {}, {}, 0
         self.timings["write"] += time.perf_counter() - began
-        return {"shard": shard_index, "filename": shard.filename, "tensors": written, "bytes": nbytes,
-                "sidecar": sidecar}
+        self._sample_memory()
+        return result
 
-    def take_sign_sum(self) -> int:
-        return self.sign_sum
+    def _write(self, tensors: dict[str, torch.Tensor], path: Path, shard_index: int) -> dict[str, Any]:
+        if self.spec.faults:
+            try:
+                faults.check_write(self.spec.faults, shard_index, path)
+            except OSError as exc:
+                from distmerge.errors import OutputError
 
-    def apply_patches(self) -> int:
-        """Rewrite the deferred elements in this worker's written shards (still in the staging folder)."""
-        from distmerge.io.writer import patch_safetensors
+                raise OutputError(f"cannot write '{path}': {exc.strerror}") from None
+        write_safetensors(tensors, path)
+        return {"name": str(path.relative_to(self.spec.staging)), "bytes": path.stat().st_size,
+                "sha256": file_sha256(path)}
 
-        return sum(patch_safetensors(Path(self.spec.staging) / f, p) for f, p in self.patches.items())
+    def _sample_memory(self) -> None:
+        # Freed chunk memory stays in the heap (allocator.py), so sampling between groups sees the high-water mark.
+        self.peak_anon = max(self.peak_anon, rss_anon_bytes())
 
     def report(self) -> dict[str, Any]:
-        return {"pid": os.getpid(), "timings": dict(self.timings), "bytes_read": self.bytes_read,
-                "peak_rss_bytes": peak_rss_bytes()}
+        return {"pid": os.getpid(), "node": _node_id(), "worker": self.spec.worker_index,
+                "incarnation": self.spec.incarnation, "timings": dict(self.timings), "bytes_read": self.bytes_read,
+                "peak_rss_bytes": peak_rss_bytes(), "peak_anon_bytes": self.peak_anon}
+
+
+def _node_id() -> str | None:
+    try:
+        import ray
+
+        return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
+    except Exception:
+        return None
 
 
 def _put(target: torch.Tensor, start: int | None, stop: int | None, value: torch.Tensor,

@@ -73,14 +73,18 @@ class Dare(MergeMethod):
         return self.inner.next_pass(state)
 
     def dropped(self, base: torch.Tensor, experts: list[torch.Tensor], job, offset: int) -> torch.Tensor:
-        task_vector = stack_task_vectors(base, experts)
-        chunk = task_vector[0].numel()
-        out = []
+        task_vector = stack_task_vectors(base, experts)  # a fresh tensor: dropped in place below
+        stop = offset + task_vector[0].numel()
         for t, model in enumerate(job.model_names):
             rate = self.params.drop_rate if job.drop_rates[t] is None else job.drop_rates[t]
-            keep = ops.keep_mask(rate, self.params.seed, model, job.name, job.numel, offset, offset + chunk)
-            out.append(ops.drop_and_rescale(task_vector[t], keep, rate, self.params.rescale))
-        return torch.stack(out)
+            if self.params.rescale == "l1":  # the factor depends on the values
+                keep = ops.keep_mask(rate, self.params.seed, model, job.name, job.numel, offset, stop)
+                task_vector[t] = ops.drop_and_rescale(task_vector[t], keep, rate, "l1")
+                continue
+            scale = ops.keep_scale(rate, ops.inverse_scale(rate, self.params.rescale), self.params.seed, model,
+                                   job.name, job.numel, offset, stop)
+            task_vector[t].mul_(scale.to(task_vector.device).reshape(task_vector[t].shape))
+        return task_vector
 
     def stats(self, pass_name, base, experts, job, offset, state):
         return self.inner.stats_delta(pass_name, base, self.dropped(base, experts, job, offset), job, offset, state)

@@ -1,0 +1,142 @@
+"""The merge actors: one per worker slot, placed by a placement group, replaced when one dies.
+
+Each slot runs an ordered list of work items (a reduction-pass group, or a whole output shard); an item is
+done when its last call returns. When a slot's actor dies (node lost, OOM-killed, killed by hand), a fresh
+actor takes the slot and redoes the slot's unfinished items from their start: a shard is only ever recorded
+from a call that returned, and files are renamed into place only when complete, so nothing a dead actor
+left half-written is used.
+"""
+
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
+
+from distmerge.engine.worker import MergeWorker, WorkerSpec
+from distmerge.errors import DistmergeError
+
+LOG = logging.getLogger(__name__)
+
+MAX_REPLACEMENTS = 3  # per slot and run: beyond this, a slot's failure is taken as the input's, not the node's
+PLACEMENT_TIMEOUT_S = 120
+
+
+@dataclass
+class WorkItem:
+    """Calls on one actor that together finish one unit (``submit`` makes them; the last result counts)."""
+
+    key: Any
+    submit: Callable[[Any], list]  # actor -> object refs, in order
+    sizes: list[int]  # bytes of input each call reads, for progress
+
+
+class WorkerPool:
+    def __init__(self, specs: list[WorkerSpec], num_cpus: float, num_gpus: float, placement: str):
+        self.specs = specs
+        self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        self.run_id = uuid.uuid4().hex[:6]
+        self.replacements = [0] * len(specs)
+        bundle = {"CPU": num_cpus} | ({"GPU": num_gpus} if num_gpus else {})
+        strategy = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}[placement]
+        self.group = placement_group([dict(bundle) for _ in specs], strategy=strategy,
+                                     name=f"distmerge-merge-{self.run_id}")
+        ready, _ = ray.wait([self.group.ready()], timeout=PLACEMENT_TIMEOUT_S)
+        if not ready:
+            remove_placement_group(self.group)
+            raise DistmergeError(f"the cluster cannot place {len(specs)} merge worker(s) of {bundle} "
+                                 f"with placement '{placement}' within {PLACEMENT_TIMEOUT_S} s; "
+                                 f"cluster resources: {ray.cluster_resources()}")
+        self.actors = [self._start(i) for i in range(len(specs))]
+
+    def _start(self, slot: int):
+        spec = replace(self.specs[slot], incarnation=self.replacements[slot])
+        return ray.remote(MergeWorker).options(
+            name=f"distmerge-merge-worker-{slot}-{self.run_id}-{spec.incarnation}",
+            num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0,
+            scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=slot),
+        ).remote(spec)
+
+    def replace(self, slot: int, cause: BaseException) -> None:
+        self.replacements[slot] += 1
+        if self.replacements[slot] > MAX_REPLACEMENTS:
+            raise DistmergeError(f"merge worker {slot} died {self.replacements[slot]} times; last: {cause}")
+        LOG.warning("merge worker %d died (%s); a fresh actor redoes its unfinished work", slot,
+                    str(cause).splitlines()[0] if str(cause) else type(cause).__name__)
+        try:
+            ray.kill(self.actors[slot])
+        except Exception:
+            pass
+        self.actors[slot] = self._start(slot)
+
+    def run(self, items: list[list[WorkItem]], on_done: Callable[[WorkItem, Any], None],
+            on_progress: Callable[[int], None] = lambda nbytes: None) -> None:
+        """Run every slot's items in order; redo a dead slot's unfinished items on a replacement actor.
+
+        ``on_progress`` gets the input bytes of each finished call (negative when a dead slot's unfinished
+        items are redone), ``on_done`` each item's last result.
+        """
+        queued = [list(slot_items) for slot_items in items]
+        done: list[set[int]] = [set() for _ in items]
+        counted: list[dict[int, int]] = [{} for _ in items]  # bytes reported per item so far
+        pending: dict[Any, tuple[int, int, int]] = {}  # ref -> (slot, item index, call index)
+
+        def submit(slot: int) -> None:
+            for index, item in enumerate(queued[slot]):
+                for call, ref in enumerate(item.submit(self.actors[slot])):
+                    pending[ref] = (slot, index, call)
+
+        for slot in range(len(items)):
+            submit(slot)
+        while pending:
+            ready, _ = ray.wait(list(pending), num_returns=1)
+            slot, index, call = pending.pop(ready[0])
+            try:
+                value = get(ready[0])
+            except ray.exceptions.ActorDiedError as exc:
+                for ref in [r for r, (s, _, _) in pending.items() if s == slot]:
+                    del pending[ref]
+                unfinished = [i for i in range(len(queued[slot])) if i not in done[slot]]
+                on_progress(-sum(counted[slot].get(i, 0) for i in unfinished))
+                queued[slot] = [queued[slot][i] for i in unfinished]
+                done[slot], counted[slot] = set(), {}
+                self.replace(slot, exc)
+                submit(slot)
+                continue
+            item = queued[slot][index]
+            counted[slot][index] = counted[slot].get(index, 0) + item.sizes[call]
+            on_progress(item.sizes[call])
+            if call == len(item.sizes) - 1:
+                done[slot].add(index)
+                on_done(item, value)
+
+    def call_all(self, method: str, *args) -> list:
+        return get([getattr(actor, method).remote(*args) for actor in self.actors])
+
+    def shutdown(self) -> None:
+        for actor in self.actors:
+            try:
+                ray.kill(actor)
+            except Exception:
+                pass
+        try:
+            remove_placement_group(self.group)
+        except Exception:
+            pass
+
+
+def get(refs):
+    """ray.get that re-raises a user-facing error from an actor as itself, without Ray's wrapping."""
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, DistmergeError):
+            raise cause from None
+        raise

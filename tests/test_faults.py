@@ -1,0 +1,110 @@
+"""The engine survives a lost worker and an interrupted driver, and fails cleanly on a full disk or a bad read."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+from conftest import merge_config
+from distmerge import merge
+from distmerge.errors import InputError, OutputError
+from distmerge.io.writer import STAGING_MARK
+from test_errors import nothing_written
+
+pytestmark = pytest.mark.usefixtures("ray_cluster")
+
+FAULT = "DISTMERGE_FAULT_INJECT"
+
+
+def model_files(folder: Path) -> dict[str, bytes]:
+    """Every file the merge wrote except the card (which records timings)."""
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
+            if p.is_file() and p.name != "README.md"}
+
+
+@pytest.fixture(scope="module")
+def ties_config(llama_family, tmp_path_factory) -> dict:
+    base, experts = llama_family
+    # Global TIES: two reduction passes, then the merge with deferred sign patches: every recovery path.
+    return merge_config(base, experts, "ties", density=0.3, trim_scope="global")
+
+
+@pytest.fixture(scope="module")
+def clean_run(ties_config, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("clean") / "merged"
+    merge(ties_config, out, workers=2, progress=False)
+    return out
+
+
+def test_dead_worker_is_replaced_and_result_identical(ties_config, clean_run, tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT, "worker_exit_after_groups=2@0")
+    result = merge(ties_config, tmp_path / "merged", workers=2, progress=False)
+    assert result.replaced_workers == 1
+    assert {r["incarnation"] for r in result.worker_reports} == {0, 1}  # slot 0 runs on its replacement
+    assert model_files(tmp_path / "merged") == model_files(clean_run)
+    assert "replaced 1 dead worker" in result.summary()
+
+
+def _cli_merge(config_path: Path, out: Path, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != FAULT} | env_extra
+    env.pop("RAY_ADDRESS", None)
+    return subprocess.run([sys.executable, "-m", "distmerge.cli", "merge", str(config_path), "--out", str(out),
+                           "--workers", "2", "--quiet"], env=env, capture_output=True, text=True, timeout=600)
+
+
+def test_interrupted_driver_leaves_no_model_and_rerun_reuses_verified_shards(ties_config, clean_run, tmp_path):
+    config_path = tmp_path / "merge.yaml"
+    config_path.write_text(yaml.safe_dump(ties_config))
+    out = tmp_path / "merged"
+    killed = _cli_merge(config_path, out, {FAULT: "driver_exit_after_shards=3"})
+    assert killed.returncode == 3, killed.stderr[-2000:]
+    assert not out.exists()
+    staging = [p for p in tmp_path.iterdir() if p.name.startswith(f".merged{STAGING_MARK}")]
+    assert len(staging) == 1
+    manifest = (staging[0] / ".distmerge-manifest.jsonl").read_text().splitlines()
+    assert len(manifest) >= 3
+    # A finished shard damaged after the interruption is not trusted: the rerun redoes it.
+    damaged = staging[0] / yaml.safe_load(manifest[0])["filename"]
+    data = bytearray(damaged.read_bytes())
+    data[-1] ^= 0xFF
+    damaged.write_bytes(bytes(data))
+
+    rerun = _cli_merge(config_path, out, {})
+    assert rerun.returncode == 0, rerun.stderr[-2000:]
+    assert f"reused {len(manifest) - 1} verified shard(s)" in rerun.stdout
+    assert model_files(out) == model_files(clean_run)
+    assert not [p for p in tmp_path.iterdir() if STAGING_MARK in p.name]
+    assert not any(p.name.startswith(".distmerge") or p.name == ".patches" for p in out.rglob("*"))
+
+
+def test_disk_full_mid_run_fails_cleanly(ties_config, tmp_path, monkeypatch):
+    monkeypatch.setenv(FAULT, "enospc_on_shard=1")
+    with pytest.raises(OutputError, match="No space left on device") as info:
+        merge(ties_config, tmp_path / "merged", workers=2, progress=False)
+    assert "model-00002-of-" in str(info.value)
+    assert nothing_written(tmp_path / "merged")
+
+
+def test_unreadable_input_mid_run_names_file_and_tensor(ties_config, tmp_path, monkeypatch):
+    tensor = "model.layers.1.mlp.up_proj.weight"
+    monkeypatch.setenv(FAULT, f"eio_on_tensor={tensor}")
+    with pytest.raises(InputError, match="Input/output error") as info:
+        merge(ties_config, tmp_path / "merged", workers=2, progress=False)
+    assert tensor in str(info.value) and ".safetensors" in str(info.value)
+    assert nothing_written(tmp_path / "merged")
+
+
+def test_progress_reports_bytes_and_summary(ties_config, tmp_path, capsys):
+    result = merge(ties_config, tmp_path / "merged", workers=2, progress=True)
+    err = capsys.readouterr().err
+    assert "merge" in err and "B/s" in err  # a byte-rate bar with its ETA
+    summary = result.summary()
+    assert "GB/s" in summary and "peak worker memory" in summary
+    assert all(r["peak_anon_bytes"] > 0 for r in result.worker_reports)
+    card = (tmp_path / "merged" / "README.md").read_text()
+    assert "read:" in card and "merge:" in card and "write:" in card and "peak_anon_mib" in card
