@@ -1,0 +1,151 @@
+"""Which tensors form FDA's unit of layer l, and the unit as a module filled from lazy reads.
+
+The unit is the MLP of a decoder layer (Llama, Mistral, Qwen2: spec §8.5, the NLG setting) or a whole encoder
+layer (RoBERTa/BERT, ViT). The module is cut from a model skeleton built on the meta device
+(``accelerate.init_empty_weights``), so no process ever materializes more than the unit's own tensors.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+import json
+import re
+from dataclasses import dataclass
+
+import torch
+
+from distmerge.errors import InputError, where
+from distmerge.io.checkpoint import Checkpoint
+
+DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "phi3",
+                 "internlm2", "yi"}
+ENCODER_TYPES = {"roberta", "bert", "xlm-roberta", "camembert", "electra"}
+VIT_TYPES = {"vit"}
+UNIT_PATTERNS = {
+    "mlp": re.compile(r"^(.*?)layers\.(\d+)\.mlp\."),
+    "block": re.compile(r"^(.*?)encoder\.layer\.(\d+)\."),
+}
+UNIT_CORE = {"mlp": "layers.{layer}.mlp", "block": "encoder.layer.{layer}"}
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class ModelLayout:
+    family: str  # decoder | encoder | vit (the FdaConfig defaults)
+    model_type: str
+    hidden_size: int
+    num_layers: int
+    modules: str  # mlp | block
+    tensor_prefix: str  # what precedes the unit core in tensor names ("model." for LlamaForCausalLM)
+    vit_tokens: int | None = None
+
+    def unit_prefix(self, layer: int) -> str:
+        return self.tensor_prefix + UNIT_CORE[self.modules].format(layer=layer)
+
+
+def model_family(config: dict, model: str) -> str:
+    model_type = config.get("model_type")
+    if model_type in DECODER_TYPES:
+        return "decoder"
+    if model_type in ENCODER_TYPES:
+        return "encoder"
+    if model_type in VIT_TYPES:
+        return "vit"
+    supported = sorted(DECODER_TYPES | ENCODER_TYPES | VIT_TYPES)
+    raise InputError(f"{where(model=model)}: FDA does not know the architecture {model_type!r} "
+                     f"(supported: {', '.join(supported)})")
+
+
+def detect_layout(checkpoint: Checkpoint) -> ModelLayout:
+    """The base model's family, sizes and where its layer units are, from config.json and tensor names.
+
+    The unit follows the family (decoder: the MLP; encoder/ViT: the whole layer); FdaConfig.resolve refuses
+    a ``modules`` setting that asks for another."""
+    config = checkpoint.config
+    if config is None:
+        raise InputError(f"{where(model=checkpoint.name, file=str(checkpoint.folder))}: no config.json; FDA needs "
+                         "the architecture to build a layer")
+    family = model_family(config, checkpoint.name)
+    modules = "mlp" if family == "decoder" else "block"
+    pattern = UNIT_PATTERNS[modules]
+    prefixes = {m.group(1) for name in checkpoint.tensors if (m := pattern.match(name))}
+    if len(prefixes) != 1:
+        raise InputError(f"{where(model=checkpoint.name)}: cannot find the '{modules}' units of its layers "
+                         f"(tensors like '{UNIT_CORE[modules].format(layer=0)}.*')")
+    vit_tokens = None
+    if family == "vit" and config.get("image_size") and config.get("patch_size"):
+        vit_tokens = (int(config["image_size"]) // int(config["patch_size"])) ** 2 + 1
+    try:
+        hidden, layers = int(config["hidden_size"]), int(config["num_hidden_layers"])
+    except (KeyError, TypeError, ValueError):
+        raise InputError(f"{where(model=checkpoint.name)}: config.json lacks hidden_size/num_hidden_layers") from None
+    return ModelLayout(family=family, model_type=config["model_type"], hidden_size=hidden, num_layers=layers,
+                       modules=modules, tensor_prefix=prefixes.pop(), vit_tokens=vit_tokens)
+
+
+@functools.lru_cache(maxsize=4)
+def _skeleton(config_json: str):
+    """The whole model on the meta device (no memory), eager attention so double backprop works."""
+    import accelerate
+    import transformers
+
+    raw = json.loads(config_json)
+    config = transformers.AutoConfig.for_model(raw.pop("model_type"), **raw)
+    config._attn_implementation = "eager"
+    names = config.architectures or []
+    cls = getattr(transformers, names[0], None) if names else None
+    with accelerate.init_empty_weights():
+        model = cls(config) if cls is not None else transformers.AutoModel.from_config(config)
+    return model
+
+
+def unit_module(checkpoint: Checkpoint, layout: ModelLayout, layer: int) -> torch.nn.Module:
+    """A private copy of layer ``layer``'s unit, on the meta device, in eval mode (no dropout)."""
+    config = dict(checkpoint.config or {})
+    skeleton = _skeleton(json.dumps(config, sort_keys=True))
+    core = UNIT_CORE[layout.modules].format(layer=layer)
+    candidates = [name for name, _ in skeleton.named_modules() if name == core or name.endswith("." + core)]
+    exact = [name for name in candidates if name == layout.unit_prefix(layer)]
+    chosen = exact or candidates
+    if len(chosen) != 1:
+        raise InputError(f"{where(model=checkpoint.name)}: layer {layer} has no unique '{core}' module in "
+                         f"{type(skeleton).__name__}")
+    module = copy.deepcopy(skeleton.get_submodule(chosen[0]))
+    module.eval()
+    module.requires_grad_(False)
+    return module
+
+
+def unit_tensor_names(module: torch.nn.Module) -> list[str]:
+    """The unit's tensors (parameters, then persistent buffers), in the module's order."""
+    return list(module.state_dict().keys())
+
+
+def read_unit(checkpoint: Checkpoint, layout: ModelLayout, layer: int, names: list[str], dtype: str,
+              device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """The unit's tensors of one model by local name, read lazily, as ``dtype`` on ``device``."""
+    prefix = layout.unit_prefix(layer)
+    out = {}
+    for local in names:
+        full = f"{prefix}.{local}"
+        tensor = checkpoint.read(full)
+        if not torch.is_floating_point(tensor):
+            raise InputError(f"{where(model=checkpoint.name, tensor=full)}: not a floating-point tensor")
+        out[local] = tensor.to(device=device, dtype=DTYPES[dtype])
+    return out
+
+
+def fill_unit(module: torch.nn.Module, params: dict[str, torch.Tensor], model: str, layer: int) -> torch.nn.Module:
+    """Put real tensors into the meta module; checks they are exactly the module's tensors and shapes."""
+    try:
+        module.load_state_dict(params, strict=True, assign=True)
+    except RuntimeError as exc:
+        first = str(exc).strip().splitlines()
+        raise InputError(f"{where(model=model)}: layer {layer}'s tensors do not fit the architecture "
+                         f"({' '.join(first[:3])})") from None
+    leftover = [n for n, b in module.named_buffers() if b.is_meta]
+    if leftover:
+        raise InputError(f"{where(model=model)}: layer {layer} has buffers that are not stored in the checkpoint "
+                         f"({', '.join(leftover)}); FDA cannot build this unit")
+    return module
