@@ -124,6 +124,8 @@ class RunFolder:
             for file in patches.iterdir():
                 file.unlink()
             patches.rmdir()
+        for leftover in self.path.rglob("*.partial"):  # from a worker that died while writing
+            leftover.unlink()
 
     def release(self) -> None:
         if self._lock_fd is not None:

@@ -16,11 +16,11 @@ import torch
 
 from distmerge.engine import faults
 from distmerge.engine.allocator import keep_freed_memory, rss_anon_bytes
-from distmerge.errors import InputError, where
+from distmerge.errors import InputError, OutputError, where
 from distmerge.io import vocab
 from distmerge.io.checkpoint import Checkpoint
 from distmerge.engine.resume import file_sha256
-from distmerge.io.writer import write_safetensors
+from distmerge.io.writer import ShardWriter, write_safetensors
 from distmerge.methods.base import MergeMethod
 from distmerge.ops.emr import pack_mask
 from distmerge.plan import MergePlan
@@ -62,7 +62,8 @@ class MergeWorker:
         torch.set_num_threads(max(1, spec.num_threads))
         keep_freed_memory()
         self.needs_base = spec.method.needs_base
-        self.outputs: dict[str, torch.Tensor] = {}
+        self.writer: ShardWriter | None = None  # the shard being merged, streamed to its file
+        self.writer_shard: int | None = None
         self.sidecar: dict[str, torch.Tensor] = {}
         self.timings = {"read": 0.0, "merge": 0.0, "write": 0.0}
         self.bytes_read = 0
@@ -149,12 +150,13 @@ class MergeWorker:
             raise
 
     def _merge_group(self, state: dict, shard_index: int, group_index: int) -> dict[str, Any]:
+        writer = self._shard_writer(shard_index)
         for group in self._groups(shard_index, group_index):
             for tensor in group.tensors:
                 if tensor.merged:
-                    self._merge_tensor(tensor, state)
+                    self._merge_tensor(tensor, state, writer)
                 else:
-                    self._copy_tensor(tensor)
+                    self._copy_tensor(tensor, writer)
                 self._reconciled.clear()
         self._sample_memory()
         self.groups_merged += 1
@@ -162,25 +164,40 @@ class MergeWorker:
             os._exit(17)  # injected fault: the process dies without cleanup, as a killed actor does
         return {"shard": shard_index, "group": group_index}
 
-    def _copy_tensor(self, tensor: OutputTensor) -> None:
+    def _shard_writer(self, shard_index: int) -> ShardWriter:
+        if self.writer_shard != shard_index:
+            if self.writer is not None:
+                self.writer.abort()
+            shard = self.spec.plan.shards[shard_index]
+            path = Path(self.spec.staging) / shard.filename
+            if self.spec.faults:
+                try:
+                    faults.check_write(self.spec.faults, shard_index, path)
+                except OSError as exc:
+                    raise OutputError(f"cannot write '{path}': {exc.strerror}") from None
+            self.writer = ShardWriter(path, [(t.name, t.out_dtype, tuple(t.shape)) for t in shard.tensors])
+            self.writer_shard = shard_index
+        return self.writer
+
+    def _copy_tensor(self, tensor: OutputTensor, writer: ShardWriter) -> None:
         """An unmerged tensor (excluded, or not floating point): the base's value (the first model's without one)."""
         spec = self.spec
         model, source = (spec.base, tensor.base) if spec.base is not None else (spec.experts[0], tensor.experts[0])
-        out = torch.empty(tensor.shape, dtype=tensor.out_dtype)
         for start, stop in self._chunks(tensor, True):
-            _put(out, start, stop, self._read(model, source, start, stop).to("cpu", tensor.out_dtype))
-        self.outputs[tensor.name] = out
+            value = self._read(model, source, start, stop).to("cpu", tensor.out_dtype)
+            began = time.perf_counter()
+            writer.write(tensor.name, value)
+            self.timings["write"] += time.perf_counter() - began
 
-    def _merge_tensor(self, tensor: OutputTensor, state: dict) -> None:
+    def _merge_tensor(self, tensor: OutputTensor, state: dict, writer: ShardWriter) -> None:
         method = self.spec.method
-        out = torch.empty(tensor.shape, dtype=tensor.out_dtype)
         vector = mask = None
         for start, stop in self._chunks(tensor, method.chunkable()):
             base, experts = self._inputs(tensor, start, stop)
             began = time.perf_counter()
             offset = self._row_offset(tensor, start)
             result = method.merge(base, experts, tensor.job, offset, state)
-            _put(out, start, stop, result["weight"].to("cpu", tensor.out_dtype))
+            merged = result["weight"].to("cpu", tensor.out_dtype)
             self.sign_sum += result.get("sign_sum", 0)
             if "patch_index" in result and result["patch_index"].numel():
                 index, value = self.pending_patches.setdefault(tensor.name, ([], []))
@@ -192,8 +209,10 @@ class MergeWorker:
                     mask = torch.empty((len(experts),) + tuple(tensor.shape), dtype=torch.bool)
                 _put(vector, start, stop, result["emr_vector"].cpu())
                 _put(mask, start, stop, result["emr_mask"].cpu(), task_axis=True)
-            self.timings["merge"] += time.perf_counter() - began
-        self.outputs[tensor.name] = out
+            wrote = time.perf_counter()
+            self.timings["merge"] += wrote - began
+            writer.write(tensor.name, merged)
+            self.timings["write"] += time.perf_counter() - wrote
         if vector is not None:
             self.sidecar[tensor.name] = vector
             self.sidecar[f"{tensor.name}::mask"] = pack_mask(mask)
@@ -201,15 +220,18 @@ class MergeWorker:
     def finish_shard(self, shard_index: int) -> dict[str, Any]:
         """Write the shard (and its sidecar, and its deferred patches) atomically inside the staging folder."""
         shard = self.spec.plan.shards[shard_index]
-        expected = {t.name for t in shard.tensors}
-        if self.failed_shard == shard_index or set(self.outputs) != expected:
-            self.outputs, self.sidecar, self.pending_patches, self.sign_sum = {}, {}, {}, 0
+        writer, self.writer, self.writer_shard = self.writer, None, None
+        if self.failed_shard == shard_index or writer is None or writer.path.name != shard.filename \
+                or not writer.complete:
+            if writer is not None:
+                writer.abort()
+            self.sidecar, self.pending_patches, self.sign_sum = {}, {}, 0
             raise RuntimeError(f"shard {shard.filename} is incomplete on this worker; not written")
         staging = Path(self.spec.staging)
         began = time.perf_counter()
-        files = [self._write(self.outputs, staging / shard.filename, shard_index)]
-        written = {name: list(t.shape) for name, t in self.outputs.items()}
-        nbytes = sum(t.numel() * t.element_size() for t in self.outputs.values())
+        files = [{"name": shard.filename, **writer.close()}]
+        written = {t.name: list(t.shape) for t in shard.tensors}
+        nbytes = writer.data_bytes
         sidecar = None
         if self.sidecar and self.spec.method.sidecar:
             folder = self.spec.method.sidecar
@@ -228,19 +250,13 @@ class MergeWorker:
         result = {"shard": shard_index, "filename": shard.filename, "tensors": written, "bytes": nbytes,
                   "sidecar": sidecar, "sign_sum": self.sign_sum, "patches": patches, "files": files,
                   "node": _node_id()}
-        self.outputs, self.sidecar, self.pending_patches, self.sign_sum = {}, {}, {}, 0
+        self.sidecar, self.pending_patches, self.sign_sum = {}, {}, 0
         self.timings["write"] += time.perf_counter() - began
         self._sample_memory()
         return result
 
     def _write(self, tensors: dict[str, torch.Tensor], path: Path, shard_index: int) -> dict[str, Any]:
-        if self.spec.faults:
-            try:
-                faults.check_write(self.spec.faults, shard_index, path)
-            except OSError as exc:
-                from distmerge.errors import OutputError
-
-                raise OutputError(f"cannot write '{path}': {exc.strerror}") from None
+        """A small whole file beside a shard (EMR sidecar, deferred patches)."""
         write_safetensors(tensors, path)
         return {"name": str(path.relative_to(self.spec.staging)), "bytes": path.stat().st_size,
                 "sha256": file_sha256(path)}

@@ -142,3 +142,108 @@ def write_index(staging: Path, shard_results: list[dict[str, Any]], metadata: di
         total += result["bytes"]
     write_json(staging / filename, {"metadata": {"total_size": total, **metadata},
                                     "weight_map": dict(sorted(weight_map.items()))})
+
+
+SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
+}
+
+
+class ShardWriter:
+    """A safetensors file written tensor by tensor, chunk by chunk, as the merge produces them.
+
+    Every output tensor's dtype and shape are known before the merge, so the header can be written first and
+    the data streamed after it in header order: the worker never holds a shard (or even a whole tensor, for
+    methods that merge in row chunks), there is no serialization copy, and the file's SHA-256 is computed as it
+    is written. The file appears under its name only once complete (temporary name, fsync, rename).
+    """
+
+    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+                 metadata: dict[str, str] | None = None):
+        import hashlib
+
+        self.path = Path(path)
+        self.tmp = self.path.with_name(self.path.name + ".partial")
+        header: dict[str, Any] = {"__metadata__": metadata or {"format": "pt"}}
+        self.order: list[str] = []
+        self.sizes: dict[str, int] = {}
+        offset = 0
+        for name, dtype, shape in entries:
+            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
+            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+                            "data_offsets": [offset, offset + nbytes]}
+            self.order.append(name)
+            self.sizes[name] = nbytes
+            offset += nbytes
+        text = json.dumps(header, separators=(",", ":")).encode()
+        text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        self.data_bytes = offset
+        self.hash = hashlib.sha256()
+        self._next = 0  # index in ``order`` of the tensor being written
+        self._written = 0  # bytes written of that tensor
+        try:
+            self.path.parent.mkdir(exist_ok=True)
+            self.file = open(self.tmp, "wb", buffering=0)
+            self._emit(struct.pack("<Q", len(text)) + text)
+        except OSError as exc:
+            self._fail(exc)
+
+    def write(self, name: str, values: torch.Tensor) -> None:
+        """The next bytes of tensor ``name``: the whole tensor, or its next rows in order."""
+        if self._next >= len(self.order) or self.order[self._next] != name:
+            expected = self.order[self._next] if self._next < len(self.order) else "nothing"
+            raise RuntimeError(f"{self.path.name}: got '{name}', expected {expected}")
+        data = values.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy()
+        try:
+            self._emit(memoryview(data))
+        except OSError as exc:
+            self._fail(exc)
+        self._written += data.nbytes
+        if self._written > self.sizes[name]:
+            raise RuntimeError(f"{self.path.name}: '{name}' got more bytes than its shape holds")
+        while self._next < len(self.order) and self._written == self.sizes[self.order[self._next]]:
+            self._next += 1
+            self._written = 0
+
+    def _emit(self, data) -> None:
+        self.hash.update(data)
+        view = memoryview(data).cast("B")
+        while view:
+            view = view[self.file.write(view):]
+
+    @property
+    def complete(self) -> bool:
+        return self._next == len(self.order)
+
+    def close(self) -> dict[str, Any]:
+        """fsync and rename into place; the file's size and SHA-256."""
+        if not self.complete:
+            self.abort()
+            raise RuntimeError(f"{self.path.name}: closed before '{self.order[self._next]}' was written")
+        try:
+            os.fsync(self.file.fileno())
+            self.file.close()
+            os.replace(self.tmp, self.path)
+        except OSError as exc:
+            self._fail(exc)
+        return {"bytes": self.path.stat().st_size, "sha256": self.hash.hexdigest()}
+
+    def abort(self) -> None:
+        try:
+            self.file.close()
+        except Exception:
+            pass
+        self.tmp.unlink(missing_ok=True)
+
+    def _fail(self, exc: OSError) -> None:
+        self.abort()
+        raise OutputError(f"cannot write '{self.path}': {exc.strerror or exc}") from None
+
+
+def _numel(shape) -> int:
+    count = 1
+    for size in shape:
+        count *= size
+    return count
