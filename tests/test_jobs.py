@@ -1,0 +1,409 @@
+"""`distmerge cluster` / `submit` / `jobs` against a real Ray head started with `ray start --head` (loopback, token
+auth, its own ports and temp dir), plus the pure parts (address resolution, runtime_env, requirements) and the
+cluster definitions in cluster/."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+import yaml
+from typer.testing import CliRunner
+
+from distmerge import jobs
+from distmerge.cli import app
+
+REPO = Path(__file__).resolve().parents[1]
+runner = CliRunner()
+
+
+# ------------------------------------------------------------------------------------------------ a real head
+
+
+def _free_ports(count: int) -> list[int]:
+    sockets, ports = [], []
+    for _ in range(count):
+        sock = socket.socket()
+        sock.bind(("", 0))  # Ray binds some ports on every interface: the port must be free on all of them
+        sockets.append(sock)
+        ports.append(sock.getsockname()[1])
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+def _cli_env(state: Path, token: Path) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN_PATH")}
+    env.update({jobs.STATE_DIR_ENV: str(state), "RAY_AUTH_TOKEN_PATH": str(token), "RAY_USAGE_STATS_ENABLED": "0",
+                "PYTHONUNBUFFERED": "1"})
+    return env
+
+
+def _run(env: dict[str, str], *args: str, timeout: float = 150) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "distmerge.cli", *args], env=env, cwd=REPO, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@dataclass
+class Head:
+    env: dict[str, str]
+    root: Path
+    address: str
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    root = tmp_path_factory.mktemp("jobs")
+    temp_dir = tempfile.mkdtemp(prefix="dm-ray-", dir="/tmp")  # short: Ray keeps unix sockets under it
+    env = _cli_env(root / "state", root / "auth_token")
+    port, dashboard, client, agent = _free_ports(4)
+    try:
+        up = _run(env, "cluster", "up", "--num-cpus", "2", "--num-gpus", "0", "--port", str(port),
+                  "--dashboard-port", str(dashboard), "--client-port", str(client), "--agent-port", str(agent),
+                  "--object-store-memory", "200MB", "--temp-dir", temp_dir, timeout=240)
+        assert up.returncode == 0, up.stdout + up.stderr
+        assert f"dashboard http://127.0.0.1:{dashboard}" in up.stdout and "token auth on" in up.stdout
+        yield Head(env=env, root=root, address=f"http://127.0.0.1:{dashboard}")
+    finally:
+        down = _run(env, "cluster", "down", timeout=120)
+        state = jobs.read_state(env)
+        if state is not None and jobs._is_our_head(state):  # `down` failed: stop exactly that process group
+            jobs._stop_process_group(state.pid, grace=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        assert down.returncode == 0, down.stdout + down.stderr
+
+
+def _cli(head: Head, *args: str):
+    """The same commands in this process (no interpreter start-up), with the head's environment."""
+    return runner.invoke(app, list(args), env={**head.env, "RAY_ADDRESS": None})
+
+
+def _job_id(stderr: str) -> str:
+    match = re.search(r"submitted (\S+) to ", stderr)
+    assert match, stderr
+    return match.group(1)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_submit_quickstart_runs_on_the_head(head):
+    token = (head.root / "auth_token").read_text().strip()
+    assert token and oct((head.root / "auth_token").stat().st_mode & 0o777) == "0o600"
+    status = _cli(head, "cluster", "status")
+    assert status.exit_code == 0 and status.stdout.startswith(f"up: dashboard {head.address}"), status.output
+
+    out = head.root / "quickstart"
+    result = _run(head.env, "submit", "pipelines/quickstart.py", "--", "--preset", "tiny", "--out", str(out),
+                  timeout=300)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = [line for line in result.stdout.splitlines() if line.startswith("quickstart: ties merge of 2 expert")]
+    assert summary, result.stdout
+    assert "2 worker(s)" in summary[0] and "generated '" in summary[0]
+    job_id = _job_id(result.stderr)
+    assert f"job {job_id} SUCCEEDED" in result.stderr
+    index = json.loads((out / "merged-ties" / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] and (out / "merged-ties" / "config.json").exists()
+    assert (out / "merged-ties" / "distmerge.yaml").exists()
+
+    listing = _cli(head, "jobs", "list")
+    assert listing.exit_code == 0, listing.output
+    row = next(line for line in listing.stdout.splitlines() if line.startswith(job_id))
+    assert "SUCCEEDED" in row and "pipelines/quickstart.py" in row
+    logs = _cli(head, "jobs", "logs", job_id)
+    assert logs.exit_code == 0 and summary[0] in logs.stdout
+
+    # Without the token the head refuses: token auth is really on.
+    refused = runner.invoke(app, ["jobs", "list", "--address", head.address],
+                            env={**head.env, "RAY_AUTH_TOKEN_PATH": None})
+    assert refused.exit_code == 2 and "refused the request" in refused.output, refused.output
+    from ray.job_submission import JobSubmissionClient
+
+    with pytest.raises(Exception, match="(?i)auth"):
+        JobSubmissionClient(head.address).list_jobs()
+    info = JobSubmissionClient(head.address, headers={"Authorization": f"Bearer {token}"}).get_job_info(job_id)
+    assert info.metadata["pipeline"] == "pipelines/quickstart.py"
+    assert info.metadata["args"] == f"--preset tiny --out {out}"
+    assert re.fullmatch(r"[0-9a-f]{12}", info.metadata["config_hash"])
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_submit_nlg_fda_tiny(head):
+    out = head.root / "nlg-fda"
+    # One layer and few steps: the point is the pipeline running as a job end to end, not FDA's quality.
+    result = _run(head.env, "submit", "pipelines/nlg_fda.py", "--", "--preset", "tiny", "--layers", "0",
+                  "--steps", "5", "--epochs", "1", "--quiet", "--out", str(out), timeout=360)
+    assert result.returncode == 0, result.stdout + result.stderr
+    summary = [line for line in result.stdout.splitlines() if line.startswith("nlg_fda: 2 anchor jobs")]
+    assert summary and "1 layers adapted" in summary[0], result.stdout
+    assert json.loads((out / "merged" / "model.safetensors.index.json").read_text())["weight_map"]
+    assert (out / "fda.yaml").exists() and any((out / "anchors").iterdir())
+
+
+def _project(tmp_path: Path, name: str, body: str) -> Path:
+    project = tmp_path / "proj"
+    (project / "pipelines").mkdir(parents=True, exist_ok=True)
+    (project / "pyproject.toml").write_text('[project]\nname = "proj"\nversion = "0"\n')
+    script = project / "pipelines" / name
+    script.write_text(body)
+    return script
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(200)
+def test_failing_pipeline_fails_submit(head, tmp_path):
+    script = _project(tmp_path, "boom.py", "print('stage 1 done', flush=True)\n"
+                                            "raise RuntimeError('boom: anchors diverged at layer 3')\n")
+    result = _run(head.env, "submit", str(script))
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "stage 1 done" in result.stdout
+    assert "RuntimeError: boom: anchors diverged at layer 3" in result.stdout
+    assert f"job {_job_id(result.stderr)} FAILED" in result.stderr
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(200)
+def test_jobs_stop_stops_a_running_job(head, tmp_path):
+    marker = tmp_path / "started"
+    script = _project(tmp_path, "sleeper.py", "import sys, time\nopen(sys.argv[1], 'w').write('up')\n"
+                                               "print('sleeping', flush=True)\ntime.sleep(600)\n")
+    submitted = _cli(head, "submit", str(script), "--no-wait", "--", str(marker))
+    assert submitted.exit_code == 0, submitted.output
+    job_id = submitted.stdout.strip()
+    assert job_id.startswith("distmerge-sleeper-")
+    deadline = time.monotonic() + 120
+    while not marker.exists():
+        assert time.monotonic() < deadline, _cli(head, "jobs", "logs", job_id).output
+        time.sleep(0.5)
+    stopped = _cli(head, "jobs", "stop", job_id)
+    assert stopped.exit_code == 0, stopped.output
+    assert stopped.stdout.strip() == f"job {job_id} STOPPED"
+    listing = _cli(head, "jobs", "list")
+    assert listing.exit_code == 0, listing.output
+    row = next(line for line in listing.stdout.splitlines() if line.startswith(job_id))
+    assert "STOPPED" in row and "pipelines/sleeper.py" in row
+    again = _cli(head, "jobs", "stop", job_id)
+    assert again.exit_code == 0 and "had already ended: STOPPED" in again.stdout
+    followed = _cli(head, "jobs", "logs", job_id, "--follow")
+    assert followed.exit_code == 1 and "sleeping" in followed.stdout and f"job {job_id} STOPPED" in followed.stderr
+    missing = _cli(head, "jobs", "logs", "distmerge-no-such-job")
+    assert missing.exit_code == 2 and missing.stderr.startswith("error: job 'distmerge-no-such-job'")
+
+
+# ------------------------------------------------------------------------------------------------ no head
+
+
+@pytest.fixture
+def no_cluster(tmp_path, monkeypatch):
+    monkeypatch.setenv(jobs.STATE_DIR_ENV, str(tmp_path / "state"))
+    for name in ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE"):
+        monkeypatch.delenv(name, raising=False)
+    return tmp_path
+
+
+def test_submit_without_a_cluster_says_how_to_start_one(no_cluster):
+    result = runner.invoke(app, ["submit", str(REPO / "pipelines" / "quickstart.py"), "--", "--preset", "tiny"])
+    assert result.exit_code == 2
+    assert result.output.strip().splitlines() == [
+        "error: no Ray cluster to talk to: start one with `distmerge cluster up`, pass --address "
+        "http://HOST:8265, or set RAY_ADDRESS"]
+
+
+@pytest.mark.timeout(60)
+def test_unreachable_address_is_one_line(no_cluster, monkeypatch):
+    (port,) = _free_ports(1)
+    result = runner.invoke(app, ["jobs", "list", "--address", f"127.0.0.1:{port}"])
+    assert result.exit_code == 2
+    lines = result.output.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"error: no Ray cluster reachable at http://127.0.0.1:{port} "
+                                                   "(from --address)"), result.output
+    monkeypatch.setenv("RAY_ADDRESS", f"http://127.0.0.1:{port}")
+    result = runner.invoke(app, ["submit", str(REPO / "pipelines" / "quickstart.py")])
+    assert result.exit_code == 2 and "(from RAY_ADDRESS)" in result.output
+
+
+def test_address_precedence_and_refusals(tmp_path):
+    local = jobs.ClusterState(address="http://127.0.0.1:9999", gcs_address="127.0.0.1:6380", pid=1, num_cpus=2,
+                              num_gpus=0, dashboard_port=9999, token_path=None, log_path="x", temp_dir=None,
+                              python=sys.executable, started_at=0.0)
+    env = {jobs.STATE_DIR_ENV: str(tmp_path), "RAY_ADDRESS": "http://10.1.2.3:8265"}
+    assert jobs.resolve_address("head:8265", env, lambda e: local) == jobs.Target("http://head:8265", "--address")
+    assert jobs.resolve_address(None, env, lambda e: local).source == "RAY_ADDRESS"
+    target = jobs.resolve_address(None, {jobs.STATE_DIR_ENV: str(tmp_path)}, lambda e: local)
+    assert target.address == local.address and target.local is local
+    with pytest.raises(jobs.ClusterError, match="Ray Client address"):
+        jobs.resolve_address("ray://head:10001", env)
+    with pytest.raises(jobs.ClusterError, match="GCS port; .* use http://head:8265"):
+        jobs.resolve_address("head:6379", env)
+    # A recorded cluster whose head is gone is reported as such.
+    jobs._write_state(local, {jobs.STATE_DIR_ENV: str(tmp_path)})
+    with pytest.raises(jobs.ClusterError, match="recorded at http://127.0.0.1:9999 is not running"):
+        jobs.resolve_address(None, {jobs.STATE_DIR_ENV: str(tmp_path)}, lambda e: None)
+
+
+def test_auth_headers_sources(tmp_path):
+    token_file = tmp_path / "tok"
+    token_file.write_text("from-file\n")
+    assert jobs.auth_headers(environ={"RAY_AUTH_TOKEN": "t1"}) == {"Authorization": "Bearer t1"}
+    assert jobs.auth_headers(environ={"RAY_AUTH_TOKEN_PATH": str(token_file)}) == {
+        "Authorization": "Bearer from-file"}
+    local = jobs.ClusterState(address="http://127.0.0.1:1", gcs_address="", pid=1, num_cpus=1, num_gpus=0,
+                              dashboard_port=1, token_path=str(token_file), log_path="", temp_dir=None, python="",
+                              started_at=0)
+    assert jobs.auth_headers(local=local, environ={}) == {"Authorization": "Bearer from-file"}
+    # A cluster found through --address/RAY_ADDRESS with no token asked for gets no header.
+    assert jobs.auth_headers(environ={"HOME": str(tmp_path)}) == {}
+
+
+def test_cluster_spec_validation():
+    with pytest.raises(jobs.ClusterError, match="ports must differ"):
+        jobs.LocalClusterSpec(num_cpus=2, port=8265).validate()
+    with pytest.raises(jobs.ClusterError, match="--temp-dir: .* too long"):
+        jobs.LocalClusterSpec(num_cpus=2, temp_dir="/tmp/" + "x" * 80).validate()
+    command = jobs.ray_start_command(jobs.LocalClusterSpec(num_cpus=3, num_gpus=1), python="/venv/bin/python")
+    assert command[:5] == ["/venv/bin/python", "-m", "ray.scripts.scripts", "start", "--head"]
+    for flag in ("--block", "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1", "--num-cpus=3",
+                 "--num-gpus=1", "--disable-usage-stats"):
+        assert flag in command
+    env = jobs.head_environment({"PATH": "/usr/bin", "RAY_ADDRESS": "x"}, Path("/t/tok"), "/venv/bin/python")
+    assert env["RAY_AUTH_MODE"] == "token" and env["RAY_AUTH_TOKEN_PATH"] == "/t/tok"
+    assert env["PATH"].startswith("/venv/bin" + os.pathsep) and "RAY_ADDRESS" not in env
+
+
+def test_pipeline_requirements_and_runtime_env(tmp_path):
+    script = _project(tmp_path, "eval.py", 'REQUIREMENTS = ["datasets>=2.19", "evaluate"]\nimport datasets\n')
+    pipeline = jobs.load_pipeline(script)
+    assert pipeline.project_root == tmp_path / "proj" and pipeline.relative == "pipelines/eval.py"
+    assert pipeline.requirements == ("datasets>=2.19", "evaluate")
+    env = jobs.build_runtime_env(pipeline)
+    assert env["working_dir"] == str(tmp_path / "proj") and env["pip"] == ["datasets>=2.19", "evaluate"]
+    # The project does not contain distmerge, so distmerge travels as a py_module.
+    assert env["py_modules"] == [str(jobs.distmerge_package_dir())]
+
+    quickstart = jobs.load_pipeline(REPO / "pipelines" / "quickstart.py")
+    env = jobs.build_runtime_env(quickstart)
+    assert quickstart.project_root == REPO and "pip" not in env and "py_modules" not in env
+
+    # The excludes keep environments, VCS data and results out of the upload (Ray's own matcher).
+    from ray._private.runtime_env.packaging import _get_excludes
+
+    excluded = _get_excludes(tmp_path, env["excludes"])
+    for shipped in ("distmerge/jobs.py", "pipelines/quickstart.py", "pyproject.toml", "benchmarks/common.py"):
+        assert not excluded(tmp_path / shipped), shipped
+    for dropped in (".venv", ".venv-mergekit", ".git", "benchmarks/results", "distmerge/__pycache__",
+                    "distmerge.egg-info", "out", "models/base/model.safetensors"):
+        assert excluded(tmp_path / dropped), dropped
+
+    bad = _project(tmp_path, "bad.py", "REQUIREMENTS = ['ok', 3]\n")
+    with pytest.raises(jobs.PipelineError, match=r"bad.py', line 1: REQUIREMENTS must be a literal list"):
+        jobs.load_pipeline(bad)
+    computed = _project(tmp_path, "computed.py", "REQUIREMENTS = sorted(['a'])\n")
+    with pytest.raises(jobs.PipelineError, match="literal list"):
+        jobs.load_pipeline(computed)
+    with pytest.raises(jobs.PipelineError, match="does not exist"):
+        jobs.load_pipeline(tmp_path / "nope.py")
+    with pytest.raises(jobs.PipelineError, match="outside the project folder"):
+        jobs.load_pipeline(script, project=REPO)
+
+
+def test_config_hash_follows_args_and_files(tmp_path):
+    script = _project(tmp_path, "p.py", "print(1)\n")
+    pipeline = jobs.load_pipeline(script)
+    config = tmp_path / "merge.yaml"
+    config.write_text("method: ties\n")
+    first = jobs.config_hash(pipeline, ["--config", str(config)])
+    assert first == jobs.config_hash(pipeline, ["--config", str(config)])
+    assert first != jobs.config_hash(pipeline, ["--config", str(config), "--workers", "2"])
+    config.write_text("method: dare\n")
+    assert first != jobs.config_hash(pipeline, ["--config", str(config)])
+
+
+@pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "pipelines").glob("*.py")))
+def test_pipelines_have_help_and_declare_requirements(script):
+    path = REPO / "pipelines" / script
+    result = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0 and "--preset" in result.stdout and "--out" in result.stdout, result.stderr
+    assert isinstance(jobs.read_requirements(path), tuple)
+
+
+# ------------------------------------------------------------------------------------------------ cluster/
+
+
+def test_cluster_launcher_yaml_is_valid():
+    from ray.autoscaler._private.util import fillout_defaults, validate_config
+
+    raw = yaml.safe_load((REPO / "cluster" / "gpu-cluster.yaml").read_text())
+    validate_config(fillout_defaults(raw))  # Ray's own check: jsonschema ray-schema.json + its extra rules
+    import jsonschema
+
+    broken = yaml.safe_load((REPO / "cluster" / "gpu-cluster.yaml").read_text())
+    broken["available_node_types"]["gpu"]["resources"]["GPU"] = 0.5  # the schema wants whole units
+    with pytest.raises(jsonschema.ValidationError):
+        validate_config(fillout_defaults(broken))
+    types = raw["available_node_types"]
+    head, workers = types[raw["head_node_type"]], [t for n, t in types.items() if n != raw["head_node_type"]]
+    assert raw["provider"]["type"] == "aws" and raw["provider"]["use_internal_ips"] is True
+    assert workers and all(t["resources"].get("GPU", 0) >= 1 for t in workers)
+    assert max(t["max_workers"] for t in workers) <= raw["max_workers"]
+    start = " ".join(raw["head_start_ray_commands"])
+    assert "RAY_AUTH_MODE=token" in start and "--dashboard-host=127.0.0.1" in start
+    assert "RAY_AUTH_MODE=token" in " ".join(raw["worker_start_ray_commands"])
+    setup = " ".join(raw["setup_commands"])
+    assert "torch==" in setup and "pip install" in setup and "-e" in setup
+    assert "~/.ray/auth_token" in raw["file_mounts"]
+    assert head["resources"].get("GPU", 0) == 0
+
+
+def _check_pod_template(template: dict, where: str) -> list[dict]:
+    containers = template["spec"]["containers"]
+    assert containers, where
+    for container in containers:
+        assert container["name"] and container["image"], where
+        env = {e["name"]: e.get("value") for e in container.get("env", [])}
+        assert "RAY_ADDRESS" not in env, where
+    return containers
+
+
+def _check_raycluster_spec(spec: dict, where: str) -> None:
+    assert spec["rayVersion"] == "2.60.0", where
+    assert spec["authOptions"]["mode"] == "token", where
+    headgroup = spec["headGroupSpec"]
+    assert all(isinstance(v, str) for v in headgroup["rayStartParams"].values()), f"{where}: strings only"
+    assert headgroup["rayStartParams"].get("num-gpus", "0") == "0"
+    _check_pod_template(headgroup["template"], where)
+    assert spec["workerGroupSpecs"], where
+    for group in spec["workerGroupSpecs"]:
+        assert group["groupName"], where
+        assert 0 <= group["minReplicas"] <= group["replicas"] <= group["maxReplicas"], where
+        assert all(isinstance(v, str) for v in group["rayStartParams"].values()), f"{where}: strings only"
+        (container,) = _check_pod_template(group["template"], where)
+        assert int(container["resources"]["limits"]["nvidia.com/gpu"]) >= 1, where
+
+
+def test_kuberay_manifests_carry_required_fields():
+    folder = REPO / "cluster" / "kuberay"
+    cluster = yaml.safe_load((folder / "raycluster.yaml").read_text())
+    assert cluster["apiVersion"] == "ray.io/v1" and cluster["kind"] == "RayCluster" and cluster["metadata"]["name"]
+    _check_raycluster_spec(cluster["spec"], "raycluster.yaml")
+
+    rayjob = yaml.safe_load((folder / "rayjob-nlg-fda.yaml").read_text())
+    assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob" and rayjob["metadata"]["name"]
+    spec = rayjob["spec"]
+    assert spec["entrypoint"].startswith("python pipelines/nlg_fda.py")
+    assert spec.get("submissionMode", "K8sJobMode") in ("K8sJobMode", "HTTPMode", "InteractiveMode")
+    assert isinstance(spec["shutdownAfterJobFinishes"], bool)
+    runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
+    assert isinstance(runtime_env, dict) and runtime_env["working_dir"]
+    assert all(isinstance(v, str) for v in (spec.get("metadata") or {}).values())
+    _check_raycluster_spec(spec["rayClusterSpec"], "rayjob-nlg-fda.yaml")
