@@ -19,6 +19,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from distmerge.engine.ray_session import get
 from distmerge.engine.worker import MergeWorker, WorkerSpec
 from distmerge.errors import DistmergeError
 
@@ -130,13 +131,3 @@ class WorkerPool:
         except Exception:
             pass
 
-
-def get(refs):
-    """ray.get that re-raises a user-facing error from an actor as itself, without Ray's wrapping."""
-    try:
-        return ray.get(refs)
-    except ray.exceptions.RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, DistmergeError):
-            raise cause from None
-        raise

@@ -35,3 +35,17 @@ def cluster_cpus() -> float:
 
 def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0.0))
+
+
+def get(refs):
+    """ray.get that re-raises a user-facing error from a task or actor (bad input, bad parameter) as itself,
+    without Ray's wrapping; anything else (a bug, a dead worker) propagates as Ray raised it."""
+    from distmerge.errors import DistmergeError
+
+    try:
+        return ray.get(refs)
+    except ray.exceptions.RayTaskError as exc:
+        cause = getattr(exc, "cause", None)
+        if isinstance(cause, DistmergeError):
+            raise cause from None
+        raise

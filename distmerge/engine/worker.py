@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from distmerge import telemetry
 from distmerge.engine import faults
 from distmerge.engine.allocator import keep_freed_memory, rss_anon_bytes
 from distmerge.errors import InputError, OutputError, where
@@ -160,6 +161,7 @@ class MergeWorker:
                 self._reconciled.clear()
         self._sample_memory()
         self.groups_merged += 1
+        telemetry.count("distmerge_layer_groups_merged", 1)
         if self.exit_after is not None and self.groups_merged >= self.exit_after:
             os._exit(17)  # injected fault: the process dies without cleanup, as a killed actor does
         return {"shard": shard_index, "group": group_index}

@@ -86,13 +86,10 @@ def run_jobs(fn: Callable, spec: Any, jobs: Sequence[Any], *, options: dict[str,
 def _get(ref, name: str):
     import ray
 
+    from distmerge.engine.ray_session import get
+
     try:
-        return ray.get(ref)
-    except ray.exceptions.RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, DistmergeError):
-            raise cause from None
-        raise
+        return get(ref)
     except (ray.exceptions.WorkerCrashedError, ray.exceptions.OutOfMemoryError,
             ray.exceptions.NodeDiedError) as exc:
         raise FdaJobError(f"job '{name}' failed after its retries: {str(exc).strip().splitlines()[0]}") from None
