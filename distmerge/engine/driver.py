@@ -58,9 +58,9 @@ class MergeResult:
 
     def summary(self) -> str:
         memory = "+".join(f"{r['peak_anon_bytes'] / 2**20:.0f}" for r in self.worker_reports) or "0"
-        rate = self.bytes_read / self.seconds / 1e9 if self.seconds > 0 else 0.0
+        rate = self.bytes_read / self.seconds if self.seconds > 0 else 0.0
         line = (f"merged ({self.method}) into {self.out}: {self.shards} shard(s) by {self.workers} worker(s) in "
-                f"{self.seconds:.1f}s; read {_size(self.bytes_read)} ({rate:.2f} GB/s), wrote "
+                f"{self.seconds:.1f}s; read {_size(self.bytes_read)} ({_size(rate)}/s), wrote "
                 f"{_size(self.bytes_written)}, peak worker memory {memory} MiB")
         if self.resumed_shards:
             line += f"; reused {self.resumed_shards} verified shard(s) of an interrupted run"
