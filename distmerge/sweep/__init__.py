@@ -1,0 +1,10 @@
+"""Hyperparameter sweeps over merge parameters on Ray Tune (``distmerge sweep``).
+
+Inputs are read once per sweep by holder actors that keep them resident; each trial merges for its
+parameters on the holders and scores the merged model in memory. See ``distmerge.sweep.driver``.
+"""
+
+from distmerge.sweep.driver import SweepError, SweepResult, run_sweep
+from distmerge.sweep.spec import SweepSpec, load_sweep
+
+__all__ = ["SweepError", "SweepResult", "SweepSpec", "load_sweep", "run_sweep"]

@@ -1,0 +1,165 @@
+"""Scoring a merged model held in memory: build it from a state dict, evaluate validation tasks in parts.
+
+* ``perplexity``: mean negative log-likelihood per predicted token of a causal LM over a list of texts
+  (``nll``; ``perplexity`` = exp(nll)), summed over tokens, so parts add up to the whole.
+* ``classification``: accuracy of a sequence-classification model on (text, label) pairs; string labels
+  go through the model config's ``label2id``.
+* ``eval``: a task of ``distmerge.evaluate`` (GLUE, GSM8K, MATH, code, perplexity), run by its in-process
+  ``evaluate`` on the merged tensors (a ``ModelSource`` from the state dict) on its own Ray Data actors; the
+  per-row results of each part go into the evaluator's own ``Reducer``, so every metric it reports is exact
+  for the examples seen so far.
+
+``evaluate_in_parts`` yields the cumulative metrics after each part: a sweep reports after each, which is
+what lets ASHA stop a poor trial early.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distmerge.errors import DistmergeError
+from distmerge.sweep.spec import TaskSpec, chunk_bounds
+
+MODEL_KINDS = {"perplexity": "causal_lm", "classification": "sequence_classification"}
+
+
+class EvaluationError(DistmergeError):
+    """A merged model could not be scored (missing tensors, non-finite loss)."""
+
+
+def build_model(model_dir: str | Path, state_dict: dict[str, torch.Tensor], kind: str, device: str = "cpu"):
+    """The model of ``model_dir/config.json`` with ``state_dict``'s tensors as its weights, without copying them
+    (on the CPU; ``device`` cuda copies them to the trial's GPU)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = AutoConfig.from_pretrained(str(model_dir))
+    cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
+    # Weights are created on the meta device and replaced by the merged tensors; buffers (rotary
+    # frequencies) are computed for real, as from_pretrained would.
+    with init_empty_weights():
+        model = cls.from_config(config)
+    result = model.load_state_dict(state_dict, strict=False, assign=True)
+    model.tie_weights()
+    missing = [name for name, p in model.named_parameters() if p.device.type == "meta"]
+    if missing:
+        raise EvaluationError(f"the merged state dict lacks {len(missing)} tensor(s) the model needs, e.g. "
+                              f"'{missing[0]}'")
+    if result.unexpected_keys:
+        raise EvaluationError(f"the merged state dict has tensor(s) the model does not know, e.g. "
+                              f"'{result.unexpected_keys[0]}'")
+    return model.to(device).eval()
+
+
+def evaluate_in_parts(models: Callable[[str], Any], tokenizer, tasks: tuple[TaskSpec, ...], parts: int,
+                      eval_source: Callable[[], Any] | None = None) -> Iterator[dict[str, float]]:
+    """Cumulative metrics of every task after each of ``parts`` parts of its examples. ``models(kind)`` gives
+    the in-memory model for the built-in tasks, ``eval_source()`` the ``ModelSource`` for ``eval`` tasks."""
+    totals: dict[str, dict[str, float]] = {t.name: {} for t in tasks if t.type != "eval"}
+    reducers = {}
+    for part in range(parts):
+        out: dict[str, float] = {}
+        for task in tasks:
+            start, stop = chunk_bounds(len(task.examples), parts)[part]
+            if task.type == "eval":
+                reducer = reducers.get(task.name)
+                if reducer is None:
+                    from distmerge.evaluate.tasks import Reducer, get_task
+
+                    reducer = reducers[task.name] = Reducer(get_task(task.task))
+                _evaluator_part(eval_source(), task, task.examples[start:stop], reducer)
+                out.update(_evaluator_metrics(task, reducer))
+                continue
+            scorer = _nll_sums if task.type == "perplexity" else _correct_counts
+            for key, value in scorer(models(MODEL_KINDS[task.type]), tokenizer, task,
+                                     task.examples[start:stop]).items():
+                totals[task.name][key] = totals[task.name].get(key, 0.0) + value
+        out.update(_metrics([t for t in tasks if t.type != "eval"], totals))
+        yield out
+
+
+def _evaluator_part(source, task: TaskSpec, rows, reducer) -> None:
+    from distmerge.evaluate import evaluate
+
+    options = {"batch_size": task.batch_size, "workers": task.workers, "progress": False}
+    for key in ("max_length", "max_new_tokens", "cpus_per_worker"):
+        if getattr(task, key) is not None:
+            options[key] = getattr(task, key)
+    table = evaluate(source, task.task, [dict(row) for row in rows], keep_rows=True, **options).rows
+    column = (lambda name: table[name].tolist() if name in table else [])
+    reducer.add(column("score"), column("prediction"), column("label"), column("nll"), column("tokens"))
+
+
+def _evaluator_metrics(task: TaskSpec, reducer) -> dict[str, float]:
+    metrics = {f"{task.name}/{key}": float(value) for key, value in reducer.metrics().items()}
+    headline = metrics[task.metrics[0]]
+    if not math.isfinite(headline):
+        raise EvaluationError(f"task '{task.name}': {task.metrics[0]} is not finite ({headline}); the merged "
+                              "model's weights overflow or contain NaN for these parameters")
+    return metrics
+
+
+def _metrics(tasks, totals: dict[str, dict[str, float]]) -> dict[str, float]:
+    out = {}
+    for task in tasks:
+        sums = totals[task.name]
+        if task.type == "perplexity":
+            nll = sums["nll_sum"] / max(1.0, sums["tokens"])
+            if not math.isfinite(nll):
+                raise EvaluationError(f"task '{task.name}': the merged model's loss is not finite ({nll}); its "
+                                      "weights overflow or contain NaN for these parameters")
+            out[f"{task.name}/nll"] = nll
+            out[f"{task.name}/perplexity"] = math.exp(min(nll, 700.0))
+            out[f"{task.name}/tokens"] = sums["tokens"]
+        else:
+            out[f"{task.name}/accuracy"] = sums["correct"] / max(1.0, sums["examples"])
+            out[f"{task.name}/examples"] = sums["examples"]
+    return out
+
+
+def _batches(items, size: int):
+    for i in range(0, len(items), size):
+        yield items[i:i + size]
+
+
+@torch.inference_mode()
+def _nll_sums(model, tokenizer, task: TaskSpec, texts) -> dict[str, float]:
+    nll_sum, tokens = 0.0, 0
+    for batch in _batches(list(texts), task.batch_size):
+        # Right padding: a causal LM numbers positions from the left, so padding must come after the text.
+        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=task.max_length,
+                        padding_side="right").to(model.device)
+        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
+        target = enc["input_ids"][:, 1:]
+        mask = enc["attention_mask"][:, 1:].bool()
+        logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
+        picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
+        nll_sum += float(-(picked[mask]).sum())
+        tokens += int(mask.sum())
+    return {"nll_sum": nll_sum, "tokens": float(tokens)}
+
+
+@torch.inference_mode()
+def _correct_counts(model, tokenizer, task: TaskSpec, pairs) -> dict[str, float]:
+    label2id = getattr(model.config, "label2id", None) or {}
+    correct = 0
+    for batch in _batches(list(pairs), task.batch_size):
+        texts = [text for text, _ in batch]
+        labels = []
+        for _, label in batch:
+            if isinstance(label, str):
+                if label not in label2id:
+                    raise EvaluationError(f"task '{task.name}': label {label!r} is not in the model's label2id "
+                                          f"({sorted(label2id)})")
+                label = label2id[label]
+            labels.append(int(label))
+        enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=task.max_length,
+                        padding_side="right").to(model.device)
+        predicted = model(**enc).logits.argmax(-1).cpu()
+        correct += int((predicted == torch.tensor(labels)).sum())
+    return {"correct": float(correct), "examples": float(len(pairs))}

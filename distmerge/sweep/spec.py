@@ -1,0 +1,540 @@
+"""The sweep file: a merge config whose parameters may be search spaces, plus a ``sweep:`` section.
+
+```yaml
+base_model: base/
+models:
+  - {model: expert_0, name: math, parameters: {weight: {uniform: [0.5, 1.5]}}}
+  - expert_1
+method: ties
+parameters:
+  lambda: {grid: [0.5, 1.0, 1.5]}
+  density: {grid: [0.2, 0.5]}
+sweep:
+  tasks:                     # built-in: perplexity (nll) | classification (accuracy); or any task of
+    - {name: val, type: perplexity, data: val.jsonl}          # distmerge.evaluate with type: eval
+    - {name: gsm8k, type: eval, task: gsm8k, data: gsm8k_val.jsonl, limit: 200}
+  metric: val/nll            # default: the first task's main metric; mode follows the metric (nll: min)
+  search: grid               # grid | random | optuna
+  num_samples: 1             # grid: repeats of the whole grid; random, optuna: trials
+  scheduler: asha            # none | asha | {name: asha, grace_period: 1, reduction_factor: 2}
+  eval_chunks: 4             # evaluation in this many parts, one report after each (what ASHA stops on)
+```
+
+A search space is a mapping with one key: ``grid`` (every value is tried), ``choice``, ``uniform``,
+``quniform``, ``loguniform`` or ``randint``. A bare list keeps its merge-config meaning (a gradient over
+layers). Spaces may stand for method parameters (``parameters.X``) and per-model parameters
+(``models[i].parameters.X`` or the inline ``models[i].X``); in results they are named ``X`` and
+``<model name>.X``. Everything is checked here, before any Ray work: every value a space can take at its
+ends is run through the merge config's own validation.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from distmerge.config import MergeConfig, default_name, load_config
+from distmerge.errors import ConfigError
+
+SPACE_KINDS = ("grid", "choice", "uniform", "quniform", "loguniform", "randint")
+SEARCHES = ("grid", "random", "optuna")
+SCHEDULERS = ("none", "asha")
+SWEEP_KEYS = {"tasks", "metric", "mode", "search", "num_samples", "seed", "scheduler", "eval_chunks",
+              "max_concurrent_trials", "resources_per_trial", "holders", "holder_cpus"}
+TASK_KEYS = {"name", "type", "data", "text_field", "label_field", "max_length", "batch_size", "limit"}
+EVAL_TASK_KEYS = {"name", "type", "task", "data", "max_length", "batch_size", "limit", "workers",
+                  "cpus_per_worker", "max_new_tokens"}
+TASK_METRICS = {"perplexity": ("nll", "perplexity"), "classification": ("accuracy",)}
+TASK_TYPES = (*TASK_METRICS, "eval")
+LOWER_IS_BETTER = ("nll", "perplexity", "loss")
+
+
+@dataclass(frozen=True)
+class Space:
+    """One searched parameter: where it sits in the merge config and what values it takes."""
+
+    name: str  # as shown in results: 'lambda', 'math.weight'
+    path: tuple  # into the normalized merge dict: ('parameters', 'lambda') or ('models', 0, 'parameters', 'weight')
+    kind: str
+    args: tuple
+
+    @property
+    def where(self) -> str:
+        if self.path[0] == "parameters":
+            return f"parameters.{self.path[1]}"
+        return f"models[{self.path[1]}].parameters.{self.path[3]}"
+
+    def corners(self) -> list[Any]:
+        """The values that bound what the space can produce: checked against the merge's validation."""
+        if self.kind in ("grid", "choice"):
+            return list(self.args)
+        if self.kind == "randint":
+            return [self.args[0], self.args[1] - 1]
+        return [self.args[0], self.args[1]]
+
+    def tune_domain(self):
+        from ray import tune
+
+        lo_hi = self.args[:2]
+        return {
+            "grid": lambda: tune.grid_search(list(self.args)),
+            "choice": lambda: tune.choice(list(self.args)),
+            "uniform": lambda: tune.uniform(*lo_hi),
+            "quniform": lambda: tune.quniform(*self.args),
+            "loguniform": lambda: tune.loguniform(*lo_hi),
+            "randint": lambda: tune.randint(*lo_hi),
+        }[self.kind]()
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """A validation task; its examples are read here, once, and shipped to the trials.
+
+    ``type: eval`` hands the merged model to ``distmerge.evaluate`` (its task registry: GLUE, GSM8K, MATH,
+    HumanEval, MBPP, perplexity), which scores it on its own Ray Data actors."""
+
+    name: str
+    type: str  # perplexity | classification | eval
+    data: str
+    examples: tuple  # texts (perplexity), (text, label) pairs (classification), row dicts (eval)
+    max_length: int | None = 128  # eval: None = the evaluator's default for the task
+    batch_size: int = 8
+    task: str | None = None  # eval: the evaluator's task name
+    workers: int = 1  # eval: model actors per evaluation
+    cpus_per_worker: float = 0.5  # eval: CPUs each model actor takes
+    max_new_tokens: int | None = None  # eval, generation tasks
+
+    @property
+    def metrics(self) -> tuple[str, ...]:
+        """The metrics this task reports, the main one first."""
+        if self.type == "eval":
+            from distmerge.evaluate.tasks import get_task
+
+            return (f"{self.name}/{get_task(self.task).primary()}",)
+        return tuple(f"{self.name}/{m}" for m in TASK_METRICS[self.type])
+
+    def reports(self, metric: str) -> bool:
+        # The evaluator's tasks report more than their headline metric (GLUE: f1, spearman, ...).
+        return metric in self.metrics or (self.type == "eval" and metric.startswith(f"{self.name}/"))
+
+
+@dataclass(frozen=True)
+class SweepSpec:
+    merge: dict[str, Any]  # normalized merge config with spaces in place
+    spaces: tuple[Space, ...]
+    tasks: tuple[TaskSpec, ...]
+    metric: str
+    mode: str  # min | max
+    search: str
+    num_samples: int
+    seed: int
+    scheduler: str
+    grace_period: int
+    reduction_factor: float
+    eval_chunks: int
+    max_concurrent_trials: int | None
+    resources_per_trial: dict[str, float]
+    holders: int
+    holder_cpus: float
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        return tuple(s.name for s in self.spaces)
+
+    def trial_config(self, values: dict[str, Any]) -> MergeConfig:
+        """The merge config of one trial: every space replaced by its value."""
+        return load_config(self.trial_dict(values))
+
+    def trial_dict(self, values: dict[str, Any]) -> dict[str, Any]:
+        merged = copy.deepcopy(self.merge)
+        for space in self.spaces:
+            if space.name not in values:
+                raise ConfigError(f"sweep: no value for searched parameter '{space.name}'")
+            _set_path(merged, space.path, plain_value(values[space.name]))
+        return merged
+
+    @property
+    def total_trials(self) -> int:
+        """Trials the search will run: every grid combination, num_samples times (Tune's variant generator)."""
+        combinations = 1
+        for space in self.spaces:
+            if space.kind == "grid":
+                combinations *= len(space.args)
+        return combinations * self.num_samples
+
+    def corner_values(self) -> dict[str, Any]:
+        return {s.name: s.corners()[0] for s in self.spaces}
+
+    def param_space(self) -> dict[str, Any]:
+        return {s.name: s.tune_domain() for s in self.spaces}
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What a resumed sweep must share with the original: the merge, the search and the scoring
+        (resources, holders and concurrency may change between runs)."""
+        return json.loads(json.dumps({
+            "merge": self.merge, "metric": self.metric, "mode": self.mode, "search": self.search,
+            "num_samples": self.num_samples, "seed": self.seed, "scheduler": self.scheduler,
+            "grace_period": self.grace_period, "reduction_factor": self.reduction_factor,
+            "eval_chunks": self.eval_chunks,
+            "tasks": [{"name": t.name, "type": t.type, "task": t.task, "data": t.data, "examples": len(t.examples),
+                       "max_length": t.max_length} for t in self.tasks],
+        }, default=str))
+
+
+def plain_value(value: Any) -> Any:
+    """Tune hands numpy scalars for sampled values; the merge config wants Python numbers."""
+    item = getattr(value, "item", None)
+    return item() if callable(item) and not isinstance(value, (list, dict, str)) else value
+
+
+def _set_path(target: Any, path: tuple, value: Any) -> None:
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+
+
+# --- loading -------------------------------------------------------------------------------------
+
+
+def load_sweep(source: str | Path | dict[str, Any]) -> SweepSpec:
+    """Read and validate a sweep file (or an already-parsed dict); errors name the key."""
+    if isinstance(source, dict):
+        raw, label = copy.deepcopy(source), "sweep config"
+    else:
+        path = Path(source)
+        label = str(path)
+        try:
+            raw = yaml.safe_load(path.read_text())
+        except OSError as exc:
+            raise ConfigError(f"cannot read sweep config '{path}': {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"sweep config '{path}' is not valid YAML: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{label}: expected a mapping at the top level")
+    if "merge_method" in raw:
+        raise ConfigError("merge_method: a sweep takes distmerge's config format (method:, parameters:), "
+                          "not mergekit's")
+    sweep_raw = raw.get("sweep")
+    if not isinstance(sweep_raw, dict):
+        raise ConfigError("sweep: missing; add a 'sweep:' section with at least 'tasks:'")
+    unknown = set(sweep_raw) - SWEEP_KEYS
+    if unknown:
+        raise ConfigError(f"sweep.{sorted(unknown)[0]}: unknown key (allowed: {', '.join(sorted(SWEEP_KEYS))})")
+    merge, spaces = _extract_spaces({k: v for k, v in raw.items() if k != "sweep"})
+    if not spaces:
+        raise ConfigError("parameters: nothing to search; give at least one parameter a search space such as "
+                          "{grid: [0.5, 1.0]} or {uniform: [0.1, 0.9]}")
+    tasks = _tasks(sweep_raw.get("tasks"))
+    metric, mode = _metric(sweep_raw, tasks)
+    search = sweep_raw.get("search", "grid")
+    if search not in SEARCHES:
+        raise ConfigError(f"sweep.search: {search!r} is not one of {', '.join(SEARCHES)}")
+    _check_search(search, spaces)
+    num_samples = _int(sweep_raw, "num_samples", 1 if search == "grid" else 10, lo=1)
+    eval_chunks = _int(sweep_raw, "eval_chunks", 1, lo=1)
+    scheduler, grace, factor = _scheduler(sweep_raw.get("scheduler", "none"), eval_chunks)
+    smallest = min(len(t.examples) for t in tasks)
+    if eval_chunks > smallest:
+        raise ConfigError(f"sweep.eval_chunks: {eval_chunks} parts but a task has only {smallest} example(s)")
+    max_concurrent = sweep_raw.get("max_concurrent_trials")
+    if max_concurrent is not None:
+        max_concurrent = _int(sweep_raw, "max_concurrent_trials", None, lo=1)
+    spec = SweepSpec(
+        merge=merge, spaces=tuple(spaces), tasks=tasks, metric=metric, mode=mode, search=search,
+        num_samples=num_samples, seed=_int(sweep_raw, "seed", 0, lo=0), scheduler=scheduler, grace_period=grace,
+        reduction_factor=factor, eval_chunks=eval_chunks, max_concurrent_trials=max_concurrent,
+        resources_per_trial=_resources(sweep_raw.get("resources_per_trial")),
+        holders=_int(sweep_raw, "holders", 2, lo=1), holder_cpus=_number(sweep_raw, "holder_cpus", 0.5, lo=0.0),
+    )
+    spec.trial_config(spec.corner_values())  # the merge part itself is valid
+    return spec
+
+
+def _extract_spaces(merge_raw: dict[str, Any]) -> tuple[dict[str, Any], list[Space]]:
+    """The merge dict normalized (model entries as mappings, local paths absolute) and its spaces."""
+    merge = copy.deepcopy(merge_raw)
+    spaces: list[Space] = []
+    for key, value in merge.items():
+        if key not in ("parameters", "models") and _is_space(value, f"{key}"):
+            raise ConfigError(f"{key}: only parameters and models[i].parameters can be searched")
+    for name in ("base_model",):
+        if isinstance(merge.get(name), str):
+            merge[name] = _absolute(merge[name])
+    params = merge.get("parameters") or {}
+    if not isinstance(params, dict):
+        raise ConfigError("parameters: expected a mapping")
+    for key, value in params.items():
+        if _is_space(value, f"parameters.{key}"):
+            spaces.append(_space(key, ("parameters", key), value, f"parameters.{key}"))
+    models = merge.get("models")
+    if isinstance(models, list):
+        for i, entry in enumerate(models):
+            if isinstance(entry, str):
+                entry = {"model": entry}
+            if not isinstance(entry, dict) or "model" not in entry:
+                raise ConfigError(f"models[{i}].model: missing")
+            entry = dict(entry)
+            entry.setdefault("name", default_name(str(entry["model"])))
+            entry["model"] = _absolute(str(entry["model"]))
+            per_model = dict(entry.pop("parameters", None) or {})
+            for k in [k for k in entry if k not in ("model", "name")]:
+                per_model[k] = entry.pop(k)  # inline per-model parameters (weight: 0.5) join parameters
+            for k, v in per_model.items():
+                where = f"models[{i}].parameters.{k}"
+                if _is_space(v, where):
+                    spaces.append(_space(f"{entry['name']}.{k}", ("models", i, "parameters", k), v, where))
+            if per_model:
+                entry["parameters"] = per_model
+            models[i] = entry
+    names = [s.name for s in spaces]
+    if len(set(names)) != len(names):
+        twice = sorted(n for n in names if names.count(n) > 1)[0]
+        raise ConfigError(f"sweep: two searched parameters are both named {twice!r}")
+    return merge, spaces
+
+
+def _absolute(source: str) -> str:
+    """Local paths made absolute so best.yaml works from any folder; hub ids stay as they are."""
+    path = Path(source).expanduser()
+    return str(path.resolve()) if path.exists() else source
+
+
+def _is_space(value: Any, where: str) -> bool:
+    if not isinstance(value, dict) or set(value) <= {"filter", "value"}:
+        return False
+    if len(value) == 1 and next(iter(value)) in SPACE_KINDS:
+        return True
+    raise ConfigError(f"{where}: a search space is one of {', '.join('{' + k + ': ...}' for k in SPACE_KINDS)}; "
+                      f"got keys {sorted(value)}")
+
+
+def _space(name: str, path: tuple, value: dict, where: str) -> Space:
+    kind, args = next(iter(value.items()))
+    if kind in ("grid", "choice"):
+        if not isinstance(args, list) or not args:
+            raise ConfigError(f"{where}.{kind}: expected a non-empty list of values")
+        for v in args:
+            if isinstance(v, (dict, list)) or v is None:
+                raise ConfigError(f"{where}.{kind}: values must be numbers, booleans or strings, got {v!r}")
+        return Space(name, path, kind, tuple(args))
+    size = 3 if kind == "quniform" else 2
+    shape = "[low, high, step]" if size == 3 else "[low, high]"
+    if not isinstance(args, list) or len(args) != size or not all(_is_number(a) for a in args):
+        raise ConfigError(f"{where}.{kind}: expected {shape} numbers, got {args!r}")
+    lo, hi = args[0], args[1]
+    if not lo < hi:
+        raise ConfigError(f"{where}.{kind}: low {lo} must be below high {hi}")
+    if kind == "loguniform" and lo <= 0:
+        raise ConfigError(f"{where}.loguniform: low must be > 0, got {lo}")
+    if kind == "quniform" and args[2] <= 0:
+        raise ConfigError(f"{where}.quniform: step must be > 0, got {args[2]}")
+    if kind == "randint" and not all(isinstance(a, int) for a in args):
+        raise ConfigError(f"{where}.randint: expected integer [low, high) bounds, got {args!r}")
+    return Space(name, path, kind, tuple(args))
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _check_search(search: str, spaces: list[Space]) -> None:
+    if search == "grid":
+        sampled = [s for s in spaces if s.kind != "grid"]
+        if sampled:
+            raise ConfigError(f"sweep.search: 'grid' tries listed values only, but {sampled[0].where} is "
+                              f"{{{sampled[0].kind}: ...}}; use search: random or optuna, or a {{grid: [...]}}")
+    if search == "optuna":
+        gridded = [s for s in spaces if s.kind == "grid"]
+        if gridded:
+            raise ConfigError(f"sweep.search: 'optuna' cannot take a grid ({gridded[0].where}); "
+                              "use {choice: [...]} for a categorical parameter")
+        try:
+            import optuna  # noqa: F401
+        except ImportError:
+            raise ConfigError("sweep.search: 'optuna' needs the optuna package, which is not installed "
+                              "(pip install optuna); or use search: random") from None
+
+
+def _metric(sweep_raw: dict, tasks: tuple[TaskSpec, ...]) -> tuple[str, str]:
+    known = [m for t in tasks for m in t.metrics]
+    metric = sweep_raw.get("metric", tasks[0].metrics[0])
+    if not isinstance(metric, str) or not any(t.reports(metric) for t in tasks):
+        raise ConfigError(f"sweep.metric: {metric!r} is not reported by the tasks (one of {', '.join(known)})")
+    default_mode = "min" if metric.rsplit("/", 1)[-1] in LOWER_IS_BETTER else "max"
+    mode = sweep_raw.get("mode", default_mode)
+    if mode not in ("min", "max"):
+        raise ConfigError(f"sweep.mode: {mode!r} is not min or max")
+    return metric, mode
+
+
+def _scheduler(value: Any, eval_chunks: int) -> tuple[str, int, float]:
+    options: dict[str, Any] = {}
+    if isinstance(value, dict):
+        options = dict(value)
+        value = options.pop("name", None)
+        unknown = set(options) - {"grace_period", "reduction_factor"}
+        if unknown:
+            raise ConfigError(f"sweep.scheduler.{sorted(unknown)[0]}: unknown key (allowed: name, grace_period, "
+                              "reduction_factor)")
+    if value is None or value is False:
+        value = "none"
+    if value not in SCHEDULERS:
+        raise ConfigError(f"sweep.scheduler: {value!r} is not one of {', '.join(SCHEDULERS)}")
+    grace = _int(options, "grace_period", 1, lo=1, prefix="sweep.scheduler.")
+    factor = _number(options, "reduction_factor", 2.0, lo=1.0, prefix="sweep.scheduler.")
+    if value == "asha":
+        if eval_chunks < 2:
+            raise ConfigError("sweep.scheduler: asha stops trials between evaluation reports; set "
+                              "sweep.eval_chunks to 2 or more")
+        if grace > eval_chunks:
+            raise ConfigError(f"sweep.scheduler.grace_period: {grace} exceeds sweep.eval_chunks ({eval_chunks})")
+        if factor <= 1:
+            raise ConfigError("sweep.scheduler.reduction_factor: must be > 1")
+    return value, grace, factor
+
+
+def _resources(value: Any) -> dict[str, float]:
+    if value is None:
+        return {"cpu": 1.0}
+    if not isinstance(value, dict) or not value:
+        raise ConfigError("sweep.resources_per_trial: expected a mapping such as {cpu: 1, gpu: 0}")
+    out = {}
+    for key, amount in value.items():
+        if not _is_number(amount) or amount < 0:
+            raise ConfigError(f"sweep.resources_per_trial.{key}: expected a number >= 0, got {amount!r}")
+        out[str(key)] = float(amount)
+    out.setdefault("cpu", 1.0)
+    return out
+
+
+def _int(raw: dict, key: str, default: int | None, lo: int, prefix: str = "sweep.") -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ConfigError(f"{prefix}{key}: expected an integer >= {lo}, got {value!r}")
+    return value
+
+
+def _number(raw: dict, key: str, default: float, lo: float, prefix: str = "sweep.") -> float:
+    value = raw.get(key, default)
+    if not _is_number(value) or value < lo:
+        raise ConfigError(f"{prefix}{key}: expected a number >= {lo}, got {value!r}")
+    return float(value)
+
+
+# --- validation tasks ----------------------------------------------------------------------------
+
+
+def _tasks(value: Any) -> tuple[TaskSpec, ...]:
+    if not isinstance(value, list) or not value:
+        raise ConfigError("sweep.tasks: expected a non-empty list of {name, type, data}")
+    tasks, seen = [], set()
+    for i, entry in enumerate(value):
+        where = f"sweep.tasks[{i}]"
+        if not isinstance(entry, dict):
+            raise ConfigError(f"{where}: expected a mapping with name, type and data")
+        kind = entry.get("type")
+        if kind not in TASK_TYPES:
+            raise ConfigError(f"{where}.type: {kind!r} is not one of {', '.join(TASK_TYPES)}")
+        allowed = EVAL_TASK_KEYS if kind == "eval" else TASK_KEYS
+        unknown = set(entry) - allowed
+        if unknown:
+            raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key for type {kind} (allowed: "
+                              f"{', '.join(sorted(allowed))})")
+        name = entry.get("name", entry.get("task", kind))
+        if not isinstance(name, str) or not name or "/" in name:
+            raise ConfigError(f"{where}.name: expected a name without '/'")
+        if name in seen:
+            raise ConfigError(f"{where}.name: '{name}' is used twice")
+        seen.add(name)
+        if not isinstance(entry.get("data"), str):
+            raise ConfigError(f"{where}.data: expected the path of a .jsonl file")
+        limit = entry.get("limit")
+        if limit is not None:
+            limit = _int(entry, "limit", None, lo=1, prefix=f"{where}.")
+        if kind == "eval":
+            tasks.append(_eval_task(entry, name, limit, where))
+            continue
+        examples = read_examples(entry["data"], kind, entry.get("text_field", "text"),
+                                 entry.get("label_field", "label"), limit, f"{where}.data")
+        tasks.append(TaskSpec(name=name, type=kind, data=str(Path(entry["data"]).resolve()), examples=examples,
+                              max_length=_int(entry, "max_length", 128, lo=2, prefix=f"{where}."),
+                              batch_size=_int(entry, "batch_size", 8, lo=1, prefix=f"{where}.")))
+    return tuple(tasks)
+
+
+def _eval_task(entry: dict, name: str, limit: int | None, where: str) -> TaskSpec:
+    from distmerge.errors import InputError
+    from distmerge.evaluate.tasks import get_task
+
+    try:
+        task = get_task(str(entry.get("task")))
+    except InputError as exc:
+        raise ConfigError(f"{where}.task: {exc}") from None
+    rows = read_examples(entry["data"], "rows", "", "", limit, f"{where}.data")
+    try:
+        task.check_columns(list(rows[0]), f"'{entry['data']}'")
+    except InputError as exc:
+        raise ConfigError(f"{where}.data: {exc}") from None
+    return TaskSpec(
+        name=name, type="eval", data=str(Path(entry["data"]).resolve()), examples=rows, task=task.name,
+        max_length=_int(entry, "max_length", None, lo=2, prefix=f"{where}.") if "max_length" in entry else None,
+        batch_size=_int(entry, "batch_size", 8, lo=1, prefix=f"{where}."),
+        workers=_int(entry, "workers", 1, lo=1, prefix=f"{where}."),
+        cpus_per_worker=_number(entry, "cpus_per_worker", 0.5, lo=0.01, prefix=f"{where}."),
+        max_new_tokens=_int(entry, "max_new_tokens", None, lo=1, prefix=f"{where}.") if "max_new_tokens" in entry
+        else None,
+    )
+
+
+def read_examples(path: str, kind: str, text_field: str, label_field: str, limit: int | None,
+                  where: str) -> tuple:
+    """Texts, (text, label) pairs, or whole rows (kind 'rows'), from a JSON-lines file; an error names the file
+    and line."""
+    try:
+        lines = Path(path).read_text().splitlines()
+    except OSError as exc:
+        raise ConfigError(f"{where}: cannot read '{path}': {exc.strerror}") from None
+    examples = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as exc:
+            raise ConfigError(f"{where}: '{path}' line {number} is not JSON ({exc})") from None
+        if kind == "rows":
+            if not isinstance(row, dict):
+                raise ConfigError(f"{where}: '{path}' line {number} is not a JSON object")
+            examples.append(row)
+            if limit is not None and len(examples) >= limit:
+                break
+            continue
+        text = row.get(text_field) if isinstance(row, dict) else None
+        if not isinstance(text, str) or not text.strip():
+            raise ConfigError(f"{where}: '{path}' line {number} has no text in field '{text_field}'")
+        if kind == "classification":
+            label = row.get(label_field)
+            if isinstance(label, bool) or not isinstance(label, (int, str)):
+                raise ConfigError(f"{where}: '{path}' line {number} has no integer or string label in field "
+                                  f"'{label_field}'")
+            examples.append((text, label))
+        else:
+            examples.append(text)
+        if limit is not None and len(examples) >= limit:
+            break
+    if not examples:
+        raise ConfigError(f"{where}: '{path}' holds no examples")
+    return tuple(examples)
+
+
+def chunk_bounds(count: int, chunks: int) -> list[tuple[int, int]]:
+    """[start, stop) of each of ``chunks`` contiguous, nearly equal parts of ``count`` examples."""
+    edges = [round(i * count / chunks) for i in range(chunks + 1)]
+    return list(zip(edges[:-1], edges[1:]))
+

@@ -1,0 +1,144 @@
+"""One trial: its merge config, the merged tensors from the holders, the model, the scores reported to Tune."""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distmerge.io.checkpoint import Checkpoint
+from distmerge.sweep.spec import SweepSpec
+
+_PROCESS_CACHE: dict[str, Any] = {}  # per trial process: model files folder, tokenizer, unmerged tensors
+
+
+@dataclass
+class SweepContext:
+    """What every trial needs; shipped once through the object store (``tune.with_parameters``)."""
+
+    spec: SweepSpec
+    base: Checkpoint | None
+    experts: list[Checkpoint]
+    holders: list  # actor handles
+    holder_tensors: list[tuple[str, ...]]  # merged tensor names per holder
+    copied_refs: list  # ObjectRefs of each holder's unmerged tensors
+    model_files: dict[str, bytes]  # config.json (vocabulary patched) and tokenizer files of the merged model
+    run_id: str = field(default_factory=lambda: uuid.uuid4().hex)  # keys what a reused trial process caches
+
+
+def _cache(context: SweepContext) -> dict[str, Any]:
+    """What this process keeps between the trials of one sweep (Tune reuses trial processes)."""
+    if _PROCESS_CACHE.get("run") != context.run_id:
+        _PROCESS_CACHE.clear()
+        _PROCESS_CACHE["run"] = context.run_id
+    return _PROCESS_CACHE
+
+
+def run_trial(config: dict[str, Any], context: SweepContext) -> None:
+    """Tune's function trainable."""
+    import torch
+    from ray import tune
+
+    from distmerge import telemetry
+    from distmerge.sweep.objectives import build_model, evaluate_in_parts
+
+    began = time.perf_counter()
+    resources = tune.get_context().get_trial_resources().required_resources
+    torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
+    device = "cuda" if resources.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
+    values = {name: config[name] for name in context.spec.param_names}
+    state_dict = merged_state_dict(context, values)
+    merge_seconds = time.perf_counter() - began
+    model_dir, tokenizer = _model_files(context)
+    built: dict[str, Any] = {}
+
+    def model(kind: str):
+        if kind not in built:
+            built[kind] = build_model(model_dir, state_dict, kind, device)
+        return built[kind]
+
+    def eval_source():
+        if "source" not in built:  # put into the object store once per trial, for the evaluator's actors
+            from transformers import AutoConfig
+
+            from distmerge.evaluate import ModelSource
+
+            config = AutoConfig.from_pretrained(str(model_dir)).to_dict()
+            # A copy: the evaluator sets the padding side of the tokenizer it is given.
+            built["source"] = ModelSource.from_state_dict(config, state_dict, copy.deepcopy(tokenizer))
+        return built["source"]
+
+    eval_began = time.perf_counter()
+    for part, metrics in enumerate(evaluate_in_parts(model, tokenizer, context.spec.tasks,
+                                                     context.spec.eval_chunks, eval_source), 1):
+        tune.report({**metrics, "merge_seconds": round(merge_seconds, 3),
+                     "eval_seconds": round(time.perf_counter() - eval_began, 3), "eval_parts": part})
+    telemetry.count("distmerge_trials_finished")
+
+
+def merged_state_dict(context: SweepContext, values: dict[str, Any]):
+    """The full merged state dict for these parameter values, computed by the holders (reduction passes,
+    merge, deferred decisions) exactly as the engine's driver and workers compute it."""
+    import ray
+
+    from distmerge.engine.worker import add_partials
+    from distmerge.sweep.holders import from_wire
+    from distmerge.engine.ray_session import get as _get
+    from distmerge.tensors import resolve_tensors
+
+    merge_config = context.spec.trial_config(values)
+    method = merge_config.build_method()
+    outputs, _, _ = resolve_tensors(merge_config, context.base, context.experts)
+    jobs = {o.name: o.job for o in outputs if o.merged}
+    state = method.initial_state(list(jobs.values()))
+    holder_jobs = [ray.put({name: jobs[name] for name in names}) for names in context.holder_tensors]
+    while (pass_name := method.next_pass(state)) is not None:
+        totals = None
+        for part in _get([h.run_pass.remote(method, pass_name, state, j)
+                          for h, j in zip(context.holders, holder_jobs)]):
+            if part is not None:
+                totals = add_partials(totals, part)
+        state = method.finish_pass(pass_name, totals or {}, state)
+    request = uuid.uuid4().hex
+    try:
+        sign_sum = sum(_get([h.merge.remote(request, method, state, j) for h, j in zip(context.holders, holder_jobs)]))
+        apply = method.resolve_deferred({**state, "sign_sum": sign_sum})
+        parts = _get([h.fetch.remote(request, apply) for h in context.holders])
+    except BaseException:
+        for holder in context.holders:
+            holder.discard.remote(request)
+        raise
+    tensors = {}
+    for part in parts + _copied(context):
+        for name, (array, dtype) in part.items():
+            tensors[name] = from_wire(array, dtype)
+    return tensors
+
+
+def _copied(context: SweepContext) -> list[dict]:
+    import ray
+
+    cache = _cache(context)
+    if "copied" not in cache:
+        cache["copied"] = ray.get(context.copied_refs)
+    return cache["copied"]
+
+
+def _model_files(context: SweepContext):
+    """config.json and the tokenizer written once per process into a local folder (no shared filesystem)."""
+    from transformers import AutoTokenizer
+
+    cache = _cache(context)
+    if "files" not in cache:
+        folder = Path(tempfile.mkdtemp(prefix="distmerge-sweep-model-"))
+        for name, data in context.model_files.items():
+            (folder / name).write_bytes(data)
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        if tokenizer.pad_token is None:  # batched scoring pads; the padding is masked out
+            tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
+        cache["files"] = (folder, tokenizer)
+    return cache["files"]
