@@ -328,3 +328,23 @@ def test_reference_cosine_construction_matches_a_plain_reimplementation():
                    for g, pp, pf in zip(grads, pre_params, fin.parameters()))
     result = fda.construct_anchors(fda.unit_forward(pre), params_of(pre), params_of(fin), x.detach(), steps=1)
     assert result.initial_loss == pytest.approx(expected.item(), rel=1e-10)
+
+
+def test_weight_rows_skip_down_proj_of_a_square_mlp():
+    square = {"gate_proj.weight": torch.ones(6, 6), "up_proj.weight": 2 * torch.ones(6, 6),
+              "down_proj.weight": 3 * torch.ones(6, 6)}
+    rows = fda.weight_rows(square, 6)
+    assert rows.shape == (12, 6) and float(rows.max()) == 2.0
+
+
+def test_content_fingerprint_changes_when_a_model_is_rewritten_in_place(tmp_path):
+    from distmerge.fda.config import content_fingerprint
+
+    model = tmp_path / "expert"
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"x" * 10)
+    before = content_fingerprint(str(model))
+    assert content_fingerprint(str(model)) == before
+    (model / "model.safetensors").write_bytes(b"y" * 11)  # retrained into the same folder
+    assert content_fingerprint(str(model)) != before
+    assert content_fingerprint("org/hub-model") == "id:org/hub-model"

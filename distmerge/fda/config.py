@@ -151,7 +151,7 @@ class FdaConfig:
         self._require_resolved()
         expert = dict(self.experts)[task]
         return _digest({"stage": "construct", "version": 1, "base": self.base, "expert": expert, "task": task,
-                        "layer": layer, "modules": self.modules, "anchors": asdict(self.anchors), "seed": self.seed,
+                        "contents": [content_fingerprint(self.base), content_fingerprint(expert)], "layer": layer, "modules": self.modules, "anchors": asdict(self.anchors), "seed": self.seed,
                         "dtype": self.dtype})
 
     def adaptation_key(self, layer: int, initial_id: str) -> str:
@@ -164,8 +164,9 @@ class FdaConfig:
         """Identifies the initial merge: its path, or the hash of the inline engine merge."""
         self._require_resolved()
         if isinstance(self.initial, str):
-            return f"path:{self.initial}"
-        return "merge:" + _digest({"base": self.base, "experts": list(self.experts), "initial": self.initial})
+            return f"path:{self.initial}:{content_fingerprint(self.initial)}"
+        return "merge:" + _digest({"base": self.base, "experts": list(self.experts), "initial": self.initial,
+                                   "contents": [content_fingerprint(m) for m in (self.base, *dict(self.experts).values())]})
 
     def _require_resolved(self) -> None:
         if not self.resolved:
@@ -186,6 +187,16 @@ class FdaConfig:
 def _fill(settings, defaults: dict[str, Any]):
     values = {k: (v if v is not None else defaults.get(k)) for k, v in asdict(settings).items()}
     return type(settings)(**values)
+
+
+def content_fingerprint(source: str) -> str:
+    """Names, sizes and modification times of a local model's files (a hub id as itself): a model rewritten
+    in place gets new keys, so a rerun never reuses anchors or layers computed from the old weights."""
+    path = Path(source).expanduser()
+    if not path.exists():
+        return f"id:{source}"
+    files = [path] if path.is_file() else sorted(p for p in path.iterdir() if p.is_file())
+    return _digest([(p.name, p.stat().st_size, p.stat().st_mtime_ns) for p in files])
 
 
 def _digest(data: Any) -> str:

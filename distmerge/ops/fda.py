@@ -107,7 +107,10 @@ def gauss_anchors(count: int, shape: tuple[int, ...], sigma: float, generator: t
 def weight_rows(params: Params, hidden: int) -> torch.Tensor:
     """Rows of the unit's 2-D weights whose input dimension is the hidden size (Llama MLP: gate_proj and
     up_proj, not down_proj), concatenated in the order given."""
-    rows = [p.detach().reshape(-1, hidden) for p in params.values() if p.ndim == 2 and p.shape[1] == hidden]
+    # down_proj maps the intermediate size back to the hidden size: never a source of rows, even when the MLP
+    # is square and its input dimension happens to equal the hidden size.
+    rows = [p.detach().reshape(-1, hidden) for name, p in params.items()
+            if p.ndim == 2 and p.shape[1] == hidden and not name.endswith("down_proj.weight")]
     if not rows:
         raise ValueError(f"no 2-D weight with input dimension {hidden} to draw anchor rows from")
     return torch.cat(rows, dim=0)
