@@ -211,6 +211,8 @@ def main() -> None:
     parser.add_argument("--methods", default=",".join(METHODS))
     parser.add_argument("--workers", default="1,2,4")
     parser.add_argument("--mergekit", help="path of mergekit-yaml (in its own venv); mergekit runs only if given")
+    parser.add_argument("--mergekit-methods", help="comma list of mergekit merge_methods to run (default: every "
+                        "one the chosen methods map to)")
     parser.add_argument("--out-root", type=Path, help="where outputs go (deleted after each run); default: a "
                         "temporary folder beside --models")
     parser.add_argument("--repeat", type=int, default=1)
@@ -288,7 +290,10 @@ def main() -> None:
         mergekit_best: dict[str, float] = {}
         if args.mergekit:
             cores_flag = ["--async-write", "-j", str(cores)]
+            wanted = set(args.mergekit_methods.split(",")) if args.mergekit_methods else None
             for mk_method in dict.fromkeys(MERGEKIT[m][0] for m in methods if m in MERGEKIT):
+                if wanted is not None and mk_method not in wanted:
+                    continue
                 config_path = out_root / f"mergekit-{mk_method}.yaml"
                 config_path.write_text(yaml.safe_dump(mergekit_config(mk_method, base, experts), sort_keys=False))
                 reads_base = mk_method != "linear"
