@@ -950,3 +950,15 @@ def test_dare_method_chunking_and_ops():
     got, *_ = run_by_hand(build_method("dare", {"drop_rate": 0.0, "lambda": 0.5}), base, experts)
     for n in SHAPES:
         assert torch.allclose(got[n], base[n] + 0.5 * sum(e[n] - base[n] for e in experts), atol=1e-6)
+
+
+def test_deferred_sign_patches_only_exact_cancellations():
+    """Elements whose trimmed values are all zero, or whose sum is nonzero, are never patched."""
+    trimmed = torch.tensor([[0.0, 1.0, 2.0, -1.0, 0.0],
+                            [0.0, -1.0, 1.0, 1.0, 0.0],
+                            [0.0, 0.0, 0.0, 0.0, 0.0]])
+    merged, sign_sum, index, alternative = ties.merge_deferred_sign(trimmed, [1.0, 1.0, 1.0])
+    assert index.tolist() == [1, 3]  # the two exact cancellations
+    assert torch.equal(merged, torch.tensor([0.0, 1.0, 1.5, 1.0, 0.0]))  # zero sums merged with +1
+    assert torch.equal(alternative, torch.tensor([-1.0, -1.0]))  # with -1 instead
+    assert sign_sum == 1

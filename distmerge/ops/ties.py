@@ -165,7 +165,7 @@ def _disjoint(weighted, weights, sign, zero_sign, mode):
 def _nonzero_divisor(count: torch.Tensor, integral: bool) -> torch.Tensor:
     """count, with 0 replaced by 1 (an empty agreeing set merges to 0); counts of unit weights are integers."""
     if integral:
-        return count.clamp_(min=1.0)
+        return count.clamp(min=1.0)  # not in place: the counts are needed afterwards
     return count + (1.0 - _at_least(count.abs(), 1e-30))
 
 
