@@ -156,20 +156,22 @@ def default_name(source: str) -> str:
     return base
 
 
+def read_yaml(path: str | Path, what: str = "config") -> Any:
+    """A YAML file's contents; an unreadable file or invalid YAML is a ConfigError naming the file."""
+    path = Path(path).expanduser()
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ConfigError(f"cannot read {what} '{path}': {exc.strerror or exc}") from None
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{what} '{path}' is not valid YAML: {exc}") from None
+
+
 def load_config(source: str | Path | dict[str, Any]) -> MergeConfig:
     """Read a YAML file (or an already-parsed dict) in either dialect and validate it."""
-    if isinstance(source, dict):
-        raw = source
-    else:
-        path = Path(source)
-        try:
-            text = path.read_text()
-        except OSError as exc:
-            raise ConfigError(f"cannot read config '{path}': {exc.strerror}") from None
-        try:
-            raw = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config '{path}' is not valid YAML: {exc}") from None
+    raw = source if isinstance(source, dict) else read_yaml(source)
     if not isinstance(raw, dict):
         raise ConfigError("config: expected a mapping at the top level")
     if "merge_method" in raw:

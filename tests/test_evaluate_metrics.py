@@ -378,7 +378,7 @@ def test_suite_validation(tmp_path):
         ("tasks:\n  - task: gsm8k\n    batch: 3\n", "tasks[0].batch: unknown key"),
         ("workers: 0\ntasks: [gsm8k]\n", "workers: must be an integer >= 1"),
         ("modle: x\ntasks: [gsm8k]\n", "modle: unknown key"),
-        ("tasks: [gsm8k\n", "invalid YAML"),
+        ("tasks: [gsm8k\n", "not valid YAML"),
     ]:
         suite.write_text(text)
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):

@@ -69,17 +69,11 @@ def _path(value: Any, base: Path, where: str) -> str | None:
 
 
 def load_suite(path: str | Path) -> Suite:
-    import yaml
-
+    from distmerge.config import read_yaml
     from distmerge.evaluate.tasks import TASKS
 
     path = Path(path).expanduser()
-    try:
-        raw = yaml.safe_load(path.read_text())
-    except OSError as exc:
-        raise ConfigError(f"suite '{path}': cannot read ({exc.strerror or exc})") from None
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"suite '{path}': invalid YAML ({exc})") from None
+    raw = read_yaml(path, "suite")
     if not isinstance(raw, dict):
         raise ConfigError(f"suite '{path}': expected a mapping with a 'tasks' list")
     unknown = sorted(set(raw) - TOP_KEYS)

@@ -26,8 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from distmerge.config import read_yaml
 from distmerge.errors import ConfigError
 
 TOP_KEYS = {"base", "experts", "initial", "modules", "layers", "anchors", "adapt", "resources", "seed", "dtype"}
@@ -216,12 +215,7 @@ def load_fda_config(source: str | Path | dict[str, Any] | FdaConfig) -> FdaConfi
     else:
         path = Path(source)
         prefix = f"{path.name}: "
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read config '{path}': {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"config '{path}' is not valid YAML: {exc}") from None
+        raw = read_yaml(path)
     try:
         return _parse(raw)
     except ConfigError as exc:

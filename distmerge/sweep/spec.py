@@ -37,9 +37,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from distmerge.config import MergeConfig, default_name, load_config
+from distmerge.config import MergeConfig, default_name, load_config, read_yaml
 from distmerge.errors import ConfigError
 
 SPACE_KINDS = ("grid", "choice", "uniform", "quniform", "loguniform", "randint")
@@ -209,12 +207,7 @@ def load_sweep(source: str | Path | dict[str, Any]) -> SweepSpec:
     else:
         path = Path(source)
         label = str(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except OSError as exc:
-            raise ConfigError(f"cannot read sweep config '{path}': {exc.strerror}") from None
-        except yaml.YAMLError as exc:
-            raise ConfigError(f"sweep config '{path}' is not valid YAML: {exc}") from None
+        raw = read_yaml(path, "sweep config")
     if not isinstance(raw, dict):
         raise ConfigError(f"{label}: expected a mapping at the top level")
     if "merge_method" in raw:
