@@ -383,3 +383,13 @@ def test_suite_validation(tmp_path):
         suite.write_text(text)
         with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
             load_suite(suite)
+
+
+def test_load_tokenizer_leaves_the_callers_tokenizer_alone():
+    from distmerge.evaluate.models import ModelSource, load_tokenizer
+    from distmerge.tiny_models import build_tokenizer
+
+    mine = build_tokenizer(64)
+    mine.padding_side = "right"
+    theirs = load_tokenizer(ModelSource(config={"model_type": "llama"}, tensors={}, tokenizer=mine), "left")
+    assert theirs.padding_side == "left" and mine.padding_side == "right"

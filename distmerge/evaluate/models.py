@@ -106,6 +106,10 @@ def load_tokenizer(source: ModelSource, padding_side: str):
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
         except Exception as exc:
             raise InputError(f"cannot load a tokenizer from '{tokenizer}' ({one_line(exc)})") from None
+    else:
+        import copy
+
+        tokenizer = copy.deepcopy(tokenizer)  # the caller's tokenizer keeps its own padding side and pad token
     tokenizer.padding_side = padding_side
     if tokenizer.pad_token is None:  # Llama ships without one; any id works under the attention mask
         tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
