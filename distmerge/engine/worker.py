@@ -82,11 +82,12 @@ class MergeWorker:
     def _read(self, model: Checkpoint, source: TensorSource, start: int | None, stop: int | None) -> torch.Tensor:
         began = time.perf_counter()
         if self.spec.faults:
+            file = model.info(source.tensor).file
             try:
-                faults.check_read(self.spec.faults, source.tensor, model.info(source.tensor).file)
+                faults.check_read(self.spec.faults, source.tensor, file)
             except OSError as exc:
-                raise InputError(f"{where(model=model.name, file=model.info(source.tensor).file, tensor=source.tensor)}"
-                                 f": read failed ({exc.strerror})") from None
+                raise InputError(f"{where(model=model.name, file=file, tensor=source.tensor)}: read failed "
+                                 f"({exc.strerror})") from None
         if source.row_map is not None:
             key = (model.name, source.tensor)
             if key not in self._reconciled:
@@ -104,10 +105,7 @@ class MergeWorker:
         return value
 
     def _chunks(self, tensor: OutputTensor, chunked: bool) -> list[tuple[int | None, int | None]]:
-        if not tensor.shape or not chunked:
-            return [(None, None)]
-        rows = max(1, CHUNK_ELEMENTS // max(1, row_elements(tensor)))
-        return [(a, min(a + rows, tensor.shape[0])) for a in range(0, tensor.shape[0], rows)]
+        return row_chunks(tensor, chunked)
 
     def _inputs(self, tensor: OutputTensor, start, stop) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         spec = self.spec
@@ -238,7 +236,7 @@ class MergeWorker:
         if self.sidecar and self.spec.method.sidecar:
             folder = self.spec.method.sidecar
             name = f"{folder}/" + shard.filename.replace("model-", f"{folder}-")
-            files.append(self._write(self.sidecar, staging / name, shard_index))
+            files.append(self._write(self.sidecar, staging / name))
             sidecar = {"shard": shard_index, "filename": name.split("/", 1)[1], "tensors": list(self.sidecar),
                        "bytes": sum(t.numel() * t.element_size() for t in self.sidecar.values())}
         patches = None
@@ -248,7 +246,7 @@ class MergeWorker:
             for tensor, (index, value) in self.pending_patches.items():
                 tensors[f"{tensor}::index"] = torch.cat(index)
                 tensors[f"{tensor}::value"] = torch.cat(value)
-            files.append(self._write(tensors, staging / patches, shard_index))
+            files.append(self._write(tensors, staging / patches))
         result = {"shard": shard_index, "filename": shard.filename, "tensors": written, "bytes": nbytes,
                   "sidecar": sidecar, "sign_sum": self.sign_sum, "patches": patches, "files": files,
                   "node": _node_id()}
@@ -257,7 +255,7 @@ class MergeWorker:
         self._sample_memory()
         return result
 
-    def _write(self, tensors: dict[str, torch.Tensor], path: Path, shard_index: int) -> dict[str, Any]:
+    def _write(self, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
         """A small whole file beside a shard (EMR sidecar, deferred patches)."""
         write_safetensors(tensors, path)
         return {"name": str(path.relative_to(self.spec.staging)), "bytes": path.stat().st_size,
@@ -291,6 +289,14 @@ def _put(target: torch.Tensor, start: int | None, stop: int | None, value: torch
         target[:, start:stop] = value
     else:
         target[start:stop] = value
+
+
+def row_chunks(tensor: OutputTensor, chunked: bool) -> list[tuple[int | None, int | None]]:
+    """Row ranges of about CHUNK_ELEMENTS elements, or the whole tensor as (None, None)."""
+    if not tensor.shape or not chunked:
+        return [(None, None)]
+    rows = max(1, CHUNK_ELEMENTS // max(1, row_elements(tensor)))
+    return [(a, min(a + rows, tensor.shape[0])) for a in range(0, tensor.shape[0], rows)]
 
 
 def row_elements(tensor: OutputTensor) -> int:

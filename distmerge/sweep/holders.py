@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distmerge.engine.worker import CHUNK_ELEMENTS, add_partials, peak_rss_bytes, row_elements
+from distmerge.engine.worker import add_partials, peak_rss_bytes, row_chunks, row_elements
 from distmerge.errors import InputError, where
 from distmerge.io import vocab
 from distmerge.io.checkpoint import Checkpoint
@@ -112,11 +112,7 @@ class TaskVectorHolder:
     # --- merging, per trial ----------------------------------------------------------------------
     def _chunks(self, name: str, chunked: bool):
         """Row ranges as the engine's worker uses them, so temporaries stay as small as the engine's."""
-        tensor = self.tensors[name]
-        if not tensor.shape or not chunked:
-            return [(None, None)]
-        rows = max(1, CHUNK_ELEMENTS // max(1, row_elements(tensor)))
-        return [(a, min(a + rows, tensor.shape[0])) for a in range(0, tensor.shape[0], rows)]
+        return row_chunks(self.tensors[name], chunked)
 
     def _operands(self, name: str, start, stop):
         base, experts = self.inputs[name]
