@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -74,8 +75,10 @@ def test_grid_finds_the_lambda_found_by_hand_and_reads_inputs_once(ray_cluster, 
 
     base, experts, data = family
     config = sweep_config(base, experts, data, holders=2)
+    before = set(Path(tempfile.gettempdir()).glob("distmerge-sweep-model-*"))
     result = run_sweep(config, tmp_path / "sweep", progress=False)
     spec = load_sweep(config)
+    assert set(Path(tempfile.gettempdir()).glob("distmerge-sweep-model-*")) == before, "trials left temp folders"
 
     by_hand = {}
     for lam in LAMBDAS:

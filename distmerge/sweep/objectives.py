@@ -32,13 +32,13 @@ class EvaluationError(DistmergeError):
     """A merged model could not be scored (missing tensors, non-finite loss)."""
 
 
-def build_model(model_dir: str | Path, state_dict: dict[str, torch.Tensor], kind: str, device: str = "cpu"):
-    """The model of ``model_dir/config.json`` with ``state_dict``'s tensors as its weights, without copying them
-    (on the CPU; ``device`` cuda copies them to the trial's GPU)."""
+def build_model(model_config, state_dict: dict[str, torch.Tensor], kind: str, device: str = "cpu"):
+    """The model of ``model_config`` (a transformers config, or a folder with config.json) with ``state_dict``'s
+    tensors as its weights, without copying them (on the CPU; ``device`` cuda copies them to the trial's GPU)."""
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    config = AutoConfig.from_pretrained(str(model_dir))
+    config = model_config if hasattr(model_config, "to_dict") else AutoConfig.from_pretrained(str(model_config))
     cls = AutoModelForCausalLM if kind == "causal_lm" else AutoModelForSequenceClassification
     # Weights are created on the meta device and replaced by the merged tensors; buffers (rotary
     # frequencies) are computed for real, as from_pretrained would.

@@ -53,23 +53,21 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     values = {name: config[name] for name in context.spec.param_names}
     state_dict = merged_state_dict(context, values)
     merge_seconds = time.perf_counter() - began
-    model_dir, tokenizer = _model_files(context)
+    model_config, tokenizer = _model_files(context)
     built: dict[str, Any] = {}
 
     def model(kind: str):
         if kind not in built:
-            built[kind] = build_model(model_dir, state_dict, kind, device)
+            built[kind] = build_model(model_config, state_dict, kind, device)
         return built[kind]
 
     def eval_source():
         if "source" not in built:  # put into the object store once per trial, for the evaluator's actors
-            from transformers import AutoConfig
-
             from distmerge.evaluate import ModelSource
 
-            config = AutoConfig.from_pretrained(str(model_dir)).to_dict()
             # A copy: the evaluator sets the padding side of the tokenizer it is given.
-            built["source"] = ModelSource.from_state_dict(config, state_dict, copy.deepcopy(tokenizer))
+            built["source"] = ModelSource.from_state_dict(model_config.to_dict(), state_dict,
+                                                          copy.deepcopy(tokenizer))
         return built["source"]
 
     eval_began = time.perf_counter()
@@ -129,16 +127,18 @@ def _copied(context: SweepContext) -> list[dict]:
 
 
 def _model_files(context: SweepContext):
-    """config.json and the tokenizer written once per process into a local folder (no shared filesystem)."""
-    from transformers import AutoTokenizer
+    """The model config and tokenizer, loaded once per process from the files the driver shipped (no shared
+    filesystem). The folder they are loaded from lives only for the loading."""
+    from transformers import AutoConfig, AutoTokenizer
 
     cache = _cache(context)
     if "files" not in cache:
-        folder = Path(tempfile.mkdtemp(prefix="distmerge-sweep-model-"))
-        for name, data in context.model_files.items():
-            (folder / name).write_bytes(data)
-        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        with tempfile.TemporaryDirectory(prefix="distmerge-sweep-model-") as folder:
+            for name, data in context.model_files.items():
+                (Path(folder) / name).write_bytes(data)
+            model_config = AutoConfig.from_pretrained(folder)
+            tokenizer = AutoTokenizer.from_pretrained(folder)
         if tokenizer.pad_token is None:  # batched scoring pads; the padding is masked out
             tokenizer.pad_token = tokenizer.eos_token or tokenizer.unk_token
-        cache["files"] = (folder, tokenizer)
+        cache["files"] = (model_config, tokenizer)
     return cache["files"]
