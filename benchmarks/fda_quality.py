@@ -45,6 +45,8 @@ DEFAULT_JSON = Path(__file__).resolve().parent / "results" / "fda_quality.json"
 
 @dataclass(frozen=True)
 class FdaSettings:
+    modules: str = "mlp"  # mlp: the NLG unit; block: the whole decoder layer (anchors of ``tokens`` tokens)
+    tokens: int | None = None
     count: int = 512  # anchors per (layer, task); NLG uses 8192 at width 5120
     sigma: float = 0.01
     steps: int = 200
@@ -165,14 +167,50 @@ class Evaluator:
         model = ft.load(folder)
         return {t: ft.greedy_scores(model, examples) for t, examples in self.sets[split].items()}
 
-    def score_own_mlps(self, merged: Path, experts: dict[str, Path], split: str) -> dict[str, dict[str, float]]:
-        """Task t scored on the merge with every MLP tensor replaced by expert t's: what a method that changes
-        only the MLPs (FDA's NLG setting) could reach at best on t while keeping the merge elsewhere."""
+    def unit_error(self, merged: Path, experts: dict[str, Path], modules: str) -> dict[str, float]:
+        """How far the merged model's FDA units are from each expert's, on real inputs: per task t and layer l,
+        ||u_merged(x) - u_t(x)|| / ||u_t(x)|| over the inputs x that expert t's own unit l sees on t's test
+        prompts (teacher-forced), u the MLP or the decoder layer's residual branch (output minus input); the
+        mean over layers. This is what FDA optimizes on its anchors, measured where it matters."""
+        import torch
+
+        model = ft.load(merged)
+        out = {}
+        for task, folder in experts.items():
+            expert = ft.load(folder)
+            ids, mask, _ = ft.collate(self.sets["test"][task])
+            errors = []
+            for layer in range(len(expert.model.layers)):
+                seen = {}
+                own = expert.model.layers[layer]
+                unit = own.mlp if modules == "mlp" else own
+                hook = unit.register_forward_hook(lambda m, args, kwargs, output: seen.update(
+                    args=args, kwargs=kwargs, output=output[0] if isinstance(output, tuple) else output),
+                    with_kwargs=True)
+                with torch.no_grad():
+                    expert(input_ids=ids, attention_mask=mask)
+                hook.remove()
+                mine = model.model.layers[layer]
+                with torch.no_grad():
+                    merged_out = (mine.mlp if modules == "mlp" else mine)(*seen["args"], **seen["kwargs"])
+                merged_out = merged_out[0] if isinstance(merged_out, tuple) else merged_out
+                expert_out = seen["output"]
+                if modules != "mlp":  # the residual branch: both outputs carry the same input x
+                    merged_out, expert_out = merged_out - seen["args"][0], expert_out - seen["args"][0]
+                keep = mask.bool()
+                errors.append(float((merged_out - expert_out)[keep].norm() / expert_out[keep].norm()))
+            out[task] = sum(errors) / len(errors)
+        return out
+
+    def score_own(self, merged: Path, experts: dict[str, Path], split: str, part: str) -> dict[str, dict[str, float]]:
+        """Task t scored on the merge with every tensor whose name holds ``part`` (".mlp.": the MLPs, ".layers.":
+        whole decoder layers) replaced by expert t's: what a method that changes only those tensors (FDA's unit)
+        could reach at best on t while keeping the merge elsewhere."""
         out = {}
         for task, folder in experts.items():
             model = ft.load(merged)
             own = ft.load(folder).state_dict()
-            model.load_state_dict({n: (own[n] if ".mlp." in n else v) for n, v in model.state_dict().items()})
+            model.load_state_dict({n: (own[n] if part in n else v) for n, v in model.state_dict().items()})
             out[task] = ft.greedy_scores(model, self.sets[split][task])
         return out
 
@@ -215,8 +253,9 @@ def fda_config(settings: Settings, seed: int, base: Path, experts: dict[str, Pat
                init: str) -> dict:
     fda = settings.fda
     return {"base": str(base), "experts": {t: str(p) for t, p in experts.items()}, "initial": str(initial),
-            "modules": "mlp",
-            "anchors": {"count": fda.count, "init": init, "sigma": fda.sigma, "steps": fda.steps, "lr": fda.lr},
+            "modules": fda.modules,
+            "anchors": {"count": fda.count, "tokens": fda.tokens, "init": init, "sigma": fda.sigma, "steps": fda.steps,
+                        "lr": fda.lr},
             "adapt": {"param": "elementwise", "sources": "initial", "alpha_init": 1.0, "loss": fda.loss,
                       "lr": fda.adapt_lr, "batch_size": fda.adapt_batch, "epochs": fda.adapt_epochs},
             "resources": {"num_cpus": 1}, "seed": seed}
@@ -263,7 +302,10 @@ def run_seed(settings: Settings, seed: int, work: Path, fresh: bool) -> dict:
         evaluator, merges)
     test["task_arithmetic"] = evaluator.score(ta_folder, "test")
     labels["task_arithmetic"] = ta_label
-    test["ta_own_mlps"] = evaluator.score_own_mlps(ta_folder, experts, "test")
+    unit_errors = {"base": evaluator.unit_error(base, experts, settings.fda.modules),
+                   "task_arithmetic": evaluator.unit_error(ta_folder, experts, settings.fda.modules)}
+    test["ta_own_mlps"] = evaluator.score_own(ta_folder, experts, "test", ".mlp.")
+    test["ta_own_layers"] = evaluator.score_own(ta_folder, experts, "test", ".layers.")
 
     log(f"[seed {seed}] TIES, density {list(settings.ties_densities)} x lambda {list(settings.ties_lambdas)}")
     ties_label, ties_folder, ties_grid = choose_on_validation(
@@ -280,12 +322,13 @@ def run_seed(settings: Settings, seed: int, work: Path, fresh: bool) -> dict:
         test[name] = evaluator.score(folder, "test")
         labels[name] = f"FDA({ta_label}, {init})"
         fda_runs[name] = record
+        unit_errors[name] = evaluator.unit_error(folder, experts, settings.fda.modules)
         log(f"    {name}: test {_fmt(test[name])} ({record['seconds']}s)")
 
     if not os.environ.get("FDA_QUALITY_KEEP_MERGES"):
         shutil.rmtree(merges, ignore_errors=True)
     return {"seed": seed, "test": test, "labels": labels, "ta_grid": ta_grid, "ties_grid": ties_grid,
-            "fda": fda_runs, "training": training, "gap_recovered": gaps(test, list(experts)),
+            "fda": fda_runs, "unit_error": unit_errors, "training": training, "gap_recovered": gaps(test, list(experts)),
             "seconds": round(time.perf_counter() - began, 1)}
 
 
@@ -302,7 +345,7 @@ def gaps(test: dict[str, dict], task_names: list[str]) -> dict[str, dict]:
     where the gap is 0)."""
     own = expert_own(test, task_names)
     out = {}
-    for name in [k for k in test if k.startswith("fda_")] + ["ta_own_mlps"]:
+    for name in [k for k in test if k.startswith("fda_")] + ["ta_own_mlps", "ta_own_layers"]:
         per_task = {}
         for t in task_names:
             gap = own[t] - test["task_arithmetic"][t]["exact"]
@@ -317,7 +360,8 @@ def gaps(test: dict[str, dict], task_names: list[str]) -> dict[str, dict]:
 
 ROWS = (("expert (own task)", None), ("base", "base"), ("task arithmetic", "task_arithmetic"), ("TIES", "ties"),
         ("FDA, TA init, gauss", "fda_ta_gauss"), ("FDA, TA init, weights", "fda_ta_weights"),
-        ("TA with the task's own expert MLPs (bound for MLP-only FDA)", "ta_own_mlps"))
+        ("TA with the task's own expert MLPs (bound for MLP-only FDA)", "ta_own_mlps"),
+        ("TA with the task's own expert decoder layers (bound for block FDA)", "ta_own_layers"))
 
 
 def row_values(run: dict, key: str | None, task_names: list[str], metric: str) -> dict[str, float]:
@@ -349,11 +393,20 @@ def summarize(runs: list[dict], task_names: list[str]) -> dict:
                 mean, std = spread(values)
                 columns[column] = {"mean": mean, "std": std}
             summary[metric][f"{task} expert, every task"] = columns
-    for name in ("fda_ta_gauss", "fda_ta_weights", "ta_own_mlps"):
+    for name in ("fda_ta_gauss", "fda_ta_weights", "ta_own_mlps", "ta_own_layers"):
         values = [r["gap_recovered"][name]["mean"] for r in runs if r["gap_recovered"][name]["mean"] is not None]
         if values:
             mean, std = spread(values)
             summary["gap_recovered"][name] = {"mean": mean, "std": std, "per_seed": values}
+    summary["unit_error"] = {}
+    for name in runs[0]["unit_error"]:
+        columns = {}
+        for column in [*task_names, "mean"]:
+            values = [(statistics.fmean(r["unit_error"][name].values()) if column == "mean"
+                       else r["unit_error"][name][column]) for r in runs]
+            mean, std = spread(values)
+            columns[column] = {"mean": mean, "std": std}
+        summary["unit_error"][name] = columns
     summary["chosen"] = {r["seed"]: r["labels"] for r in runs}
     return summary
 
@@ -390,6 +443,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--expert-weights", choices=("all", "mlp"), default="all",
                         help="what fine-tuning moves: all weights (default) or only the MLPs (FDA's NLG unit)")
     parser.add_argument("--threads", type=int, help="torch threads in this process (default 2)")
+    training = parser.add_argument_group("model and training (defaults: hidden 64, 2 layers, MLP 4x; base 600 steps "
+                                         "at 3e-3, experts 600 steps at 1e-3)")
+    for flag, kind in (("base-steps", int), ("expert-steps", int), ("expert-lr", float), ("hidden", int),
+                       ("layers", int)):
+        training.add_argument(f"--{flag}", type=kind, dest=flag.replace("-", "_"))
+    fda = parser.add_argument_group("FDA settings (defaults: the NLG setting scaled to this model)")
+    fda.add_argument("--modules", choices=("mlp", "block"), help="FDA's unit: the MLP (default) or the whole layer")
+    fda.add_argument("--tokens", type=int, help="tokens per anchor (block units; default 8)")
+    for flag, kind in (("count", int), ("sigma", float), ("steps", int), ("lr", float), ("adapt-epochs", int),
+                       ("adapt-lr", float), ("adapt-batch", int)):
+        fda.add_argument(f"--{flag}", type=kind, dest=f"fda_{flag.replace('-', '_')}", help=f"FDA {flag}")
+    fda.add_argument("--adapt-loss", choices=("cos", "mse", "l1"), dest="fda_loss", help="FDA adaptation loss")
     return parser.parse_args(argv)
 
 
@@ -405,6 +470,20 @@ def main(argv=None) -> int:
     if args.threads:
         settings = replace(settings, threads=args.threads)
     settings = replace(settings, expert_train=replace(settings.expert_train, trainable=args.expert_weights))
+    if args.hidden or args.layers:
+        hidden = args.hidden or settings.shape.hidden
+        settings = replace(settings, shape=replace(settings.shape, hidden=hidden, intermediate=4 * hidden,
+                                                   layers=args.layers or settings.shape.layers))
+    if args.base_steps:
+        settings = replace(settings, base_train=replace(settings.base_train, steps=args.base_steps))
+    if args.expert_steps or args.expert_lr:
+        settings = replace(settings, expert_train=replace(settings.expert_train, steps=args.expert_steps or
+                                                          settings.expert_train.steps,
+                                                          lr=args.expert_lr or settings.expert_train.lr))
+    chosen = {k[len("fda_"):]: v for k, v in vars(args).items() if k.startswith("fda_") and v is not None}
+    if args.modules == "block":
+        chosen.update(modules="block", tokens=args.tokens or 8)
+    settings = replace(settings, fda=replace(settings.fda, **chosen))
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -437,10 +516,14 @@ def main(argv=None) -> int:
     print(table(summary, task_names, "exact", len(seeds)))
     print("\nPer-token accuracy of the same greedy outputs:\n")
     print(table(summary, task_names, "token", len(seeds)))
+    print(f"\nRelative error of the merged {settings.fda.modules} units against each task's expert, on the inputs "
+          "the expert's own units see on that task's test prompts (mean over layers; lower is closer):\n")
+    print(table({"rows": summary["unit_error"]}, task_names, "rows", len(seeds)))
     print("\nChosen on validation: " + "; ".join(
         f"seed {s}: TA {labels['task_arithmetic']}, TIES {labels['ties']}" for s, labels in summary["chosen"].items()))
     names = {"fda_ta_gauss": "FDA (TA init, gauss)", "fda_ta_weights": "FDA (TA init, weights)",
-             "ta_own_mlps": "Bound for MLP-only FDA (TA with the task's own expert MLPs)"}
+             "ta_own_mlps": "Bound for MLP-only FDA (TA with the task's own expert MLPs)",
+             "ta_own_layers": "Bound for block FDA (TA with the task's own expert decoder layers)"}
     for name, gap in summary["gap_recovered"].items():
         print(f"{names[name]}: recovers {gap['mean']:.1%}" + (f" ± {gap['std']:.1%}" if len(seeds) > 1 else "")
               + " of the TA -> expert gap (task-mean exact match)")

@@ -131,8 +131,11 @@ def test_family_defaults_and_errors(llama, roberta, tmp_path):
     base, experts = roberta
     rob = open_inputs({"base": str(base), "experts": {"a": str(experts[0])}}).config
     assert (rob.modules, rob.anchors.tokens, rob.adapt.loss, rob.adapt.sources) == ("block", 5, "mse", "experts")
-    with pytest.raises(ConfigError, match="modules: 'block' is not supported"):
-        open_inputs(llama_config(llama, "unused", modules="block"))
+    block = open_inputs(llama_config(llama, "unused", modules="block", anchors={"count": None, "steps": None}))
+    assert (block.config.modules, block.config.anchors.count, block.config.anchors.tokens) == ("block", 64, 8)
+    assert block.unit_tensors(1)[0].startswith("model.layers.1.") and len(block.unit_names) == 9
+    with pytest.raises(ConfigError, match="modules: 'mlp' is not supported for encoder models"):
+        open_inputs({"base": str(base), "experts": {"a": str(experts[0])}, "modules": "mlp"})
     with pytest.raises(ConfigError, match="layers: 7 is out of range"):
         open_inputs(llama_config(llama, "unused", layers=[7]))
     path = tmp_path / "fda.yaml"
@@ -172,7 +175,7 @@ def reference_anchors(llama, ta_merge, tmp_path_factory, ray_cluster):
 @pytest.mark.timeout(300)
 def test_construction_reduces_the_loss_and_keeps_the_best(llama, ta_merge, reference_anchors):
     from distmerge.fda.inputs import open_inputs
-    from distmerge.fda.modules import read_unit, unit_module
+    from distmerge.fda.modules import read_unit, unit_forward, unit_module
     from distmerge.ops import fda as ops
 
     inputs = open_inputs(llama_config(llama, ta_merge))
@@ -202,12 +205,12 @@ def test_construction_reduces_the_loss_and_keeps_the_best(llama, ta_merge, refer
 
 def _gradient_alignment(inputs, anchors_dir, layer, task):
     """Mean cos(g_k, τ_k) over the unit's tensors, for the constructed and for the initial anchors."""
-    from distmerge.fda.modules import read_unit, unit_module
+    from distmerge.fda.modules import read_unit, unit_forward, unit_module
     from distmerge.ops import fda as ops
 
     config = inputs.config
     names = list(inputs.unit_names)
-    forward = ops.unit_forward(unit_module(inputs.base, inputs.layout, layer))
+    forward = unit_forward(inputs.base, inputs.layout, unit_module(inputs.base, inputs.layout, layer))
     base = read_unit(inputs.base, inputs.layout, layer, names, "float32")
     expert = read_unit(inputs.experts[task], inputs.layout, layer, names, "float32")
     generator = torch.Generator().manual_seed(ops.derive_seed(config.seed, "anchors", layer, task))
@@ -231,6 +234,62 @@ def test_anchor_gradient_aligns_with_the_task_vector_llama_mlp(llama, ta_merge, 
     for task in ("math", "code"):
         before, after = _gradient_alignment(inputs, tmp_path / "anchors", 1, task)
         assert after > before + 0.2, (task, before, after)
+
+
+def test_decoder_block_unit_computes_the_layer_as_the_model_does(llama):
+    """The whole-decoder-layer unit, fed the hidden states a real forward pass gives layer 1, returns what that
+    layer returned inside the model (rotary positions and causal mask included)."""
+    from transformers import AutoModelForCausalLM
+
+    from distmerge.fda.inputs import open_inputs
+    from distmerge.fda.modules import read_unit, unit_forward, unit_module
+
+    inputs = open_inputs(llama_config(llama, "unused", modules="block"))
+    model = AutoModelForCausalLM.from_pretrained(str(llama[0])).eval()
+    seen = {}
+    hook = model.model.layers[1].register_forward_hook(
+        lambda module, args, output: seen.update(x=args[0], y=output[0] if isinstance(output, tuple) else output))
+    with torch.no_grad():
+        model(torch.randint(3, 100, (3, 7)))
+    hook.remove()
+    names = list(inputs.unit_names)
+    forward = unit_forward(inputs.base, inputs.layout, unit_module(inputs.base, inputs.layout, 1))
+    params = read_unit(inputs.base, inputs.layout, 1, names, "float32")
+    with torch.no_grad():
+        out = forward(params, seen["x"])
+        assert torch.allclose(out, seen["y"], atol=1e-5)
+        # causal: later tokens do not change earlier outputs
+        changed = seen["x"].clone()
+        changed[:, 4:] += 1.0
+        again = forward(params, changed)
+    assert torch.allclose(again[:, :4], out[:, :4], atol=1e-6) and not torch.allclose(again[:, 4:], out[:, 4:])
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_decoder_block_anchors_align_and_adaptation_fits_them(llama, ta_merge, tmp_path, ray_cluster):
+    from transformers import AutoModelForCausalLM
+
+    from distmerge import fda
+    from distmerge.fda.inputs import open_inputs
+
+    config = llama_config(llama, ta_merge, modules="block", layers=[1],
+                          anchors={"count": 8, "tokens": 4, "steps": 40}, adapt={"epochs": 6, "batch_size": 8})
+    fda.construct(config, tmp_path / "anchors", progress=False)
+    stored = anchor_tensors(tmp_path / "anchors")
+    assert stored["layer_1/task_math/anchors"].shape == (8, 4, 32)
+    inputs = open_inputs(config)
+    for task in ("math", "code"):
+        before, after = _gradient_alignment(inputs, tmp_path / "anchors", 1, task)
+        assert after > before + 0.1, (task, before, after)
+    adapted = fda.adapt(config, tmp_path / "anchors", tmp_path / "merged", progress=False)
+    assert [r["final_loss"] < r["initial_loss"] for r in adapted.results] == [True]
+    merged, initial = tensors_of(tmp_path / "merged"), tensors_of(ta_merge)
+    moved = {n for n in merged if not torch.equal(merged[n], initial[n])}
+    assert any(".self_attn." in n for n in moved) and any(".mlp." in n for n in moved)
+    assert all(n.startswith("model.layers.1.") for n in moved)  # layer 0 and the rest: the initial merge
+    model = AutoModelForCausalLM.from_pretrained(str(tmp_path / "merged"))
+    assert torch.isfinite(model(torch.tensor([[1, 5, 6]])).logits).all()
 
 
 @pytest.mark.ray
@@ -328,7 +387,7 @@ def test_zero_epochs_return_the_initial_merge_exactly(llama, ta_merge, reference
 @pytest.mark.timeout(300)
 def test_adaptation_moves_outputs_toward_the_experts(llama, ta_merge, reference_anchors, reference_model):
     from distmerge.fda.inputs import open_inputs
-    from distmerge.fda.modules import read_unit, unit_module
+    from distmerge.fda.modules import read_unit, unit_forward, unit_module
     from distmerge.io.checkpoint import Checkpoint
     from distmerge.ops import fda as ops
 
@@ -340,7 +399,7 @@ def test_adaptation_moves_outputs_toward_the_experts(llama, ta_merge, reference_
     names = list(inputs.unit_names)
     adapted_names = set()
     for layer in range(LAYERS):
-        forward = ops.unit_forward(unit_module(inputs.base, inputs.layout, layer))
+        forward = unit_forward(inputs.base, inputs.layout, unit_module(inputs.base, inputs.layout, layer))
         x = torch.cat([stored[f"layer_{layer}/task_{t}/anchors"] for t in ("math", "code")])
         y = torch.cat([stored[f"layer_{layer}/task_{t}/targets"] for t in ("math", "code")])
         with torch.no_grad():
@@ -469,3 +528,36 @@ def test_pipeline_tiny_preset_runs_end_to_end(tmp_path, ray_cluster, capsys):
     assert (merged / "model.safetensors.index.json").is_file() and (merged / "fda.yaml").is_file()
     assert sorted(p.name for p in (tmp_path / "run" / "anchors" / "layer_0").iterdir()) == \
         ["task_code.json", "task_code.safetensors", "task_math.json", "task_math.safetensors"]
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_sigma_choice_compares_the_same_draw_and_matches_construction(llama, ta_merge, tmp_path, ray_cluster):
+    """Each sigma's loss is what construction itself reaches from that sigma (same draw, same steps), and the
+    chosen sigma is the one with the lowest mean loss over the tasks."""
+    from typer.testing import CliRunner
+
+    from distmerge import fda
+    from distmerge.cli import app
+
+    config = llama_config(llama, ta_merge, anchors={"count": 16, "steps": 8})
+    result = fda.choose_sigma(config, sigmas=(1e-3, 0.5), layer=1, progress=False)
+    assert result.layer == 1 and result.steps == 8 and len(result.results) == 4
+    assert result.chosen == min(result.mean_loss, key=result.mean_loss.get)
+    assert result.mean_loss[1e-3] != result.mean_loss[0.5]
+    for sigma in (1e-3, 0.5):
+        built = fda.construct(llama_config(llama, ta_merge, layers=[1], anchors={"count": 16, "steps": 8,
+                                                                                "sigma": sigma}),
+                              tmp_path / f"anchors-{sigma}", progress=False)
+        for meta in built.results:
+            by_sigma = [r for r in result.results if r["sigma"] == sigma and r["task"] == meta["task"]]
+            assert by_sigma[0]["best_loss"] == pytest.approx(meta["best_loss"], rel=1e-6)
+    with pytest.raises(ConfigError, match="sigma only scales Gaussian anchors"):
+        fda.choose_sigma(llama_config(llama, ta_merge, anchors={"init": "weights"}), progress=False)
+    path = tmp_path / "fda.yaml"
+    import yaml
+
+    path.write_text(yaml.safe_dump(config))
+    out = CliRunner().invoke(app, ["fda", "sigma", str(path), "--sigmas", "1e-3,0.5", "--layer", "1", "--quiet"])
+    assert out.exit_code == 0, out.output
+    assert f"sigma {result.chosen:g}: best mean alignment loss after 8 construction steps on layer 1" in out.output

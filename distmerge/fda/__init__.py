@@ -3,6 +3,7 @@
     from distmerge import fda
     fda.construct("fda.yaml", "anchors/")                 # stage I, resumable
     fda.adapt("fda.yaml", "anchors/", "merged/")          # stage II, the merged model written atomically
+    fda.choose_sigma("fda.yaml")                          # the paper's sigma choice on one layer (App. C.5)
 
 The math is in ``distmerge.ops.fda``; the config format in ``distmerge.fda.config``.
 """
@@ -10,5 +11,7 @@ The math is in ``distmerge.ops.fda``; the config format in ``distmerge.fda.confi
 from distmerge.fda.adapt import AdaptResult, adapt
 from distmerge.fda.config import FdaConfig, load_fda_config
 from distmerge.fda.construct import ConstructResult, construct
+from distmerge.fda.sigma import SigmaResult, choose_sigma
 
-__all__ = ["AdaptResult", "ConstructResult", "FdaConfig", "adapt", "construct", "load_fda_config"]
+__all__ = ["AdaptResult", "ConstructResult", "FdaConfig", "SigmaResult", "adapt", "choose_sigma", "construct",
+           "load_fda_config"]

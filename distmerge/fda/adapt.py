@@ -93,7 +93,7 @@ def run_adapt_job(spec: AdaptSpec, job: AdaptJob) -> dict[str, Any]:
     from safetensors import safe_open
 
     from distmerge import telemetry
-    from distmerge.fda.modules import fill_unit, read_unit, unit_module
+    from distmerge.fda.modules import fill_unit, read_unit, unit_forward, unit_module
     from distmerge.fda.runner import job_device, torch_threads
     from distmerge.io import writer
     from distmerge.ops import fda
@@ -107,7 +107,7 @@ def run_adapt_job(spec: AdaptSpec, job: AdaptJob) -> dict[str, Any]:
     module = unit_module(inputs.base, layout, job.layer)
     base = read_unit(inputs.base, layout, job.layer, names, config.dtype, device)
     fill_unit(module, base, inputs.base.name, job.layer)
-    forward = fda.unit_forward(module)
+    forward = unit_forward(inputs.base, layout, module, device)
     dtype = base[names[0]].dtype
 
     anchors, targets = [], []

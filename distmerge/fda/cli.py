@@ -15,7 +15,7 @@ CONFIG_HELP = """fda.yaml, e.g.:
 base: meta-llama/Llama-2-13b-hf
 experts: {math: WizardLM/WizardMath-13B-V1.0, code: layoric/llama-2-13b-code-alpaca}
 initial: {method: task_arithmetic, lambda: 0.5}   # or a merged model folder
-modules: mlp          # mlp (Llama/Mistral/Qwen2) | block (RoBERTa/BERT/ViT); default by architecture
+modules: mlp          # mlp (Llama/Mistral/Qwen2) | block (whole layers: RoBERTa/BERT/ViT, or decoders); default by architecture
 anchors: {count: 8192, init: gauss, sigma: 0.01, steps: 200, lr: 0.01, loss: cos}   # tokens: N for [n, N, d]
 adapt: {param: elementwise, sources: initial, alpha_init: 1.0, loss: cos, lr: 0.01, batch_size: 8192, epochs: 50}
 resources: {num_cpus: 1, num_gpus: 1, memory: 40GB, retries: 3}   # per job
@@ -80,6 +80,32 @@ def register(app: typer.Typer) -> None:
                            progress=not quiet, work=work)
         except DistmergeError as exc:
             _fail(exc)
+        typer.echo(result.summary())
+
+    @fda_app.command("sigma", help="Choose sigma for Gaussian anchors as the paper does (App. C.5): on one layer, "
+                     "construct from the same draw scaled by each sigma for a fixed number of steps and keep the "
+                     "one whose anchors align best. Writes nothing.\n\n" + CONFIG_HELP)
+    def sigma_cmd(
+        config: Path = typer.Argument(..., help="fda.yaml"),
+        sigmas: str = typer.Option("1e-4,1e-2,1,10", "--sigmas", help="comma-separated candidates"),
+        layer: Optional[int] = typer.Option(None, "--layer", min=0, help="layer to try them on (default: middle)"),
+        steps: Optional[int] = typer.Option(None, "--steps", min=1, help="construction steps (default: config's)"),
+        workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, help="jobs in flight at once"),
+        address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address; default: embedded"),
+        quiet: bool = typer.Option(False, "--quiet", "-q", help="no progress output"),
+    ) -> None:
+        from distmerge.fda import choose_sigma
+
+        try:
+            candidates = tuple(float(s) for s in sigmas.split(",") if s.strip())
+        except ValueError:
+            _fail(ValueError(f"--sigmas: expected comma-separated numbers, got {sigmas!r}"))
+        try:
+            result = choose_sigma(config, sigmas=candidates, layer=layer, steps=steps, workers=workers,
+                                  address=address, progress=not quiet)
+        except DistmergeError as exc:
+            _fail(exc)
+        typer.echo(result.table())
         typer.echo(result.summary())
 
     app.add_typer(fda_app, name="fda")

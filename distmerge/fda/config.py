@@ -4,7 +4,7 @@
 base: meta-llama/Llama-2-13b-hf                 # path or hub id
 experts: {math: WizardLM/WizardMath-13B-V1.0, code: layoric/llama-2-13b-code-alpaca}
 initial: {method: task_arithmetic, lambda: 0.5} # an engine merge run inline, or a path to a merged model
-modules: mlp              # mlp (decoder LLMs) | block (RoBERTa/BERT/ViT encoder layers); default by architecture
+modules: mlp              # mlp (decoder LLMs) | block (whole layers: RoBERTa/BERT/ViT, or decoders); default by architecture
 layers: [0, 1]            # optional: only these layers (default: all)
 anchors: {count: 8192, tokens: 1, init: gauss, sigma: 0.01, steps: 200, lr: 0.01, weight_decay: 0.01, loss: cos}
 adapt: {param: elementwise, sources: initial, alpha_init: 1.0, loss: cos, lr: 0.01, batch_size: 8192, epochs: 50}
@@ -61,6 +61,11 @@ FAMILY_DEFAULTS: dict[str, dict[str, Any]] = {
                   "batch_size": 128, "epochs": 100},
     },
 }
+
+
+# A whole decoder layer (modules: block) has no reference setting; its anchors are token sequences, sized as
+# the encoder ones (RoBERTa: 64 anchors of 5 tokens, 1200 steps) with a few more tokens for the causal mask.
+DECODER_BLOCK_ANCHORS: dict[str, Any] = {"count": 64, "tokens": 8, "steps": 1200}
 
 
 @dataclass(frozen=True)
@@ -133,11 +138,12 @@ class FdaConfig:
         if family == "vit" and vit_tokens:
             anchor_defaults["tokens"] = vit_tokens
         modules = self.modules or defaults["modules"]
-        supported = "mlp" if family == "decoder" else "block"
-        if modules != supported:
-            raise ConfigError(f"modules: '{modules}' is not supported for this architecture (use '{supported}': "
-                              + ("a decoder layer's attention needs positions the anchors do not carry)"
-                                 if family == "decoder" else "an encoder layer is FDA's unit there)"))
+        supported = ("mlp", "block") if family == "decoder" else ("block",)
+        if modules not in supported:
+            raise ConfigError(f"modules: '{modules}' is not supported for {family} models (use 'block': a whole "
+                              "encoder layer is FDA's unit there)")
+        if family == "decoder" and modules == "block":
+            anchor_defaults.update(DECODER_BLOCK_ANCHORS)
         anchors = _fill(self.anchors, anchor_defaults)
         if modules == "mlp" and anchors.tokens == 1:  # one token per anchor: the NLG shape [count, d]
             anchors = replace(anchors, tokens=None)

@@ -73,12 +73,43 @@ class ConstructResult:
                 f"in {self.seconds:.1f}s{detail}")
 
 
+def load_unit_pair(inputs: FdaInputs, layer: int, task: str, device: str):
+    """``(forward, base, expert)`` for one (layer, task): the unit's module and the two tensor sets, read lazily."""
+    from distmerge.fda.modules import fill_unit, read_unit, unit_forward, unit_module
+
+    config, layout, names = inputs.config, inputs.layout, list(inputs.unit_names)
+    module = unit_module(inputs.base, layout, layer)
+    base = read_unit(inputs.base, layout, layer, names, config.dtype, device)
+    expert = read_unit(inputs.experts[task], layout, layer, names, config.dtype, device)
+    fill_unit(module, base, inputs.base.name, layer)
+    return unit_forward(inputs.base, layout, module, device), base, expert
+
+
+def initial_anchors(inputs: FdaInputs, layer: int, task: str, expert, sigma: float | None = None):
+    """The anchors construction starts from. The draw depends only on (seed, layer, task), so Gaussian anchors
+    at two sigmas are the same draw scaled (as the paper's sigma choice, App. C.5, compares them)."""
+    import torch
+
+    from distmerge.ops import fda
+
+    config, layout = inputs.config, inputs.layout
+    settings = config.anchors
+    generator = torch.Generator().manual_seed(fda.derive_seed(config.seed, "anchors", layer, task))
+    if settings.init == "gauss":
+        shape = (settings.tokens, layout.hidden_size) if settings.tokens else (layout.hidden_size,)
+        init = fda.gauss_anchors(settings.count, shape, settings.sigma if sigma is None else sigma, generator)
+    else:
+        rows = fda.weight_rows({n: t.cpu() for n, t in expert.items()}, layout.hidden_size)
+        init = fda.weight_anchors(rows, settings.count, settings.tokens, generator)
+    first = next(iter(expert.values()))
+    return init.to(device=first.device, dtype=first.dtype)
+
+
 def run_construct_job(spec: ConstructSpec, job: ConstructJob) -> dict[str, Any]:
     """One (layer, task): runs inside a Ray worker process."""
     import torch
 
     from distmerge import telemetry
-    from distmerge.fda.modules import fill_unit, read_unit, unit_module
     from distmerge.fda.runner import job_device, torch_threads
     from distmerge.io import writer
     from distmerge.ops import fda
@@ -87,22 +118,9 @@ def run_construct_job(spec: ConstructSpec, job: ConstructJob) -> dict[str, Any]:
     inputs, config = spec.inputs, spec.inputs.config
     torch_threads(config.resources.num_cpus)
     device = job_device()
-    layout, names = inputs.layout, list(inputs.unit_names)
-    module = unit_module(inputs.base, layout, job.layer)
-    base = read_unit(inputs.base, layout, job.layer, names, config.dtype, device)
-    expert = read_unit(inputs.experts[job.task], layout, job.layer, names, config.dtype, device)
-    fill_unit(module, base, inputs.base.name, job.layer)
-    forward = fda.unit_forward(module)
-
+    forward, base, expert = load_unit_pair(inputs, job.layer, job.task, device)
     settings = config.anchors
-    generator = torch.Generator().manual_seed(fda.derive_seed(config.seed, "anchors", job.layer, job.task))
-    if settings.init == "gauss":
-        shape = (settings.tokens, layout.hidden_size) if settings.tokens else (layout.hidden_size,)
-        init = fda.gauss_anchors(settings.count, shape, settings.sigma, generator)
-    else:
-        rows = fda.weight_rows({n: t.cpu() for n, t in expert.items()}, layout.hidden_size)
-        init = fda.weight_anchors(rows, settings.count, settings.tokens, generator)
-    init = init.to(device=device, dtype=base[names[0]].dtype)
+    init = initial_anchors(inputs, job.layer, job.task, expert)
 
     tags = {"stage": "construct", "layer": str(job.layer), "task": job.task}
     every = max(1, settings.steps // 20)

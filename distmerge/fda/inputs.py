@@ -32,7 +32,7 @@ def open_inputs(config: FdaConfig | str | Path | dict[str, Any]) -> FdaInputs:
     config = load_fda_config(config)
     base = Checkpoint(config.base, "base")
     experts = {name: Checkpoint(source, name) for name, source in config.experts}
-    layout = detect_layout(base)
+    layout = detect_layout(base, config.modules)
     config = config.resolve(layout.family, layout.vit_tokens)
     layers = config.layers if config.layers is not None else tuple(range(layout.num_layers))
     beyond = [layer for layer in layers if layer >= layout.num_layers]

@@ -1,8 +1,10 @@
 """Which tensors form FDA's unit of layer l, and the unit as a module filled from lazy reads.
 
-The unit is the MLP of a decoder layer (Llama, Mistral, Qwen2: spec §8.5, the NLG setting) or a whole encoder
-layer (RoBERTa/BERT, ViT). The module is cut from a model skeleton built on the meta device
-(``accelerate.init_empty_weights``), so no process ever materializes more than the unit's own tensors.
+The unit is the MLP of a decoder layer (Llama, Mistral, Qwen2: spec §8.5, the NLG setting), a whole decoder
+layer (``modules: block``: attention, MLP and norms, evaluated on anchor token sequences with the model's
+rotary positions and a causal mask), or a whole encoder layer (RoBERTa/BERT, ViT). The module is cut from a
+model skeleton built on the meta device (``accelerate.init_empty_weights``), so no process ever materializes
+more than the unit's own tensors.
 """
 
 from __future__ import annotations
@@ -15,18 +17,27 @@ from dataclasses import dataclass
 
 import torch
 
-from distmerge.errors import InputError, where
+from distmerge.errors import ConfigError, InputError, where
 from distmerge.io.checkpoint import Checkpoint
 
 DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "phi3",
                  "internlm2", "yi"}
 ENCODER_TYPES = {"roberta", "bert", "xlm-roberta", "camembert", "electra"}
 VIT_TYPES = {"vit"}
-UNIT_PATTERNS = {
-    "mlp": re.compile(r"^(.*?)layers\.(\d+)\.mlp\."),
-    "block": re.compile(r"^(.*?)encoder\.layer\.(\d+)\."),
+# (family, modules) -> where the unit of layer l sits in tensor names
+UNIT_CORE = {
+    ("decoder", "mlp"): "layers.{layer}.mlp",
+    ("decoder", "block"): "layers.{layer}",
+    ("encoder", "block"): "encoder.layer.{layer}",
+    ("vit", "block"): "encoder.layer.{layer}",
 }
-UNIT_CORE = {"mlp": "layers.{layer}.mlp", "block": "encoder.layer.{layer}"}
+UNIT_PATTERNS = {
+    ("decoder", "mlp"): re.compile(r"^(.*?)layers\.(\d+)\.mlp\."),
+    ("decoder", "block"): re.compile(r"^(.*?)layers\.(\d+)\."),
+    ("encoder", "block"): re.compile(r"^(.*?)encoder\.layer\.(\d+)\."),
+    ("vit", "block"): re.compile(r"^(.*?)encoder\.layer\.(\d+)\."),
+}
+DEFAULT_MODULES = {"decoder": "mlp", "encoder": "block", "vit": "block"}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -40,8 +51,12 @@ class ModelLayout:
     tensor_prefix: str  # what precedes the unit core in tensor names ("model." for LlamaForCausalLM)
     vit_tokens: int | None = None
 
+    @property
+    def unit_core(self) -> str:
+        return UNIT_CORE[(self.family, self.modules)]
+
     def unit_prefix(self, layer: int) -> str:
-        return self.tensor_prefix + UNIT_CORE[self.modules].format(layer=layer)
+        return self.tensor_prefix + self.unit_core.format(layer=layer)
 
 
 def model_family(config: dict, model: str) -> str:
@@ -57,22 +72,25 @@ def model_family(config: dict, model: str) -> str:
                      f"(supported: {', '.join(supported)})")
 
 
-def detect_layout(checkpoint: Checkpoint) -> ModelLayout:
+def detect_layout(checkpoint: Checkpoint, modules: str | None = None) -> ModelLayout:
     """The base model's family, sizes and where its layer units are, from config.json and tensor names.
 
-    The unit follows the family (decoder: the MLP; encoder/ViT: the whole layer); FdaConfig.resolve refuses
-    a ``modules`` setting that asks for another."""
+    ``modules`` None takes the family's unit (decoder: the MLP; encoder/ViT: the whole layer). Encoders and
+    ViT have only whole-layer units."""
     config = checkpoint.config
     if config is None:
         raise InputError(f"{where(model=checkpoint.name, file=str(checkpoint.folder))}: no config.json; FDA needs "
                          "the architecture to build a layer")
     family = model_family(config, checkpoint.name)
-    modules = "mlp" if family == "decoder" else "block"
-    pattern = UNIT_PATTERNS[modules]
+    modules = modules or DEFAULT_MODULES[family]
+    if (family, modules) not in UNIT_CORE:
+        raise ConfigError(f"modules: '{modules}' is not supported for {family} models (use "
+                          f"'{DEFAULT_MODULES[family]}': a whole encoder layer is FDA's unit there)")
+    pattern = UNIT_PATTERNS[(family, modules)]
     prefixes = {m.group(1) for name in checkpoint.tensors if (m := pattern.match(name))}
     if len(prefixes) != 1:
         raise InputError(f"{where(model=checkpoint.name)}: cannot find the '{modules}' units of its layers "
-                         f"(tensors like '{UNIT_CORE[modules].format(layer=0)}.*')")
+                         f"(tensors like '{UNIT_CORE[(family, modules)].format(layer=0)}.*')")
     vit_tokens = None
     if family == "vit" and config.get("image_size") and config.get("patch_size"):
         vit_tokens = (int(config["image_size"]) // int(config["patch_size"])) ** 2 + 1
@@ -104,7 +122,7 @@ def unit_module(checkpoint: Checkpoint, layout: ModelLayout, layer: int) -> torc
     """A private copy of layer ``layer``'s unit, on the meta device, in eval mode (no dropout)."""
     config = dict(checkpoint.config or {})
     skeleton = _skeleton(json.dumps(config, sort_keys=True))
-    core = UNIT_CORE[layout.modules].format(layer=layer)
+    core = layout.unit_core.format(layer=layer)
     candidates = [name for name, _ in skeleton.named_modules() if name == core or name.endswith("." + core)]
     exact = [name for name in candidates if name == layout.unit_prefix(layer)]
     chosen = exact or candidates
@@ -149,3 +167,35 @@ def fill_unit(module: torch.nn.Module, params: dict[str, torch.Tensor], model: s
         raise InputError(f"{where(model=model)}: layer {layer} has buffers that are not stored in the checkpoint "
                          f"({', '.join(leftover)}); FDA cannot build this unit")
     return module
+
+
+def unit_forward(checkpoint: Checkpoint, layout: ModelLayout, module: torch.nn.Module,
+                 device: str | torch.device = "cpu"):
+    """``forward(params, x)`` for the unit: x is [count, d] (MLP) or [count, tokens, d] (whole layers).
+
+    A decoder layer also needs positions: its anchors are read as sequences at positions 0..tokens-1, with the
+    model's own rotary embedding and a causal mask, as the layer sees text. Encoder layers take no mask, as the
+    reference (spec §8.7.6)."""
+    from distmerge.ops import fda
+
+    if (layout.family, layout.modules) != ("decoder", "block"):
+        return fda.unit_forward(module)
+    skeleton = _skeleton(json.dumps(dict(checkpoint.config or {}), sort_keys=True))
+    rotary = [m for name, m in skeleton.named_modules() if name.endswith("rotary_emb") and ".layers." not in name]
+    if len(rotary) != 1:
+        raise InputError(f"{where(model=checkpoint.name)}: modules 'block' needs one model-level rotary embedding "
+                         f"to give anchor tokens their positions; {type(skeleton).__name__} has {len(rotary)}")
+    rotary_emb = copy.deepcopy(rotary[0]).to(device)
+
+    def forward(params, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 3:
+            raise ValueError(f"a decoder block takes anchors [count, tokens, hidden], got {list(x.shape)}")
+        tokens = x.shape[1]
+        positions = torch.arange(tokens, device=x.device)[None]
+        cos, sin = rotary_emb(x, positions)
+        mask = torch.full((tokens, tokens), torch.finfo(x.dtype).min, dtype=x.dtype, device=x.device).triu(1)
+        out = torch.func.functional_call(module, params, (x,), {
+            "attention_mask": mask[None, None], "position_ids": positions, "position_embeddings": (cos, sin)})
+        return out[0] if isinstance(out, (tuple, list)) else out
+
+    return forward
