@@ -236,16 +236,19 @@ def test_anchor_gradient_aligns_with_the_task_vector_llama_mlp(llama, ta_merge, 
         assert after > before + 0.2, (task, before, after)
 
 
-def test_decoder_block_unit_computes_the_layer_as_the_model_does(llama):
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_decoder_block_unit_computes_the_layer_as_the_model_does(llama, arch, tmp_path):
     """The whole-decoder-layer unit, fed the hidden states a real forward pass gives layer 1, returns what that
     layer returned inside the model (rotary positions and causal mask included)."""
     from transformers import AutoModelForCausalLM
 
     from distmerge.fda.inputs import open_inputs
     from distmerge.fda.modules import read_unit, unit_forward, unit_module
+    from distmerge.tiny_models import build_family
 
-    inputs = open_inputs(llama_config(llama, "unused", modules="block"))
-    model = AutoModelForCausalLM.from_pretrained(str(llama[0])).eval()
+    family = llama if arch == "llama" else build_family(tmp_path, arch, experts=2, hidden=32, layers=2)
+    inputs = open_inputs(llama_config(family, "unused", modules="block"))
+    model = AutoModelForCausalLM.from_pretrained(str(family[0])).eval()
     seen = {}
     hook = model.model.layers[1].register_forward_hook(
         lambda module, args, output: seen.update(x=args[0], y=output[0] if isinstance(output, tuple) else output))
