@@ -188,7 +188,8 @@ class Evaluator:
                     args=args, kwargs=kwargs, output=output[0] if isinstance(output, tuple) else output),
                     with_kwargs=True)
                 with torch.no_grad():
-                    expert(input_ids=ids, attention_mask=mask)
+                    # no cache: the merged layer is called with the same kwargs and must not extend it
+                    expert(input_ids=ids, attention_mask=mask, use_cache=False)
                 hook.remove()
                 mine = model.model.layers[layer]
                 with torch.no_grad():
@@ -430,6 +431,40 @@ def versions() -> dict:
 
 # --- main -------------------------------------------------------------------------------------------------
 
+def run_seeds(seeds: list[int], threads: int, work: Path, run_one) -> tuple[list[dict], float]:
+    """``run_one(seed)`` for every seed, inside a private local Ray instance (2 CPUs, no dashboard); the runs
+    and the seconds they took."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    import ray
+    import torch
+    from transformers.utils import logging as transformers_logging
+
+    transformers_logging.disable_progress_bar()  # one bar per loaded model would bury the log
+    transformers_logging.set_verbosity_error()
+    torch.set_num_threads(threads)
+    work.mkdir(parents=True, exist_ok=True)
+    began = time.perf_counter()
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             object_store_memory=256 * 1024**2)
+    try:
+        runs = [run_one(seed) for seed in seeds]
+    finally:
+        ray.shutdown()
+    return runs, time.perf_counter() - began
+
+
+def write_result(path: Path, argv, settings, seeds: list[int], seconds: float, summary: dict, runs: list[dict]) -> dict:
+    """The JSON record of a benchmark run: command, machine, versions, settings, summary and every run."""
+    result = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
+              "machine": machine_info(), "versions": versions(), "settings": asdict(settings), "seeds": seeds,
+              "seconds": round(seconds, 1), "summary": summary, "runs": runs}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return result
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -486,30 +521,11 @@ def main(argv=None) -> int:
     settings = replace(settings, fda=replace(settings.fda, **chosen))
     seeds = [int(s) for s in args.seeds.split(",") if s.strip()]
 
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    import ray
-    import torch
-    from transformers.utils import logging as transformers_logging
-
-    transformers_logging.disable_progress_bar()  # one bar per loaded model would bury the log
-    torch.set_num_threads(settings.threads)
-    args.work.mkdir(parents=True, exist_ok=True)
-    began = time.perf_counter()
-    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
-             object_store_memory=256 * 1024**2)
-    try:
-        runs = [run_seed(settings, seed, args.work, args.fresh) for seed in seeds]
-    finally:
-        ray.shutdown()
+    runs, seconds = run_seeds(seeds, settings.threads, args.work,
+                              lambda seed: run_seed(settings, seed, args.work, args.fresh))
     task_names = list(settings.tasks)
     summary = summarize(runs, task_names)
-    result = {"command": " ".join([Path(sys.argv[0]).name, *(argv if argv is not None else sys.argv[1:])]),
-              "machine": machine_info(), "versions": versions(), "settings": asdict(settings), "seeds": seeds,
-              "seconds": round(time.perf_counter() - began, 1), "summary": summary, "runs": runs}
-    args.json.parent.mkdir(parents=True, exist_ok=True)
-    args.json.write_text(json.dumps(result, indent=1))
+    result = write_result(args.json, argv, settings, seeds, seconds, summary, runs)
 
     print(f"\nExact match of greedy generation on {settings.test} held-out test prompts per task "
           f"(seeds {seeds}{', mean ± std' if len(seeds) > 1 else ''}):\n")

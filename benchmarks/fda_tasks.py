@@ -92,22 +92,29 @@ def make_example(task: str, rng: random.Random) -> Example:
     return Example(prompt=_ids(["<s>", task, *inputs, ">"]), target=_ids([*outputs, "</s>"]))
 
 
-def sample(task: str, split: str, count: int, seed: int, *, unique: bool = False) -> list[Example]:
-    """``count`` examples of ``task`` whose prompts fall in ``split``; distinct prompts when ``unique``."""
-    rng = random.Random(f"{task}/{split}/{seed}")
-    out: list[Example] = []
+def draw_from_split(draw, key, split: str, count: int, *, unique: bool, what: str) -> list:
+    """``count`` results of ``draw()`` whose ``key`` falls in ``split`` (distinct keys when ``unique``)."""
+    out: list = []
     seen: set[tuple[int, ...]] = set()
     attempts = 0
     while len(out) < count:
         attempts += 1
         if attempts > 200 * count + 10_000:
-            raise RuntimeError(f"cannot draw {count} distinct {split} examples of {task!r}")
-        example = make_example(task, rng)
-        if split_of(example.prompt) != split or (unique and example.prompt in seen):
+            raise RuntimeError(f"cannot draw {count} distinct {split} {what}")
+        item = draw()
+        ids = key(item)
+        if split_of(ids) != split or (unique and ids in seen):
             continue
-        seen.add(example.prompt)
-        out.append(example)
+        seen.add(ids)
+        out.append(item)
     return out
+
+
+def sample(task: str, split: str, count: int, seed: int, *, unique: bool = False) -> list[Example]:
+    """``count`` examples of ``task`` whose prompts fall in ``split``; distinct prompts when ``unique``."""
+    rng = random.Random(f"{task}/{split}/{seed}")
+    return draw_from_split(lambda: make_example(task, rng), lambda e: e.prompt, split, count, unique=unique,
+                           what=f"examples of {task!r}")
 
 
 # --- model ------------------------------------------------------------------------------------------------
