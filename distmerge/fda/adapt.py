@@ -93,7 +93,6 @@ def run_adapt_job(spec: AdaptSpec, job: AdaptJob) -> dict[str, Any]:
     from safetensors import safe_open
 
     from distmerge import telemetry
-    from distmerge.fda.modules import fill_unit, read_unit, unit_forward, unit_module
     from distmerge.fda.runner import job_device, torch_threads
     from distmerge.io import writer
     from distmerge.ops import fda
@@ -103,12 +102,8 @@ def run_adapt_job(spec: AdaptSpec, job: AdaptJob) -> dict[str, Any]:
     settings = config.adapt
     torch_threads(config.resources.num_cpus)
     device = job_device()
-    layout, names = inputs.layout, list(inputs.unit_names)
-    module = unit_module(inputs.base, layout, job.layer)
-    base = read_unit(inputs.base, layout, job.layer, names, config.dtype, device)
-    fill_unit(module, base, inputs.base.name, job.layer)
-    forward = unit_forward(inputs.base, layout, module, device)
-    dtype = base[names[0]].dtype
+    forward, base = inputs.base_unit(job.layer, device)
+    dtype = next(iter(base.values())).dtype
 
     anchors, targets = [], []
     for task in config.task_names:  # task order fixes the order of the training set
@@ -121,13 +116,12 @@ def run_adapt_job(spec: AdaptSpec, job: AdaptJob) -> dict[str, Any]:
     if settings.param == "raw":
         model = fda.RawWeights(base)
     elif settings.sources == "initial":
-        initial = read_unit(spec.initial, layout, job.layer, names, config.dtype, device)
+        initial = inputs.read_unit(spec.initial, job.layer, device)
         # At α = 1 the start is the initial merge itself, so zero epochs return it bit for bit.
         model = fda.ElementwiseMerge(base, [initial], settings.alpha_init,
                                      start=initial if settings.alpha_init == 1.0 else None)
     else:
-        experts = [read_unit(inputs.experts[t], layout, job.layer, names, config.dtype, device)
-                   for t in config.task_names]
+        experts = [inputs.read_unit(inputs.experts[t], job.layer, device) for t in config.task_names]
         model = fda.ElementwiseMerge(base, experts, settings.alpha_init)
 
     tags = {"stage": "adapt", "layer": str(job.layer), "task": "all"}
@@ -135,7 +129,7 @@ def run_adapt_job(spec: AdaptSpec, job: AdaptJob) -> dict[str, Any]:
     result = fda.adapt_unit(forward, model, anchors_all, targets_all, epochs=settings.epochs, lr=settings.lr,
                             batch_size=settings.batch_size, kind=settings.loss, generator=generator,
                             on_epoch=lambda epoch, loss: telemetry.gauge("distmerge_fda_loss", loss, **tags))
-    prefix = layout.unit_prefix(job.layer)
+    prefix = inputs.layout.unit_prefix(job.layer)
     tensors_path, meta_path = layer_files(Path(spec.work), job.layer)
     meta_path.unlink(missing_ok=True)
     writer.write_safetensors({f"{prefix}.{n}": t.cpu() for n, t in result.params.items()}, tensors_path)

@@ -137,11 +137,8 @@ class FdaConfig:
         anchor_defaults = dict(defaults["anchors"])
         if family == "vit" and vit_tokens:
             anchor_defaults["tokens"] = vit_tokens
+        # Which units a family has is checked where the model is read (modules.detect_layout).
         modules = self.modules or defaults["modules"]
-        supported = ("mlp", "block") if family == "decoder" else ("block",)
-        if modules not in supported:
-            raise ConfigError(f"modules: '{modules}' is not supported for {family} models (use 'block': a whole "
-                              "encoder layer is FDA's unit there)")
         if family == "decoder" and modules == "block":
             anchor_defaults.update(DECODER_BLOCK_ANCHORS)
         anchors = _fill(self.anchors, anchor_defaults)
@@ -156,7 +153,8 @@ class FdaConfig:
         self._require_resolved()
         expert = dict(self.experts)[task]
         return _digest({"stage": "construct", "version": 1, "base": self.base, "expert": expert, "task": task,
-                        "contents": [content_fingerprint(self.base), content_fingerprint(expert)], "layer": layer, "modules": self.modules, "anchors": asdict(self.anchors), "seed": self.seed,
+                        "contents": [content_fingerprint(self.base), content_fingerprint(expert)], "layer": layer,
+                        "modules": self.modules, "anchors": asdict(self.anchors), "seed": self.seed,
                         "dtype": self.dtype})
 
     def adaptation_key(self, layer: int, initial_id: str) -> str:

@@ -75,14 +75,8 @@ class ConstructResult:
 
 def load_unit_pair(inputs: FdaInputs, layer: int, task: str, device: str):
     """``(forward, base, expert)`` for one (layer, task): the unit's module and the two tensor sets, read lazily."""
-    from distmerge.fda.modules import fill_unit, read_unit, unit_forward, unit_module
-
-    config, layout, names = inputs.config, inputs.layout, list(inputs.unit_names)
-    module = unit_module(inputs.base, layout, layer)
-    base = read_unit(inputs.base, layout, layer, names, config.dtype, device)
-    expert = read_unit(inputs.experts[task], layout, layer, names, config.dtype, device)
-    fill_unit(module, base, inputs.base.name, layer)
-    return unit_forward(inputs.base, layout, module, device), base, expert
+    forward, base = inputs.base_unit(layer, device)
+    return forward, base, inputs.read_unit(inputs.experts[task], layer, device)
 
 
 def initial_anchors(inputs: FdaInputs, layer: int, task: str, expert, sigma: float | None = None):

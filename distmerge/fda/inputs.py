@@ -9,7 +9,8 @@ from typing import Any
 
 from distmerge.errors import ConfigError, InputError, where
 from distmerge.fda.config import FdaConfig, load_fda_config
-from distmerge.fda.modules import ModelLayout, detect_layout, unit_module, unit_tensor_names
+from distmerge.fda.modules import (ModelLayout, detect_layout, fill_unit, read_unit, unit_forward, unit_module,
+                                   unit_tensor_names)
 from distmerge.io.checkpoint import Checkpoint
 
 
@@ -25,6 +26,18 @@ class FdaInputs:
     def unit_tensors(self, layer: int) -> list[str]:
         prefix = self.layout.unit_prefix(layer)
         return [f"{prefix}.{name}" for name in self.unit_names]
+
+    def read_unit(self, model: Checkpoint, layer: int, device: str = "cpu") -> dict[str, Any]:
+        """Layer ``layer``'s unit tensors of ``model`` by local name, read lazily, in the run's dtype."""
+        return read_unit(model, self.layout, layer, list(self.unit_names), self.config.dtype, device)
+
+    def base_unit(self, layer: int, device: str = "cpu"):
+        """``(forward, base tensors)`` of layer ``layer``'s unit: the module filled with the base (which checks
+        the tensors fit the architecture) and evaluated with any parameters given to ``forward``."""
+        module = unit_module(self.base, self.layout, layer)
+        base = self.read_unit(self.base, layer, device)
+        fill_unit(module, base, self.base.name, layer)
+        return unit_forward(self.base, self.layout, module, device), base
 
 
 def open_inputs(config: FdaConfig | str | Path | dict[str, Any]) -> FdaInputs:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from distmerge.errors import ConfigError, InputError, where
+from distmerge.fda.config import FAMILY_DEFAULTS
 from distmerge.io.checkpoint import Checkpoint
 
 DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "phi3",
@@ -31,13 +32,9 @@ UNIT_CORE = {
     ("encoder", "block"): "encoder.layer.{layer}",
     ("vit", "block"): "encoder.layer.{layer}",
 }
-UNIT_PATTERNS = {
-    ("decoder", "mlp"): re.compile(r"^(.*?)layers\.(\d+)\.mlp\."),
-    ("decoder", "block"): re.compile(r"^(.*?)layers\.(\d+)\."),
-    ("encoder", "block"): re.compile(r"^(.*?)encoder\.layer\.(\d+)\."),
-    ("vit", "block"): re.compile(r"^(.*?)encoder\.layer\.(\d+)\."),
-}
-DEFAULT_MODULES = {"decoder": "mlp", "encoder": "block", "vit": "block"}
+# "(prefix)layers.(N)." and the like: the unit core with any prefix and the layer number captured
+UNIT_PATTERNS = {key: re.compile("^(.*?)" + re.escape(core).replace(re.escape("{layer}"), r"(\d+)") + r"\.")
+                 for key, core in UNIT_CORE.items()}
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
@@ -82,10 +79,10 @@ def detect_layout(checkpoint: Checkpoint, modules: str | None = None) -> ModelLa
         raise InputError(f"{where(model=checkpoint.name, file=str(checkpoint.folder))}: no config.json; FDA needs "
                          "the architecture to build a layer")
     family = model_family(config, checkpoint.name)
-    modules = modules or DEFAULT_MODULES[family]
+    modules = modules or FAMILY_DEFAULTS[family]["modules"]
     if (family, modules) not in UNIT_CORE:
         raise ConfigError(f"modules: '{modules}' is not supported for {family} models (use "
-                          f"'{DEFAULT_MODULES[family]}': a whole encoder layer is FDA's unit there)")
+                          f"'{FAMILY_DEFAULTS[family]['modules']}': a whole encoder layer is FDA's unit there)")
     pattern = UNIT_PATTERNS[(family, modules)]
     prefixes = {m.group(1) for name in checkpoint.tensors if (m := pattern.match(name))}
     if len(prefixes) != 1:
