@@ -135,11 +135,10 @@ def read_state(environ: Mapping[str, str] = os.environ) -> ClusterState | None:
 def _write_state(state: ClusterState, environ: Mapping[str, str]) -> Path:
     folder = state_dir(environ)
     folder.mkdir(parents=True, exist_ok=True)
+    from distmerge.io import writer  # here: the rest of this module stays free of torch
+
     path = folder / STATE_FILE
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(dataclasses.asdict(state), indent=2))
-    tmp.chmod(0o600)
-    tmp.replace(path)
+    writer.write_json(path, dataclasses.asdict(state), mode=0o600)
     return path
 
 
@@ -291,9 +290,7 @@ def _stop_process_group(pid: int, grace: float) -> bool:
         pass
     try:
         psutil.Process(pid).wait(timeout=grace)
-    except psutil.NoSuchProcess:
-        pass
-    except psutil.TimeoutExpired:
+    except (psutil.NoSuchProcess, psutil.TimeoutExpired):
         pass
     deadline = time.monotonic() + 10.0
     while time.monotonic() < deadline:
@@ -432,13 +429,11 @@ def connect(address: Optional[str] = None, environ: Mapping[str, str] = os.envir
     try:
         client = JobSubmissionClient(target.address, headers=auth_headers(local=target.local, environ=environ))
     except AuthenticationError as exc:
-        first = str(exc).strip().splitlines()[0]
-        raise ClusterError(f"{target.address} (from {target.source}) refused the request: {first}; set "
+        raise ClusterError(f"{target.address} (from {target.source}) refused the request: {_first_line(exc)}; set "
                            "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token "
                            "(`ray get-auth-token` on the head prints it)") from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ClusterError(f"no Ray cluster reachable at {target.address} (from {target.source}): {first}; "
+        raise ClusterError(f"no Ray cluster reachable at {target.address} (from {target.source}): {_first_line(exc)}; "
                            f"{HOW_TO_START}") from None
     return client, target
 

@@ -98,14 +98,10 @@ class MergeWorker:
             value = model.read(source.tensor, start, stop)
         self.bytes_read += value.numel() * value.element_size()
         value = value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
-        if value.is_floating_point() and not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
-            raise InputError(f"{where(model=model.name, file=model.info(source.tensor).file, tensor=source.tensor)}: "
-                             "contains NaN or Inf")
+        check_finite(model, source.tensor, value)
         self.timings["read"] += time.perf_counter() - began
         return value
 
-    def _chunks(self, tensor: OutputTensor, chunked: bool) -> list[tuple[int | None, int | None]]:
-        return row_chunks(tensor, chunked)
 
     def _inputs(self, tensor: OutputTensor, start, stop) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         spec = self.spec
@@ -130,7 +126,7 @@ class MergeWorker:
             for tensor in group.tensors:
                 if not tensor.merged:
                     continue
-                for start, stop in self._chunks(tensor, chunked):
+                for start, stop in row_chunks(tensor, chunked):
                     base, experts = self._inputs(tensor, start, stop)
                     began = time.perf_counter()
                     part = method.stats(pass_name, base, experts, tensor.job, self._row_offset(tensor, start), state)
@@ -183,7 +179,7 @@ class MergeWorker:
         """An unmerged tensor (excluded, or not floating point): the base's value (the first model's without one)."""
         spec = self.spec
         model, source = (spec.base, tensor.base) if spec.base is not None else (spec.experts[0], tensor.experts[0])
-        for start, stop in self._chunks(tensor, True):
+        for start, stop in row_chunks(tensor, True):
             value = self._read(model, source, start, stop).to("cpu", tensor.out_dtype)
             began = time.perf_counter()
             writer.write(tensor.name, value)
@@ -192,7 +188,7 @@ class MergeWorker:
     def _merge_tensor(self, tensor: OutputTensor, state: dict, writer: ShardWriter) -> None:
         method = self.spec.method
         vector = mask = None
-        for start, stop in self._chunks(tensor, method.chunkable()):
+        for start, stop in row_chunks(tensor, method.chunkable()):
             base, experts = self._inputs(tensor, start, stop)
             began = time.perf_counter()
             offset = self._row_offset(tensor, start)
@@ -289,6 +285,13 @@ def _put(target: torch.Tensor, start: int | None, stop: int | None, value: torch
         target[:, start:stop] = value
     else:
         target[start:stop] = value
+
+
+def check_finite(model, tensor: str, value) -> None:
+    """NaN/Inf in an input is an error naming the model, file and tensor. The sum is one cheap pass that is
+    finite for almost every tensor; only when it is not is the element-wise check run to be sure."""
+    if value.is_floating_point() and not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
+        raise InputError(f"{where(model=model.name, file=model.info(tensor).file, tensor=tensor)}: contains NaN or Inf")
 
 
 def row_chunks(tensor: OutputTensor, chunked: bool) -> list[tuple[int | None, int | None]]:

@@ -24,11 +24,6 @@ def accuracy(predictions: Sequence, references: Sequence) -> float:
     return float(np.mean(p == r)) if p.size else float("nan")
 
 
-def mean(values: Sequence[float]) -> float:
-    v = np.asarray(values, dtype=np.float64)
-    return float(v.mean()) if v.size else float("nan")
-
-
 def f1(predictions: Sequence, references: Sequence, positive: int = 1) -> float:
     """Binary F1 of the ``positive`` label (GLUE's MRPC/QQP)."""
     p, r = _arrays(predictions, references)

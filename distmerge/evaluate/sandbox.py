@@ -341,6 +341,3 @@ def run_program(source: str, limits: SandboxLimits | None = None, mode: str | No
         raise ValueError(f"sandbox mode {mode!r}: one of {', '.join(MODES)}")
     return _execute(source, limits or SandboxLimits(), mode, guard)
 
-
-def passes(source: str, limits: SandboxLimits | None = None) -> bool:
-    return run_program(source, limits).passed

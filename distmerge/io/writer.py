@@ -67,9 +67,13 @@ def patch_safetensors(path: Path, patches: dict[str, tuple[torch.Tensor, torch.T
     return count
 
 
-def write_json(path: Path, data: Any) -> None:
+def write_json(path: Path, data: Any, mode: int | None = None) -> None:
+    """``data`` as JSON at ``path``, atomically (a crash leaves the old file or none); ``mode`` is set on the
+    new file before it appears."""
     tmp = path.with_name(path.name + ".partial")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n")
+    if mode is not None:
+        tmp.chmod(mode)
     os.replace(tmp, path)
 
 

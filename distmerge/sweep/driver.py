@@ -123,8 +123,8 @@ def _check_out(spec: SweepSpec, out: Path, experiment: Path, resume: bool) -> No
         except (OSError, ValueError):
             raise OutputError(f"'{out / STATE_FILE}' is missing or unreadable; cannot check that the sweep "
                               "config is the one being resumed") from None
-        if saved != spec.fingerprint():
-            now = spec.fingerprint()
+        now = spec.fingerprint()
+        if saved != now:
             changed = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
             raise ConfigError(f"--resume: the sweep config differs from the one that started '{out}' "
                               f"(changed: {', '.join(changed)}); a resumed search must keep its space and scoring")

@@ -23,8 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from distmerge.engine.worker import add_partials, peak_rss_bytes, row_chunks, row_elements
-from distmerge.errors import InputError, where
+from distmerge.engine.worker import add_partials, check_finite, peak_rss_bytes, row_chunks, row_elements
 from distmerge.io import vocab
 from distmerge.io.checkpoint import Checkpoint
 from distmerge.methods.base import MergeMethod, TensorJob
@@ -99,9 +98,7 @@ class TaskVectorHolder:
             value = model.read(source.tensor)
             self.reads[key] += 1
             self.bytes_read += value.numel() * value.element_size()
-            if value.is_floating_point() and not torch.isfinite(value).all():
-                raise InputError(f"{where(model=model.name, file=model.info(source.tensor).file, tensor=source.tensor)}"
-                                 ": contains NaN or Inf")
+            check_finite(model, source.tensor, value)
             cache[key] = value
         return vocab.reconcile(value, source.row_map) if source.row_map is not None else value
 

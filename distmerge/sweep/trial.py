@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import copy
 import tempfile
 import time
 import uuid
@@ -65,9 +64,8 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
         if "source" not in built:  # put into the object store once per trial, for the evaluator's actors
             from distmerge.evaluate import ModelSource
 
-            # A copy: the evaluator sets the padding side of the tokenizer it is given.
-            built["source"] = ModelSource.from_state_dict(model_config.to_dict(), state_dict,
-                                                          copy.deepcopy(tokenizer))
+            # load_tokenizer works on a copy, so the evaluator's padding side does not leak into this one
+            built["source"] = ModelSource.from_state_dict(model_config.to_dict(), state_dict, tokenizer)
         return built["source"]
 
     eval_began = time.perf_counter()
@@ -118,11 +116,11 @@ def merged_state_dict(context: SweepContext, values: dict[str, Any]):
 
 
 def _copied(context: SweepContext) -> list[dict]:
-    import ray
+    from distmerge.engine.ray_session import get
 
     cache = _cache(context)
     if "copied" not in cache:
-        cache["copied"] = ray.get(context.copied_refs)
+        cache["copied"] = get(context.copied_refs)
     return cache["copied"]
 
 
