@@ -13,6 +13,7 @@ name wins).
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -23,7 +24,7 @@ import yaml
 
 from distmerge.errors import ConfigError
 from distmerge.methods import METHODS, build_method, method_params_yaml
-from distmerge.methods.base import MergeMethod
+from distmerge.methods.base import PER_MODEL_RANGES, MergeMethod, require_number
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 TOP_LEVEL_KEYS = {
@@ -115,19 +116,34 @@ def _filter_matches(filt: str | None, tensor: str) -> bool:
     return filt is None or filt == "*" or filt in tensor
 
 
-def _check_setting(where: str, value: Any) -> None:
-    """A setting must be a number/bool/string, a list of them, or a list of {filter, value}."""
+def _check_setting(where: str, value: Any, key: str | None = None) -> None:
+    """A setting must be a number/bool/string, a list of them, or a list of {filter, value}. Numbers must be
+    finite, and per-model numbers with a declared range (``key``) within it: a gradient interpolates between
+    its entries, so checking the entries checks every value a tensor can get, before any tensor is read."""
     if isinstance(value, list):
         for i, entry in enumerate(value):
             if isinstance(entry, dict):
                 unknown = set(entry) - {"filter", "value"}
                 if unknown or "value" not in entry:
                     raise ConfigError(f"{where}[{i}]: a filtered value needs exactly 'filter' and 'value'")
-                _check_setting(f"{where}[{i}].value", entry["value"])
+                _check_setting(f"{where}[{i}].value", entry["value"], key)
             elif isinstance(entry, list):
                 raise ConfigError(f"{where}[{i}]: nested lists are not a parameter value")
+            else:
+                _check_leaf(f"{where}[{i}]", entry, key)
     elif isinstance(value, dict):
         raise ConfigError(f"{where}: expected a number, a list (gradient) or a list of {{filter, value}}")
+    else:
+        _check_leaf(where, value, key)
+
+
+def _check_leaf(where: str, value: Any, key: str | None) -> None:
+    bounds = PER_MODEL_RANGES.get(key) if key else None
+    if bounds is not None:
+        prefix, _, name = where.rpartition(".")
+        require_number(prefix, name, value, *bounds)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value} is not a finite number")
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -240,10 +256,10 @@ def build_config(*, method: str, models: list[tuple[str, str | None, dict]], bas
             if key not in allowed:
                 raise ConfigError(f"{where}.parameters.{key}: not a per-model parameter of '{method}' "
                                   f"(allowed: {', '.join(sorted(allowed)) or 'none'})")
-            _check_setting(f"{where}.parameters.{key}", value)
+            _check_setting(f"{where}.parameters.{key}", value, key)
         specs.append(ModelSpec(model=model, name=name, parameters=dict(params)))
     for key, value in (global_settings or {}).items():
-        _check_setting(f"parameters.{key}", value)
+        _check_setting(f"parameters.{key}", value, key)
     if dtype not in DTYPES:
         raise ConfigError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     if out_dtype is not None and out_dtype not in DTYPES:

@@ -15,6 +15,10 @@ class InputError(DistmergeError):
     """An input checkpoint is unusable; the message names the model, file and tensor."""
 
 
+class MergeError(DistmergeError):
+    """The merge computed values that would make a broken model (NaN/Inf); the message names the tensor."""
+
+
 class OutputError(DistmergeError):
     """The output location cannot be written as asked."""
 

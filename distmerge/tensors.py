@@ -22,6 +22,7 @@ from distmerge.methods.base import TensorJob
 
 LOG = logging.getLogger(__name__)
 TIED_HEADS = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
+ZERO_WEIGHT_SUM = 1e-8  # below it a normalizing merge would divide by (almost) zero: mergekit's cut
 LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.(\d+))\.")
 
 
@@ -88,13 +89,31 @@ def plan_vocab(config: MergeConfig, base: Checkpoint | None, experts: list[Check
     return VocabPlan(out_rows, None, changed), rows
 
 
-def _source(model: Checkpoint, name: str, shape: tuple[int, ...], vocab_rows: int | None, vp: VocabPlan) -> TensorSource:
+def dtype_class(dtype: torch.dtype) -> str:
+    if dtype.is_floating_point:
+        return "floating-point"
+    if dtype.is_complex:
+        return "complex"
+    return "boolean" if dtype == torch.bool else "integer"
+
+
+def check_dtype_class(model: Checkpoint, stored: str, info, reference: torch.dtype) -> None:
+    """An int tensor where the reference has weights (or the other way round) is not the same tensor: merging
+    it as weights, or copying past it, would both make a broken model without a word."""
+    if dtype_class(info.dtype) != dtype_class(reference):
+        raise InputError(f"{where(model=model.name, file=info.file, tensor=stored)}: dtype {str(info.dtype).removeprefix('torch.')} "
+                         f"is {dtype_class(info.dtype)}, the reference model's is {str(reference).removeprefix('torch.')}")
+
+
+def _source(model: Checkpoint, name: str, shape: tuple[int, ...], vocab_rows: int | None, vp: VocabPlan,
+            dtype: torch.dtype) -> TensorSource:
     stored = name
     if name not in model.tensors and TIED_HEADS.search(name):
         tied = [n for n in model.tensors if vocab.INPUT_EMBEDDING.search(n)]
         if tied:
             stored = tied[0]
     info = model.info(stored)
+    check_dtype_class(model, stored, info, dtype)
     is_vocab = vp.out_rows is not None and vocab.is_vocab_tensor(stored, info.shape, vocab_rows) and \
         vocab.is_vocab_tensor(name, shape, vp.out_rows)
     if is_vocab:
@@ -125,6 +144,7 @@ def resolve_tensors(config: MergeConfig, base: Checkpoint | None, experts: list[
     layers = [layer_of(n)[1] for n in names]
     num_layers = max((l for l in layers if l is not None), default=-1) + 1
     out_dtype_default = getattr(torch, config.out_dtype) if config.out_dtype else None
+    divides = config.build_method().divides_by_weight_sum()
     outputs = []
     for name in names:
         info = reference.tensors[name]
@@ -135,10 +155,14 @@ def resolve_tensors(config: MergeConfig, base: Checkpoint | None, experts: list[
         merged = floating and not any(p.search(name) for p in exclude) and \
             (not include or any(p.search(name) for p in include))
         out_dtype = out_dtype_default if (out_dtype_default is not None and floating) else info.dtype
-        base_src = _source(base, name, shape, rows[0], vp) if base is not None else None
+        base_src = _source(base, name, shape, rows[0], vp, info.dtype) if base is not None else None
         expert_srcs: tuple[TensorSource, ...] = ()
         if merged or base is None:
-            expert_srcs = tuple(_source(m, name, shape, rows[offset + i], vp) for i, m in enumerate(experts))
+            expert_srcs = tuple(_source(m, name, shape, rows[offset + i], vp, info.dtype) for i, m in enumerate(experts))
+        else:
+            for m in experts:
+                if name in m.tensors:
+                    check_dtype_class(m, name, m.info(name), info.dtype)
         job = None
         if merged:
             t = (layer / (num_layers - 1) if num_layers > 1 else 1.0) if layer is not None else 0.0
@@ -149,6 +173,9 @@ def resolve_tensors(config: MergeConfig, base: Checkpoint | None, experts: list[
                 densities=tuple(_setting(config, m, "density", name, t, None) for m in config.models),
                 drop_rates=tuple(_setting(config, m, "drop_rate", name, t, None) for m in config.models),
             )
+            if divides and abs(sum(job.weights)) < ZERO_WEIGHT_SUM:
+                raise ConfigError(f"models[].weight: the weights of tensor '{name}' sum to 0, and method "
+                                  f"'{config.method}' divides by their sum (normalize: true)")
         outputs.append(OutputTensor(name, shape, out_dtype, merged, base_src, expert_srcs, job, group, layer))
     extra = sorted({n for m in experts for n in m.tensors} - set(reference.tensors))
     if extra:

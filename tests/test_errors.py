@@ -13,7 +13,7 @@ from safetensors.torch import save_file
 
 from conftest import merge_config
 from distmerge import merge
-from distmerge.errors import ConfigError, InputError, OutputError
+from distmerge.errors import ConfigError, InputError, MergeError, OutputError
 from test_engine import load_folder
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
@@ -195,3 +195,29 @@ def test_nan_in_an_excluded_tensor_is_still_reported(llama_family, tmp_path):
     config["exclude"] = ["lm_head"]
     with pytest.raises(InputError, match="model 'base'.*tensor 'lm_head.weight': contains NaN"):
         merge(config, tmp_path / "out", progress=False)
+
+
+@pytest.mark.parametrize("params,weight,out_dtype", [
+    ({"lambda": 1e3}, 1e38, None),             # overflows float32 while merging
+    ({"lambda": 1e30}, 1.0, "float16"),        # finite in float32, past float16's range when written
+])
+def test_a_non_finite_merged_tensor_stops_the_run(llama_family, tmp_path, params, weight, out_dtype):
+    base, experts = llama_family
+    config = merge_config(base, experts, "task_arithmetic", **params)
+    config["models"][0]["weight"] = weight
+    if out_dtype:
+        config["out_dtype"] = out_dtype
+    out = tmp_path / "out"
+    with pytest.raises(MergeError, match=r"tensor '.*': the task_arithmetic merge gives NaN or Inf"):
+        merge(config, out, workers=2, progress=False)
+    assert nothing_written(out)
+
+
+def test_emr_task_creates_missing_parent_folders(llama_family, tmp_path):
+    from distmerge.emr_task import materialize_task
+
+    base, experts = llama_family
+    merged = tmp_path / "emr"
+    merge(merge_config(base, experts, "emr"), merged, progress=False)
+    out = materialize_task(merged, "e1", tmp_path / "a" / "b" / "c")
+    assert (out / "model.safetensors.index.json").exists()

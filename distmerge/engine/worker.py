@@ -17,7 +17,7 @@ import torch
 from distmerge import telemetry
 from distmerge.engine import faults
 from distmerge.engine.allocator import keep_freed_memory, rss_anon_bytes
-from distmerge.errors import InputError, OutputError, where
+from distmerge.errors import InputError, MergeError, OutputError, where
 from distmerge.io import vocab
 from distmerge.io.checkpoint import Checkpoint
 from distmerge.engine.resume import file_sha256
@@ -194,6 +194,7 @@ class MergeWorker:
             offset = self._row_offset(tensor, start)
             result = method.merge(base, experts, tensor.job, offset, state)
             merged = result["weight"].to("cpu", tensor.out_dtype)
+            check_finite_output(tensor.name, merged, method.name)
             self.sign_sum += result.get("sign_sum", 0)
             if "patch_index" in result and result["patch_index"].numel():
                 index, value = self.pending_patches.setdefault(tensor.name, ([], []))
@@ -287,11 +288,26 @@ def _put(target: torch.Tensor, start: int | None, stop: int | None, value: torch
         target[start:stop] = value
 
 
+def is_finite(value: torch.Tensor) -> bool:
+    """No NaN or Inf. The sum is one cheap pass, finite for almost every tensor (accumulated in float32, so a
+    float16 chunk's sum does not overflow); only when it is not is the element-wise check run to be sure."""
+    if not value.is_floating_point():
+        return True
+    return bool(torch.isfinite(value.sum(dtype=torch.float32))) or bool(torch.isfinite(value).all())
+
+
 def check_finite(model, tensor: str, value) -> None:
-    """NaN/Inf in an input is an error naming the model, file and tensor. The sum is one cheap pass that is
-    finite for almost every tensor; only when it is not is the element-wise check run to be sure."""
-    if value.is_floating_point() and not torch.isfinite(value.sum()) and not torch.isfinite(value).all():
+    """NaN/Inf in an input is an error naming the model, file and tensor."""
+    if not is_finite(value):
         raise InputError(f"{where(model=model.name, file=model.info(tensor).file, tensor=tensor)}: contains NaN or Inf")
+
+
+def check_finite_output(tensor: str, value: torch.Tensor, method: str) -> None:
+    """A merged chunk with NaN/Inf (from parameters, an overflow in the output dtype, anything) stops the run
+    before it reaches a shard."""
+    if not is_finite(value):
+        raise MergeError(f"tensor '{tensor}': the {method} merge gives NaN or Inf in {str(value.dtype).removeprefix('torch.')} "
+                         f"(check the parameters, and out_dtype's range)")
 
 
 def row_chunks(tensor: OutputTensor, chunked: bool) -> list[tuple[int | None, int | None]]:

@@ -78,14 +78,23 @@ def write_json(path: Path, data: Any, mode: int | None = None) -> None:
 
 
 def check_target(out: Path, force: bool) -> None:
-    """Refuse an existing target without force, and an unwritable parent, before any work."""
+    """Refuse an existing target without force, a parent that is not a folder, and an unwritable parent, before
+    any work; missing parent folders are created (as ``mkdir -p``)."""
     if out.exists() and not force:
         raise OutputError(f"'{out}' already exists; pass --force (force=True) to replace it")
     if out.exists() and not out.is_dir():
         raise OutputError(f"'{out}' exists and is not a folder")
     parent = out.parent
+    for ancestor in (parent, *parent.parents):
+        if ancestor.exists() or ancestor.is_symlink():
+            if not ancestor.is_dir():
+                raise OutputError(f"'{ancestor}' is a file, not a folder: '{out}' cannot be created under it")
+            break
     if not parent.exists():
-        raise OutputError(f"the parent folder of '{out}' does not exist")
+        try:
+            parent.mkdir(parents=True)
+        except OSError as exc:
+            raise OutputError(f"cannot create the folder '{parent}': {exc.strerror or exc}") from None
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputError(f"no write permission in '{parent}'")
 

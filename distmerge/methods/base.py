@@ -8,6 +8,7 @@ and the workers call ``stats`` (reduction passes) and ``merge`` on chunks of ten
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -26,6 +27,15 @@ class TensorJob:
     weights: tuple[float, ...]
     densities: tuple[float | None, ...]
     drop_rates: tuple[float | None, ...]
+
+
+# The ranges of the per-model parameters a method may declare in ``per_model_keys``, as require_number's
+# (lo, hi, lo_open): checked on every value a config gives, gradients and filtered lists included.
+PER_MODEL_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
+    "weight": (None, None, False),
+    "density": (0.0, 1.0, True),
+    "drop_rate": (0.0, 1.0, False),
+}
 
 
 class MergeMethod:
@@ -61,6 +71,10 @@ class MergeMethod:
     def finish_pass(self, pass_name: str, totals: dict[str, Any], state: dict) -> dict:
         """Turn the summed partials of a pass into state for the next pass or the merge."""
         raise NotImplementedError(f"{self.name} has no pass {pass_name!r}")
+
+    def divides_by_weight_sum(self) -> bool:
+        """True when the merge divides by the sum of the models' weights (a zero sum is then refused)."""
+        return False
 
     # --- work -----------------------------------------------------------------------------------
     def merge(self, base: torch.Tensor | None, experts: list[torch.Tensor], job: TensorJob, offset: int,
@@ -121,6 +135,8 @@ def require_number(where: str, key: str, value: Any, lo: float | None = None, hi
                    lo_open: bool = False) -> None:
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         raise ConfigError(f"{where}.{key}: expected a number, got {value!r}")
+    if not math.isfinite(value):  # NaN passes every range comparison and would merge into an all-NaN model
+        raise ConfigError(f"{where}.{key}: {value} is not a finite number")
     span = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
     if (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and value > hi):
         raise ConfigError(f"{where}.{key}: {value} is out of range {span}")

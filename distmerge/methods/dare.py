@@ -66,6 +66,9 @@ class Dare(MergeMethod):
     def chunkable(self) -> bool:
         return self.params.rescale != "l1" and self.inner.chunkable()
 
+    def divides_by_weight_sum(self) -> bool:
+        return self.inner.divides_by_weight_sum()
+
     def initial_state(self, jobs):
         return self.inner.initial_state(jobs)
 

@@ -22,5 +22,8 @@ class TaskArithmetic(TaskVectorMethod):
     name = "task_arithmetic"
     Params = TaskArithmeticParams
 
+    def divides_by_weight_sum(self) -> bool:
+        return self.params.normalize
+
     def merge_delta(self, base, task_vector, job, offset, state):
         return task_arithmetic(base, task_vector, job.weights, self.params.lam, self.params.normalize)

@@ -21,6 +21,9 @@ class WeightAverage(TaskVectorMethod):
     Params = WeightAverageParams
     needs_base = False
 
+    def divides_by_weight_sum(self) -> bool:
+        return self.params.normalize
+
     def merge(self, base, experts, job, offset, state):
         return {"weight": weight_average(experts, job.weights, self.params.normalize)}
 
