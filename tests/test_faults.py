@@ -50,6 +50,41 @@ def test_dead_worker_is_replaced_and_result_identical(ties_config, clean_run, tm
     assert "replaced 1 dead worker" in result.summary()
 
 
+def test_bytes_read_after_a_replacement_count_the_dead_workers_reads(ties_config, tmp_path, monkeypatch):
+    clean = merge(ties_config, tmp_path / "clean", workers=2, progress=False)
+    monkeypatch.setenv(FAULT, "worker_exit_after_groups=2@0")
+    replaced = merge(ties_config, tmp_path / "replaced", workers=2, progress=False)
+    assert replaced.replaced_workers == 1
+    # Worker 0's first incarnation read 2 groups of a shard before it died; its replacement read them again.
+    redone = redone_group_bytes(ties_config, 2)
+    assert redone > 0
+    assert replaced.bytes_read == clean.bytes_read + redone
+
+
+def redone_group_bytes(config: dict, groups: int) -> int:
+    """Input bytes worker 0 read again after dying in its ``groups``-th merge group (2 workers)."""
+    from distmerge.config import load_config
+    from distmerge.engine.driver import _group_input_bytes
+    from distmerge.io.checkpoint import Checkpoint
+    from distmerge.plan import make_plan
+    from distmerge.tensors import resolve_tensors
+
+    merge_cfg = load_config(config)
+    base = Checkpoint(merge_cfg.base_model, "base")
+    experts = [Checkpoint(spec.model, spec.name) for spec in merge_cfg.models]
+    outputs, _, _ = resolve_tensors(merge_cfg, base, experts)
+    plan = make_plan(outputs, merge_cfg.out_shard_size, 2, 1 + len(experts))
+    sizes = _group_input_bytes(plan, base, experts, merge_cfg.build_method().needs_base)
+    # The dead actor finished whole shards before the one it died in; only that shard's groups are redone.
+    left = groups
+    for shard in plan.assignment[0]:
+        count = len(plan.shards[shard].groups)
+        if left <= count:
+            return sum(sizes[shard, g] for g in range(left))
+        left -= count
+    raise AssertionError("worker 0 has fewer groups than the fault needs")
+
+
 def _cli_merge(config_path: Path, out: Path, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items() if k != FAULT} | env_extra
     env.pop("RAY_ADDRESS", None)
@@ -66,10 +101,11 @@ def test_interrupted_driver_leaves_no_model_and_rerun_reuses_verified_shards(tie
     assert not out.exists()
     staging = [p for p in tmp_path.iterdir() if p.name.startswith(f".merged{STAGING_MARK}")]
     assert len(staging) == 1
-    manifest = (staging[0] / ".distmerge-manifest.jsonl").read_text().splitlines()
-    assert len(manifest) >= 3
+    lines = [yaml.safe_load(line) for line in (staging[0] / ".distmerge-manifest.jsonl").read_text().splitlines()]
+    manifest = [record for record in lines if "shard" in record]  # the other line commits the pass state
+    assert len(manifest) >= 3 and len(lines) == len(manifest) + 1
     # A finished shard damaged after the interruption is not trusted: the rerun redoes it.
-    damaged = staging[0] / yaml.safe_load(manifest[0])["filename"]
+    damaged = staging[0] / manifest[0]["filename"]
     data = bytearray(damaged.read_bytes())
     data[-1] ^= 0xFF
     damaged.write_bytes(bytes(data))

@@ -108,7 +108,7 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
         plan = make_plan(outputs, config.out_shard_size, workers or max(1, int(total_cpus)), len(models))
         run = RunFolder(out, run_key(config.to_yaml_dict(), models, plan))
         if not resume:
-            writer.discard(run.path)
+            run.discard()
         finished = run.open()
         resumed = len(finished)
         try:
@@ -127,6 +127,7 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
                     run.save_passes(state)
                 results = _run_merge(pool, plan, state, sizes, finished, run, injected, progress)
                 reports = pool.call_all("report")
+                bytes_read = sum(r["bytes_read"] for r in reports) + pool.retired_bytes_read
                 replaced = sum(pool.replacements)
             finally:
                 pool.shutdown()
@@ -146,7 +147,7 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
             run.release()
     return MergeResult(out=out, method=config.method, shards=len(plan.shards), workers=len(plan.assignment),
                        seconds=time.perf_counter() - began, bytes_written=sum(r["bytes"] for r in results),
-                       bytes_read=sum(r["bytes_read"] for r in reports), method_state=summary["method_state"],
+                       bytes_read=bytes_read, method_state=summary["method_state"],
                        worker_reports=reports, resumed_shards=resumed, replaced_workers=replaced)
 
 

@@ -5,6 +5,10 @@ done when its last call returns. When a slot's actor dies (node lost, OOM-killed
 actor takes the slot and redoes the slot's unfinished items from their start: a shard is only ever recorded
 from a call that returned, and files are renamed into place only when complete, so nothing a dead actor
 left half-written is used.
+
+A dead actor cannot report what it read, so the pool counts it from the calls it ran: the input bytes of
+every call it returned, plus the call it was running when it died (that call had started on its inputs;
+a kill part-way through a read overstates by at most that one call).
 """
 
 from __future__ import annotations
@@ -44,6 +48,8 @@ class WorkerPool:
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
         self.run_id = uuid.uuid4().hex[:6]
         self.replacements = [0] * len(specs)
+        self.incarnation_bytes = [0] * len(specs)  # input bytes of the calls each live actor returned
+        self.retired_bytes_read = 0  # input bytes read by actors that died and were replaced
         bundle = {"CPU": num_cpus} | ({"GPU": num_gpus} if num_gpus else {})
         strategy = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}[placement]
         self.group = placement_group([dict(bundle) for _ in specs], strategy=strategy,
@@ -64,7 +70,9 @@ class WorkerPool:
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=slot),
         ).remote(spec)
 
-    def replace(self, slot: int, cause: BaseException) -> None:
+    def replace(self, slot: int, cause: BaseException, running_bytes: int = 0) -> None:
+        self.retired_bytes_read += self.incarnation_bytes[slot] + running_bytes
+        self.incarnation_bytes[slot] = 0
         self.replacements[slot] += 1
         if self.replacements[slot] > MAX_REPLACEMENTS:
             raise DistmergeError(f"merge worker {slot} died {self.replacements[slot]} times; last: {cause}")
@@ -101,16 +109,21 @@ class WorkerPool:
             try:
                 value = get(ready[0])
             except ray.exceptions.ActorDiedError as exc:
+                failed = [(index, call)] + [(i, c) for s, i, c in pending.values() if s == slot]
                 for ref in [r for r, (s, _, _) in pending.items() if s == slot]:
                     del pending[ref]
+                # An actor runs its calls in the order they were submitted: the earliest failed one was running.
+                running_index, running_call = min(failed)
+                running_bytes = queued[slot][running_index].sizes[running_call]
                 unfinished = [i for i in range(len(queued[slot])) if i not in done[slot]]
                 on_progress(-sum(counted[slot].get(i, 0) for i in unfinished))
                 queued[slot] = [queued[slot][i] for i in unfinished]
                 done[slot], counted[slot] = set(), {}
-                self.replace(slot, exc)
+                self.replace(slot, exc, running_bytes)
                 submit(slot)
                 continue
             item = queued[slot][index]
+            self.incarnation_bytes[slot] += item.sizes[call]
             counted[slot][index] = counted[slot].get(index, 0) + item.sizes[call]
             on_progress(item.sizes[call])
             if call == len(item.sizes) - 1:
