@@ -156,6 +156,10 @@ def test_gsm8k_through_ray_equals_a_plain_loop(chain_llama, gsm8k_rows, tmp_path
 
 @pytest.mark.timeout(300)
 def test_humaneval_runs_generated_code_in_the_sandbox(chain_llama, tmp_path):
+    from distmerge.evaluate.sandbox import namespaces_refused
+
+    if namespaces_refused():
+        pytest.skip(f"the kernel refuses the sandbox's namespaces here: {namespaces_refused()}")
     # The model always writes "def f(x): return x"; the tests decide: pass, fail, hang, crash.
     def problem(i, check_body):
         return {"task_id": f"HumanEval/{i}", "prompt": "def f(x):\n    \"\"\"Return x.\"\"\"\n", "entry_point": "f",
@@ -172,7 +176,7 @@ def test_humaneval_runs_generated_code_in_the_sandbox(chain_llama, tmp_path):
     verdicts = result.rows["extracted"].tolist()
     assert verdicts[0] == "passed" and verdicts[1].startswith("failed: AssertionError")
     assert verdicts[2] == "timeout" and verdicts[3] == "killed" and verdicts[4].startswith("failed")
-    assert result.metrics == {"pass@1": 0.2} and result.isolation in ("namespaces", "audit-hook")
+    assert result.metrics == {"pass@1": 0.2} and result.isolation == "namespaces"
     assert not Path("/tmp/distmerge-humaneval-escape").exists()
 
 

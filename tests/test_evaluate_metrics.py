@@ -1,16 +1,14 @@
-"""Answer extraction, metrics and the code sandbox, checked on hand-made cases (no Ray, no models)."""
+"""Answer extraction and metrics, checked on hand-made cases (no Ray, no models); the code sandbox is in
+test_sandbox.py."""
 
 from __future__ import annotations
 
 import math
-import socket
-import threading
-from pathlib import Path
 
 import pytest
 
 from distmerge.errors import InputError
-from distmerge.evaluate import answers, metrics, sandbox
+from distmerge.evaluate import answers, metrics
 from distmerge.evaluate.tasks import TASKS, Reducer, get_task
 
 
@@ -178,6 +176,7 @@ def test_task_templates_and_fields():
     human = get_task("humaneval").prepare({"prompt": "def f(x):\n    pass\n", "test": "def check(c): pass",
                                            "entry_point": "f"})
     assert "def f(x):\n\tpass" in human["prompt"] and human["suffix"].endswith("check(f)\n")
+    assert (human["prefix"], human["entry"], mbpp["entry"]) == ("def f(x):\n    pass\n", "f", "")
     rte = get_task("rte").prepare({"sentence1": "a", "sentence2": "b", "label": 1})
     assert (rte["prompt"], rte["pair"], rte["label"]) == ("a", "b", 1.0)
     with pytest.raises(InputError, match="task 'rte': a row has no field 'sentence2'"):
@@ -188,112 +187,6 @@ def test_task_templates_and_fields():
         get_task("squad")
     assert {"gsm8k", "math", "mbpp", "humaneval", "perplexity", "cola", "sst2", "mrpc", "stsb", "qqp", "mnli",
             "qnli", "rte"} <= set(TASKS)
-
-
-# --- sandbox ----------------------------------------------------------------------------------------
-
-FAST = sandbox.SandboxLimits(timeout=10.0)
-
-
-@pytest.fixture(params=["namespaces", "audit-hook"])
-def mode(request):
-    if request.param == "namespaces" and sandbox.isolation() != "namespaces":
-        pytest.skip("user/network namespaces are not available here; audit-hook mode is used")
-    return request.param
-
-
-@pytest.mark.timeout(60)
-def test_sandbox_pass_and_fail(mode):
-    passing = sandbox.run_program("def f(x):\n    return x + 1\nassert f(1) == 2\nprint('ok')\n", FAST, mode)
-    assert passing.passed and passing.stdout == "ok" and passing.isolation == mode
-    failing = sandbox.run_program("assert 1 == 2\n", FAST, mode)
-    assert failing.status == "failed" and "AssertionError" in failing.stderr
-    assert sandbox.run_program("def f(:\n", FAST, mode).status == "failed"  # syntax error
-    assert sandbox.run_program("import sys\nsys.exit(0)\n", FAST, mode).status == "failed"  # exits count as failure
-    # an early os._exit(0) skips the runner's nonce: not a pass
-    assert sandbox.run_program("import os\nos._exit(0)\n", FAST, mode).status == "failed"
-
-
-@pytest.mark.timeout(60)
-def test_sandbox_hang_and_crash_score_zero(mode):
-    hang = sandbox.run_program("while True:\n    pass\n", sandbox.SandboxLimits(timeout=1.5), mode)
-    assert hang.status == "timeout" and not hang.passed
-    crash = sandbox.run_program("import os\nos.abort()\n", FAST, mode)
-    assert crash.status == "killed" and crash.returncode < 0
-    memory = sandbox.run_program("x = bytearray(2 * 1024 ** 3)\n", FAST, mode)
-    assert not memory.passed and "MemoryError" in memory.stderr
-    big_file = sandbox.run_program("open('big', 'wb').write(b'x' * (32 << 20))\n", FAST, mode)
-    assert not big_file.passed  # RLIMIT_FSIZE (16 MiB)
-
-
-@pytest.mark.timeout(60)
-def test_sandbox_keeps_writes_inside_and_removes_its_folder(mode, tmp_path):
-    target = tmp_path / "escaped.txt"
-    outside = sandbox.run_program(f"open({str(target)!r}, 'w').write('x')\n", FAST, mode)
-    assert not outside.passed and "outside the working folder" in outside.stderr
-    assert not target.exists()
-    removal = sandbox.run_program(f"import shutil\nshutil.rmtree({str(tmp_path)!r})\n", FAST, mode)
-    assert not removal.passed and tmp_path.exists()
-    inside = sandbox.run_program("import os\nos.mkdir('d')\nopen('d/a.txt', 'w').write('y')\n"
-                                 "print(os.path.realpath('.'))\n", FAST, mode)
-    assert inside.passed
-    assert not Path(inside.stdout).exists()  # the temporary folder is gone afterwards
-
-
-@pytest.mark.timeout(60)
-def test_sandbox_blocks_network_and_processes(mode):
-    server = socket.socket()
-    server.bind(("127.0.0.1", 0))
-    server.listen(1)
-    port = server.getsockname()[1]
-    accepted = []
-    threading.Thread(target=lambda: accepted.append(server.accept()), daemon=True).start()
-    try:
-        net = sandbox.run_program(f"import socket\nsocket.create_connection(('127.0.0.1', {port}), timeout=2)\n",
-                                  FAST, mode)
-        assert not net.passed and not accepted
-    finally:
-        server.close()
-    assert not sandbox.run_program("import subprocess\nsubprocess.run(['true'])\n", FAST, mode).passed
-    assert not sandbox.run_program("import os\nos.kill(1, 0)\n", FAST, mode).passed
-
-
-@pytest.mark.timeout(60)
-def test_namespace_barriers_hold_without_the_guard(tmp_path):
-    """The OS-level isolation alone: no network, a read-only filesystem outside the folder, own PID namespace."""
-    if sandbox.isolation() != "namespaces":
-        pytest.skip("namespaces not available here")
-    target = tmp_path / "escaped.txt"
-    program = (
-        "import os, socket, errno\n"
-        "try:\n"
-        "    socket.create_connection(('1.1.1.1', 53), timeout=2)\n"
-        "    raise SystemExit('network')\n"
-        "except OSError:\n"
-        "    pass\n"
-        "try:\n"
-        f"    open({str(target)!r}, 'w')\n"
-        "    raise SystemExit('wrote outside')\n"
-        "except OSError as exc:\n"
-        "    assert exc.errno in (errno.EROFS, errno.EACCES), exc\n"
-        "assert os.getpid() == 1\n"
-        "open('inside', 'w').write('ok')\n"
-    )
-    result = sandbox.run_program(program, FAST, "namespaces", guard=False)
-    assert result.passed, result.stderr
-    assert not target.exists()
-
-
-def test_sandbox_settings_are_validated(monkeypatch):
-    with pytest.raises(ValueError, match="timeout"):
-        sandbox.SandboxLimits(timeout=0)
-    with pytest.raises(ValueError, match="mode"):
-        sandbox.run_program("pass", FAST, mode="chroot")
-    monkeypatch.setenv("DISTMERGE_SANDBOX", "audit-hook")
-    assert sandbox.isolation() == "audit-hook"
-    monkeypatch.setenv("DISTMERGE_SANDBOX", "nope")
-    with pytest.raises(ValueError, match="DISTMERGE_SANDBOX"):
-        sandbox.isolation()
 
 
 # --- results and suites -----------------------------------------------------------------------------

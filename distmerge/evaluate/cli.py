@@ -37,20 +37,23 @@ def eval_cmd(
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address, or 'auto'; default: embedded"),
     progress: bool = typer.Option(False, "--progress", help="Ray Data progress bars"),
+    allow_unsandboxed_code: bool = typer.Option(
+        False, "--allow-unsandboxed-code", help="humaneval/mbpp where the kernel refuses the sandbox's namespaces: "
+        "run the generated code anyway, guarded only by an in-process audit hook (no security boundary)"),
 ) -> None:
     """Score a model the way the merging papers do; flags given here apply to every task of a suite."""
     try:
         _run(model, task, data, suite, out, limit, batch_size, workers, max_new_tokens, max_length, task_model,
-             head_from, tokenizer, expert_results, device, address, progress)
+             head_from, tokenizer, expert_results, device, address, progress, allow_unsandboxed_code)
     except DistmergeError as exc:
         _fail(exc)
 
 
 def _run(model, task, data, suite, out, limit, batch_size, workers, max_new_tokens, max_length, task_model,
-         head_from, tokenizer, expert_results, device, address, progress) -> None:
+         head_from, tokenizer, expert_results, device, address, progress, allow_unsandboxed_code=False) -> None:
     from distmerge.engine.ray_session import ray_session
     from distmerge.errors import ConfigError
-    from distmerge.evaluate import report, runner
+    from distmerge.evaluate import report, runner, sandbox
     from distmerge.evaluate.models import ModelSource
     from distmerge.evaluate.suite import SuiteTask, load_suite
     from distmerge.evaluate.tasks import get_task
@@ -78,12 +81,15 @@ def _run(model, task, data, suite, out, limit, batch_size, workers, max_new_toke
             model_path, tokenizer=str(tokenizer) if tokenizer else entry.tokenizer,
             head_from=str(head_from) if head_from else entry.head_from,
             task_model=task_model or entry.task_model)
-        options = runner.EvalOptions(**{**entry.options, **flags}, device=device, progress=progress)
+        options = runner.EvalOptions(**{**entry.options, **flags}, device=device, progress=progress,
+                                     sandbox=sandbox.SandboxLimits(allow_unsandboxed=allow_unsandboxed_code))
         jobs.append((source, get_task(entry.task), entry.data, options))
 
     for source, the_task, the_data, _ in jobs:  # user mistakes first, before a Ray cluster starts
         runner.preflight(source, the_task)
         runner.check_data(the_data, the_task)
+    if any(the_task.runs_code for _, the_task, _, _ in jobs):
+        _check_sandbox(sandbox, allow_unsandboxed_code)
     out_dir = runner.results_dir(out)
     if not progress:
         runner.quiet_ray_data()
@@ -100,6 +106,13 @@ def _run(model, task, data, suite, out, limit, batch_size, workers, max_new_toke
     if out_dir is not None:
         path = report.write_summary(out_dir, data_summary)
         typer.echo(f"\nwrote {path} and {', '.join(f'{r.task}.parquet' for r in results)}")
+
+
+def _check_sandbox(sandbox, allow_unsandboxed_code: bool) -> None:
+    """Refuses (SandboxUnavailable) where generated code would run without namespaces and nobody asked for that."""
+    if sandbox.isolation(allow_unsandboxed_code) != "namespaces":
+        typer.secho(f"warning: generated code runs with only an audit hook, no sandbox "
+                    f"({sandbox.namespaces_refused()})", err=True, fg=typer.colors.YELLOW)
 
 
 def register(app: typer.Typer) -> None:

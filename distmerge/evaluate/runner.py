@@ -258,7 +258,7 @@ def score_batch(batch: dict, task_name: str, sandbox: SandboxLimits) -> dict:
             score, detail = task.score(str(row["output"]), float(row["prediction"]), row, sandbox=sandbox)
             scores.append(float(score))
             extracted.append(detail)
-    out = {k: v for k, v in batch.items() if k not in ("prefix", "suffix")}
+    out = {k: v for k, v in batch.items() if k not in ("prefix", "suffix", "entry")}
     out["score"] = np.asarray(scores, dtype=np.float64)
     out["extracted"] = np.asarray(extracted, dtype=object)
     return out
@@ -428,6 +428,8 @@ def run(source: ModelSource, task: Task, data: Any, options: EvalOptions, out: P
 
     started = time.monotonic()
     preflight(source, task)
+    # On the driver, before any row is generated: a machine that refuses the sandbox's namespaces says so now.
+    sandbox_mode = isolation(options.sandbox.allow_unsandboxed) if task.runs_code else None
     device, num_cpus, num_gpus = _resources(options)
     dataset, data_name = open_dataset(data, task)
     ctx = dataset.context
@@ -477,7 +479,7 @@ def run(source: ModelSource, task: Task, data: Any, options: EvalOptions, out: P
         rows = select_columns(pa.concat_tables(kept), task.kind).to_pandas()
     return EvalResult(task.name, source.describe(), data_name, reducer.metrics(), task.primary(), reducer.count,
                       time.monotonic() - started, str(rows_path) if rows_path else None,
-                      isolation() if task.runs_code else None, rows)
+                      sandbox_mode, rows)
 
 
 def _add_index(table, start: int):

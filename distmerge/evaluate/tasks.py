@@ -10,15 +10,18 @@ all of them):
 ``reference``  the reference answer as text (GSM8K number, MATH boxed answer, GLUE label, "" for perplexity)
 ``label``      GLUE label or STS-B target (NaN otherwise)
 ``prefix``     code tasks: program text before the completion (HumanEval's prompt)
-``suffix``     code tasks: the tests run after it (HumanEval's ``check(entry_point)``, MBPP's asserts)
+``suffix``     code tasks: the tests that judge it (HumanEval's ``check(entry_point)``, MBPP's asserts)
+``entry``      code tasks: the name the tests take from the completion although ``prefix`` defines it
 =============  ==============================================================================================
 
 Templates and limits follow MergeLM's ``inference_llms_instruct_math_code.py`` (which the DARE and FDA papers
 use): WizardMath's template for GSM8K/MATH with stops ``Instruction:``/``Response:`` and 1024/2048 new tokens;
 the Alpaca code template ("Create a Python script for this problem:") for HumanEval and MBPP with 2048 new
 tokens, tabs for 4 spaces in the prompt, MBPP task 493's overlong tests replaced by its signature. MBPP
-programs are the completion followed by the ``test_list`` asserts (bigcode-evaluation-harness, as MergeLM
-evaluates its dump); HumanEval programs are prompt + completion + tests + ``check(entry_point)`` (human-eval).
+programs are the completion, judged by the ``test_list`` asserts (bigcode-evaluation-harness, as MergeLM
+evaluates its dump); HumanEval programs are prompt + completion, judged by the tests + ``check(entry_point)``
+(human-eval). The generated program and the tests run in separate sandboxes (``sandbox``): the tests see the
+completion's functions through proxies, so a completion can neither read the tests nor forge their verdict.
 GLUE reads sentence pairs as MergeLM's ``glue_data_loader`` (max 128 tokens); the headline metric is the one
 the EMR and FDA tables average (CoLA Matthews, STS-B Pearson, accuracy elsewhere), with MergeLM's averaged
 scores (MRPC/QQP accuracy+F1, STS-B Pearson+Spearman) reported too.
@@ -33,7 +36,7 @@ from typing import Any, Callable, Mapping, Sequence
 from distmerge.errors import InputError
 from distmerge.evaluate import answers, metrics
 
-PREPARED_COLUMNS = ("prompt", "pair", "reference", "label", "prefix", "suffix")
+PREPARED_COLUMNS = ("prompt", "pair", "reference", "label", "prefix", "suffix", "entry")
 
 WIZARDMATH_PROMPT = (
     "Below is an instruction that describes a task. "
@@ -88,9 +91,9 @@ def _first(row: Mapping[str, Any], names: Sequence[str], task: str) -> Any:
 
 
 def _prepared(prompt: str, reference: str = "", pair: str = "", label: float = math.nan, prefix: str = "",
-              suffix: str = "") -> dict:
+              suffix: str = "", entry: str = "") -> dict:
     return {"prompt": prompt, "pair": pair, "reference": reference, "label": float(label), "prefix": prefix,
-            "suffix": suffix}
+            "suffix": suffix, "entry": entry}
 
 
 def _as_list(value: Any) -> list:
@@ -146,7 +149,7 @@ def _prepare_humaneval(row):
     entry = str(_first(row, ("entry_point",), "humaneval"))
     return _prepared(ALPACA_CODE_PROMPT.format(instruction=prompt.replace("    ", "\t")),
                      reference=str(row.get("canonical_solution") or ""), prefix=prompt,
-                     suffix=f"{test}\n\ncheck({entry})\n")
+                     suffix=f"{test}\n\ncheck({entry})\n", entry=entry)
 
 
 def _prepare_mbpp(row):
@@ -168,8 +171,11 @@ def _score_code(test_marker: bool):
 
         fence_end = "\n```" if test_marker else "```"
         code = answers.extract_code(output, fence_end=fence_end, test_marker=test_marker)
-        program = f"{row['prefix']}{code}\n{row['suffix']}"
-        result = run_program(program, sandbox)
+        entry = str(row.get("entry") or "")
+        # The prompt runs on both sides: the completion needs its imports and helpers, the tests need the dataset's
+        # own helpers (HumanEval/32's poly), not the completion's versions of them.
+        result = run_program(f"{row['prefix']}{code}\n", str(row["suffix"]), sandbox, setup=str(row["prefix"]),
+                             entry_points=(entry,) if entry else ())
         detail = result.status
         if result.status == "failed" and result.stderr.strip():
             detail += ": " + result.stderr.strip().splitlines()[-1][:200]
