@@ -440,11 +440,36 @@ def test_adaptation_resumes_after_an_interruption(llama, ta_merge, reference_anc
         fda.adapt(config, reference_anchors, out, workers=1, progress=False, on_result=interrupt_after(1))
     assert not out.exists()  # nothing half-written at the target
     assert len(list((tmp_path / ".merged.fda-work").glob("layer_*.json"))) >= 1
+    assert (tmp_path / ".merged.fda-work").stat().st_mode & 0o777 == 0o700  # read back: no one else may write it
     rerun = fda.adapt(config, reference_anchors, out, workers=1, progress=False)
     assert rerun.skipped >= 1 and rerun.skipped + len(rerun.results) == LAYERS
     assert_same(tensors_of(out), tensors_of(reference_model[0]))
     with pytest.raises(OutputError, match="already exists"):
         fda.adapt(config, reference_anchors, out, progress=False)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(os.getuid() != 0, reason="chown to another user needs root")
+@pytest.mark.parametrize("spoil", ["other_owner", "world_writable", "symlink"])
+def test_adapt_refuses_a_work_folder_others_could_write(llama, ta_merge, reference_anchors, tmp_path, spoil):
+    from distmerge import fda
+
+    out, work = tmp_path / "merged", tmp_path / ".merged.fda-work"
+    work.mkdir(mode=0o700)
+    (work / "layer_0.json").write_text(json.dumps({"config_hash": "planted"}))
+    if spoil == "other_owner":
+        os.chown(work, 12345, 12345)
+    elif spoil == "world_writable":
+        work.chmod(0o777)
+    else:
+        work.rename(tmp_path / "elsewhere")
+        work.symlink_to(tmp_path / "elsewhere")
+    with pytest.raises(OutputError) as info:
+        fda.adapt(llama_config(llama, ta_merge), reference_anchors, out, progress=False)
+    assert f"the FDA work folder '{work}'" in str(info.value) and "cannot be trusted" in str(info.value)
+    assert os.path.lexists(work) and (work / "layer_0.json").exists()  # refused, not deleted
+    assert not out.exists()
 
 
 @pytest.mark.ray

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import pickle
 import signal
 import tempfile
 from pathlib import Path
@@ -281,6 +282,7 @@ def test_resume_runs_only_the_remaining_trials(ray_cluster, family, tmp_path):
     out = tmp_path / "sweep"
     first = run_sweep(config, out, progress=False, callbacks=[InterruptOnce(2, tmp_path / "interrupted")])
     assert first.interrupted
+    assert (out / "tune").stat().st_mode & 0o777 == 0o700  # Tune's pickles: in a folder only this user writes
     done_first = {r["trial"]: r for r in first.rows if r["status"] == "finished"}
     assert len(done_first) >= 2 and first.remaining == len(grid) - len(done_first) > 0
 
@@ -345,6 +347,46 @@ def test_resume_needs_a_sweep_to_resume(family, tmp_path):
     (out / STATE_FILE).write_text(json.dumps(load_sweep(config).fingerprint()))
     with pytest.raises(OutputError, match="no sweep to resume"):
         run_sweep(config, out, resume=True, progress=False)
+
+
+class PlantsMarker:
+    """Unpickling this creates the marker folder: proof that a file was run as code."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.mkdir, (self.marker,)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+@pytest.mark.skipif(os.getuid() != 0, reason="chown to another user needs root")
+@pytest.mark.parametrize("spoil", ["tune_world_writable", "tune_other_owner", "out_group_writable"])
+def test_resume_never_unpickles_from_a_folder_others_could_write(ray_cluster, family, tmp_path, spoil):
+    from distmerge.sweep import run_sweep
+    from distmerge.sweep.driver import STATE_FILE
+    from distmerge.sweep.spec import load_sweep
+
+    base, experts, data = family
+    config = sweep_config(base, experts, data)
+    out = tmp_path / "sweep"
+    (out / "tune" / "sweep").mkdir(parents=True)
+    (out / "tune").chmod(0o700)
+    (out / STATE_FILE).write_text(json.dumps(load_sweep(config).fingerprint()))
+    marker = tmp_path / "unpickled"
+    # Tune restores an experiment by unpickling tuner.pkl (and trial states): what someone else could plant.
+    (out / "tune" / "sweep" / "tuner.pkl").write_bytes(pickle.dumps(PlantsMarker(marker)))
+    if spoil == "tune_world_writable":
+        (out / "tune").chmod(0o777)
+    elif spoil == "tune_other_owner":
+        os.chown(out / "tune", 12345, 12345)
+    else:
+        out.chmod(0o775)
+    with pytest.raises(OutputError, match="cannot be trusted") as info:
+        run_sweep(config, out, resume=True, progress=False)
+    assert str(out) in str(info.value)
+    assert not marker.exists()
 
 
 def test_cli_reports_a_bad_sweep_in_one_line(family, tmp_path):

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
+from distmerge.engine.resume import make_private_folder
 from distmerge.errors import InputError, OutputError, where
 from distmerge.fda.config import FdaConfig, engine_merge_config
 from distmerge.fda.construct import ANCHORS, TARGETS, anchor_files, read_anchor_meta
@@ -234,7 +235,9 @@ def adapt(config: FdaConfig | str | Path | dict, anchors: str | Path, out: str |
     check_anchors(inputs, anchors)
     work = Path(work).expanduser().resolve() if work else default_work_folder(out)
     try:
-        work.mkdir(exist_ok=True)
+        # Its layer results and commit marks are read back and the folder is removed at the end: only a
+        # folder of this user's that no one else can write.
+        make_private_folder(work, "FDA work folder")
     except OSError as exc:
         raise OutputError(f"cannot create the work folder '{work}': {exc.strerror or exc}") from None
 

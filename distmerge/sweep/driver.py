@@ -13,19 +13,21 @@ sweep.yaml -> spec (spaces, tasks, search) -> every space's end values checked a
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from distmerge.errors import ConfigError, DistmergeError, OutputError
-from distmerge.io import model_files
+from distmerge.io import model_files, writer
 from distmerge.io.checkpoint import Checkpoint
 from distmerge.sweep import outputs
 from distmerge.sweep.spec import SweepSpec, load_sweep
 from distmerge.tensors import resolve_tensors
 
 EXPERIMENT = "sweep"
+TUNE_FOLDER = "tune"  # Tune's experiment (its state is pickle): a 0700 folder of this user, checked before use
 EVALUATOR_TASK_CPUS = 0.5  # the evaluator's prepare and score tasks (0.25 each) beside its model actors
 STATE_FILE = "sweep_state.json"
 
@@ -80,7 +82,7 @@ def run_sweep(source: str | Path | dict, out: str | Path, *, address: str | None
     """
     spec = load_sweep(source)
     out = Path(out).expanduser().resolve()
-    experiment = out / "tune" / EXPERIMENT
+    experiment = out / TUNE_FOLDER / EXPERIMENT
     _check_out(spec, out, experiment, resume)
     base = Checkpoint(spec.merge["base_model"], "base") if spec.merge.get("base_model") else None
     template = spec.trial_config(spec.corner_values())
@@ -91,8 +93,8 @@ def run_sweep(source: str | Path | dict, out: str | Path, *, address: str | None
     outputs_, vocab_plan, _ = resolve_tensors(template, base, experts)
     check_space(spec, base, experts)
     files = _model_files(template, base, experts, vocab_plan)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / STATE_FILE).write_text(json.dumps(spec.fingerprint(), indent=2))
+    _make_sweep_folders(out)
+    writer.write_json(out / STATE_FILE, spec.fingerprint())
 
     from distmerge.engine.ray_session import ray_session
 
@@ -112,7 +114,35 @@ def run_sweep(source: str | Path | dict, out: str | Path, *, address: str | None
     return result
 
 
+def _check_private(out: Path) -> None:
+    """Tune restores its experiment, and reads it for the results, with pickle: only from folders no one
+    else could have written. ``out`` must not be writable by others (who could swap the Tune folder), and
+    the Tune folder must be this user's own."""
+    from distmerge.engine.resume import check_private_folder
+
+    check_private_folder(out, "sweep folder", remedy="make it writable by you only (chmod go-w) or choose "
+                                                      "another --out")
+    if os.path.lexists(out / TUNE_FOLDER):
+        check_private_folder(out / TUNE_FOLDER, "sweep's Tune folder", remedy="remove the sweep folder and "
+                                                                                "start the sweep again")
+
+
+def _make_sweep_folders(out: Path) -> None:
+    from distmerge.engine.resume import make_private_folder
+
+    if not os.path.lexists(out):
+        try:
+            out.mkdir(parents=True)
+            out.chmod(out.stat().st_mode & ~0o022)
+        except OSError as exc:
+            raise OutputError(f"cannot create '{out}': {exc.strerror or exc}") from None
+    _check_private(out)
+    make_private_folder(out / TUNE_FOLDER, "sweep's Tune folder")
+
+
 def _check_out(spec: SweepSpec, out: Path, experiment: Path, resume: bool) -> None:
+    if os.path.lexists(out):
+        _check_private(out)
     if resume:
         from ray.tune import Tuner
 
@@ -182,6 +212,7 @@ def _run_on_ray(spec: SweepSpec, out: Path, experiment: Path, resume: bool, base
                                model_files=files)
         trainable = tune.with_resources(tune.with_parameters(run_trial, context=context), spec.resources_per_trial)
         if resume:
+            _check_private(out)  # again, just before Tune unpickles: the holders took a while to load
             tuner = tune.Tuner.restore(str(experiment), trainable=trainable, resume_unfinished=True,
                                        resume_errored=False, restart_errored=False)
         else:
@@ -250,13 +281,14 @@ def _run_config(spec: SweepSpec, out: Path, progress: bool, callbacks: list):
     if progress:
         callbacks = [BestTrialsTable(spec.metric, spec.mode, spec.param_names, spec.eval_chunks), *callbacks]
     # A failed trial is reported in the table and not retried; the others go on.
-    return tune.RunConfig(name=EXPERIMENT, storage_path=str(out / "tune"), verbose=0, callbacks=callbacks,
+    return tune.RunConfig(name=EXPERIMENT, storage_path=str(out / TUNE_FOLDER), verbose=0, callbacks=callbacks,
                           failure_config=tune.FailureConfig(max_failures=0, fail_fast=False))
 
 
 def _write_outputs(spec: SweepSpec, out: Path, experiment: Path, reports: list[dict]) -> SweepResult:
     from ray.tune import ExperimentAnalysis
 
+    _check_private(out)  # the analysis unpickles the trials
     trials = ExperimentAnalysis(str(experiment), default_metric=spec.metric, default_mode=spec.mode).trials
     rows = outputs.trial_rows(spec, trials)
     outputs.write_table(rows, out)
