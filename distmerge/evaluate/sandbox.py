@@ -61,6 +61,7 @@ OPT_IN = ("pass --allow-unsandboxed-code to `distmerge eval` (SandboxLimits(allo
           "to run it with only an in-process audit hook, which is not a security boundary")
 SANDBOX_UIDS = (1 << 30, 1 << 31)  # as root: each process of a run becomes a random uid from this range
 MESSAGE_BYTES = 16 << 20  # one request or reply between the two processes
+SANDBOX_HOME = "/sandbox"  # where a process sees its own folder (a path no interpreter install uses)
 
 
 class SandboxUnavailable(ConfigError):
@@ -522,7 +523,7 @@ def _bwrap_command(bwrap: str, work: Path, as_root: bool, runner: str) -> list[s
         args += _parents(path, made) + ["--ro-bind", path, path]
     for hidden in _site_packages():
         args += ["--tmpfs", hidden]
-    args += ["--proc", "/proc", "--dev", "/dev", "--bind", str(work), "/work", "--chdir", "/work"]
+    args += ["--proc", "/proc", "--dev", "/dev", "--bind", str(work), SANDBOX_HOME, "--chdir", SANDBOX_HOME]
     return args + ["--", _interpreter(), "-I", "-S", "-c", runner]
 
 
@@ -571,7 +572,7 @@ def _spawn(side: _Side, runner: str, mode: str, settings: dict, sources: dict, f
     as_root = os.geteuid() == 0
     if mode == "namespaces":
         command, cwd = _bwrap_command(bwrap_binary() or "bwrap", side.work, as_root, runner), str(side.work)
-        home = "/work"
+        home = SANDBOX_HOME
         if as_root:
             settings["uid"] = random.SystemRandom().randrange(*SANDBOX_UIDS)
             os.chown(side.work, settings["uid"], settings["uid"])
@@ -724,7 +725,7 @@ def _namespaces_refused() -> str | None:
     if result.passed:
         return None
     lines = result.stderr.strip().splitlines()
-    return f"{bwrap} failed: {lines[-1] if lines else result.status}"
+    return f"{bwrap} failed: {lines[-1] if lines else f'exit status {result.returncode}'}"
 
 
 def namespaces_refused() -> str | None:
