@@ -51,6 +51,23 @@ def _keep_words(drop_rate: float, seed: int, model: str, tensor: str, numel: int
     return parts
 
 
+def stream_words(seed: int, model: str, tensor: str, numel: int, start: int, stop: int) -> np.ndarray:
+    """The 16-bit words deciding elements [start, stop) of a flattened tensor (uint16), the stream DARE uses.
+
+    For masks with a keep probability per element (DELLA): the same words, compared per element, so such a
+    mask is as placement-independent as DARE's and equals DARE's where the probability is constant.
+    """
+    if stop <= start:
+        return np.zeros(0, dtype=np.uint16)
+    parts = []
+    for block in range(start // MASK_BLOCK, (stop - 1) // MASK_BLOCK + 1):
+        block_start = block * MASK_BLOCK
+        lo = max(start, block_start) - block_start
+        hi = min(stop, block_start + MASK_BLOCK, numel) - block_start
+        parts.append(_block_words(seed, model, tensor, block, lo, hi))
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
 def keep_mask(drop_rate: float, seed: int, model: str, tensor: str, numel: int, start: int, stop: int) -> torch.Tensor:
     """Boolean keep-mask for elements [start, stop) of a tensor with ``numel`` elements (flattened)."""
     if stop <= start:
