@@ -19,7 +19,9 @@ from __future__ import annotations
 import ast
 import dataclasses
 import hashlib
+import ipaddress
 import json
+import logging
 import os
 import secrets
 import shlex
@@ -60,6 +62,15 @@ WORKING_DIR_EXCLUDES = (
 )
 
 HOW_TO_START = ("start one with `distmerge cluster up`, pass --address http://HOST:8265, or set RAY_ADDRESS")
+HOW_TO_AUTH = ("set RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token (`ray get-auth-token` on the head "
+               "prints it)")
+LOOPBACK = "127.0.0.1"
+# Ray (2.60) swaps a loopback node IP for the machine's own address unless it believes it runs a single-machine
+# cluster, which this variable (meant for macOS/Windows) makes it believe on Linux too. With a loopback node IP,
+# GCS, raylet, workers and agents listen on loopback only (measured); without it they listen on every interface.
+SINGLE_MACHINE_ENV = {"RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER": "0"}
+
+LOG = logging.getLogger(__name__)
 
 
 # --------------------------------------------------------------------------------------------- local cluster
@@ -71,6 +82,7 @@ class LocalClusterSpec:
 
     num_cpus: int
     num_gpus: int = 0
+    host: str = LOOPBACK
     port: int = 6379
     dashboard_port: int = 8265
     client_port: int = 10001
@@ -79,6 +91,14 @@ class LocalClusterSpec:
     temp_dir: Optional[str] = None
 
     def validate(self) -> None:
+        try:
+            ipaddress.ip_address(self.host)
+        except ValueError:
+            raise ClusterError(f"--host: '{self.host}' is not an IP address of this machine (e.g. 127.0.0.1, or a "
+                               "private interface's address)") from None
+        if self.host in ("0.0.0.0", "::"):
+            raise ClusterError(f"--host: {self.host} means every interface; give one address (127.0.0.1 or a "
+                               "private interface's)")
         if self.num_cpus < 1:
             raise ClusterError(f"--num-cpus: {self.num_cpus} must be at least 1")
         if self.num_gpus < 0:
@@ -172,16 +192,56 @@ def default_num_gpus() -> int:
     return sum(1 for line in listing.stdout.splitlines() if line.startswith("GPU "))
 
 
-def _token_for_head(environ: Mapping[str, str]) -> Optional[Path]:
-    """The token file the head will read, generated (0600) when missing. None when RAY_AUTH_TOKEN holds it."""
-    if environ.get("RAY_AUTH_TOKEN"):
+def default_token_path(environ: Mapping[str, str] = os.environ) -> Path:
+    """Where Ray looks for the token when neither RAY_AUTH_TOKEN nor RAY_AUTH_TOKEN_PATH is set."""
+    home = environ.get("HOME")
+    return (Path(home) if home else Path.home()) / ".ray" / "auth_token"
+
+
+def token_file(environ: Mapping[str, str] = os.environ) -> Path:
+    return Path(environ.get("RAY_AUTH_TOKEN_PATH") or default_token_path(environ)).expanduser()
+
+
+def token_at_hand(environ: Mapping[str, str] = os.environ) -> Optional[str]:
+    """The token Ray's client would send in token mode (RAY_AUTH_TOKEN, the RAY_AUTH_TOKEN_PATH file,
+    ~/.ray/auth_token, in Ray's order), or None when none holds one."""
+    if environ.get("RAY_AUTH_TOKEN", "").strip():
+        return environ["RAY_AUTH_TOKEN"].strip()
+    return _read_token(token_file(environ))
+
+
+def make_token_private(path: Path) -> Optional[int]:
+    """Make the token file readable by its owner only: whoever reads it can run code on the cluster. Returns the
+    mode it had when that was wider (the caller says so), None when it was already private or is missing."""
+    try:
+        mode = path.stat().st_mode & 0o777
+    except FileNotFoundError:
         return None
-    path = Path(environ.get("RAY_AUTH_TOKEN_PATH") or Path.home() / ".ray" / "auth_token").expanduser()
-    if not path.exists() or not path.read_text().strip():
-        path.parent.mkdir(parents=True, exist_ok=True)
+    if not mode & 0o077:
+        return None
+    try:
+        os.chmod(path, 0o600)
+    except OSError as exc:
+        raise ClusterError(f"token file '{path}' is readable by other users (mode {mode:04o}) and cannot be made "
+                           f"private ({exc.strerror}): chmod 600 it, or point RAY_AUTH_TOKEN_PATH at a private "
+                           "copy") from None
+    LOG.warning("token file '%s' was readable by other users (mode %04o); made it 0600", path, mode)
+    return mode
+
+
+def ensure_token_file(environ: Mapping[str, str] = os.environ) -> Optional[Path]:
+    """The token file a new head reads: created 0600 when missing (Ray itself would create it 0644 under the
+    usual umask), made 0600 when it is wider. None when RAY_AUTH_TOKEN holds the token."""
+    path = token_file(environ)
+    if environ.get("RAY_AUTH_TOKEN", "").strip():
+        make_token_private(path)  # not used by this head, but it still lets others in
+        return None
+    if _read_token(path) is None:
+        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as handle:
             handle.write(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes: 256 random bits
+    make_token_private(path)
     return path
 
 
@@ -189,7 +249,7 @@ def ray_start_command(spec: LocalClusterSpec, python: str = sys.executable) -> l
     """``ray start --head --block`` from this Python: the head stays in the foreground of its own process group,
     so stopping it (SIGTERM) stops exactly this cluster's processes and no other Ray on the machine."""
     command = [python, "-m", "ray.scripts.scripts", "start", "--head", "--block",
-               "--node-ip-address=127.0.0.1", "--dashboard-host=127.0.0.1",
+               f"--node-ip-address={spec.host}", f"--dashboard-host={spec.host}",
                f"--num-cpus={spec.num_cpus}", f"--num-gpus={spec.num_gpus}",
                f"--port={spec.port}", f"--dashboard-port={spec.dashboard_port}",
                f"--ray-client-server-port={spec.client_port}", f"--dashboard-agent-listen-port={spec.agent_port}",
@@ -201,11 +261,14 @@ def ray_start_command(spec: LocalClusterSpec, python: str = sys.executable) -> l
     return command
 
 
-def head_environment(environ: Mapping[str, str], token_path: Optional[Path], python: str) -> dict[str, str]:
+def head_environment(environ: Mapping[str, str], token_path: Optional[Path], python: str,
+                     host: str = LOOPBACK) -> dict[str, str]:
     env = dict(environ)
     env.pop("RAY_ADDRESS", None)
     env["RAY_AUTH_MODE"] = "token"
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    if ipaddress.ip_address(host).is_loopback:
+        env.update(SINGLE_MACHINE_ENV)
     if token_path is not None:
         env["RAY_AUTH_TOKEN_PATH"] = str(token_path)
     # Job entrypoints say `python ...`: they must find this interpreter (and its packages) first.
@@ -221,17 +284,17 @@ def cluster_up(spec: LocalClusterSpec, *, environ: Mapping[str, str] = os.enviro
     if existing is not None:
         raise ClusterError(f"a local cluster is already running at {existing.address} (pid {existing.pid}); "
                            "stop it with `distmerge cluster down`")
-    token_path = _token_for_head(environ)
+    token_path = ensure_token_file(environ)
     folder = state_dir(environ)
     folder.mkdir(parents=True, exist_ok=True)
     if spec.temp_dir is not None:
         Path(spec.temp_dir).mkdir(parents=True, exist_ok=True)
     log_path = folder / START_LOG
-    env = head_environment(environ, token_path, python)
+    env = head_environment(environ, token_path, python, spec.host)
     with open(log_path, "wb") as log:
         process = subprocess.Popen(ray_start_command(spec, python), stdin=subprocess.DEVNULL, stdout=log,
                                    stderr=subprocess.STDOUT, env=env, start_new_session=True)
-    address = f"http://127.0.0.1:{spec.dashboard_port}"
+    address = f"http://{_url_host(spec.host)}:{spec.dashboard_port}"
     headers = auth_headers(token_path=token_path, environ=environ)
     deadline = time.monotonic() + timeout
     while True:
@@ -246,7 +309,7 @@ def cluster_up(spec: LocalClusterSpec, *, environ: Mapping[str, str] = os.enviro
             raise ClusterError(f"the Ray head did not answer on {address} within {timeout:.0f}s "
                                f"(log: {log_path})")
         time.sleep(0.5)
-    state = ClusterState(address=address, gcs_address=_gcs_address(log_path, spec.port), pid=process.pid,
+    state = ClusterState(address=address, gcs_address=_gcs_address(log_path, spec.host, spec.port), pid=process.pid,
                          num_cpus=spec.num_cpus, num_gpus=spec.num_gpus, dashboard_port=spec.dashboard_port,
                          token_path=str(token_path) if token_path else None, log_path=str(log_path),
                          temp_dir=spec.temp_dir, python=python, started_at=time.time())
@@ -254,13 +317,17 @@ def cluster_up(spec: LocalClusterSpec, *, environ: Mapping[str, str] = os.enviro
     return state
 
 
-def _gcs_address(log_path: Path, port: int) -> str:
-    # Ray replaces a loopback --node-ip-address by the node's own IP for the GCS; the log names the one it used.
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+def _gcs_address(log_path: Path, host: str, port: int) -> str:
+    # The log names the address Ray advertises for the GCS; a single-machine head (loopback) prints none.
     marker = "ray start --address='"
     for line in log_path.read_text(errors="replace").splitlines():
         if marker in line:
             return line.split(marker, 1)[1].split("'", 1)[0]
-    return f"127.0.0.1:{port}"
+    return f"{_url_host(host)}:{port}"
 
 
 def _tail(path: Path, lines: int = 5) -> str:
@@ -338,6 +405,78 @@ def cluster_down(*, environ: Mapping[str, str] = os.environ, grace: float = 45.0
     return f"local cluster at {state.address} {how}"
 
 
+@dataclass(frozen=True)
+class Listener:
+    """A TCP port one of the cluster's processes listens on."""
+
+    pid: int
+    process: str
+    address: str
+    port: int
+
+    @property
+    def loopback(self) -> bool:
+        """Reachable from this machine only. An IPv4-mapped IPv6 address (::ffff:127.0.0.1) is what a dual-stack
+        gRPC server bound to 127.0.0.1 shows."""
+        ip = ipaddress.ip_address(self.address.split("%", 1)[0])
+        mapped = getattr(ip, "ipv4_mapped", None)
+        return (mapped or ip).is_loopback
+
+    @property
+    def endpoint(self) -> str:
+        return f"{_url_host(self.address)}:{self.port}"
+
+
+def cluster_processes(head_pid: int) -> list:
+    """The head and every process of its cluster: its descendants, and what else lives in its session (``cluster
+    up`` starts the head as a session leader; Ray's daemons stay in that session even when re-parented)."""
+    import psutil
+
+    try:
+        head = psutil.Process(head_pid)
+        found = {head.pid: head, **{p.pid: p for p in head.children(recursive=True)}}
+    except psutil.NoSuchProcess:
+        return []
+    for proc in psutil.process_iter():
+        try:
+            if proc.pid not in found and os.getsid(proc.pid) == head_pid:
+                found[proc.pid] = proc
+        except (OSError, psutil.Error):
+            continue
+    return sorted(found.values(), key=lambda p: p.pid)
+
+
+def _process_label(proc) -> str:
+    """``gcs_server``, ``ray::DashboardAgent``, or for a Python process its script or module (``monitor.py``)."""
+    name = proc.name()
+    if not name.startswith("python"):
+        return name
+    args = proc.cmdline()[1:]
+    for i, arg in enumerate(args):
+        if arg == "-m" and i + 1 < len(args):
+            return args[i + 1]
+        if arg.endswith(".py"):
+            return Path(arg).name
+    return name
+
+
+def listening_ports(processes) -> list[Listener]:
+    """Each TCP port the processes listen on, with the address it is bound to."""
+    import psutil
+
+    found = set()
+    for proc in processes:
+        try:
+            connections = proc.net_connections(kind="inet")
+            label = _process_label(proc)
+        except psutil.Error:
+            continue  # exited meanwhile
+        for conn in connections:
+            if conn.status == psutil.CONN_LISTEN:
+                found.add(Listener(pid=proc.pid, process=label, address=conn.laddr.ip, port=conn.laddr.port))
+    return sorted(found, key=lambda listener: (listener.port, listener.address))
+
+
 def cluster_status(*, environ: Mapping[str, str] = os.environ) -> dict[str, Any]:
     state = read_state(environ)
     if state is None:
@@ -349,6 +488,11 @@ def cluster_status(*, environ: Mapping[str, str] = os.environ) -> dict[str, Any]
         status["message"] = f"the local cluster recorded at {state.address} is not running (pid {state.pid} is gone)"
     elif version is None:
         status["message"] = f"the head (pid {state.pid}) is up but {state.address} does not answer"
+    if alive:
+        listeners = listening_ports(cluster_processes(state.pid))
+        status["listening"] = [{**dataclasses.asdict(item), "endpoint": item.endpoint, "loopback": item.loopback}
+                               for item in listeners]
+        status["loopback_only"] = all(item.loopback for item in listeners)
     return status
 
 
@@ -404,20 +548,21 @@ def _read_token(path: Path) -> Optional[str]:
 def auth_headers(*, local: Optional[ClusterState] = None, token_path: Optional[Path] = None,
                  environ: Mapping[str, str] = os.environ) -> dict[str, str]:
     """The Authorization header for a token-auth cluster, from (in order) RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH,
-    the local cluster's token file, ~/.ray/auth_token. Sent when token auth is asked for (RAY_AUTH_MODE=token,
-    an explicit token) or the target is the local cluster, which always uses it."""
-    token = environ.get("RAY_AUTH_TOKEN") or None
-    explicit = token is not None or bool(environ.get("RAY_AUTH_TOKEN_PATH")) or token_path is not None
+    the given token file, the local cluster's token file, ~/.ray/auth_token. None with RAY_AUTH_MODE=disabled.
+    A head started with plain ``ray start --head`` uses ~/.ray/auth_token without being told, so a token at hand
+    is sent even when RAY_AUTH_MODE is unset (Ray's own client would not, and the head would refuse)."""
+    if environ.get("RAY_AUTH_MODE", "").lower() == "disabled":
+        return {}
+    token = environ.get("RAY_AUTH_TOKEN", "").strip() or None
     if token is None and environ.get("RAY_AUTH_TOKEN_PATH"):
         token = _read_token(Path(environ["RAY_AUTH_TOKEN_PATH"]))
     if token is None and token_path is not None:
         token = _read_token(token_path)
     if token is None and local is not None and local.token_path:
         token = _read_token(Path(local.token_path))
-    wanted = explicit or local is not None or environ.get("RAY_AUTH_MODE", "").lower() == "token"
-    if token is None and wanted:
-        token = _read_token(Path.home() / ".ray" / "auth_token")
-    return {"Authorization": f"Bearer {token}"} if token and wanted else {}
+    if token is None:
+        token = _read_token(default_token_path(environ))
+    return {"Authorization": f"Bearer {token}"} if token else {}
 
 
 def connect(address: Optional[str] = None, environ: Mapping[str, str] = os.environ):
@@ -429,9 +574,8 @@ def connect(address: Optional[str] = None, environ: Mapping[str, str] = os.envir
     try:
         client = JobSubmissionClient(target.address, headers=auth_headers(local=target.local, environ=environ))
     except AuthenticationError as exc:
-        raise ClusterError(f"{target.address} (from {target.source}) refused the request: {_first_line(exc)}; set "
-                           "RAY_AUTH_TOKEN or RAY_AUTH_TOKEN_PATH to the cluster's token "
-                           "(`ray get-auth-token` on the head prints it)") from None
+        raise ClusterError(f"{target.address} (from {target.source}) refused the request: {_first_line(exc)}; "
+                           f"{HOW_TO_AUTH}") from None
     except (ConnectionError, RuntimeError, ValueError) as exc:
         raise ClusterError(f"no Ray cluster reachable at {target.address} (from {target.source}): {_first_line(exc)}; "
                            f"{HOW_TO_START}") from None

@@ -53,6 +53,9 @@ def _parse_size(value: Optional[str], where: str) -> Optional[int]:
 def cluster_up_cmd(
     num_cpus: Optional[int] = typer.Option(None, "--num-cpus", min=1, help="logical CPUs (default: this machine's)"),
     num_gpus: Optional[int] = typer.Option(None, "--num-gpus", min=0, help="GPUs (default: those visible)"),
+    host: str = typer.Option("127.0.0.1", "--host",
+                             help="the address Ray binds and advertises: loopback (this machine only), or a private "
+                                  "interface's address for other machines to join"),
     port: int = typer.Option(6379, "--port", help="GCS port"),
     dashboard_port: int = typer.Option(8265, "--dashboard-port", help="dashboard and Jobs API port (127.0.0.1)"),
     client_port: int = typer.Option(10001, "--client-port", help="Ray Client server port"),
@@ -61,7 +64,8 @@ def cluster_up_cmd(
                                                       help="e.g. 4GB (default: Ray's, 30% of RAM)"),
     temp_dir: Optional[str] = typer.Option(None, "--temp-dir", help="Ray's session folder (default /tmp/ray)"),
 ) -> None:
-    """Start a Ray head on this machine: dashboard on 127.0.0.1, token auth on, jobs run with this Python."""
+    """Start a Ray head on this machine: every port on 127.0.0.1 (or --host), token auth on (token file 0600),
+    jobs run with this Python."""
     import os
 
     from distmerge import jobs
@@ -69,7 +73,7 @@ def cluster_up_cmd(
     try:
         spec = jobs.LocalClusterSpec(num_cpus=num_cpus or os.cpu_count() or 1,
                                      num_gpus=jobs.default_num_gpus() if num_gpus is None else num_gpus,
-                                     port=port, dashboard_port=dashboard_port, client_port=client_port,
+                                     host=host, port=port, dashboard_port=dashboard_port, client_port=client_port,
                                      agent_port=agent_port,
                                      object_store_memory=_parse_size(object_store_memory, "--object-store-memory"),
                                      temp_dir=temp_dir)
@@ -95,7 +99,7 @@ def cluster_down_cmd() -> None:
 
 @cluster_app.command("status")
 def cluster_status_cmd(as_json: bool = typer.Option(False, "--json", help="machine-readable")) -> None:
-    """Whether the local cluster is up, its address and resources."""
+    """Whether the local cluster is up, its address and resources, and every port its processes listen on."""
     import json
 
     from distmerge import jobs
@@ -111,8 +115,19 @@ def cluster_status_cmd(as_json: bool = typer.Option(False, "--json", help="machi
                    f"{status['num_gpus']} GPU(s), Ray {status['ray_version']}, pid {status['pid']}")
     else:
         typer.echo(f"down: {status['message']}")
+    if not as_json and "listening" in status:
+        _print_listening(status["listening"])
     if not status["running"]:
         raise typer.Exit(code=1)
+
+
+def _print_listening(listening: list[dict]) -> None:
+    for entry in listening:
+        reach = "loopback only" if entry["loopback"] else "reachable from other machines"
+        typer.echo(f"  listening {entry['endpoint']} ({entry['process']}, pid {entry['pid']}): {reach}")
+    exposed = sum(1 for entry in listening if not entry["loopback"])
+    typer.echo(f"{len(listening)} listening port(s), " + (f"{exposed} reachable from other machines (token auth "
+                                                          "guards them)" if exposed else "all on loopback"))
 
 
 def submit_cmd(
