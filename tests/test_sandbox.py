@@ -333,6 +333,15 @@ def test_refused_namespaces_refuse_to_run_code_unless_asked(monkeypatch):
         get_task("mbpp").score("```python\ndef f():\n    return 1\n```", float("nan"), row, sandbox=FAST)
 
 
+def test_a_bwrap_that_skips_the_namespaces_is_refused(tmp_path, monkeypatch):
+    fake = tmp_path / "bwrap"
+    fake.write_text('#!/bin/sh\nwhile [ "$1" != "--" ]; do shift; done\nshift\nexec "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(sandbox, "_probed", [])
+    monkeypatch.setenv("DISTMERGE_BWRAP", str(fake))
+    assert sandbox.namespaces_refused() is not None
+
+
 @pytest.mark.timeout(120)
 def test_eval_refuses_generated_code_where_namespaces_are_refused(llama_family, tmp_path, monkeypatch):
     from distmerge.cli import app

