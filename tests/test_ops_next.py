@@ -364,8 +364,8 @@ def reference_model_stock(base, experts, rows: bool):
 @pytest.mark.parametrize("filter_wise", [False, True])
 def test_model_stock_against_reference(filter_wise):
     base, experts = seeded(12, 8, 16), [seeded(13 + i, 8, 16) * 0.1 + seeded(12, 8, 16) for i in range(4)]
-    close(model_stock.model_stock(base, experts, filter_wise), reference_model_stock(base, experts, filter_wise).float(),
-          atol=1e-5)
+    expected = reference_model_stock(base, experts, filter_wise).float()
+    close(model_stock.model_stock(base, experts, filter_wise), expected, atol=1e-5)
 
 
 # =====================================================================================================

@@ -23,7 +23,8 @@ def _as_rows(tensor: torch.Tensor, filter_wise: bool) -> torch.Tensor:
     return tensor.reshape(-1)
 
 
-def mean_pairwise_cosine(base: torch.Tensor, experts: Sequence[torch.Tensor], filter_wise: bool = False) -> torch.Tensor:
+def mean_pairwise_cosine(base: torch.Tensor, experts: Sequence[torch.Tensor],
+                         filter_wise: bool = False) -> torch.Tensor:
     """cos of model stock: a 0-d-like [1] tensor (flattened) or one per row [..., 1] (filter_wise)."""
     if len(experts) < 2:
         raise ValueError(f"model_stock needs at least 2 experts besides the base, got {len(experts)}")

@@ -105,8 +105,10 @@ def della_keep_probabilities(task_vector: torch.Tensor, density: float, epsilon:
     order = ascending_magnitude_order(rows, dim=1)
     rank_shape = [1] * rows.dim()
     rank_shape[1] = length
-    ranks = torch.arange(length, dtype=torch.float64, device=rows.device).reshape(rank_shape).expand(rows.shape)
-    rank_norm = torch.empty(rows.shape, dtype=torch.float64, device=rows.device).scatter_(1, order, ranks)
+    # rank - 1 of the element at each sorted position, scattered back to where the element sits
+    rank_minus_one = torch.arange(length, dtype=torch.float64, device=rows.device).reshape(rank_shape)
+    rank_norm = torch.empty(rows.shape, dtype=torch.float64, device=rows.device)
+    rank_norm.scatter_(1, order, rank_minus_one.expand(rows.shape))
     rank_norm /= length - 1
     return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(task_vector.shape)
 
@@ -134,9 +136,9 @@ def inverse_probability_rescale(task_vector: torch.Tensor, keep: torch.Tensor,
                                 keep_probability: torch.Tensor) -> torch.Tensor:
     """DELLA's paper rescale: tau * m / p, so each entry keeps its expectation (p > 0 by the epsilon window)."""
     wide = task_vector.to(torch.float64)
-    kept = torch.where(keep, wide / keep_probability.clamp(min=1e-300), torch.zeros((), dtype=torch.float64,
-                                                                                        device=wide.device))
-    return kept.to(task_vector.dtype)
+    dropped = torch.zeros((), dtype=torch.float64, device=wide.device)
+    # where() rather than tau * m / p: p = 0 (density 0) would give 0/0 for the dropped entries
+    return torch.where(keep, wide / keep_probability.clamp(min=1e-300), dropped).to(task_vector.dtype)
 
 
 def masked_l1_rescale(task_vector: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
