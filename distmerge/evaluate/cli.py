@@ -89,7 +89,7 @@ def _run(model, task, data, suite, out, limit, batch_size, workers, max_new_toke
         runner.preflight(source, the_task)
         runner.check_data(the_data, the_task)
     if any(the_task.runs_code for _, the_task, _, _ in jobs):
-        _check_sandbox(sandbox, allow_unsandboxed_code)
+        _check_sandbox(allow_unsandboxed_code)
     out_dir = runner.results_dir(out)
     if not progress:
         runner.quiet_ray_data()
@@ -108,8 +108,10 @@ def _run(model, task, data, suite, out, limit, batch_size, workers, max_new_toke
         typer.echo(f"\nwrote {path} and {', '.join(f'{r.task}.parquet' for r in results)}")
 
 
-def _check_sandbox(sandbox, allow_unsandboxed_code: bool) -> None:
+def _check_sandbox(allow_unsandboxed_code: bool) -> None:
     """Refuses (SandboxUnavailable) where generated code would run without namespaces and nobody asked for that."""
+    from distmerge.evaluate import sandbox
+
     if sandbox.isolation(allow_unsandboxed_code) != "namespaces":
         typer.secho(f"warning: generated code runs with only an audit hook, no sandbox "
                     f"({sandbox.namespaces_refused()})", err=True, fg=typer.colors.YELLOW)
