@@ -423,6 +423,10 @@ class Listener:
         return (mapped or ip).is_loopback
 
     @property
+    def every_interface(self) -> bool:
+        return ipaddress.ip_address(self.address.split("%", 1)[0]).is_unspecified
+
+    @property
     def endpoint(self) -> str:
         return f"{_url_host(self.address)}:{self.port}"
 
@@ -490,8 +494,8 @@ def cluster_status(*, environ: Mapping[str, str] = os.environ) -> dict[str, Any]
         status["message"] = f"the head (pid {state.pid}) is up but {state.address} does not answer"
     if alive:
         listeners = listening_ports(cluster_processes(state.pid))
-        status["listening"] = [{**dataclasses.asdict(item), "endpoint": item.endpoint, "loopback": item.loopback}
-                               for item in listeners]
+        status["listening"] = [{**dataclasses.asdict(item), "endpoint": item.endpoint, "loopback": item.loopback,
+                                "every_interface": item.every_interface} for item in listeners]
         status["loopback_only"] = all(item.loopback for item in listeners)
     return status
 

@@ -123,7 +123,8 @@ def cluster_status_cmd(as_json: bool = typer.Option(False, "--json", help="machi
 
 def _print_listening(listening: list[dict]) -> None:
     for entry in listening:
-        reach = "loopback only" if entry["loopback"] else "reachable from other machines"
+        reach = ("loopback only" if entry["loopback"] else "every interface" if entry["every_interface"]
+                 else f"{entry['address']} only")
         typer.echo(f"  listening {entry['endpoint']} ({entry['process']}, pid {entry['pid']}): {reach}")
     exposed = sum(1 for entry in listening if not entry["loopback"])
     typer.echo(f"{len(listening)} listening port(s), " + (f"{exposed} reachable from other machines (token auth "

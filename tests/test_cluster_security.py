@@ -112,7 +112,9 @@ def test_token_at_hand_follows_rays_order(tmp_path):
 @pytest.mark.parametrize("address, loopback", [("127.0.0.1", True), ("::ffff:127.0.0.1", True), ("::1", True),
                                                ("0.0.0.0", False), ("::", False), ("192.0.2.2", False)])
 def test_listener_loopback(address, loopback):
-    assert jobs.Listener(pid=1, process="gcs_server", address=address, port=6379).loopback is loopback
+    listener = jobs.Listener(pid=1, process="gcs_server", address=address, port=6379)
+    assert listener.loopback is loopback
+    assert listener.every_interface is (address in ("0.0.0.0", "::"))
 
 
 def test_head_binding_settings():

@@ -67,6 +67,9 @@ def head(tmp_path_factory):
     root = tmp_path_factory.mktemp("jobs")
     temp_dir = tempfile.mkdtemp(prefix="dm-ray-", dir="/tmp")  # short: Ray keeps unix sockets under it
     env = _cli_env(root / "state", root / "auth_token")
+    # A token file others can read, as Ray itself writes it: `cluster up` must make it private.
+    (root / "auth_token").write_text(os.urandom(32).hex())
+    os.chmod(root / "auth_token", 0o644)
     port, dashboard, client, agent = _free_ports(4)
     try:
         up = _run(env, "cluster", "up", "--num-cpus", "2", "--num-gpus", "0", "--port", str(port),
@@ -74,6 +77,8 @@ def head(tmp_path_factory):
                   "--object-store-memory", "200MB", "--temp-dir", temp_dir, timeout=240)
         assert up.returncode == 0, up.stdout + up.stderr
         assert f"dashboard http://127.0.0.1:{dashboard}" in up.stdout and "token auth on" in up.stdout
+        assert f"GCS 127.0.0.1:{port}," in up.stdout  # advertised on loopback, not the machine's address
+        assert f"token file '{root / 'auth_token'}' was readable by other users (mode 0644); made it 0600" in up.stderr
         yield Head(env=env, root=root, address=f"http://127.0.0.1:{dashboard}")
     finally:
         down = _run(env, "cluster", "down", timeout=120)
@@ -93,6 +98,30 @@ def _job_id(stderr: str) -> str:
     match = re.search(r"submitted (\S+) to ", stderr)
     assert match, stderr
     return match.group(1)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(120)
+def test_head_listens_on_loopback_only(head):
+    status = jobs.cluster_status(environ=head.env)
+    assert status["running"], status
+    listening = status["listening"]
+    # Ray's own servers are among them: the GCS on --port, the dashboard, the agents, the Ray Client server.
+    state = jobs.read_state(head.env)
+    ports = {entry["port"] for entry in listening}
+    assert state.dashboard_port in ports and int(state.gcs_address.rsplit(":", 1)[1]) in ports, listening
+    processes = {entry["process"] for entry in listening}
+    assert {"gcs_server", "raylet", "ray::DashboardAgent", "ray::RuntimeEnvAgent"} <= processes, listening
+    exposed = [entry for entry in listening if not entry["loopback"]]
+    assert not exposed and status["loopback_only"], exposed
+
+    printed = _cli(head, "cluster", "status")
+    assert printed.exit_code == 0, printed.output
+    lines = printed.stdout.splitlines()
+    for entry in listening:
+        assert any(line.startswith(f"  listening {entry['endpoint']} (") and line.endswith(": loopback only")
+                   for line in lines), (entry, printed.stdout)
+    assert lines[-1] == f"{len(listening)} listening port(s), all on loopback"
 
 
 @pytest.mark.ray
@@ -329,12 +358,46 @@ def test_config_hash_follows_args_and_files(tmp_path):
     assert first != jobs.config_hash(pipeline, ["--config", str(config)])
 
 
+def _third_party_imports(path: Path) -> set[str]:
+    """Top-level modules the script imports (anywhere in it) that are neither the standard library nor
+    distmerge."""
+    import ast
+
+    names = set()
+    for node in ast.walk(ast.parse(path.read_text())):
+        if isinstance(node, ast.Import):
+            names |= {alias.name.split(".")[0] for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            names.add(node.module.split(".")[0])
+    return {n for n in names if n not in sys.stdlib_module_names and n not in ("distmerge", "__future__")}
+
+
+def _distribution_names(requirements) -> set[str]:
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    return {canonicalize_name(Requirement(r).name) for r in requirements}
+
+
 @pytest.mark.parametrize("script", sorted(p.name for p in (REPO / "pipelines").glob("*.py")))
 def test_pipelines_have_help_and_declare_requirements(script):
+    import importlib.metadata
+
+    from packaging.utils import canonicalize_name
+
     path = REPO / "pipelines" / script
     result = subprocess.run([sys.executable, str(path), "--help"], capture_output=True, text=True, timeout=60)
     assert result.returncode == 0 and "--preset" in result.stdout and "--out" in result.stdout, result.stderr
-    assert isinstance(jobs.read_requirements(path), tuple)
+    assert re.search(r"^REQUIREMENTS\b", path.read_text(), re.MULTILINE), f"{script} declares no REQUIREMENTS"
+    # Whatever the script imports must reach the job: from distmerge's own dependencies (extras do not count:
+    # the cluster installs distmerge without them) or from the REQUIREMENTS that submit puts in runtime_env.
+    core = [r for r in importlib.metadata.requires("distmerge") if "extra ==" not in r]
+    shipped = _distribution_names(core) | _distribution_names(jobs.read_requirements(path))
+    providers = importlib.metadata.packages_distributions()
+    for module in sorted(_third_party_imports(path)):
+        owners = {canonicalize_name(d) for d in providers.get(module, [module])}
+        assert owners & shipped, f"{script} imports '{module}' ({', '.join(sorted(owners))}), which neither " \
+                                 "distmerge's dependencies nor its REQUIREMENTS provide"
 
 
 # ------------------------------------------------------------------------------------------------ cluster/
@@ -401,7 +464,14 @@ def test_kuberay_manifests_carry_required_fields():
     assert rayjob["apiVersion"] == "ray.io/v1" and rayjob["kind"] == "RayJob" and rayjob["metadata"]["name"]
     spec = rayjob["spec"]
     assert spec["entrypoint"].startswith("python pipelines/nlg_fda.py")
-    assert spec.get("submissionMode", "K8sJobMode") in ("K8sJobMode", "HTTPMode", "InteractiveMode")
+    # K8sJobMode: a submitter pod inside the cluster posts the job to the head's dashboard through the head
+    # Service, so the dashboard listens on the pod network and the Service stays ClusterIP (nothing outside).
+    assert spec["submissionMode"] == "K8sJobMode"
+    head_group = spec["rayClusterSpec"]["headGroupSpec"]
+    assert head_group["serviceType"] == "ClusterIP"
+    assert head_group["rayStartParams"]["dashboard-host"] == "0.0.0.0"
+    (head_container,) = head_group["template"]["spec"]["containers"]
+    assert 8265 in [port["containerPort"] for port in head_container["ports"]]
     assert isinstance(spec["shutdownAfterJobFinishes"], bool)
     runtime_env = yaml.safe_load(spec["runtimeEnvYAML"])
     assert isinstance(runtime_env, dict) and runtime_env["working_dir"]

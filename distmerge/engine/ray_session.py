@@ -26,14 +26,15 @@ CONNECT_TIMEOUT_S = 5.0
 
 @contextlib.contextmanager
 def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
-    """Use the running Ray session if there is one; otherwise start one and stop it afterwards."""
+    """Use the running Ray session if there is one; otherwise connect to ``address`` (else RAY_ADDRESS), or start
+    an embedded instance (no address, or ``local``) and stop it afterwards."""
     if ray.is_initialized():
         yield
         return
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     address = address or os.environ.get("RAY_ADDRESS")
     watchdog = None
-    if address:
+    if address and address != "local":
         connect(address)
     else:
         start_embedded(num_cpus or os.cpu_count() or 1)
