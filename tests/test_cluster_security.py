@@ -10,7 +10,6 @@ import json
 import logging
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -23,20 +22,11 @@ import yaml
 
 from distmerge import jobs
 from distmerge.engine import ray_session
+from test_jobs import _free_ports
 
 REPO = Path(__file__).resolve().parents[1]
 AUTH_VARS = ("RAY_ADDRESS", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH", "RAY_AUTH_MODE",
              "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER")
-
-
-def _free_ports(count: int) -> list[int]:
-    sockets = [socket.socket() for _ in range(count)]
-    for sock in sockets:
-        sock.bind(("", 0))  # free on every interface: a plain Ray head binds some ports on all of them
-    ports = [sock.getsockname()[1] for sock in sockets]
-    for sock in sockets:
-        sock.close()
-    return ports
 
 
 def _env(home: Path, **extra: str) -> dict[str, str]:
