@@ -237,10 +237,14 @@ def ensure_token_file(environ: Mapping[str, str] = os.environ) -> Optional[Path]
         make_token_private(path)  # not used by this head, but it still lets others in
         return None
     if _read_token(path) is None:
-        path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        with os.fdopen(fd, "w") as handle:
-            handle.write(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes: 256 random bits
+        try:
+            path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            with os.fdopen(fd, "w") as handle:
+                handle.write(secrets.token_hex(32))  # what `ray get-auth-token --generate` writes: 256 random bits
+        except OSError as exc:
+            raise ClusterError(f"token file '{path}' cannot be created ({exc.strerror}); point RAY_AUTH_TOKEN_PATH "
+                               "at a writable place or set RAY_AUTH_TOKEN") from None
     make_token_private(path)
     return path
 

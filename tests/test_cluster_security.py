@@ -83,6 +83,11 @@ def test_token_file_is_created_private_and_widened_ones_are_fixed(tmp_path, capl
         jobs.ensure_token_file({"HOME": str(home), "RAY_AUTH_TOKEN_PATH": str(shared)})
     assert not caplog.records  # said only when something was fixed
 
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    with pytest.raises(jobs.ClusterError, match=f"token file '{blocked}/tok' cannot be created"):
+        jobs.ensure_token_file({"HOME": str(home), "RAY_AUTH_TOKEN_PATH": str(blocked / "tok")})
+
 
 def test_token_at_hand_follows_rays_order(tmp_path):
     home = tmp_path / "home"
