@@ -61,6 +61,45 @@ def test_bytes_read_after_a_replacement_count_the_dead_workers_reads(ties_config
     assert replaced.bytes_read == clean.bytes_read + redone
 
 
+def test_actors_exit_by_themselves_before_their_placement_group_is_removed(ties_config, tmp_path, monkeypatch):
+    """A force-killed actor whose placement group is removed at once gets SIGTERMed by the raylet mid-exit,
+    and the two exits racing can abort it (a crash dump in a successful run's output). A finished merge
+    lets its actors exit themselves and removes the group once every one is gone."""
+    import ray
+
+    from distmerge.engine import pool as pool_module
+
+    pools, seen, killed = [], [], []
+    real_init, real_remove, real_kill = (pool_module.WorkerPool.__init__, pool_module.remove_placement_group,
+                                         pool_module.ray.kill)
+
+    def keep_pool(self, *args, **kwargs):
+        real_init(self, *args, **kwargs)
+        pools.append(self)
+
+    def remove_checked(group):
+        states = []
+        for actor in pools[-1].actors:
+            try:
+                ray.get(actor.report.remote(), timeout=60)
+                states.append("alive")
+            except ray.exceptions.RayActorError:
+                states.append("gone")
+        seen.append(states)
+        real_remove(group)
+
+    def kill_recorded(actor, **kwargs):
+        killed.append(actor)
+        real_kill(actor, **kwargs)
+
+    monkeypatch.setattr(pool_module.WorkerPool, "__init__", keep_pool)
+    monkeypatch.setattr(pool_module, "remove_placement_group", remove_checked)
+    monkeypatch.setattr(pool_module.ray, "kill", kill_recorded)
+    merge(ties_config, tmp_path / "merged", workers=2, progress=False)
+    assert seen == [["gone", "gone"]]
+    assert not killed
+
+
 def redone_group_bytes(config: dict, groups: int) -> int:
     """Input bytes worker 0 read again after dying in its ``groups``-th merge group (2 workers)."""
     from distmerge.config import load_config

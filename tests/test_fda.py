@@ -508,6 +508,30 @@ def test_cli_construct_then_adapt(llama, ta_merge, tmp_path, ray_cluster):
     assert again.exit_code == 2 and "already exists; pass --force" in again.output
 
 
+CRASH_SIGNS = ("SIGABRT", "SIGSEGV", "Mutex corrupt", "core dumped", "Check failed", "*** Aborted")
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_cli_adapt_prints_no_worker_crash(llama, reference_anchors, tmp_path):
+    """The command as a user runs it: its own embedded Ray, every worker's output streamed to the driver
+    (log_to_driver), the inline initial merge's actors started and stopped on the way."""
+    import yaml
+
+    path = tmp_path / "fda.yaml"
+    config = {**llama_config(llama, None), "initial": {"method": "task_arithmetic", "lambda": 0.5}}
+    path.write_text(yaml.safe_dump(config))
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    result = subprocess.run([sys.executable, "-m", "distmerge.cli", "fda", "adapt", str(path), "--anchors",
+                             str(reference_anchors), "--out", str(tmp_path / "merged"), "--workers", "2"],
+                            capture_output=True, text=True, timeout=280, env=env)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    assert "layer(s) adapted" in output
+    crashes = [line for line in output.splitlines() if any(sign in line for sign in CRASH_SIGNS)]
+    assert not crashes, "\n".join(crashes[:20])
+
+
 # --- Ray plumbing ---------------------------------------------------------------------------------
 
 

@@ -129,8 +129,10 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
                 reports = pool.call_all("report")
                 bytes_read = sum(r["bytes_read"] for r in reports) + pool.retired_bytes_read
                 replaced = sum(pool.replacements)
-            finally:
-                pool.shutdown()
+            except BaseException:
+                pool.shutdown(graceful=False)  # the others may still be busy: stop them now
+                raise
+            pool.shutdown()
             state = _resolve_deferred(method, state, results, run.path)
             seconds = time.perf_counter() - began
             summary = _finish_folder(run.path, config, method, state, base, experts, vocab_plan, results, reports,

@@ -31,6 +31,7 @@ LOG = logging.getLogger(__name__)
 
 MAX_REPLACEMENTS = 3  # per slot and run: beyond this, a slot's failure is taken as the input's, not the node's
 PLACEMENT_TIMEOUT_S = 120
+EXIT_WAIT_S = 10  # for actors to exit before their placement group goes
 
 
 @dataclass
@@ -133,12 +134,30 @@ class WorkerPool:
     def call_all(self, method: str, *args) -> list:
         return get([getattr(actor, method).remote(*args) for actor in self.actors])
 
-    def shutdown(self) -> None:
+    def shutdown(self, graceful: bool = True) -> None:
+        """Stop every actor, wait until each has exited, and only then free the placement group.
+
+        Removing the group while an actor is still exiting makes the raylet SIGTERM it mid-exit: the
+        signal's exit on the main thread races the one already under way, which can abort the process
+        (absl "Mutex corrupt", SIGABRT) and print its crash dump into a successful run's output.
+        ``graceful``: let idle actors finish and exit themselves (a run that failed kills them at once).
+        """
+        exits = {}  # ref -> actor; the ref resolves, as an error, once the actor's process is gone
         for actor in self.actors:
             try:
-                ray.kill(actor)
+                if not graceful:
+                    ray.kill(actor)
+                exits[actor.__ray_terminate__.remote()] = actor
             except Exception:
                 pass
+        _, alive = ray.wait(list(exits), num_returns=len(exits), timeout=EXIT_WAIT_S) if exits else ([], [])
+        if alive and graceful:  # a hung actor
+            for ref in alive:
+                try:
+                    ray.kill(exits[ref])
+                except Exception:
+                    pass
+            ray.wait(alive, num_returns=len(alive), timeout=EXIT_WAIT_S)
         try:
             remove_placement_group(self.group)
         except Exception:
