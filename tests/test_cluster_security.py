@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -200,6 +201,7 @@ def test_embedded_ray_is_private_and_does_not_outlive_a_killed_driver(tmp_path):
             driver.wait()
         driver.stdout.close()
         driver.stderr.close()
+        shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
 # ------------------------------------------------------------------------------------------------ a plain head
@@ -235,6 +237,7 @@ def plain_head(tmp_path):
         yield home, token, f"127.0.0.1:{port}"
     finally:
         jobs._stop_process_group(head.pid, grace=30)
+        shutil.rmtree(temp_dir, ignore_errors=True)
 
 
 def _merge_config(tmp_path: Path, family) -> Path:

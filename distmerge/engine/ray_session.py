@@ -129,8 +129,8 @@ def connect(address: str, environ: Mapping[str, str] = os.environ) -> None:
         _check_gcs(address, endpoint, token_sent=token is not None and _token_mode())
     try:
         ray.init(address=address, log_to_driver=True)
-    except ray.exceptions.AuthenticationError as exc:
-        raise DistmergeError(_auth_message(address, exc, token is not None and _token_mode())) from None
+    except ray.exceptions.AuthenticationError:
+        raise DistmergeError(_auth_message(address, token is not None and _token_mode())) from None
     except ConnectionError as exc:
         raise DistmergeError(f"no Ray cluster reachable at {address}: {jobs._first_line(exc)}; start one (`ray start "
                              "--head`, `distmerge cluster up`) or fix --address/RAY_ADDRESS") from None
@@ -172,8 +172,8 @@ def _check_gcs(address: str, endpoint: tuple[str, int], token_sent: bool) -> Non
     try:
         with _native_stderr_silenced():  # Ray's C++ client logs its own line for the refusal we report
             GcsClient(address=f"{jobs._url_host(endpoint[0])}:{endpoint[1]}")
-    except ray.exceptions.AuthenticationError as exc:
-        raise DistmergeError(_auth_message(address, exc, token_sent)) from None
+    except ray.exceptions.AuthenticationError:
+        raise DistmergeError(_auth_message(address, token_sent)) from None
     except Exception:  # noqa: BLE001 - anything else: let ray.init try and report it
         return
 
@@ -192,7 +192,7 @@ def _native_stderr_silenced() -> Iterator[None]:
         os.close(saved)
 
 
-def _auth_message(address: str, exc: BaseException, token_sent: bool) -> str:
+def _auth_message(address: str, token_sent: bool) -> str:
     reason = ("refused the token at hand (it is not this cluster's)" if token_sent
               else "wants a token and none is at hand")
     return f"the Ray cluster at {address} {reason}: {jobs.HOW_TO_AUTH}"
