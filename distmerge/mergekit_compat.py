@@ -72,8 +72,6 @@ def translate_mergekit(raw: dict[str, Any]) -> MergeConfig:
             model = model.get("model")
         if not isinstance(model, str):
             raise ConfigError(f"models[{i}].model: missing")
-        if "+" in model and not model.startswith(("/", ".")):
-            raise ConfigError(f"models[{i}].model: LoRA references ('model+lora') are not supported yet; merge the adapter first")
         if method != "linear" and model == base:
             continue  # mergekit never takes a task vector of the base
         model_params = dict(entry.get("parameters") or {})

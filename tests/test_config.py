@@ -144,7 +144,6 @@ models:
     ("merge_method: slerp\nmodels: [a]", r"merge_method: 'slerp' is not supported"),
     ("merge_method: ties\nslices: []", r"slices: layer slicing"),
     ("merge_method: ties\nbase_model: b\nmodels: [a]\nparameters: {epsilon: 0.1}", r"parameters.epsilon"),
-    ("merge_method: ties\nbase_model: b\nmodels: ['org/x+org/lora']", r"LoRA references"),
     ("merge_method: ties\nbase_model: b\nmodels: [b]", r"models: no model to merge"),
 ])
 def test_mergekit_errors(text, message):

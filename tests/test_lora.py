@@ -1,0 +1,158 @@
+"""LoRA experts: an adapter on its base reads as the model PEFT's merge_and_unload gives, tensor by tensor and
+row chunk by row chunk, for Llama, Qwen2, RoBERTa and GPT-2 (Conv1D) modules, rsLoRA, alpha patterns,
+embedding LoRA and modules_to_save; the config forms and the refusals."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+peft = pytest.importorskip("peft")
+
+from distmerge.config import load_config  # noqa: E402
+from distmerge.errors import ConfigError, InputError  # noqa: E402
+from distmerge.io.checkpoint import Checkpoint  # noqa: E402
+from distmerge.io.lora import LoraCheckpoint, open_checkpoint  # noqa: E402
+from distmerge.tiny_models import _config, _model, build_tokenizer, save_model  # noqa: E402
+
+ARCH_TARGETS = {
+    "llama": dict(target_modules=["q_proj", "v_proj", "down_proj", "embed_tokens"]),
+    "qwen2": dict(target_modules=["k_proj", "o_proj", "gate_proj", "up_proj"], use_rslora=True,
+                  alpha_pattern={"up_proj": 32}),
+    "roberta": dict(target_modules=["query", "value", "dense", "word_embeddings"], modules_to_save=["classifier"],
+                    use_rslora=True),
+}
+
+
+def base_model(arch: str, seed: int = 0):
+    torch.manual_seed(seed)
+    config = _config(arch, 64, 32, 2, tie=False)
+    return _model(arch, config)
+
+
+def adapter_on(model, folder: Path, seed: int, **lora) -> tuple[Path, dict[str, torch.Tensor]]:
+    """Save a LoRA adapter with random (non-zero) factors; return it and PEFT's own merged state dict."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(seed)
+    settings = dict(r=4, lora_alpha=8, init_lora_weights=False)
+    settings.update(lora)
+    peft_model = get_peft_model(model, LoraConfig(**settings))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 0.05)  # a trained head, unlike the base's
+    peft_model.save_pretrained(str(folder))
+    merged = peft_model.merge_and_unload()
+    return folder, {k: v.detach().clone() for k, v in merged.state_dict().items()}
+
+
+@pytest.fixture(scope="module", params=sorted(ARCH_TARGETS))
+def lora_family(request, tmp_path_factory):
+    arch = request.param
+    root = tmp_path_factory.mktemp(f"lora_{arch}")
+    base = save_model(base_model(arch), build_tokenizer(64), root / "base")
+    adapter, merged = adapter_on(base_model(arch), root / "adapter", seed=1, **ARCH_TARGETS[arch])
+    return arch, base, adapter, merged
+
+
+def test_an_adapter_reads_as_peft_merge_and_unload(lora_family):
+    arch, base, adapter, merged = lora_family
+    model = open_checkpoint(f"{base}+{adapter}", "lora")
+    assert isinstance(model, LoraCheckpoint) and model.factors
+    adapted = 0
+    for name, info in model.tensors.items():
+        if name not in merged:
+            continue
+        value = model.read(name)
+        assert tuple(value.shape) == tuple(info.shape)
+        torch.testing.assert_close(value.float(), merged[name].float(), rtol=1e-5, atol=1e-6, msg=name)
+        adapted += name in model.factors
+        if len(info.shape) == 2:  # rows in chunks equal the whole tensor's
+            rows = [model.read(name, a, min(a + 5, info.shape[0])) for a in range(0, info.shape[0], 5)]
+            torch.testing.assert_close(torch.cat(rows), value, rtol=0, atol=0)
+    assert adapted == len(model.factors)
+    if arch == "roberta":
+        assert any(n.startswith("classifier.") for n in model.full)
+        head = "classifier.out_proj.weight"
+        assert not torch.equal(model.read(head), Checkpoint(str(base), "b").read(head))
+
+
+def test_rslora_and_alpha_pattern_scales(lora_family):
+    arch, base, adapter, _ = lora_family
+    model = open_checkpoint(f"{base}+{adapter}", "lora")
+    scales = {f.module.rsplit(".", 1)[-1]: f.scale for f in model.factors.values()}
+    if arch == "qwen2":
+        assert scales["up_proj"] == pytest.approx(32 / 4 ** 0.5) and scales["k_proj"] == pytest.approx(8 / 2)
+    elif arch == "llama":
+        assert all(v == pytest.approx(2.0) for v in scales.values())
+
+
+def test_gpt2_conv1d_fan_in_fan_out(tmp_path):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    def gpt2():
+        torch.manual_seed(0)
+        return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+
+    base = save_model(gpt2(), build_tokenizer(64), tmp_path / "base")
+    adapter, merged = adapter_on(gpt2(), tmp_path / "adapter", seed=2, target_modules=["c_attn", "c_proj"],
+                                 fan_in_fan_out=True)
+    model = open_checkpoint(f"{base}+{adapter}", "lora")
+    assert model.settings.fan_in_fan_out and model.factors
+    for name in model.factors:
+        torch.testing.assert_close(model.read(name), merged[name], rtol=1e-5, atol=1e-6)
+        rows = model.tensors[name].shape[0]
+        torch.testing.assert_close(model.read(name, 3, rows - 2), merged[name][3:rows - 2], rtol=1e-5, atol=1e-6)
+
+
+def edited_adapter(tmp_path: Path, source: Path, **changes) -> Path:
+    import shutil
+
+    folder = tmp_path / "edited"
+    shutil.copytree(source, folder)
+    config = json.loads((folder / "adapter_config.json").read_text())
+    config.update(changes)
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    return folder
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"use_dora": True}, r"use_dora: True is not supported"),
+    ({"peft_type": "IA3"}, r"peft_type 'IA3' is not supported \(LoRA adapters only\)"),
+    ({"peft_type": "PROMPT_TUNING"}, r"peft_type 'PROMPT_TUNING'"),
+    ({"lora_bias": True}, r"lora_bias: True is not supported"),
+])
+def test_unsupported_adapter_kinds_are_refused_naming_the_field(lora_family, tmp_path, changes, message):
+    _, base, adapter, _ = lora_family
+    bad = edited_adapter(tmp_path, adapter, **changes)
+    with pytest.raises(InputError, match=rf"model 'x', file '.*adapter_config.json': {message}"):
+        open_checkpoint(f"{base}+{bad}", "x")
+
+
+def test_config_forms_all_become_base_plus_adapter(lora_family, tmp_path):
+    _, base, adapter, _ = lora_family
+    plus = load_config({"base_model": str(base), "method": "task_arithmetic",
+                        "models": [{"model": f"{base}+{adapter}", "name": "a"}]})
+    beside = load_config({"base_model": str(base), "method": "task_arithmetic",
+                          "models": [{"model": str(base), "lora": str(adapter), "name": "a"}]})
+    alone = load_config({"base_model": str(base), "method": "task_arithmetic", "models": [str(adapter)]})
+    mergekit = load_config({"merge_method": "task_arithmetic", "base_model": str(base),
+                            "models": [{"model": f"{base}+{adapter}", "parameters": {"weight": 1.0}}]})
+    sources = {plus.models[0].model, beside.models[0].model, alone.models[0].model, mergekit.models[0].model}
+    assert sources == {f"{base}+{adapter}"}
+    assert alone.models[0].name == "adapter"
+    with pytest.raises(ConfigError, match=r"models\[0\].model: '.*' is a LoRA adapter; its base"):
+        load_config({"method": "weight_average", "models": [str(adapter)]})
+
+
+def test_a_plain_model_with_a_plus_in_its_path_is_not_an_adapter(lora_family, tmp_path):
+    import shutil
+
+    _, base, _, _ = lora_family
+    odd = tmp_path / "c++model"
+    shutil.copytree(base, odd)
+    assert type(open_checkpoint(str(odd), "odd")) is Checkpoint
