@@ -24,6 +24,9 @@ def pytest_collection_modifyitems(items):
 def ray_cluster():
     import ray
 
+    from distmerge.jobs import ensure_token_file
+
+    ensure_token_file(os.environ)  # Ray would create ~/.ray/auth_token readable by every user
     # A private local instance even if a cluster is running; 4 logical CPUs so 4 fractional workers fit.
     ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024**2,
              log_to_driver=False)
