@@ -4,6 +4,7 @@
     python -m benchmarks.realbench build --track encoder --seed 0 [--work DIR]      # prints the build folder
     python -m benchmarks.realbench score --track encoder --seed 0 MERGED_DIR [--split test|validation]
     python -m benchmarks.realbench table --track encoder --seeds 0,1,2            # the method table
+    python -m benchmarks.realbench combine A.json B.json C.json    # seeds run as separate processes, joined
 
 A method adds its row by merging the build's ``experts/*`` onto its ``base`` with ``distmerge merge`` (or
 ``distmerge fda``) and running ``score`` on the output; an EMR merge folder is scored task by task with each
@@ -65,10 +66,19 @@ def cmd_table(args) -> int:
     return table.main(Path(args.work).resolve(), seeds, args.json, quick=args.quick, log=_log)
 
 
+def cmd_combine(args) -> int:
+    from benchmarks.realbench import table
+
+    return table.combine(args.files, args.json or table.DEFAULT_JSON)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.realbench", description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, epilog=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
+    combine = sub.add_parser("combine", help="one result from several table results (seeds run side by side)")
+    combine.add_argument("files", nargs="+", type=Path)
+    combine.add_argument("--json", type=Path, help="default benchmarks/results/realbench_encoder.json")
     for name in ("build", "score", "table"):
         p = sub.add_parser(name)
         p.add_argument("--track", choices=("encoder",), default="encoder",
@@ -89,7 +99,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     _quiet()
-    return {"build": cmd_build, "score": cmd_score, "table": cmd_table}[args.command](args)
+    return {"build": cmd_build, "score": cmd_score, "table": cmd_table, "combine": cmd_combine}[args.command](args)
 
 
 if __name__ == "__main__":

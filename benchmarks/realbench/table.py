@@ -36,9 +36,9 @@ class FdaSettings:
 class Grids:
     ta_lambdas: tuple[float, ...] = (0.3, 0.5, 0.7, 1.0)
     ties_densities: tuple[float, ...] = (0.2, 0.5)
-    ties_lambdas: tuple[float, ...] = (0.7, 1.0, 1.5)
+    ties_lambdas: tuple[float, ...] = (1.0, 1.5)
     dare_drop_rates: tuple[float, ...] = (0.5, 0.9)
-    dare_lambdas: tuple[float, ...] = (0.3, 0.5, 0.7)
+    dare_lambdas: tuple[float, ...] = (0.3, 0.5)
     fda: FdaSettings = field(default_factory=FdaSettings)
 
 
@@ -109,12 +109,12 @@ def run_fda(config: dict, merges: Path, name: str) -> tuple[Path, dict]:
                                                       if a["initial_loss"] > 0)}
 
 
-def run_seed(seed: int, work: Path, grids: Grids, train: encoder.TrainSettings, log) -> dict:
+def run_seed(seed: int, work: Path, grids: Grids, train: encoder.TrainSettings, log, limit: int | None = None) -> dict:
     began = time.perf_counter()
     build_dir = encoder.build(work, seed, train, log=log)
     manifest = encoder.read_build(build_dir)
     base, experts = Path(manifest["base"]), encoder.experts(build_dir)
-    scorer = encoder.Scorer(build_dir)
+    scorer = encoder.Scorer(build_dir, limit=limit)
     merges = work / f"merges-encoder-seed{seed}"
     shutil.rmtree(merges, ignore_errors=True)
     merges.mkdir(parents=True)
@@ -220,9 +220,30 @@ def main(work: Path, seeds: list[int], json_path: Path | None, quick: bool, log)
     grids = QUICK if quick else Grids()
     train = QUICK_TRAIN if quick else encoder.TrainSettings()
     json_path = json_path or (RESULTS / "realbench_encoder_quick.json" if quick else DEFAULT_JSON)
-    runs, seconds = run_seeds(seeds, train.threads, work, lambda seed: run_seed(seed, work, grids, train, log))
+    runs, seconds = run_seeds(seeds, train.threads, work, lambda seed: run_seed(seed, work, grids, train, log, 40 if quick else None))
     summary = summarize(runs)
     result = write_result(json_path, None, RunSettings(grids, train), seeds, seconds, summary, runs)
     print_tables(summary, len(seeds))
     print(f"\n{result['seconds']:.0f}s in all; results in {json_path}")
+    return 0
+
+
+def combine(files: list[Path], json_path: Path) -> int:
+    """One record from the runs of several ``table`` results (seeds run as separate processes, side by side)."""
+    import json
+
+    records = [json.loads(Path(f).read_text()) for f in files]
+    runs = sorted((run for record in records for run in record["runs"]), key=lambda r: r["seed"])
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"realbench combine: seeds {seeds} appear more than once in {', '.join(map(str, files))}")
+    if any(r["settings"] != records[0]["settings"] for r in records):
+        raise SystemExit("realbench combine: the files were run with different settings")
+    summary = summarize(runs)
+    result = {**records[0], "command": "realbench combine " + " ".join(map(str, files)), "seeds": seeds,
+              "seconds": round(sum(r["seconds"] for r in records), 1), "summary": summary, "runs": runs}
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1))
+    print_tables(summary, len(seeds))
+    print(f"\nresults in {json_path}")
     return 0
