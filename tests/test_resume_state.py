@@ -9,8 +9,6 @@ import math
 import os
 import pickle
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -22,8 +20,8 @@ from distmerge.engine.resume import (LEGACY_PASSES, MANIFEST, PASSES_JSON, RunFo
                                      encode_state)
 from distmerge.errors import OutputError
 from distmerge.io.writer import STAGING_MARK
+from test_faults import FAULT, _cli_merge, model_files
 
-FAULT = "DISTMERGE_FAULT_INJECT"
 OTHER_UID = 12345
 
 
@@ -204,18 +202,6 @@ def apply_spoil(path: Path, spoil: str, tmp_path: Path) -> None:
 # --- through the engine -----------------------------------------------------------------------------
 
 
-def model_files(folder: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != "README.md"}
-
-
-def cli_merge(config_path: Path, out: Path, env_extra: dict[str, str]) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items() if k != FAULT} | env_extra
-    env.pop("RAY_ADDRESS", None)
-    return subprocess.run([sys.executable, "-m", "distmerge.cli", "merge", str(config_path), "--out", str(out),
-                           "--workers", "2", "--quiet"], env=env, capture_output=True, text=True, timeout=600)
-
-
 @pytest.fixture(scope="module")
 def ties_config(llama_family) -> dict:
     base, experts = llama_family
@@ -237,7 +223,7 @@ def interrupted(ties_config, tmp_path_factory) -> tuple[Path, Path]:
     root = tmp_path_factory.mktemp("interrupted")
     config_path = root / "merge.yaml"
     config_path.write_text(yaml.safe_dump(ties_config))
-    killed = cli_merge(config_path, root / "merged", {FAULT: "driver_exit_after_shards=2"})
+    killed = _cli_merge(config_path, root / "merged", {FAULT: "driver_exit_after_shards=2"})
     assert killed.returncode == 3, killed.stderr[-2000:]
     staging = [p for p in root.iterdir() if p.name.startswith(f".merged{STAGING_MARK}")]
     assert len(staging) == 1
@@ -261,7 +247,7 @@ def test_a_planted_pickle_is_never_unpickled_and_the_resumed_merge_is_identical(
     # What an attacker with write access beside the target would leave: the file older versions unpickled.
     (staging / LEGACY_PASSES).write_bytes(pickle.dumps(PlantsMarker(marker)))
 
-    rerun = cli_merge(config_path, out, {})
+    rerun = _cli_merge(config_path, out, {})
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert not marker.exists()
     assert "reused 2 verified shard(s)" in rerun.stdout
@@ -278,7 +264,7 @@ def test_a_tampered_pass_state_is_recomputed_not_trusted(interrupted, clean_run,
     document["state"]["thresholds"] = [0.0, 0.0]  # keep every value: a different model, were it trusted
     (staging / PASSES_JSON).write_text(json.dumps(document))
 
-    rerun = cli_merge(config_path, out, {})
+    rerun = _cli_merge(config_path, out, {})
     assert rerun.returncode == 0, rerun.stderr[-2000:]
     assert "recomputed" in rerun.stderr
     assert model_files(out) == model_files(clean_run)
@@ -295,7 +281,7 @@ def test_the_engine_refuses_a_staging_folder_others_could_write(interrupted, tmp
     apply_spoil(staging, spoil, tmp_path)
     before = sorted(p.name for p in staging.iterdir())
 
-    rerun = cli_merge(config_path, out, {})
+    rerun = _cli_merge(config_path, out, {})
     assert rerun.returncode != 0
     lines = [line for line in rerun.stderr.splitlines() if "cannot be trusted" in line]
     assert len(lines) == 1 and str(staging) in lines[0] and "remove it" in lines[0]
