@@ -9,7 +9,7 @@
 A method adds its row by merging the build's ``experts/*`` onto its ``base`` with ``distmerge merge`` (or
 ``distmerge fda``) and running ``score`` on the output; an EMR merge folder is scored task by task with each
 task's model. ``score`` prints JSON: accuracy per task, the mean, and normalized accuracy (merged / expert on
-its own task, per task and averaged), the FDA paper's measure.
+its own task, per task and averaged, the FDA paper's measure) and the experts' own accuracies.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def cmd_score(args) -> int:
     scorer = encoder.Scorer(folder, datasets)
     scores = scorer.score_merge(Path(args.merged), args.split)
     own = {t: scorer.score(path, args.split, tasks=(t,))[t] for t, path in encoder.experts(folder).items()}
-    print(json.dumps(report.score_record(scores, own), indent=1))
+    print(json.dumps({**report.score_record(scores, own), "experts": own}, indent=1))
     return 0
 
 
