@@ -156,3 +156,75 @@ def test_a_plain_model_with_a_plus_in_its_path_is_not_an_adapter(lora_family, tm
     odd = tmp_path / "c++model"
     shutil.copytree(base, odd)
     assert type(open_checkpoint(str(odd), "odd")) is Checkpoint
+
+
+@pytest.fixture(scope="module")
+def llama_lora_experts(tmp_path_factory):
+    """A Llama base, two LoRA experts on it, and the same experts as dense folders (PEFT's merge_and_unload)."""
+    root = tmp_path_factory.mktemp("lora_merge")
+    base = save_model(base_model("llama"), build_tokenizer(64), root / "base")
+    adapters, dense = [], []
+    for i, targets in enumerate((["q_proj", "v_proj", "down_proj"], ["k_proj", "gate_proj", "embed_tokens"])):
+        adapter, merged = adapter_on(base_model("llama"), root / f"adapter_{i}", seed=10 + i, target_modules=targets,
+                                     use_rslora=bool(i))
+        model = base_model("llama")
+        model.load_state_dict(merged)
+        adapters.append(adapter)
+        dense.append(save_model(model, build_tokenizer(64), root / f"dense_{i}"))
+    return base, adapters, dense
+
+
+def merged_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out = {}
+    for shard in sorted(folder.glob("*.safetensors")):
+        out.update(load_file(str(shard)))
+    return out
+
+
+@pytest.mark.parametrize("method,params", [
+    ("task_arithmetic", {"lambda": 0.7}), ("weight_average", {}), ("ties", {"density": 0.5}),
+    ("dare", {"drop_rate": 0.5, "seed": 3}), ("emr", {}),
+])
+def test_every_method_merges_lora_experts_as_their_dense_models(llama_lora_experts, ray_cluster, tmp_path, method,
+                                                                 params):
+    from distmerge import merge
+
+    base, adapters, dense = llama_lora_experts
+
+    def config(models):
+        return {"base_model": str(base), "method": method, "parameters": params, "out_shard_size": "40KB",
+                "models": [{"name": f"e{i}", **m} for i, m in enumerate(models)]}
+
+    # One LoRA expert in each form, mixed with a full expert where there are three.
+    lora = config([{"model": f"{base}+{adapters[0]}"}, {"model": str(base), "lora": str(adapters[1])}])
+    full = config([{"model": str(dense[0])}, {"model": str(dense[1])}])
+    merge(lora, tmp_path / "lora", workers=2, progress=False)
+    merge(full, tmp_path / "full", workers=2, progress=False)
+    folder = "emr" if method == "emr" else "."  # EMR's backbone is the base; its task vector and masks are in emr/
+    got, want = merged_tensors(tmp_path / "lora" / folder), merged_tensors(tmp_path / "full" / folder)
+    original = merged_tensors(base)
+    assert got.keys() == want.keys() and want
+    changed = 0
+    for name in want:
+        close = torch.isclose(got[name].float(), want[name].float(), rtol=1e-4, atol=1e-6)
+        # TIES and EMR decide by thresholds and signs: a value within rounding of the cut may fall either way.
+        assert close.float().mean() >= (0.999 if method in ("ties", "emr") else 1.0), name
+        changed += name not in original or not torch.equal(want[name], original[name])
+    assert changed > 0
+
+
+def test_lora_and_full_experts_mix_in_one_merge(llama_lora_experts, llama_family, ray_cluster, tmp_path):
+    from distmerge import merge
+
+    base, adapters, dense = llama_lora_experts
+    common = {"base_model": str(base), "method": "task_arithmetic", "parameters": {"lambda": 1.0},
+              "out_shard_size": "40KB"}
+    mixed = {**common, "models": [{"model": f"{base}+{adapters[0]}", "name": "a"}, {"model": str(dense[1]), "name": "b"}]}
+    plain = {**common, "models": [{"model": str(dense[0]), "name": "a"}, {"model": str(dense[1]), "name": "b"}]}
+    merge(mixed, tmp_path / "mixed", workers=1, progress=False)
+    merge(plain, tmp_path / "plain", workers=1, progress=False)
+    got, want = merged_tensors(tmp_path / "mixed"), merged_tensors(tmp_path / "plain")
+    for name in want:
+        torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)

@@ -33,6 +33,7 @@ from distmerge.engine.worker import WorkerSpec, add_partials
 from distmerge.errors import ConfigError, OutputError
 from distmerge.io import model_files, writer
 from distmerge.io.checkpoint import Checkpoint
+from distmerge.io.lora import open_checkpoint
 from distmerge.plan import MergePlan, make_plan
 from distmerge.tensors import OutputTensor, resolve_tensors
 
@@ -96,7 +97,7 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
     out = Path(out).expanduser().resolve()
     writer.check_target(out, force)
     base = Checkpoint(config.base_model, "base") if config.base_model else None
-    experts = [Checkpoint(spec.model, spec.name) for spec in config.models]
+    experts = [open_checkpoint(spec.model, spec.name) for spec in config.models]
     outputs, vocab_plan, _ = resolve_tensors(config, base, experts)
     initial_state = method.initial_state([o.job for o in outputs if o.merged])
     device = resolve_device(config.device)

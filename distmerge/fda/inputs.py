@@ -12,6 +12,7 @@ from distmerge.fda.config import FdaConfig, load_fda_config
 from distmerge.fda.modules import (ModelLayout, detect_layout, fill_unit, read_unit, unit_forward, unit_module,
                                    unit_tensor_names)
 from distmerge.io.checkpoint import Checkpoint
+from distmerge.io.lora import open_checkpoint
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,7 @@ def open_inputs(config: FdaConfig | str | Path | dict[str, Any]) -> FdaInputs:
     """Load and resolve the config, open base and experts, and check every unit tensor exists with one shape."""
     config = load_fda_config(config)
     base = Checkpoint(config.base, "base")
-    experts = {name: Checkpoint(source, name) for name, source in config.experts}
+    experts = {name: open_checkpoint(source, name) for name, source in config.experts}
     layout = detect_layout(base, config.modules)
     config = config.resolve(layout.family, layout.vit_tokens)
     layers = config.layers if config.layers is not None else tuple(range(layout.num_layers))

@@ -122,13 +122,12 @@ class LoraCheckpoint(Checkpoint):
         self.folder = self.path if _has_tokenizer(self.path) else self.base.folder
         self.factors, full = self._plan(stored)
         self.tensors = dict(self.base.tensors)
-        for target, factors in self.factors.items():
-            base_info = self.base.tensors[target]
-            self.tensors[target] = TensorInfo(str(self.adapter_file), base_info.dtype, base_info.shape)
-        self.full: dict[str, str] = {}  # base tensor name -> key in the adapter file
+        self.full: dict[str, str] = full  # base tensor name -> key of a full tensor in the adapter file
         for target, key in full.items():
-            self.full[target] = key
             self.tensors[target] = stored[key]
+        for target in self.factors:
+            under = self.tensors[target]
+            self.tensors[target] = TensorInfo(str(self.adapter_file), under.dtype, under.shape)
         if not self.factors and not self.full:
             raise InputError(f"{where(model=name, file=str(self.adapter_file))}: the adapter holds no LoRA factors")
 
@@ -170,9 +169,10 @@ class LoraCheckpoint(Checkpoint):
             if suffix is None:
                 if ".lora_" in key:
                     raise InputError(f"{self._where(key)}: unknown LoRA tensor (not lora_A/lora_B)")
-                # A full tensor (modules_to_save, a trained bias); one the base lacks (a new head) is kept under
-                # its own name and, like any tensor only an expert has, left out of the merge with a warning.
-                full[self._target(key, required=False)] = key
+                # A full tensor (modules_to_save, a trained bias, the base weight PEFT saves beside an adapted
+                # embedding as base_layer); one the base lacks (a new head) is kept under its own name and, like
+                # any tensor only an expert has, left out of the merge with a warning.
+                full[self._target(key.replace(".base_layer.", "."), required=False)] = key
                 continue
             factor, kind = LORA_SUFFIXES[suffix]
             module = key[: -len(suffix)]
@@ -186,9 +186,10 @@ class LoraCheckpoint(Checkpoint):
             target = self._target(module + ".weight")
             a, b = stored[keys["A"]].shape, stored[keys["B"]].shape
             expected = self._delta_shape(kinds[module], a, b)
-            if len(a) != 2 or len(b) != 2 or a[0] != b[1] or expected != tuple(self.base.tensors[target].shape):
-                raise InputError(f"{self._where(keys['A'])}: factors {list(a)} and {list(b)} do not make the base's "
-                                 f"{list(self.base.tensors[target].shape)}")
+            under = stored[full[target]].shape if target in full else self.base.tensors[target].shape
+            if len(a) != 2 or len(b) != 2 or a[0] != b[1] or expected != tuple(under):
+                raise InputError(f"{self._where(keys['A'])}: factors {list(a)} and {list(b)} do not make the "
+                                 f"weight's {list(under)}")
             rank = a[0]
             factors[target] = LoraFactors(module, keys["A"], keys["B"], kinds[module], rank,
                                           self.settings.scale(_peft_name(module), rank))
@@ -228,11 +229,12 @@ class LoraCheckpoint(Checkpoint):
     def read(self, tensor: str, start: int | None = None, stop: int | None = None) -> torch.Tensor:
         """Rows [start, stop) of the adapted model's tensor; adapted tensors come back in float32, so a small
         delta is not rounded away in the base's bfloat16."""
-        if tensor in self.full:
-            value = self._adapter_tensor(self.full[tensor])
-            return value if start is None or not value.shape else value[start:stop]
         factors = self.factors.get(tensor)
-        value = self.base.read(tensor, start, stop)
+        if tensor in self.full:  # the weight the adapter was trained on, where it stores one
+            value = self._adapter_tensor(self.full[tensor])
+            value = value if start is None or not value.shape else value[start:stop]
+        else:
+            value = self.base.read(tensor, start, stop)
         if factors is None:
             return value
         return value.float() + self.delta_rows(factors, start, stop)

@@ -22,6 +22,7 @@ from typing import Any
 from distmerge.errors import ConfigError, DistmergeError, OutputError
 from distmerge.io import model_files, writer
 from distmerge.io.checkpoint import Checkpoint
+from distmerge.io.lora import open_checkpoint
 from distmerge.sweep import outputs
 from distmerge.sweep.spec import SweepSpec, load_sweep
 from distmerge.tensors import resolve_tensors
@@ -86,7 +87,7 @@ def run_sweep(source: str | Path | dict, out: str | Path, *, address: str | None
     _check_out(spec, out, experiment, resume)
     base = Checkpoint(spec.merge["base_model"], "base") if spec.merge.get("base_model") else None
     template = spec.trial_config(spec.corner_values())
-    experts = [Checkpoint(m.model, m.name) for m in template.models]
+    experts = [open_checkpoint(m.model, m.name) for m in template.models]
     if template.method == "emr":
         raise ConfigError("method: 'emr' writes a backbone plus per-task masks, not one model to score; "
                           "sweep another method")
