@@ -7,6 +7,7 @@ written. The winner goes into ``anchors.sigma`` of the config by hand (the comma
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -86,8 +87,8 @@ def choose_sigma(config: FdaConfig | str | Path | dict, *, sigmas: tuple[float, 
     config = inputs.config
     if config.anchors.init != "gauss":
         raise ConfigError("anchors.init: sigma only scales Gaussian anchors (init: gauss), not 'weights'")
-    if not sigmas or any(not s > 0 for s in sigmas):
-        raise ConfigError(f"sigmas: expected positive numbers, got {list(sigmas)}")
+    if not sigmas or any(not (s > 0 and math.isfinite(s)) for s in sigmas):
+        raise ConfigError(f"sigmas: expected positive finite numbers, got {list(sigmas)}")
     if layer is None:
         layer = inputs.layers[len(inputs.layers) // 2]
     elif layer not in range(inputs.layout.num_layers):
