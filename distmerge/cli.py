@@ -91,6 +91,7 @@ _COMMAND_MODULES = (
     "distmerge.evaluate.cli",
     "distmerge.sweep_cli",
     "distmerge.jobs_cli",
+    "distmerge.lora_cli",
 )
 
 

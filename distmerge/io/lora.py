@@ -254,6 +254,10 @@ class LoraCheckpoint(Checkpoint):
             delta.addcmul_(left[:, k : k + 1], right[k : k + 1])
         return delta.mul_(factors.scale)
 
+    def factor_tensors(self, factors: LoraFactors) -> tuple[torch.Tensor, torch.Tensor]:
+        """(A, B) as stored, without the scale."""
+        return self._adapter_tensor(factors.a_key), self._adapter_tensor(factors.b_key)
+
     def _adapter_tensor(self, key: str) -> torch.Tensor:
         if key not in self._cache:  # the factors are small (r x d); a process keeps those it has read
             if self.adapter_file.suffix == ".safetensors":

@@ -1,0 +1,232 @@
+"""``distmerge lora extract``: any merged model as a LoRA adapter on its base, by truncated SVD of each delta.
+
+Per 2-D linear tensor, delta = merged - base is replaced by its best rank-R approximation (Eckart-Young):
+B = U_R S_R^(1/2), A = S_R^(1/2) V_R^T (or B = U_R S_R, A = V_R^T without ``distribute_scale``), by
+``torch.linalg.svd`` (exact) or ``torch.svd_lowrank`` (randomized, with oversampling and power iterations)
+where the tensor is large. Embeddings, heads and 1-D tensors that changed are kept whole (PEFT's
+modules_to_save), or skipped, as mergekit's ``mergekit-extract-lora`` offers. One Ray task per layer group; each
+tensor's randomized SVD is seeded from its name, so results do not depend on the number of workers. The
+relative Frobenius error of every tensor is written to ``lora_extract.json`` in the adapter folder.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distmerge.errors import ConfigError, InputError, where
+from distmerge.io.checkpoint import Checkpoint
+from distmerge.io.lora import open_checkpoint
+from distmerge.io.lora_writer import Factors, adapter_config, adapter_state, module_of, write_adapter
+from distmerge.io.vocab import INPUT_EMBEDDING
+from distmerge.io.writer import check_target
+from distmerge.plan import EMBED_GROUP
+from distmerge.tensors import TIED_HEADS, layer_of
+
+REPORT = "lora_extract.json"
+SVD_MODES = ("auto", "exact", "randomized")
+AUTO_EXACT_BELOW = 1024  # auto: exact SVD when the smaller side is at most this, else randomized
+FAN_IN_FAN_OUT_TYPES = ("gpt2",)  # Conv1D layers store the weight as [in, out]
+
+
+@dataclass(frozen=True)
+class ExtractOptions:
+    rank: int
+    svd: str = "auto"
+    oversample: int = 10
+    niter: int = 4
+    distribute_scale: bool = True
+    embed_lora: bool = False  # embeddings as lora_embedding factors instead of full tensors
+    skip_full: bool = False  # drop changed tensors that are not decomposed, instead of keeping them whole
+    min_full_change: float = 0.0  # keep a full tensor only if ||delta|| / ||base|| exceeds this
+    fan_in_fan_out: bool = False
+    seed: int = 0
+
+    def check(self) -> None:
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
+            raise ConfigError(f"--rank: must be a positive integer, got {self.rank!r}")
+        if self.svd not in SVD_MODES:
+            raise ConfigError(f"--svd: one of {', '.join(SVD_MODES)}, got {self.svd!r}")
+        if self.oversample < 0 or self.niter < 0:
+            raise ConfigError("--oversample and --niter: must be >= 0")
+        if not (self.min_full_change >= 0 and math.isfinite(self.min_full_change)):
+            raise ConfigError(f"--min-full-change: must be a number >= 0, got {self.min_full_change!r}")
+
+
+@dataclass
+class ExtractResult:
+    out: Path
+    errors: dict[str, float]  # tensor -> relative Frobenius error of its factors
+    ranks: dict[str, int]
+    full: list[str]
+    skipped: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        worst = max(self.errors.items(), key=lambda kv: kv[1], default=("-", 0.0))
+        mean = sum(self.errors.values()) / len(self.errors) if self.errors else 0.0
+        return (f"wrote a LoRA adapter to {self.out}: {len(self.ranks)} module(s) at rank up to "
+                f"{max(self.ranks.values(), default=0)}, {len(self.full)} full tensor(s), {len(self.skipped)} "
+                f"skipped; relative error mean {mean:.3g}, worst {worst[1]:.3g} ({worst[0]}); per tensor in {REPORT}")
+
+
+# --------------------------------------------------------------------------------------------- the maths
+
+
+def truncated_svd(delta: torch.Tensor, rank: int, mode: str = "auto", oversample: int = 10, niter: int = 4,
+                  seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(U_r, S_r, V_r) of a 2-D float tensor, r = min(rank, min(shape))."""
+    rank = min(rank, min(delta.shape))
+    exact = mode == "exact" or (mode == "auto" and min(delta.shape) <= AUTO_EXACT_BELOW)
+    if exact or rank + oversample >= min(delta.shape):  # a sketch as wide as the matrix gains nothing
+        u, s, vh = torch.linalg.svd(delta, full_matrices=False)
+        return u[:, :rank], s[:rank], vh[:rank].T
+    generator_state = torch.random.get_rng_state()
+    torch.manual_seed(seed)  # svd_lowrank draws its sketch from the global generator
+    try:
+        u, s, v = torch.svd_lowrank(delta, q=rank + oversample, niter=niter)
+    finally:
+        torch.random.set_rng_state(generator_state)
+    return u[:, :rank], s[:rank], v[:, :rank]
+
+
+def low_rank_factors(delta: torch.Tensor, options: ExtractOptions, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(A, B) with B @ A the truncated SVD of ``delta`` (float32)."""
+    u, s, v = truncated_svd(delta, options.rank, options.svd, options.oversample, options.niter, seed)
+    if options.distribute_scale:
+        root = s.sqrt()
+        return root[:, None] * v.T, u * root
+    return v.T.contiguous(), u * s
+
+
+def relative_error(delta: torch.Tensor, approx: torch.Tensor) -> float:
+    norm = torch.linalg.norm(delta)
+    return float(torch.linalg.norm(delta - approx) / norm) if norm > 0 else 0.0
+
+
+def tensor_role(name: str, shape: tuple[int, ...], embed_lora: bool) -> str:
+    """lora (a linear weight), embedding (LoRA'd as lora_embedding) or full."""
+    is_embedding = bool(INPUT_EMBEDDING.search(name) or EMBED_GROUP.search(module_of(name)[0].rsplit(".", 1)[-1]))
+    if len(shape) != 2:
+        return "full"
+    if is_embedding:
+        return "embedding" if embed_lora else "full"
+    if TIED_HEADS.search(name):
+        return "full"  # the head: vocabulary rows, kept whole as mergekit does
+    return "lora"
+
+
+def extract_tensor(name: str, merged: torch.Tensor, base: torch.Tensor, options: ExtractOptions) -> dict[str, Any] | None:
+    """One tensor's result: factors, a full value, 'skip', or None when it did not change."""
+    if torch.equal(merged, base):
+        return None
+    delta = merged.float() - base.float()
+    role = tensor_role(name, tuple(merged.shape), options.embed_lora)
+    if role == "full":
+        change = float(torch.linalg.norm(delta) / max(float(torch.linalg.norm(base.float())), 1e-30))
+        if options.skip_full or change <= options.min_full_change:
+            return {"skip": True, "change": change}
+        return {"full": merged, "change": change}
+    # PEFT's orientation: B @ A is [out, in] for a Linear, [dim, rows] (the transpose) for an embedding and a
+    # fan_in_fan_out (Conv1D) weight stored [in, out].
+    target = delta.T if role == "embedding" or options.fan_in_fan_out else delta
+    a, b = low_rank_factors(target, options, seed=options.seed ^ zlib.crc32(name.encode()))
+    return {"factors": (role if role == "embedding" else "linear", a, b), "error": relative_error(target, b @ a)}
+
+
+def extract_group(merged: Checkpoint, base: Checkpoint, names: list[str], options: ExtractOptions) -> dict[str, Any]:
+    torch.set_num_threads(1)  # one Ray CPU per task; and one thread count, so results do not vary with placement
+    results = {}
+    for name in names:
+        results[name] = extract_tensor(name, merged.read(name), base.read(name), options)
+    merged.close()
+    base.close()
+    return results
+
+
+# --------------------------------------------------------------------------------------------- the command
+
+
+def check_models(merged: Checkpoint, base: Checkpoint) -> list[str]:
+    """The floating tensors to compare; a merged tensor the base lacks or shapes differently is refused."""
+    names = []
+    for name, info in sorted(merged.tensors.items()):
+        under = base.tensors.get(name)
+        if under is None:
+            raise InputError(f"{where(model=merged.name, file=info.file, tensor=name)}: not in the base model "
+                             f"'{base.source}'")
+        if tuple(under.shape) != tuple(info.shape):
+            raise InputError(f"{where(model=merged.name, file=info.file, tensor=name)}: shape {list(info.shape)} "
+                             f"does not match the base's {list(under.shape)}")
+        if info.dtype.is_floating_point:
+            names.append(name)
+    return names
+
+
+def layer_groups(names: list[str]) -> list[list[str]]:
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(layer_of(name)[0], []).append(name)
+    return [groups[key] for key in sorted(groups)]
+
+
+def extract(merged_source: str, base_source: str, out: str | Path, options: ExtractOptions,
+            workers: int | None = None, address: str | None = None, force: bool = False) -> ExtractResult:
+    import ray
+
+    from distmerge.engine.ray_session import get, ray_session
+
+    options.check()
+    out = Path(out).expanduser()
+    check_target(out, force)
+    merged = open_checkpoint(merged_source, "merged")
+    base = Checkpoint(base_source, "base")
+    config = base.config or {}
+    if config.get("model_type") in FAN_IN_FAN_OUT_TYPES and not options.fan_in_fan_out:
+        options = ExtractOptions(**{**options.__dict__, "fan_in_fan_out": True})
+    groups = layer_groups(check_models(merged, base))
+    results: dict[str, Any] = {}
+    with ray_session(address, num_cpus=workers):
+        task = ray.remote(num_cpus=1)(extract_group)
+        in_flight = max(1, workers or int(ray.cluster_resources().get("CPU", 1)))
+        pending, queue = [], list(groups)
+        while queue or pending:
+            while queue and len(pending) < in_flight:
+                pending.append(task.remote(merged, base, queue.pop(0), options))
+            done, pending = ray.wait(pending, num_returns=1)
+            results.update(get(done[0]))
+    return write_result(out, results, merged, base, base_source, options, force)
+
+
+def write_result(out: Path, results: dict[str, Any], merged: Checkpoint, base: Checkpoint, base_source: str,
+                 options: ExtractOptions, force: bool) -> ExtractResult:
+    factors, full, errors, skipped, changes = {}, {}, {}, [], {}
+    for name in sorted(results):
+        result = results[name]
+        if result is None:
+            continue
+        if "factors" in result:
+            kind, a, b = result["factors"]
+            factors[name] = Factors(kind, a, b)
+            errors[name] = result["error"]
+        elif "full" in result:
+            full[name] = result["full"]
+            changes[name] = result["change"]
+        else:
+            skipped.append(name)
+            changes[name] = result["change"]
+    state, adapted, saved = adapter_state(factors, full, sorted(merged.tensors), merged.read)
+    architectures = (base.config or {}).get("architectures") or [""]
+    task_type = "CAUSAL_LM" if re.search(r"ForCausalLM$", architectures[0]) else None
+    settings = adapter_config(factors, adapted, saved, full, base_source, options.fan_in_fan_out, task_type)
+    ranks = {module_of(n)[0]: f.rank for n, f in factors.items()}
+    report = {"rank": options.rank, "svd": options.svd, "oversample": options.oversample, "niter": options.niter,
+              "distribute_scale": options.distribute_scale, "relative_error": errors, "ranks": ranks,
+              "full": {n: changes[n] for n in full}, "skipped": {n: changes[n] for n in skipped}}
+    write_adapter(out, state, settings, force, extra_json={REPORT: report})
+    return ExtractResult(out, errors, ranks, sorted(full), skipped)
