@@ -52,8 +52,10 @@ def extract_cmd(
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address, or 'auto'; default: embedded"),
     force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
 ) -> None:
-    """Any merged model as a rank-R LoRA adapter on BASE, by truncated SVD of each linear delta (one Ray task
-    per layer group); per-tensor relative errors in OUT/lora_extract.json."""
+    """Any merged model as a rank-R LoRA adapter on BASE, by truncated SVD of each linear delta.
+
+    One Ray task per layer group; the relative error of every tensor goes to OUT/lora_extract.json.
+    """
     from distmerge.lora_extract import ExtractOptions, extract
 
     options = ExtractOptions(rank=rank, svd=svd, oversample=oversample, niter=niter,

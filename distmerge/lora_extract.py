@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -188,7 +188,7 @@ def extract(merged_source: str, base_source: str, out: str | Path, options: Extr
     base = Checkpoint(base_source, "base")
     config = base.config or {}
     if config.get("model_type") in FAN_IN_FAN_OUT_TYPES and not options.fan_in_fan_out:
-        options = ExtractOptions(**{**options.__dict__, "fan_in_fan_out": True})
+        options = replace(options, fan_in_fan_out=True)
     groups = layer_groups(check_models(merged, base))
     results: dict[str, Any] = {}
     with ray_session(address, num_cpus=workers):

@@ -18,7 +18,7 @@ from distmerge.errors import ConfigError  # noqa: E402
 from distmerge.io.lora import open_checkpoint  # noqa: E402
 from distmerge.io.writer import STAGING_MARK  # noqa: E402
 from distmerge.lora_extract import REPORT, ExtractOptions, extract, truncated_svd  # noqa: E402
-from distmerge.lora_sum import lora_sum  # noqa: E402
+from distmerge.lora_sum import coefficients, lora_sum  # noqa: E402
 from distmerge.tiny_models import _config, _model, build_tokenizer, save_model  # noqa: E402
 from test_lora import adapter_on, base_model, merged_tensors  # noqa: E402
 
@@ -36,7 +36,7 @@ def peft_merged(arch: str, base: Path, adapter: Path) -> dict[str, torch.Tensor]
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    auto = AutoModelForSequenceClassification if arch == "roberta" else AutoModelForCausalLM
+    auto = AutoModelForSequenceClassification if arch == "roberta" else AutoModelForCausalLM  # gpt2 too
     model = PeftModel.from_pretrained(auto.from_pretrained(str(base)), str(adapter))
     return {k: v.detach().clone() for k, v in model.merge_and_unload().state_dict().items()}
 
@@ -111,6 +111,25 @@ def test_lora_sum_refuses_a_full_expert(lora_experts, tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+def test_lora_sum_cli_writes_the_adapter(lora_experts, tmp_path):
+    _, base, adapters = lora_experts
+    out = tmp_path / "adapter"
+    result = runner.invoke(app, ["lora", "sum", str(write_yaml(tmp_path, sum_config(base, adapters, "task_arithmetic"))),
+                                 "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert result.output.startswith(f"wrote a LoRA adapter to {out}:") and "(concatenated factors, exact)" in result.output
+    assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
+
+
+def test_weight_average_without_normalize_is_low_rank_only_when_the_weights_sum_to_one():
+    from distmerge.methods.weight_average import WeightAverageParams
+
+    assert coefficients("weight_average", WeightAverageParams(normalize=False), (0.25, 0.75), "t") == (0.25, 0.75)
+    assert coefficients("weight_average", WeightAverageParams(), (1.0, 3.0), "t") == (0.25, 0.75)
+    with pytest.raises(ConfigError, match=r"parameters.normalize: false with weights summing to 2 on tensor 't'"):
+        coefficients("weight_average", WeightAverageParams(normalize=False), (1.0, 1.0), "t")
+
+
 def write_yaml(folder: Path, config: dict) -> Path:
     import yaml
 
@@ -122,17 +141,27 @@ def write_yaml(folder: Path, config: dict) -> Path:
 # --------------------------------------------------------------------------------------------- extraction
 
 
-@pytest.fixture(scope="module")
-def dense_merge(tmp_path_factory):
-    """A Llama base and a 'merged' model that differs from it in every tensor by a full-rank delta."""
-    root = tmp_path_factory.mktemp("extract")
-    base = base_model("llama")
-    merged = base_model("llama")
+def gpt2():
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=32, n_embd=32, n_layer=2, n_head=4))
+
+
+def perturbed_pair(arch: str, root: Path) -> tuple[Path, Path]:
+    """A base and a 'merged' model that differs from it in every tensor by a full-rank delta."""
+    base = gpt2() if arch == "gpt2" else base_model(arch)
+    merged = gpt2() if arch == "gpt2" else base_model(arch)
     torch.manual_seed(5)
     with torch.no_grad():
         for param in merged.parameters():
             param.add_(torch.randn_like(param) * 0.02)
     return save_model(base, build_tokenizer(64), root / "base"), save_model(merged, build_tokenizer(64), root / "merged")
+
+
+@pytest.fixture(scope="module")
+def dense_merge(tmp_path_factory):
+    return perturbed_pair("llama", tmp_path_factory.mktemp("extract"))
 
 
 def svd_optimum(delta: torch.Tensor, rank: int) -> float:
@@ -142,13 +171,19 @@ def svd_optimum(delta: torch.Tensor, rank: int) -> float:
 
 
 @pytest.mark.ray
-def test_extract_at_full_rank_reproduces_the_merged_model(dense_merge, ray_cluster, tmp_path):
-    base, merged = dense_merge
+@pytest.mark.parametrize("arch", ["llama", "roberta", "gpt2"])
+def test_extract_at_full_rank_reproduces_the_merged_model(dense_merge, ray_cluster, tmp_path, arch):
+    base, merged = dense_merge if arch == "llama" else perturbed_pair(arch, tmp_path)
     result = extract(str(merged), str(base), tmp_path / "adapter", ExtractOptions(rank=1000, svd="exact"), workers=2)
     assert result.errors and max(result.errors.values()) < 1e-5
-    assert any("embed_tokens" in name for name in result.full) and any("norm" in name for name in result.full)
+    embedding = {"llama": "embed_tokens", "roberta": "word_embeddings", "gpt2": "wte"}[arch]
+    assert any(embedding in name for name in result.full) and any("ln_" in n or "orm" in n for n in result.full)
+    if arch == "roberta":  # biases of the adapted Linear layers ride along as PEFT's base_layer.bias
+        assert any(name.endswith("query.bias") for name in result.full)
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["fan_in_fan_out"] == (arch == "gpt2")  # GPT-2's Conv1D stores its weights [in, out]
     want = merged_tensors(merged)
-    assert_same_model(peft_merged("llama", base, tmp_path / "adapter"), want, atol=2e-6)
+    assert_same_model(peft_merged(arch, base, tmp_path / "adapter"), want, atol=2e-6)
 
 
 @pytest.mark.ray
