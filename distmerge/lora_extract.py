@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import re
 import zlib
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -45,7 +45,6 @@ class ExtractOptions:
     embed_lora: bool = False  # embeddings as lora_embedding factors instead of full tensors
     skip_full: bool = False  # drop changed tensors that are not decomposed, instead of keeping them whole
     min_full_change: float = 0.0  # keep a full tensor only if ||delta|| / ||base|| exceeds this
-    fan_in_fan_out: bool = False
     seed: int = 0
 
     def check(self) -> None:
@@ -109,41 +108,62 @@ def relative_error(delta: torch.Tensor, approx: torch.Tensor) -> float:
     return float(torch.linalg.norm(delta - approx) / norm) if norm > 0 else 0.0
 
 
-def tensor_role(name: str, shape: tuple[int, ...], embed_lora: bool) -> str:
-    """lora (a linear weight), embedding (LoRA'd as lora_embedding) or full."""
-    is_embedding = bool(INPUT_EMBEDDING.search(name) or EMBED_GROUP.search(module_of(name)[0].rsplit(".", 1)[-1]))
-    if len(shape) != 2:
+def module_types(config: dict[str, Any] | None) -> dict[str, str]:
+    """Module name -> linear | conv1d | embedding | other, from the architecture built on the meta device (no
+    weights); empty when transformers cannot build it (the name rules then decide)."""
+    try:
+        import transformers
+        from torch import nn
+        from transformers.pytorch_utils import Conv1D
+
+        model_class = getattr(transformers, ((config or {}).get("architectures") or [""])[0])
+        with torch.device("meta"):
+            model = model_class(model_class.config_class.from_dict(config))
+    except Exception:
+        return {}
+    kinds = {nn.Linear: "linear", Conv1D: "conv1d", nn.Embedding: "embedding"}
+    return {name: next((k for cls, k in kinds.items() if isinstance(module, cls)), "other")
+            for name, module in model.named_modules()}
+
+
+def tensor_role(name: str, shape: tuple[int, ...], embed_lora: bool, module_type: str | None = None,
+                fan_in_fan_out: bool = False) -> str:
+    """linear, conv1d (a weight stored [in, out]), embedding (as lora_embedding factors) or full."""
+    if len(shape) != 2 or module_of(name)[1] != "weight" or module_type == "other":
         return "full"
-    if is_embedding:
+    if module_type is None:  # an architecture transformers could not build: by name
+        is_embedding = INPUT_EMBEDDING.search(name) or EMBED_GROUP.search(module_of(name)[0].rsplit(".", 1)[-1])
+        module_type = "embedding" if is_embedding else ("conv1d" if fan_in_fan_out else "linear")
+    if module_type == "embedding":
         return "embedding" if embed_lora else "full"
     if TIED_HEADS.search(name):
         return "full"  # the head: vocabulary rows, kept whole as mergekit does
-    return "lora"
+    return module_type
 
 
-def extract_tensor(name: str, merged: torch.Tensor, base: torch.Tensor, options: ExtractOptions) -> dict[str, Any] | None:
+def extract_tensor(name: str, role: str, merged: torch.Tensor, base: torch.Tensor,
+                   options: ExtractOptions) -> dict[str, Any] | None:
     """One tensor's result: factors, a full value, 'skip', or None when it did not change."""
     if torch.equal(merged, base):
         return None
     delta = merged.float() - base.float()
-    role = tensor_role(name, tuple(merged.shape), options.embed_lora)
     if role == "full":
         change = float(torch.linalg.norm(delta) / max(float(torch.linalg.norm(base.float())), 1e-30))
         if options.skip_full or change <= options.min_full_change:
             return {"skip": True, "change": change}
         return {"full": merged, "change": change}
-    # PEFT's orientation: B @ A is [out, in] for a Linear, [dim, rows] (the transpose) for an embedding and a
-    # fan_in_fan_out (Conv1D) weight stored [in, out].
-    target = delta.T if role == "embedding" or options.fan_in_fan_out else delta
+    # PEFT's orientation: B @ A is [out, in] for a Linear, the transpose for an embedding ([dim, rows]) and for
+    # a Conv1D (stored [in, out], PEFT's fan_in_fan_out).
+    target = delta if role == "linear" else delta.T
     a, b = low_rank_factors(target, options, seed=options.seed ^ zlib.crc32(name.encode()))
-    return {"factors": (role if role == "embedding" else "linear", a, b), "error": relative_error(target, b @ a)}
+    return {"factors": ("embedding" if role == "embedding" else "linear", a, b), "error": relative_error(target, b @ a)}
 
 
-def extract_group(merged: Checkpoint, base: Checkpoint, names: list[str], options: ExtractOptions) -> dict[str, Any]:
+def extract_group(merged: Checkpoint, base: Checkpoint, roles: dict[str, str], options: ExtractOptions) -> dict[str, Any]:
     torch.set_num_threads(1)  # one Ray CPU per task; and one thread count, so results do not vary with placement
     results = {}
-    for name in names:
-        results[name] = extract_tensor(name, merged.read(name), base.read(name), options)
+    for name, role in roles.items():
+        results[name] = extract_tensor(name, role, merged.read(name), base.read(name), options)
     merged.close()
     base.close()
     return results
@@ -186,10 +206,14 @@ def extract(merged_source: str, base_source: str, out: str | Path, options: Extr
     check_target(out, force)
     merged = open_checkpoint(merged_source, "merged")
     base = Checkpoint(base_source, "base")
-    config = base.config or {}
-    if config.get("model_type") in FAN_IN_FAN_OUT_TYPES and not options.fan_in_fan_out:
-        options = replace(options, fan_in_fan_out=True)
-    groups = layer_groups(check_models(merged, base))
+    names = check_models(merged, base)
+    types = module_types(base.config)
+    by_name = (base.config or {}).get("model_type") in FAN_IN_FAN_OUT_TYPES
+    roles = {n: tensor_role(n, tuple(base.tensors[n].shape), options.embed_lora, types.get(module_of(n)[0]), by_name)
+             for n in names}
+    # PEFT's flag is per adapter, yet it sets each layer's own orientation by its type (Linear: off, Conv1D: on).
+    fan_in_fan_out = "conv1d" in roles.values()
+    groups = [{n: roles[n] for n in group} for group in layer_groups(names)]
     results: dict[str, Any] = {}
     with ray_session(address, num_cpus=workers):
         task = ray.remote(num_cpus=1)(extract_group)
@@ -200,11 +224,11 @@ def extract(merged_source: str, base_source: str, out: str | Path, options: Extr
                 pending.append(task.remote(merged, base, queue.pop(0), options))
             done, pending = ray.wait(pending, num_returns=1)
             results.update(get(done[0]))
-    return write_result(out, results, merged, base, base_source, options, force)
+    return write_result(out, results, merged, base, base_source, options, fan_in_fan_out, force)
 
 
 def write_result(out: Path, results: dict[str, Any], merged: Checkpoint, base: Checkpoint, base_source: str,
-                 options: ExtractOptions, force: bool) -> ExtractResult:
+                 options: ExtractOptions, fan_in_fan_out: bool, force: bool) -> ExtractResult:
     factors, full, errors, skipped, changes = {}, {}, {}, [], {}
     for name in sorted(results):
         result = results[name]
@@ -223,7 +247,7 @@ def write_result(out: Path, results: dict[str, Any], merged: Checkpoint, base: C
     state, adapted, saved = adapter_state(factors, full, sorted(merged.tensors), merged.read)
     architectures = (base.config or {}).get("architectures") or [""]
     task_type = "CAUSAL_LM" if re.search(r"ForCausalLM$", architectures[0]) else None
-    settings = adapter_config(factors, adapted, saved, full, base_source, options.fan_in_fan_out, task_type)
+    settings = adapter_config(factors, adapted, saved, full, base_source, fan_in_fan_out, task_type)
     ranks = {module_of(n)[0]: f.rank for n, f in factors.items()}
     report = {"rank": options.rank, "svd": options.svd, "oversample": options.oversample, "niter": options.niter,
               "distribute_scale": options.distribute_scale, "relative_error": errors, "ranks": ranks,

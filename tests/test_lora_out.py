@@ -17,7 +17,7 @@ from distmerge.cli import app  # noqa: E402
 from distmerge.errors import ConfigError  # noqa: E402
 from distmerge.io.lora import open_checkpoint  # noqa: E402
 from distmerge.io.writer import STAGING_MARK  # noqa: E402
-from distmerge.lora_extract import REPORT, ExtractOptions, extract, truncated_svd  # noqa: E402
+from distmerge.lora_extract import REPORT, ExtractOptions, extract, tensor_role, truncated_svd  # noqa: E402
 from distmerge.lora_sum import coefficients, lora_sum  # noqa: E402
 from distmerge.tiny_models import _config, _model, build_tokenizer, save_model  # noqa: E402
 from test_lora import adapter_on, base_model, merged_tensors  # noqa: E402
@@ -218,6 +218,22 @@ def test_randomized_svd_is_within_two_percent_of_the_optimum():
         assert svd_optimum(delta, rank) <= error + 1e-7 <= 1.02 * svd_optimum(delta, rank) + 1e-7
         again = truncated_svd(delta, rank, "randomized", oversample=10, niter=4, seed=1)
         assert torch.equal(again[1], got_s)  # seeded: the same sketch every time
+
+
+def test_tensor_roles_follow_the_module_types():
+    types = {"block.0.attn.relative_attention_bias": "embedding", "h.0.attn.c_attn": "conv1d", "h.0.attn.q": "linear",
+             "h.0.router": "other"}
+
+    def role(name, shape=(8, 4), embed_lora=False):
+        return tensor_role(name, shape, embed_lora, types.get(name.rpartition(".")[0]))
+
+    assert role("block.0.attn.relative_attention_bias.weight") == "full"  # an embedding, whatever its name says
+    assert role("block.0.attn.relative_attention_bias.weight", embed_lora=True) == "embedding"
+    assert role("h.0.attn.c_attn.weight") == "conv1d" and role("h.0.attn.q.weight") == "linear"
+    assert role("h.0.router.weight") == "full" and role("h.0.attn.q.bias", (8,)) == "full"
+    assert role("lm_head.weight") == "full"  # the head stays whole, as mergekit keeps it
+    # Without an architecture to build, names decide.
+    assert role("model.embed_tokens.weight") == "full" and role("model.layers.0.mlp.up_proj.weight") == "linear"
 
 
 @pytest.mark.ray
