@@ -159,7 +159,8 @@ def extract_tensor(name: str, role: str, merged: torch.Tensor, base: torch.Tenso
     return {"factors": ("embedding" if role == "embedding" else "linear", a, b), "error": relative_error(target, b @ a)}
 
 
-def extract_group(merged: Checkpoint, base: Checkpoint, roles: dict[str, str], options: ExtractOptions) -> dict[str, Any]:
+def extract_group(merged: Checkpoint, base: Checkpoint, roles: dict[str, str],
+                  options: ExtractOptions) -> dict[str, Any]:
     torch.set_num_threads(1)  # one Ray CPU per task; and one thread count, so results do not vary with placement
     results = {}
     for name, role in roles.items():

@@ -50,7 +50,8 @@ def coefficients(method: str, params, weights: tuple[float, ...], tensor: str) -
         return tuple(w / divisor for w in weights)
     if abs(total - 1.0) > 1e-6:  # sum_t w_t theta_t = W theta_0 + sum_t w_t tau_t: W theta_0 is not low rank
         raise ConfigError(f"parameters.normalize: false with weights summing to {total:g} on tensor '{tensor}': "
-                          "the merge is not base + a low-rank delta; use `distmerge merge` then `distmerge lora extract`")
+                          "the merge is not base + a low-rank delta; use `distmerge merge` then "
+                          "`distmerge lora extract`")
     return tuple(weights)
 
 

@@ -114,10 +114,11 @@ def test_lora_sum_refuses_a_full_expert(lora_experts, tmp_path):
 def test_lora_sum_cli_writes_the_adapter(lora_experts, tmp_path):
     _, base, adapters = lora_experts
     out = tmp_path / "adapter"
-    result = runner.invoke(app, ["lora", "sum", str(write_yaml(tmp_path, sum_config(base, adapters, "task_arithmetic"))),
-                                 "--out", str(out)])
+    config = write_yaml(tmp_path, sum_config(base, adapters, "task_arithmetic"))
+    result = runner.invoke(app, ["lora", "sum", str(config), "--out", str(out)])
     assert result.exit_code == 0, result.output
-    assert result.output.startswith(f"wrote a LoRA adapter to {out}:") and "(concatenated factors, exact)" in result.output
+    assert result.output.startswith(f"wrote a LoRA adapter to {out}:")
+    assert "(concatenated factors, exact)" in result.output
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors"]
 
 
@@ -156,7 +157,8 @@ def perturbed_pair(arch: str, root: Path) -> tuple[Path, Path]:
     with torch.no_grad():
         for param in merged.parameters():
             param.add_(torch.randn_like(param) * 0.02)
-    return save_model(base, build_tokenizer(64), root / "base"), save_model(merged, build_tokenizer(64), root / "merged")
+    tokenizer = build_tokenizer(64)
+    return save_model(base, tokenizer, root / "base"), save_model(merged, tokenizer, root / "merged")
 
 
 @pytest.fixture(scope="module")
@@ -195,7 +197,8 @@ def test_extract_at_rank_r_is_the_best_rank_r_approximation(dense_merge, ray_clu
     assert report["relative_error"] == pytest.approx(result.errors)
     base_t, merged_t = merged_tensors(base), merged_tensors(merged)
     reloaded = peft_merged("llama", base, tmp_path / "adapter")
-    assert set(result.errors) == {n for n, v in base_t.items() if v.dim() == 2 and "embed" not in n and "lm_head" not in n}
+    linear = {n for n, v in base_t.items() if v.dim() == 2 and "embed" not in n and "lm_head" not in n}
+    assert set(result.errors) == linear
     for name, error in result.errors.items():
         delta = merged_t[name] - base_t[name]
         assert error == pytest.approx(svd_optimum(delta, rank), abs=1e-5), name
@@ -296,5 +299,6 @@ def test_extract_refuses_an_existing_target_without_force(dense_merge, tmp_path)
     (out / "keep.txt").write_text("mine")
     result = runner.invoke(app, ["lora", "extract", str(merged), "--base", str(base), "--rank", "2", "--out", str(out)])
     assert result.exit_code == 2
-    assert result.output.strip().splitlines() == [f"error: '{out}' already exists; pass --force (force=True) to replace it"]
+    refusal = f"error: '{out}' already exists; pass --force (force=True) to replace it"
+    assert result.output.strip().splitlines() == [refusal]
     assert [p.name for p in out.iterdir()] == ["keep.txt"] and (out / "keep.txt").read_text() == "mine"
