@@ -48,6 +48,8 @@ def extract_cmd(
                                    "(embeddings, heads, norms, biases) instead of keeping them whole"),
     min_full_change: float = typer.Option(0.0, "--min-full-change", help="keep such a tensor whole only if "
                                           "||merged - base|| / ||base|| exceeds this"),
+    dtype: str = typer.Option("float32", "--dtype", help="factors' dtype: float32 | bfloat16 | float16 (half the "
+                                                       "size; the reported errors include the rounding)"),
     workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, help="Ray tasks at once (default: CPUs)"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address, or 'auto'; default: embedded"),
     force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
@@ -60,7 +62,7 @@ def extract_cmd(
 
     options = ExtractOptions(rank=rank, svd=svd, oversample=oversample, niter=niter,
                              distribute_scale=distribute_scale, embed_lora=embed_lora, skip_full=skip_full,
-                             min_full_change=min_full_change)
+                             min_full_change=min_full_change, dtype=dtype)
     try:
         result = extract(merged, base, out, options, workers=workers, address=address, force=force)
     except DistmergeError as exc:

@@ -32,6 +32,7 @@ from distmerge.tensors import TIED_HEADS, layer_of
 REPORT = "lora_extract.json"
 SVD_MODES = ("auto", "exact", "randomized")
 AUTO_EXACT_BELOW = 1024  # auto: exact SVD when the smaller side is at most this, else randomized
+FACTOR_DTYPES = ("float32", "bfloat16", "float16")
 FAN_IN_FAN_OUT_TYPES = ("gpt2",)  # Conv1D layers store the weight as [in, out]
 
 
@@ -46,6 +47,7 @@ class ExtractOptions:
     skip_full: bool = False  # drop changed tensors that are not decomposed, instead of keeping them whole
     min_full_change: float = 0.0  # keep a full tensor only if ||delta|| / ||base|| exceeds this
     seed: int = 0
+    dtype: str = "float32"  # of the factors; the error is measured on the stored ones
 
     def check(self) -> None:
         if isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0:
@@ -54,6 +56,8 @@ class ExtractOptions:
             raise ConfigError(f"--svd: one of {', '.join(SVD_MODES)}, got {self.svd!r}")
         if self.oversample < 0 or self.niter < 0:
             raise ConfigError("--oversample and --niter: must be >= 0")
+        if self.dtype not in FACTOR_DTYPES:
+            raise ConfigError(f"--dtype: one of {', '.join(FACTOR_DTYPES)}, got {self.dtype!r}")
         if not (self.min_full_change >= 0 and math.isfinite(self.min_full_change)):
             raise ConfigError(f"--min-full-change: must be a number >= 0, got {self.min_full_change!r}")
 
@@ -156,7 +160,9 @@ def extract_tensor(name: str, role: str, merged: torch.Tensor, base: torch.Tenso
     # a Conv1D (stored [in, out], PEFT's fan_in_fan_out).
     target = delta if role == "linear" else delta.T
     a, b = low_rank_factors(target, options, seed=options.seed ^ zlib.crc32(name.encode()))
-    return {"factors": ("embedding" if role == "embedding" else "linear", a, b), "error": relative_error(target, b @ a)}
+    a, b = a.to(getattr(torch, options.dtype)), b.to(getattr(torch, options.dtype))
+    return {"factors": ("embedding" if role == "embedding" else "linear", a, b),
+            "error": relative_error(target, b.float() @ a.float())}
 
 
 def extract_group(merged: Checkpoint, base: Checkpoint, roles: dict[str, str],
@@ -250,7 +256,8 @@ def write_result(out: Path, results: dict[str, Any], merged: Checkpoint, base: C
     task_type = "CAUSAL_LM" if re.search(r"ForCausalLM$", architectures[0]) else None
     settings = adapter_config(factors, adapted, saved, full, base_source, fan_in_fan_out, task_type)
     ranks = {module_of(n)[0]: f.rank for n, f in factors.items()}
-    report = {"rank": options.rank, "svd": options.svd, "oversample": options.oversample, "niter": options.niter,
+    report = {"rank": options.rank, "svd": options.svd, "dtype": options.dtype, "oversample": options.oversample,
+              "niter": options.niter,
               "distribute_scale": options.distribute_scale, "relative_error": errors, "ranks": ranks,
               "full": {n: changes[n] for n in full}, "skipped": {n: changes[n] for n in skipped}}
     write_adapter(out, state, settings, force, extra_json={REPORT: report})

@@ -255,6 +255,18 @@ def test_extract_does_not_depend_on_the_number_of_workers(dense_merge, ray_clust
 
 
 @pytest.mark.ray
+def test_extract_in_bfloat16_halves_the_factors_and_reports_their_error(dense_merge, ray_cluster, tmp_path):
+    from safetensors.torch import load_file
+
+    base, merged = dense_merge
+    result = extract(str(merged), str(base), tmp_path / "bf16", ExtractOptions(rank=1000, dtype="bfloat16"), workers=2)
+    factors = {k: v for k, v in load_file(str(tmp_path / "bf16" / "adapter_model.safetensors")).items() if "lora_" in k}
+    assert factors and {v.dtype for v in factors.values()} == {torch.bfloat16}
+    # Full rank, so the error left is bfloat16's rounding of the factors: about its 2^-8 relative step.
+    assert 1e-4 < max(result.errors.values()) < 1e-2
+
+
+@pytest.mark.ray
 def test_extract_skip_full_leaves_out_embeddings_and_norms(dense_merge, ray_cluster, tmp_path):
     base, merged = dense_merge
     options = ExtractOptions(rank=2, skip_full=True)
