@@ -180,7 +180,8 @@ def summarize(runs: list[dict]) -> dict:
     experts = {f"{t} expert": {c: report.spread([r["experts"][t]["accuracy"][c] for r in runs]) for c in tasks}
                for t in tasks}
     fda = {name: {k: report.spread([r["fda"][name][k] for r in runs])
-                  for k in ("construct_seconds", "job_seconds", "adapt_loss_ratio", "seconds")}
+                  for k in ("construct_seconds", "job_seconds", "adapt_loss_ratio", "seconds")
+                  if all(k in r["fda"].get(name, {}) for r in runs)}
            for name in runs[0]["fda"]}
     return {"normalized": report.summarize_rows(runs, tasks, "normalized"),
             "accuracy": report.summarize_rows(runs, tasks, "accuracy"), "experts_accuracy": experts,
@@ -203,10 +204,11 @@ def print_tables(summary: dict, seeds: int) -> None:
           "layers):\n")
     print(report.markdown(summary["unit_error"], tasks, LABELS, seeds))
     print()
+    described = {"construct_seconds": "construction {:.0f}s", "job_seconds": "{:.1f}s per (layer, task) job",
+                 "adapt_loss_ratio": "adaptation loss final/initial {:.3f}", "seconds": "{:.0f}s in all"}
     for name, record in summary["fda"].items():
-        print(f"{LABELS[name]}: construction {record['construct_seconds']['mean']:.0f}s for 24 jobs, "
-              f"{record['job_seconds']['mean']:.1f}s per (layer, task) job; adaptation loss final/initial "
-              f"{record['adapt_loss_ratio']['mean']:.3f}; {record['seconds']['mean']:.0f}s in all")
+        print(f"{LABELS[name]}: " + "; ".join(text.format(record[k]["mean"]) for k, text in described.items()
+                                               if k in record))
     print("Chosen on validation: " + "; ".join(f"seed {s}: " + ", ".join(f"{k} {v}" for k, v in c.items())
                                               for s, c in summary["chosen"].items()))
 
