@@ -106,7 +106,12 @@ def test_ties_global_equals_flat_reference(llama_family, tmp_path, density):
 
 
 @pytest.mark.parametrize("method,params", [
+    ("weight_average", {}),
+    ("task_arithmetic", {"lambda": 0.7}),
     ("ties", {"density": 0.3}),
+    ("ties", {"density": 0.4, "trim_scope": "tensor"}),
+    ("dare", {"drop_rate": 0.6, "then": "weight_average"}),
+    ("dare", {"drop_rate": 0.6, "then": "task_arithmetic", "rescale": "l1"}),
     ("dare", {"drop_rate": 0.7, "then": "ties", "density": 0.5, "seed": 3}),
     ("emr", {}),
 ])
@@ -312,8 +317,9 @@ def test_out_dtype_and_resolved_config_reproduces(llama_family, tmp_path):
     merge(config, out, workers=2, progress=False)
     got = load_folder(out)
     assert all(t.dtype == torch.bfloat16 for t in got.values())
-    assert json.loads((out / "config.json").read_text()).get("dtype", None) in ("bfloat16", None) or \
-        json.loads((out / "config.json").read_text()).get("torch_dtype") == "bfloat16"
+    written = json.loads((out / "config.json").read_text())
+    dtype_keys = {k: written[k] for k in ("dtype", "torch_dtype") if k in written}
+    assert dtype_keys and set(dtype_keys.values()) == {"bfloat16"}, dtype_keys
     again = tmp_path / "again"
     merge(out / "distmerge.yaml", again, workers=3, progress=False)
     assert file_digests(out) == file_digests(again)

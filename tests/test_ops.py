@@ -5,7 +5,7 @@
 3. Reference formulations (TIES ``ties-merging/src/utils/merge_utils.py`` flattened over the model, and EMR's
    ``emr_merge``), written out here, against distmerge's per-tensor / per-chunk ops.
 4. The unit-level invariants of spec section 10 (DARE p=0, TIES k=1 T=1, EMR T=1).
-5. Method-level checks through ``distmerge.methods.build_method`` with the reduction passes run by hand.
+5. Method-level checks through ``distmerge.methods.build_method``, run by the engine's Ray-free executor.
 """
 
 from __future__ import annotations
@@ -15,7 +15,8 @@ import math
 import pytest
 import torch
 
-from distmerge.engine.worker import add_partials
+from distmerge.methods import execute
+from distmerge.methods.execute import add_partials
 from distmerge.errors import ConfigError
 from distmerge.methods import TensorJob, build_method
 from distmerge.ops import dare, emr, ties
@@ -572,9 +573,18 @@ def make_model(seed: int, tasks: int = 3, offset: float = 0.0, cancel: bool = Tr
 
 
 def row_chunks(shape: tuple[int, ...], rows: int):
-    """(start, stop, flat offset) of row chunks, as the worker cuts them."""
+    """(start, stop, flat offset) of row chunks of ``rows`` rows, cut by the executor the worker uses."""
+    tensor = output_tensor("t", shape, None)
     row = math.prod(shape[1:])
-    return [(a, min(a + rows, shape[0]), a * row) for a in range(0, shape[0], rows)]
+    return [(a, b, execute.chunk_offset(tensor, a))
+            for a, b in execute.row_chunks(tensor, True, rows * row)]
+
+
+def output_tensor(name, shape, job, out_dtype=torch.float32):
+    from distmerge.tensors import OutputTensor
+
+    return OutputTensor(name=name, shape=tuple(shape), out_dtype=out_dtype, merged=True, base=None, experts=(),
+                        job=job, group=name, layer=None)
 
 
 def ops_ties_global(base, experts, density, mode, lam, rows=3):
@@ -756,43 +766,40 @@ def make_jobs(base, experts, weights=None, densities=None, drop_rates=None):
 
 
 def run_by_hand(method, base, experts, rows=3, jobs=None):
-    """The engine's loop without Ray: initial_state, passes over row chunks with add_partials, merge."""
+    """The engine's protocol without Ray (``execute.merge_in_memory``), ``rows`` rows a chunk: (merged, final
+    state, the passes run, the method's artifacts by key)."""
     jobs = jobs or make_jobs(base, experts)
     names = sorted(base)
-    state = method.initial_state([jobs[n] for n in names])
+    tensors = [output_tensor(n, base[n].shape, jobs[n]) for n in names]
     passes = []
 
-    def chunks(n):
-        if method.chunkable():
-            return row_chunks(base[n].shape, rows)
-        return [(0, base[n].shape[0], 0)]
+    def read(tensor, start, stop):
+        rows_of = (lambda v: v) if start is None else (lambda v: v[start:stop])
+        return rows_of(base[tensor.name]), [rows_of(e[tensor.name]) for e in experts]
 
-    while (pass_name := method.next_pass(state)) is not None:
-        passes.append(pass_name)
-        assert len(passes) < 10
-        totals = None
-        for n in names:
-            for a, b, offset in chunks(n):
-                part = method.stats(pass_name, base[n][a:b], [e[n][a:b] for e in experts], jobs[n], offset, state)
-                totals = add_partials(totals, part)
-        state = method.finish_pass(pass_name, totals, state)
-    out, extra, patches, sign_sum = {}, {}, [], 0
-    for n in names:
-        out[n] = torch.empty_like(base[n])
-        for a, b, offset in chunks(n):
-            result = method.merge(base[n][a:b], [e[n][a:b] for e in experts], jobs[n], offset, state)
-            out[n][a:b] = result["weight"]
-            sign_sum += result.get("sign_sum", 0)
-            if "patch_index" in result:
-                patches.append((n, result["patch_index"] + offset, result["patch_value"]))
-            for key in ("emr_vector", "emr_mask"):
-                if key in result:
-                    extra.setdefault((key, n), []).append(result[key])
-    state = {**state, "sign_sum": sign_sum}
-    if method.resolve_deferred(state):  # as the driver does: patch the elements decided by the majority sign
-        for n, index, value in patches:
-            out[n].view(-1)[index] = value
-    return out, state, passes, extra
+    def chunker(tensor, chunked):
+        return execute.row_chunks(tensor, chunked, rows * execute.row_elements(tensor))
+
+    out, artifacts, state = execute.merge_in_memory(_CountPasses(method, passes), tensors, read, torch.float32,
+                                                    chunker)
+    return out, state, passes, artifacts
+
+
+class _CountPasses:
+    """A method seen through the executor, recording the reduction passes it asks for."""
+
+    def __init__(self, method, passes):
+        self._method, self._passes = method, passes
+
+    def next_pass(self, state):
+        name = self._method.next_pass(state)
+        if name is not None:
+            self._passes.append(name)
+            assert len(self._passes) < 10
+        return name
+
+    def __getattr__(self, attr):
+        return getattr(self._method, attr)
 
 
 @pytest.mark.parametrize("method, params, key", [
@@ -919,9 +926,9 @@ def test_emr_method_by_hand_matches_reference():
     assert state["rescalers"] == pytest.approx(ref_rescalers.tolist(), rel=1e-6)
     for n in SHAPES:
         assert torch.equal(got[n], base[n])  # the output model is the backbone
-        unified = torch.cat(extra[("emr_vector", n)])
+        unified = extra[n]
         assert torch.allclose(unified, ref_unified[n], atol=1e-6)
-        masks = torch.cat(extra[("emr_mask", n)], dim=1)
+        masks = emr.unpack_mask(extra[f"{n}::mask"], SHAPES[n])
         assert torch.equal(masks, torch.stack(ref_masks[n]))
 
 
@@ -930,8 +937,8 @@ def test_emr_method_single_task():
     _, state, _, extra = run_by_hand(build_method("emr", {}), base, experts)
     assert state["rescalers"] == pytest.approx([1.0], abs=1e-9)
     for n in SHAPES:
-        unified = torch.cat(extra[("emr_vector", n)])
-        mask = torch.cat(extra[("emr_mask", n)], dim=1)[0]
+        unified = extra[n]
+        mask = emr.unpack_mask(extra[f"{n}::mask"], SHAPES[n])[0]
         theta = emr.task_model(base[n], unified, mask, state["rescalers"][0])
         assert torch.allclose(theta, experts[0][n], atol=1e-6), n
 
@@ -962,3 +969,58 @@ def test_deferred_sign_patches_only_exact_cancellations():
     assert torch.equal(merged, torch.tensor([0.0, 1.0, 1.5, 1.0, 0.0]))  # zero sums merged with +1
     assert torch.equal(alternative, torch.tensor([-1.0, -1.0]))  # with -1 instead
     assert sign_sum == 1
+
+
+# =====================================================================================================
+# 6. The executor's own contracts
+# =====================================================================================================
+
+
+@pytest.mark.parametrize("shape, rows", [((7, 5), 1), ((7, 5), 3), ((11,), 3), ((3, 4, 2), 2), ((13, 6), 5)])
+def test_mask_packer_over_row_chunks_equals_packing_the_whole_mask(shape, rows):
+    """EMR streams its masks chunk by chunk; chunk sizes that are not multiples of 8 carry bits over."""
+    g = torch.Generator().manual_seed(sum(shape) + rows)
+    mask = torch.rand((3,) + shape, generator=g) > 0.5
+    packer = emr.MaskPacker(3)
+    for a, b, _ in row_chunks(shape, rows):
+        packer.add(mask[:, a:b])
+    packed = packer.finish()
+    assert packed.shape == (3, emr.packed_bytes(shape))
+    assert torch.equal(packed, emr.pack_mask(mask))
+
+
+def test_emr_artifacts_chunked_equal_whole_tensor():
+    base, experts = make_model(36, 3)
+    by_rows = [run_by_hand(build_method("emr", {}), base, experts, rows=r)[3] for r in (1, 2, 100)]
+    assert set(by_rows[0]) == {key for n in SHAPES for key in (n, f"{n}::mask")}
+    for key in by_rows[0]:
+        assert torch.equal(by_rows[0][key], by_rows[1][key]) and torch.equal(by_rows[0][key], by_rows[2][key])
+
+
+def test_whole_tensor_methods_get_whole_tensors():
+    """A method that is not chunkable sees every tensor whole, in its passes and its merge."""
+    base, experts = make_model(37, 2)
+    method = build_method("ties", {"density": 0.5, "trim_scope": "tensor"})
+    seen = []
+
+    class Watching:
+        def __getattr__(self, attr):
+            return getattr(method, attr)
+
+        def merge(self, b, e, job, offset, state):
+            seen.append((job.name, tuple(b.shape), offset))
+            return method.merge(b, e, job, offset, state)
+
+    got, *_ = run_by_hand(Watching(), base, experts, rows=1)
+    assert seen == [(n, SHAPES[n], 0) for n in sorted(SHAPES)]
+    want, *_ = run_by_hand(method, base, experts, rows=1)
+    assert all(torch.equal(got[n], want[n]) for n in SHAPES)
+
+
+def test_chunk_results_are_typed():
+    base, experts = make_model(38, 2)
+    job = make_jobs(base, experts)["a.weight"]
+    state = build_method("emr", {}).initial_state([job])
+    result = build_method("emr", {}).merge(base["a.weight"], [e["a.weight"] for e in experts], job, 0, state)
+    assert isinstance(result, execute.ChunkResult) and set(result.artifacts) == {"vector", "mask"}
+    assert result.deferred is None

@@ -135,18 +135,33 @@ def test_failed_trial_is_reported_and_best_is_materialized(ray_cluster, family, 
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
 
 
+class _FixedSpec:
+    """A sweep spec whose every trial is one config (EMR has nothing to search, so ``load_sweep`` refuses it)."""
+
+    def __init__(self, config: dict):
+        from distmerge.config import load_config
+
+        self.config = load_config(config)
+
+    def trial_config(self, values):
+        return self.config
+
+    def corner_values(self):
+        return {}
+
+
 @pytest.mark.ray
-@pytest.mark.timeout(240)
+@pytest.mark.timeout(900)
 def test_holders_merge_bit_identical_to_the_engine(ray_cluster, llama_family_vocab, tmp_path):
-    """Global TIES (reduction passes, deferred sign patches) and DARE on the same holders, with a vocabulary
-    to reconcile: every tensor equals what the engine writes for the same config."""
+    """Every method on the same holders (reduction passes, deferred sign patches, EMR's artifacts), with a
+    vocabulary to reconcile: every tensor and artifact equals what the engine writes for the same config."""
     import ray
 
     from distmerge import merge
     from distmerge.io.checkpoint import Checkpoint
     from distmerge.sweep import load_sweep
     from distmerge.sweep.holders import start_holders
-    from distmerge.sweep.trial import SweepContext, merged_state_dict
+    from distmerge.sweep.trial import SweepContext, merged_outputs
     from distmerge.tensors import resolve_tensors
     from test_engine import load_folder
 
@@ -158,6 +173,15 @@ def test_holders_merge_bit_identical_to_the_engine(ray_cluster, llama_family_voc
         "dare": load_sweep(sweep_config(base, experts, data, "dare", {"drop_rate": {"grid": [0.5, 0.8]}, "then": "ties",
                                                                      "density": 0.5, "seed": 3})),
     }
+    fixed = {
+        "weight_average": ("weight_average", {}),
+        "task_arithmetic": ("task_arithmetic", {"lambda": 0.6}),
+        "ties_tensor": ("ties", {"density": 0.4, "trim_scope": "tensor"}),
+        "dare_l1": ("dare", {"drop_rate": 0.5, "rescale": "l1"}),
+        "emr": ("emr", {}),
+    }
+    for label, (method, params) in fixed.items():
+        specs[label] = _FixedSpec(merge_config(base, experts, method, **params))
     template = specs["ties"].trial_config(specs["ties"].corner_values())
     checkpoints = (Checkpoint(str(base), "base"), [Checkpoint(m.model, m.name) for m in template.models])
     outputs, _, _ = resolve_tensors(template, *checkpoints)
@@ -166,21 +190,28 @@ def test_holders_merge_bit_identical_to_the_engine(ray_cluster, llama_family_voc
     try:
         ray.get([h.load.remote() for h in holders])
         copied = [h.copied.remote() for h in holders]
-        for method, spec in specs.items():
+        for label, spec in specs.items():
             context = SweepContext(spec, *checkpoints, holders, names, copied, {})
-            got[method] = merged_state_dict(context, spec.corner_values())
+            got[label] = merged_outputs(context, spec.corner_values())
         reads = ray.get([h.report.remote() for h in holders])
     finally:
         for h in holders:
             ray.kill(h)
     assert max(r["most_reads_of_one_tensor"] for r in reads) == 1
-    for method, spec in specs.items():
-        merge(spec.trial_config(spec.corner_values()), tmp_path / method, workers=2, progress=False)
-        want = load_folder(tmp_path / method)
-        assert set(got[method]) == set(want)
+    for label, spec in specs.items():
+        merge(spec.trial_config(spec.corner_values()), tmp_path / label, workers=2, progress=False)
+        want = load_folder(tmp_path / label)
+        weights, artifacts, state = got[label]
+        assert set(weights) == set(want)
         for name in want:
-            assert got[method][name].dtype == want[name].dtype and torch.equal(got[method][name], want[name]), \
-                (method, name)
+            assert weights[name].dtype == want[name].dtype and torch.equal(weights[name], want[name]), (label, name)
+        want_artifacts = load_folder(tmp_path / label / "emr") if label == "emr" else {}
+        assert set(artifacts) == set(want_artifacts), label
+        for key in want_artifacts:
+            assert torch.equal(artifacts[key], want_artifacts[key]), (label, key)
+    assert len(got["emr"][1]) > 10
+    emr_index = json.loads((tmp_path / "emr" / "emr" / "index.json").read_text())
+    assert got["emr"][2]["rescalers"] == pytest.approx(emr_index["metadata"]["rescalers"], rel=1e-12)
 
 
 @pytest.mark.ray

@@ -29,7 +29,9 @@ from distmerge.engine import faults
 from distmerge.engine.pool import WorkerPool, WorkItem
 from distmerge.engine.ray_session import cluster_cpus, cluster_gpus, ray_session
 from distmerge.engine.resume import RunFolder, run_key
-from distmerge.engine.worker import WorkerSpec, add_partials
+from distmerge.engine.worker import WorkerSpec
+from distmerge.methods import execute
+from distmerge.methods.execute import add_partials
 from distmerge.errors import ConfigError, OutputError
 from distmerge.io import model_files, writer
 from distmerge.io.checkpoint import Checkpoint
@@ -176,7 +178,7 @@ def _bar(total: int, desc: str, enabled: bool):
 
 
 def _run_passes(pool: WorkerPool, plan: MergePlan, method, state: dict, sizes: dict, progress: bool) -> dict:
-    while (pass_name := method.next_pass(state)) is not None:
+    def partial(pass_name: str, state: dict) -> dict[str, Any] | None:
         state_ref = ray.put(state)
         items = [[WorkItem((s, g), lambda actor, s=s, g=g: [actor.run_pass.remote(pass_name, state_ref, s, g)],
                            [sizes[s, g]])
@@ -190,8 +192,9 @@ def _run_passes(pool: WorkerPool, plan: MergePlan, method, state: dict, sizes: d
 
         with _bar(sum(i.sizes[0] for slot in items for i in slot), f"pass {pass_name}", progress) as bar:
             pool.run(items, add, bar.update)
-        state = method.finish_pass(pass_name, totals or {}, state)
-    return state
+        return totals
+
+    return execute.run_passes(method, state, partial)
 
 
 def _run_merge(pool: WorkerPool, plan: MergePlan, state: dict, sizes: dict, finished: dict, run: RunFolder,
@@ -239,11 +242,11 @@ def _check_visible(staging: Path, result: dict) -> None:
 
 
 def _resolve_deferred(method, state: dict, results: list[dict[str, Any]], staging: Path) -> dict:
-    """Decisions only the whole merged model could make (TIES' majority sign): patch the few elements."""
+    """Decisions only the whole merged model could make (the method settles them on the summed vote): patch
+    the few elements the shards recorded."""
     from safetensors.torch import load_file
 
-    state = {**state, "sign_sum": sum(r.get("sign_sum", 0) for r in results)}
-    if method.resolve_deferred(state):
+    def apply_patches() -> int:
         patched = 0
         for result in results:
             if not result.get("patches"):
@@ -252,8 +255,9 @@ def _resolve_deferred(method, state: dict, results: list[dict[str, Any]], stagin
             patches = {name[:-len("::index")]: (index, stored[name[:-len("::index")] + "::value"])
                        for name, index in stored.items() if name.endswith("::index")}
             patched += writer.patch_safetensors(staging / result["filename"], patches)
-        state["patched_elements"] = patched
-    return state
+        return patched
+
+    return execute.settle(method, state, sum(r.get("deferred_vote", 0) for r in results), apply_patches)
 
 
 def _finish_folder(staging: Path, config: MergeConfig, method, state: dict, base, experts, vocab_plan,
@@ -264,10 +268,10 @@ def _finish_folder(staging: Path, config: MergeConfig, method, state: dict, base
     model_files.write_config_json(staging, reference, vocab_plan, config.out_dtype)
     tokenizer = model_files.write_tokenizer(staging, config, base, experts, vocab_plan)
     model_files.copy_generation_config(staging, reference)
-    if method.sidecar:
-        sidecar_results = [r["sidecar"] for r in shard_results if r["sidecar"]]
-        writer.write_index(staging, sidecar_results, {"tasks": list(config.names), **method.describe(state)},
-                           filename=f"{method.sidecar}/index.json")
+    if method.artifact_folder:
+        artifact_results = [r["artifacts"] for r in shard_results if r.get("artifacts")]
+        writer.write_index(staging, artifact_results, {"tasks": list(config.names), **method.describe(state)},
+                           filename=f"{method.artifact_folder}/index.json")
     method_state = {k: v for k, v in method.describe(state).items() if v is not None}
     timings = {
         "seconds": round(seconds, 2),
@@ -280,5 +284,6 @@ def _finish_folder(staging: Path, config: MergeConfig, method, state: dict, base
         "tokenizer": tokenizer,
     }
     model_files.write_resolved_config(staging, config)
-    model_files.write_card(staging, config, {"method_state": method_state, "timings": timings})
+    model_files.write_card(staging, config, {"method_state": method_state, "method_card": method.card_lines(),
+                                             "timings": timings})
     return {"method_state": method_state}

@@ -1,7 +1,10 @@
 """The merge worker: reads its layer groups from every input, merges them chunk by chunk, writes its shards.
 
-Plain Python class; ``distmerge.engine.driver`` wraps it as a Ray actor. It holds at most one output shard
-plus the input chunks of one tensor, never the model. Tensors go from disk to its shards directly.
+Plain Python class; ``distmerge.engine.driver`` wraps it as a Ray actor. The method protocol (passes, merge,
+artifacts, deferred decisions) is ``distmerge.methods.execute``'s; this class gives it the lazy checkpoint
+reader and the streaming shard writers. It holds the input chunks of one tensor (and, for a method with
+artifacts, what its stream keeps of that tensor), never a shard or the model: tensors go from disk to the
+shard files directly.
 """
 
 from __future__ import annotations
@@ -17,17 +20,16 @@ import torch
 from distmerge import telemetry
 from distmerge.engine import faults
 from distmerge.engine.allocator import keep_freed_memory, rss_anon_bytes
-from distmerge.errors import InputError, MergeError, OutputError, where
+from distmerge.errors import InputError, OutputError, where
 from distmerge.io import vocab
 from distmerge.io.checkpoint import Checkpoint
 from distmerge.engine.resume import file_sha256
 from distmerge.io.writer import ShardWriter, write_safetensors
+from distmerge.methods import execute
 from distmerge.methods.base import MergeMethod
-from distmerge.ops.emr import pack_mask
+from distmerge.methods.execute import add_partials, check_finite_output, is_finite, row_chunks  # noqa: F401
 from distmerge.plan import MergePlan
 from distmerge.tensors import OutputTensor, TensorSource
-
-CHUNK_ELEMENTS = 1 << 18
 
 
 @dataclass
@@ -47,14 +49,6 @@ class WorkerSpec:
     faults: dict[str, str] = field(default_factory=dict)
 
 
-def add_partials(total: dict[str, Any] | None, part: dict[str, Any]) -> dict[str, Any]:
-    if total is None:
-        return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in part.items()}
-    for key, value in part.items():
-        total[key] = total[key] + value
-    return total
-
-
 class MergeWorker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
@@ -65,7 +59,7 @@ class MergeWorker:
         self.needs_base = spec.method.needs_base
         self.writer: ShardWriter | None = None  # the shard being merged, streamed to its file
         self.writer_shard: int | None = None
-        self.sidecar: dict[str, torch.Tensor] = {}
+        self.artifact_writer: ShardWriter | None = None  # the method's artifacts of that shard, streamed beside it
         self.timings = {"read": 0.0, "merge": 0.0, "write": 0.0}
         self.bytes_read = 0
         self.groups_merged = 0
@@ -73,10 +67,9 @@ class MergeWorker:
         self.peak_anon = rss_anon_bytes()
         self.exit_after = faults.worker_exit_after(spec.faults, spec.worker_index, spec.incarnation)
         self._reconciled: dict[tuple[str, str], torch.Tensor] = {}
-        # Deferred decisions (TIES' global majority sign) of the shard being merged: its summed signs and
-        # the elements to rewrite should the model-wide sum say so; written beside the shard.
-        self.sign_sum = 0
-        self.pending_patches: dict[str, tuple[list, list]] = {}
+        # Deferred decisions of the shard being merged: its share of the model-wide vote and the elements to
+        # rewrite should the method say so once every shard is in; written beside the shard.
+        self.deferred = execute.DeferredLog()
 
     # --- reading --------------------------------------------------------------------------------
     def _read(self, model: Checkpoint, source: TensorSource, start: int | None, stop: int | None) -> torch.Tensor:
@@ -109,9 +102,6 @@ class MergeWorker:
         experts = [self._read(m, s, start, stop) for m, s in zip(spec.experts, tensor.experts)]
         return base, experts
 
-    def _row_offset(self, tensor: OutputTensor, start: int | None) -> int:
-        return 0 if start is None else start * row_elements(tensor)
-
     def _groups(self, shard_index: int, group_index: int | None = None):
         shard = self.spec.plan.shards[shard_index]
         return shard.groups if group_index is None else (shard.groups[group_index],)
@@ -119,20 +109,16 @@ class MergeWorker:
     # --- reduction passes -----------------------------------------------------------------------
     def run_pass(self, pass_name: str, state: dict, shard_index: int, group_index: int) -> dict[str, Any] | None:
         """This group's summable partial of a reduction pass (histograms, sums)."""
-        method = self.spec.method
-        chunked = method.chunkable()
         totals = None
         for group in self._groups(shard_index, group_index):
-            for tensor in group.tensors:
-                if not tensor.merged:
-                    continue
-                for start, stop in row_chunks(tensor, chunked):
-                    base, experts = self._inputs(tensor, start, stop)
-                    began = time.perf_counter()
-                    part = method.stats(pass_name, base, experts, tensor.job, self._row_offset(tensor, start), state)
+            read_before = self.timings["read"]
+            began = time.perf_counter()
+            for tensor in (t for t in group.tensors if t.merged):  # the reconciled vocabulary rows go with it
+                part = execute.pass_partial(self.spec.method, pass_name, state, [tensor], self._inputs)
+                if part is not None:
                     totals = add_partials(totals, part)
-                    self.timings["merge"] += time.perf_counter() - began
                 self._reconciled.clear()
+            self.timings["merge"] += time.perf_counter() - began - (self.timings["read"] - read_before)
         self._sample_memory()
         return totals
 
@@ -173,7 +159,19 @@ class MergeWorker:
                     raise OutputError(f"cannot write '{path}': {exc.strerror}") from None
             self.writer = ShardWriter(path, [(t.name, t.out_dtype, tuple(t.shape)) for t in shard.tensors])
             self.writer_shard = shard_index
+            self.artifact_writer = self._artifact_writer(shard)
         return self.writer
+
+    def _artifact_writer(self, shard) -> ShardWriter | None:
+        """The method's artifact file of this shard (``<folder>/<folder>-0000k-of-N.safetensors``), if any."""
+        if self.artifact_writer is not None:
+            self.artifact_writer.abort()
+        folder = self.spec.method.artifact_folder
+        entries = execute.artifact_entries(self.spec.method, shard.tensors, self.dtype)
+        if not folder or not entries:
+            return None
+        name = shard.filename.replace("model-", f"{folder}-")
+        return ShardWriter(Path(self.spec.staging) / folder / name, entries)
 
     def _copy_tensor(self, tensor: OutputTensor, writer: ShardWriter) -> None:
         """An unmerged tensor (excluded, or not floating point): the base's value (the first model's without one)."""
@@ -186,74 +184,52 @@ class MergeWorker:
             self.timings["write"] += time.perf_counter() - began
 
     def _merge_tensor(self, tensor: OutputTensor, state: dict, writer: ShardWriter) -> None:
-        method = self.spec.method
-        vector = mask = None
-        for start, stop in row_chunks(tensor, method.chunkable()):
-            base, experts = self._inputs(tensor, start, stop)
-            began = time.perf_counter()
-            offset = self._row_offset(tensor, start)
-            result = method.merge(base, experts, tensor.job, offset, state)
-            merged = result["weight"].to("cpu", tensor.out_dtype)
-            check_finite_output(tensor.name, merged, method.name)
-            self.sign_sum += result.get("sign_sum", 0)
-            if "patch_index" in result and result["patch_index"].numel():
-                index, value = self.pending_patches.setdefault(tensor.name, ([], []))
-                index.append(result["patch_index"].cpu() + offset)
-                value.append(result["patch_value"].to("cpu", tensor.out_dtype))
-            if "emr_vector" in result:
-                if vector is None:
-                    vector = torch.empty(tensor.shape, dtype=self.dtype)
-                    mask = torch.empty((len(experts),) + tuple(tensor.shape), dtype=torch.bool)
-                _put(vector, start, stop, result["emr_vector"].cpu())
-                _put(mask, start, stop, result["emr_mask"].cpu(), task_axis=True)
-            wrote = time.perf_counter()
-            self.timings["merge"] += wrote - began
-            writer.write(tensor.name, merged)
-            self.timings["write"] += time.perf_counter() - wrote
-        if vector is not None:
-            self.sidecar[tensor.name] = vector
-            self.sidecar[f"{tensor.name}::mask"] = pack_mask(mask)
+        read_before, write_before = self.timings["read"], self.timings["write"]
+        began = time.perf_counter()
+        sink = _TimedSink(writer, self.artifact_writer, self.timings)
+        execute.merge_tensor(self.spec.method, tensor, state, self._inputs, sink, self.deferred, self.dtype)
+        spent = time.perf_counter() - began
+        self.timings["merge"] += spent - (self.timings["read"] - read_before) - (self.timings["write"] - write_before)
 
     def finish_shard(self, shard_index: int) -> dict[str, Any]:
-        """Write the shard (and its sidecar, and its deferred patches) atomically inside the staging folder."""
+        """Write the shard (and its artifacts, and its deferred patches) atomically inside the staging folder."""
         shard = self.spec.plan.shards[shard_index]
         writer, self.writer, self.writer_shard = self.writer, None, None
+        artifacts, self.artifact_writer = self.artifact_writer, None
+        deferred, self.deferred = self.deferred, execute.DeferredLog()
         if self.failed_shard == shard_index or writer is None or writer.path.name != shard.filename \
-                or not writer.complete:
-            if writer is not None:
-                writer.abort()
-            self.sidecar, self.pending_patches, self.sign_sum = {}, {}, 0
+                or not writer.complete or (artifacts is not None and not artifacts.complete):
+            for open_writer in (writer, artifacts):
+                if open_writer is not None:
+                    open_writer.abort()
             raise RuntimeError(f"shard {shard.filename} is incomplete on this worker; not written")
         staging = Path(self.spec.staging)
         began = time.perf_counter()
         files = [{"name": shard.filename, **writer.close()}]
         written = {t.name: list(t.shape) for t in shard.tensors}
         nbytes = writer.data_bytes
-        sidecar = None
-        if self.sidecar and self.spec.method.sidecar:
-            folder = self.spec.method.sidecar
-            name = f"{folder}/" + shard.filename.replace("model-", f"{folder}-")
-            files.append(self._write(self.sidecar, staging / name))
-            sidecar = {"shard": shard_index, "filename": name.split("/", 1)[1], "tensors": list(self.sidecar),
-                       "bytes": sum(t.numel() * t.element_size() for t in self.sidecar.values())}
+        artifact = None
+        if artifacts is not None:
+            files.append({"name": str(artifacts.path.relative_to(staging)), **artifacts.close()})
+            artifact = {"shard": shard_index, "filename": artifacts.path.name, "tensors": list(artifacts.order),
+                        "bytes": artifacts.data_bytes}
         patches = None
-        if self.pending_patches:
+        if deferred.patches:
             patches = f".patches/{shard.filename}"
             tensors = {}
-            for tensor, (index, value) in self.pending_patches.items():
-                tensors[f"{tensor}::index"] = torch.cat(index)
-                tensors[f"{tensor}::value"] = torch.cat(value)
+            for tensor, (index, value) in deferred.joined().items():
+                tensors[f"{tensor}::index"] = index
+                tensors[f"{tensor}::value"] = value
             files.append(self._write(tensors, staging / patches))
         result = {"shard": shard_index, "filename": shard.filename, "tensors": written, "bytes": nbytes,
-                  "sidecar": sidecar, "sign_sum": self.sign_sum, "patches": patches, "files": files,
+                  "artifacts": artifact, "deferred_vote": deferred.vote, "patches": patches, "files": files,
                   "node": _node_id()}
-        self.sidecar, self.pending_patches, self.sign_sum = {}, {}, 0
         self.timings["write"] += time.perf_counter() - began
         self._sample_memory()
         return result
 
     def _write(self, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
-        """A small whole file beside a shard (EMR sidecar, deferred patches)."""
+        """A small whole file beside a shard (deferred patches)."""
         write_safetensors(tensors, path)
         return {"name": str(path.relative_to(self.spec.staging)), "bytes": path.stat().st_size,
                 "sha256": file_sha256(path)}
@@ -277,52 +253,10 @@ def _node_id() -> str | None:
         return None
 
 
-def _put(target: torch.Tensor, start: int | None, stop: int | None, value: torch.Tensor,
-         task_axis: bool = False) -> None:
-    """Write a chunk (rows [start, stop), or the whole tensor) into its place; ``task_axis``: target is [T, ...]."""
-    if start is None:
-        target.copy_(value.reshape(target.shape))
-    elif task_axis:
-        target[:, start:stop] = value
-    else:
-        target[start:stop] = value
-
-
-def is_finite(value: torch.Tensor) -> bool:
-    """No NaN or Inf. The sum is one cheap pass, finite for almost every tensor (accumulated in float32, so a
-    float16 chunk's sum does not overflow); only when it is not is the element-wise check run to be sure."""
-    if not value.is_floating_point():
-        return True
-    return bool(torch.isfinite(value.sum(dtype=torch.float32))) or bool(torch.isfinite(value).all())
-
-
 def check_finite(model, tensor: str, value) -> None:
     """NaN/Inf in an input is an error naming the model, file and tensor."""
     if not is_finite(value):
         raise InputError(f"{where(model=model.name, file=model.info(tensor).file, tensor=tensor)}: contains NaN or Inf")
-
-
-def check_finite_output(tensor: str, value: torch.Tensor, method: str) -> None:
-    """A merged chunk with NaN/Inf (from parameters, an overflow in the output dtype, anything) stops the run
-    before it reaches a shard."""
-    if not is_finite(value):
-        raise MergeError(f"tensor '{tensor}': the {method} merge gives NaN or Inf in {str(value.dtype).removeprefix('torch.')} "
-                         f"(check the parameters, and out_dtype's range)")
-
-
-def row_chunks(tensor: OutputTensor, chunked: bool) -> list[tuple[int | None, int | None]]:
-    """Row ranges of about CHUNK_ELEMENTS elements, or the whole tensor as (None, None)."""
-    if not tensor.shape or not chunked:
-        return [(None, None)]
-    rows = max(1, CHUNK_ELEMENTS // max(1, row_elements(tensor)))
-    return [(a, min(a + rows, tensor.shape[0])) for a in range(0, tensor.shape[0], rows)]
-
-
-def row_elements(tensor: OutputTensor) -> int:
-    count = 1
-    for size in tensor.shape[1:]:
-        count *= size
-    return count
 
 
 def peak_rss_bytes() -> int:
@@ -332,3 +266,21 @@ def peak_rss_bytes() -> int:
         return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024
     except Exception:
         return 0
+
+
+class _TimedSink(execute.WriterSink):
+    """The shard's writers, with the time spent writing counted as the worker's write time."""
+
+    def __init__(self, writer, artifact_writer, timings):
+        super().__init__(writer, artifact_writer)
+        self.timings = timings
+
+    def weights(self, tensor, offset, values):
+        began = time.perf_counter()
+        super().weights(tensor, offset, values)
+        self.timings["write"] += time.perf_counter() - began
+
+    def artifact(self, key, values):
+        began = time.perf_counter()
+        super().artifact(key, values)
+        self.timings["write"] += time.perf_counter() - began

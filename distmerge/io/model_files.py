@@ -91,11 +91,7 @@ def write_card(staging: Path, config: MergeConfig, summary: dict[str, Any]) -> N
     if summary.get("method_state"):
         lines += ["## Computed during the merge", "", "```yaml",
                   yaml.safe_dump(summary["method_state"], sort_keys=False).strip(), "```", ""]
-    if config.method == "emr":
-        lines += ["## EMR", "",
-                  "The weights in this folder are the shared backbone (the base). `emr/` holds the unified task "
-                  "vector, a bit-packed mask and a rescaler per task. Materialize a task's model with", "",
-                  "```", "distmerge emr-task THIS_FOLDER --task NAME --out DIR", "```", ""]
+    lines += summary.get("method_card") or []  # the method's own section (how to use its artifacts)
     if summary.get("timings"):
         lines += ["## Run", "", "```yaml", yaml.safe_dump(summary["timings"], sort_keys=False).strip(), "```", ""]
     lines += ["## Full configuration", "", "See `distmerge.yaml` next to this card: `distmerge merge distmerge.yaml "

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 import torch
 
 from distmerge.errors import ConfigError
+from distmerge.methods.execute import ArtifactStream, ChunkResult
 
 
 @dataclass(frozen=True)
@@ -44,7 +45,8 @@ class MergeMethod:
     name: ClassVar[str]
     Params: ClassVar[type]
     needs_base: ClassVar[bool] = True
-    sidecar: ClassVar[str | None] = None  # extra artifact folder (EMR)
+    # Folder of the method's artifacts beside the shards (one file per shard, streamed as the shard is), or None.
+    artifact_folder: ClassVar[str | None] = None
     per_model_keys: ClassVar[frozenset[str]] = frozenset({"weight"})
 
     def __init__(self, params: Any):
@@ -52,7 +54,9 @@ class MergeMethod:
 
     # --- planning -------------------------------------------------------------------------------
     def chunkable(self) -> bool:
-        """True when the merge is elementwise given the pass results, so rows can be processed in chunks."""
+        """True when the merge is elementwise given the pass results, so rows can be processed in chunks;
+        False gives ``stats`` and ``merge`` whole tensors (one layer group at a time per actor, so memory
+        stays bounded by the largest layer group)."""
         return True
 
     def initial_state(self, jobs: list[TensorJob]) -> dict:
@@ -78,20 +82,36 @@ class MergeMethod:
 
     # --- work -----------------------------------------------------------------------------------
     def merge(self, base: torch.Tensor | None, experts: list[torch.Tensor], job: TensorJob, offset: int,
-              state: dict) -> dict[str, torch.Tensor]:
-        """{'weight': merged chunk} plus sidecar entries (``emr_*``) or deferred-decision entries
-        (``sign_sum``, ``patch_index``: flat indices in the chunk, ``patch_value``: their values should
-        ``resolve_deferred`` say so); ``offset`` is the chunk's first flat element."""
+              state: dict) -> ChunkResult:
+        """The merged chunk, with the method's artifacts and deferred decision if any; ``offset`` is the
+        chunk's first flat element."""
         raise NotImplementedError
 
-    def resolve_deferred(self, state: dict[str, Any]) -> bool:
-        """With the merge's summed ``sign_sum`` in ``state``: whether the recorded patches apply."""
-        return False
+    def settle_deferred(self, state: dict, vote: int) -> tuple[dict, bool]:
+        """With the model-wide sum of the chunks' ``Deferred.vote``: the state for the card, and whether the
+        recorded patches apply."""
+        return state, False
+
+    def record_patched(self, state: dict, count: int) -> dict:
+        """The state once ``count`` deferred elements were rewritten."""
+        return state
+
+    # --- artifacts (methods with an ``artifact_folder``) ----------------------------------------------
+    def artifact_entries(self, tensor, dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple[int, ...]]]:
+        """(key, dtype, shape) of a merged tensor's artifacts, in the order its stream writes them."""
+        return []
+
+    def artifact_stream(self, tensor, dtype: torch.dtype) -> ArtifactStream:
+        raise NotImplementedError
 
     # --- reporting ------------------------------------------------------------------------------
     def describe(self, state: dict) -> dict[str, Any]:
         """Numbers worth putting on the model card (thresholds, rescalers)."""
         return {}
+
+    def card_lines(self) -> list[str]:
+        """Markdown the model card adds for this method (how to use its artifacts)."""
+        return []
 
 
 def build_params(params_cls: type, raw: dict[str, Any], where: str = "parameters") -> Any:
@@ -156,13 +176,13 @@ class TaskVectorMethod(MergeMethod):
         raise NotImplementedError(f"{self.name} has no pass {pass_name!r}")
 
     def merge_delta(self, base: torch.Tensor, task_vector: torch.Tensor, job: TensorJob, offset: int,
-                    state: dict) -> torch.Tensor | dict[str, Any]:
-        """The merged chunk, or a ``merge`` result dict when the method defers part of its decision."""
+                    state: dict) -> torch.Tensor | ChunkResult:
+        """The merged chunk, or a ``ChunkResult`` when the method defers part of its decision."""
         raise NotImplementedError
 
 
-def as_result(merged: torch.Tensor | dict[str, Any]) -> dict[str, Any]:
-    return merged if isinstance(merged, dict) else {"weight": merged}
+def as_result(merged: torch.Tensor | ChunkResult) -> ChunkResult:
+    return merged if isinstance(merged, ChunkResult) else ChunkResult(merged)
 
 
 def stack_task_vectors(base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:

@@ -98,8 +98,11 @@ class Dare(MergeMethod):
     def merge(self, base, experts, job, offset, state):
         return as_result(self.inner.merge_delta(base, self.dropped(base, experts, job, offset), job, offset, state))
 
-    def resolve_deferred(self, state):
-        return self.inner.resolve_deferred(state)
+    def settle_deferred(self, state, vote):
+        return self.inner.settle_deferred(state, vote)
+
+    def record_patched(self, state, count):
+        return self.inner.record_patched(state, count)
 
     def describe(self, state):
         return self.inner.describe(state)

@@ -1,7 +1,8 @@
 """EMR-Merging (spec section 5): a unified task vector, a mask and a rescaler per task.
 
 The output model folder holds the base weights (the shared backbone) and, in ``emr/``, the unified task
-vector, the bit-packed masks and the rescalers; ``distmerge emr-task`` materializes one task's model.
+vector, the bit-packed masks (one file per shard, streamed chunk by chunk as the shard is) and the rescalers
+(in ``emr/index.json``); ``distmerge emr-task`` materializes one task's model.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from distmerge.methods.base import MergeMethod, stack_task_vectors
+from distmerge.methods.execute import ChunkResult
 from distmerge.ops import emr as ops
 
 
@@ -23,7 +25,7 @@ class EmrParams:
 class Emr(MergeMethod):
     name = "emr"
     Params = EmrParams
-    sidecar = "emr"
+    artifact_folder = "emr"
     per_model_keys = frozenset()
 
     def next_pass(self, state):
@@ -39,7 +41,37 @@ class Emr(MergeMethod):
 
     def merge(self, base, experts, job, offset, state):
         unified, masks = ops.elect(stack_task_vectors(base, experts))
-        return {"weight": base, "emr_vector": unified, "emr_mask": masks}
+        return ChunkResult(base, artifacts={"vector": unified, "mask": masks})
+
+    def artifact_entries(self, tensor, dtype):
+        tasks = len(tensor.job.model_names)
+        return [(tensor.name, dtype, tuple(tensor.shape)),
+                (f"{tensor.name}::mask", torch.uint8, (tasks, ops.packed_bytes(tensor.shape)))]
+
+    def artifact_stream(self, tensor, dtype):
+        return _EmrStream(tensor.name, len(tensor.job.model_names))
 
     def describe(self, state):
         return {"rescalers": state.get("rescalers")}
+
+    def card_lines(self):
+        return ["## EMR", "",
+                "The weights in this folder are the shared backbone (the base). `emr/` holds the unified task "
+                "vector, a bit-packed mask and a rescaler per task. Materialize a task's model with", "",
+                "```", "distmerge emr-task THIS_FOLDER --task NAME --out DIR", "```", ""]
+
+
+class _EmrStream:
+    """The unified vector goes out chunk by chunk; the masks are packed as they come (an eighth of a byte per
+    element and task) and go out whole after the tensor, keeping ``pack_mask``'s [T, bytes] layout."""
+
+    def __init__(self, name: str, tasks: int):
+        self.name = name
+        self.packer = ops.MaskPacker(tasks)
+
+    def add(self, artifacts):
+        self.packer.add(artifacts["mask"].cpu())
+        return [(self.name, artifacts["vector"].cpu())]
+
+    def finish(self):
+        return [(f"{self.name}::mask", self.packer.finish())]

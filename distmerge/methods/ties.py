@@ -13,6 +13,7 @@ import torch
 
 from distmerge.errors import ConfigError
 from distmerge.methods.base import TaskVectorMethod, require_choice, require_number
+from distmerge.methods.execute import ChunkResult, Deferred
 from distmerge.ops import ties as ops
 
 
@@ -122,8 +123,8 @@ class Ties(TaskVectorMethod):
             # merge with +1 now and hand back the (rare) elements that would change with -1 or 0.
             delta, sign_sum, index, alternative = ops.merge_deferred_sign(trimmed, job.weights, self.params.disjoint)
             flat_base = base.reshape(-1)
-            return {"weight": base + self.params.lam * delta, "sign_sum": sign_sum, "patch_index": index,
-                    "patch_value": flat_base[index] + self.params.lam * alternative}
+            return ChunkResult(base + self.params.lam * delta,
+                               deferred=Deferred(sign_sum, index, flat_base[index] + self.params.lam * alternative))
         if self.params.convention == "mergekit":
             trimmed = torch.stack([task_vector[t] * ops.mergekit_magnitude_mask(task_vector[t], d)
                                    for t, d in enumerate(self.densities(job))])
@@ -137,11 +138,16 @@ class Ties(TaskVectorMethod):
         delta = ops.merge_trimmed(trimmed, job.weights, zero_sign, self.params.disjoint)
         return base + self.params.lam * delta
 
-    def resolve_deferred(self, state):
-        """After the merge pass: the patches (merged with zero signs as +1) apply when the majority is <= 0."""
+    def settle_deferred(self, state, vote):
+        """The vote is the summed elected signs; the patches (merged with zero signs as +1) apply when the
+        model-wide majority is <= 0."""
+        state = {**state, "sign_sum": vote}
         if self.params.trim_scope != "global" or self.params.convention == "mergekit":
-            return False
-        return _sign(state.get("sign_sum", 0)) <= 0
+            return state, False
+        return state, _sign(vote) <= 0
+
+    def record_patched(self, state, count):
+        return {**state, "patched_elements": count}
 
     def describe(self, state):
         if "thresholds" not in state:

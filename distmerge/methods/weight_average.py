@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from distmerge.methods.execute import ChunkResult
 from distmerge.methods.base import TaskVectorMethod
 from distmerge.ops.task_vectors import weight_average, weighted_sum
 
@@ -25,7 +26,7 @@ class WeightAverage(TaskVectorMethod):
         return self.params.normalize
 
     def merge(self, base, experts, job, offset, state):
-        return {"weight": weight_average(experts, job.weights, self.params.normalize)}
+        return ChunkResult(weight_average(experts, job.weights, self.params.normalize))
 
     def merge_delta(self, base, task_vector, job, offset, state):
         # Used under DARE: the average of (theta_0 + delta_t) is theta_0 + the average of delta_t.

@@ -53,6 +53,38 @@ def pack_mask(mask: torch.Tensor) -> torch.Tensor:
     return (bits << shifts).sum(dim=2, dtype=torch.uint8)
 
 
+def packed_bytes(shape: tuple[int, ...]) -> int:
+    """Bytes per task of a packed mask of a tensor of ``shape``."""
+    numel = 1
+    for size in shape:
+        numel *= size
+    return (numel + 7) // 8
+
+
+class MaskPacker:
+    """``pack_mask`` of a tensor's mask given row chunk by row chunk: the bits that do not fill a byte wait for
+    the next chunk, so the result equals packing the whole mask at once."""
+
+    def __init__(self, tasks: int):
+        self.tasks = tasks
+        self.tail = torch.zeros((tasks, 0), dtype=torch.bool)
+        self.parts: list[torch.Tensor] = []
+
+    def add(self, mask: torch.Tensor) -> None:
+        flat = torch.cat([self.tail, mask.reshape(self.tasks, -1)], dim=1)
+        whole = flat.shape[1] // 8 * 8
+        if whole:
+            self.parts.append(pack_mask(flat[:, :whole]))
+        self.tail = flat[:, whole:]
+
+    def finish(self) -> torch.Tensor:
+        if self.tail.shape[1]:
+            self.parts.append(pack_mask(self.tail))
+        if not self.parts:
+            return torch.zeros((self.tasks, 0), dtype=torch.uint8)
+        return torch.cat(self.parts, dim=1)
+
+
 def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     """Inverse of pack_mask for one or more tasks: packed [T, m] -> bool [T, *shape]."""
     count = packed.shape[0]

@@ -1,10 +1,10 @@
 """Holders: actors that read the inputs of some layer groups once and merge them on request, per trial.
 
 A holder keeps, for each of its merged tensors, the base and expert values as the engine's worker reads
-them (vocabulary rows reconciled, stored dtype), for the whole sweep. The task vectors are formed from
-them by the method code itself (``MergeMethod.merge``/``stats``, chunk by chunk as the engine's worker
-calls it), so every method, DARE and weight averaging included, runs exactly the engine's code path and
-a trial's tensors are bit-identical to what ``distmerge merge`` writes for the same parameters. Holding the
+them (vocabulary rows reconciled, stored dtype), for the whole sweep. They merge through the engine's own
+executor (``distmerge.methods.execute``, chunk by chunk as the engine's worker), so every method runs exactly
+the engine's code path and a trial's tensors and artifacts are bit-identical to what ``distmerge merge``
+writes for the same parameters. Holding the
 inputs in their stored dtype costs what holding the task vectors would (less, for bf16 checkpoints).
 
 Unmerged tensors (excluded, not floating point) are put into the object store once; merged tensors go to
@@ -14,6 +14,7 @@ copying.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 import uuid
@@ -23,7 +24,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from distmerge.engine.worker import add_partials, check_finite, peak_rss_bytes, row_chunks, row_elements
+from distmerge.engine.worker import check_finite, peak_rss_bytes
+from distmerge.methods import execute
 from distmerge.io import vocab
 from distmerge.io.checkpoint import Checkpoint
 from distmerge.methods.base import MergeMethod, TensorJob
@@ -107,63 +109,45 @@ class TaskVectorHolder:
         return {name: to_wire(value) for name, value in self.copies.items()}
 
     # --- merging, per trial ----------------------------------------------------------------------
-    def _chunks(self, name: str, chunked: bool):
-        """Row ranges as the engine's worker uses them, so temporaries stay as small as the engine's."""
-        return row_chunks(self.tensors[name], chunked)
-
-    def _operands(self, name: str, start, stop):
-        base, experts = self.inputs[name]
+    def _operands(self, tensor: OutputTensor, start, stop):
+        """The held inputs of a chunk, in the compute dtype: what the engine's worker reads for it."""
+        base, experts = self.inputs[tensor.name]
         if start is not None:
             base = base[start:stop] if base is not None else None
             experts = [e[start:stop] for e in experts]
         return (base.to(self.dtype) if base is not None else None), [e.to(self.dtype) for e in experts]
 
+    def _merged(self, jobs: dict[str, TensorJob]) -> list[OutputTensor]:
+        """The held merged tensors, with this trial's resolved numbers."""
+        return [dataclasses.replace(self.tensors[name], job=jobs[name]) for name in self.inputs]
+
     def run_pass(self, method: MergeMethod, pass_name: str, state: dict, jobs: dict[str, TensorJob]):
         """This holder's summed partial of a method's reduction pass (e.g. TIES' trim histograms)."""
         began = time.perf_counter()
-        totals = None
-        chunked = method.chunkable()
-        for name in self.inputs:
-            for start, stop in self._chunks(name, chunked):
-                base, experts = self._operands(name, start, stop)
-                offset = 0 if start is None else start * row_elements(self.tensors[name])
-                totals = add_partials(totals, method.stats(pass_name, base, experts, jobs[name], offset, state))
+        totals = execute.pass_partial(method, pass_name, state, self._merged(jobs), self._operands)
         self.merge_seconds += time.perf_counter() - began
         return totals
 
     def merge(self, request: str, method: MergeMethod, state: dict, jobs: dict[str, TensorJob]) -> int:
-        """Merge every held tensor for one trial; keep the result under ``request``; return the sign sum."""
+        """Merge every held tensor for one trial; keep the result under ``request``; return this holder's share
+        of the method's deferred vote."""
         began = time.perf_counter()
-        outputs, patches, sign_sum = {}, {}, 0
-        chunked = method.chunkable()
-        for name in self.inputs:
-            tensor = self.tensors[name]
-            out = torch.empty(tensor.shape, dtype=tensor.out_dtype)
-            flat = out.view(-1)
-            for start, stop in self._chunks(name, chunked):
-                base, experts = self._operands(name, start, stop)
-                offset = 0 if start is None else start * row_elements(tensor)
-                result = method.merge(base, experts, jobs[name], offset, state)
-                value = result["weight"].to("cpu", tensor.out_dtype).reshape(-1)
-                flat[offset:offset + value.numel()] = value
-                sign_sum += result.get("sign_sum", 0)
-                if "patch_index" in result and result["patch_index"].numel():
-                    index, values = patches.setdefault(name, ([], []))
-                    index.append(result["patch_index"].cpu() + offset)
-                    values.append(result["patch_value"].to("cpu", tensor.out_dtype))
-            outputs[name] = out
-        self.requests[request] = {"outputs": outputs, "patches": patches}
+        sink, deferred = execute.DictSink(), execute.DeferredLog()
+        for tensor in self._merged(jobs):
+            execute.merge_tensor(method, tensor, state, self._operands, sink, deferred, self.dtype)
+        self.requests[request] = {"sink": sink, "deferred": deferred}
         self.merges_served += 1
         self.merge_seconds += time.perf_counter() - began
-        return int(sign_sum)
+        return deferred.vote
 
-    def fetch(self, request: str, apply_patches: bool) -> dict[str, tuple[np.ndarray, str]]:
-        """A trial's merged tensors, with the deferred elements patched when the method decided so."""
+    def fetch(self, request: str, apply_patches: bool) -> dict[str, Any]:
+        """A trial's merged tensors (deferred elements patched when the method decided so) and the method's
+        artifacts: {"weights": ..., "artifacts": ..., "patched": elements rewritten}."""
         held = self.requests.pop(request)
-        if apply_patches:
-            for name, (index, values) in held["patches"].items():
-                held["outputs"][name].view(-1)[torch.cat(index)] = torch.cat(values)
-        return {name: to_wire(value) for name, value in held["outputs"].items()}
+        sink = held["sink"]
+        patched = held["deferred"].apply(sink.outputs) if apply_patches else 0
+        return {"weights": {name: to_wire(value) for name, value in sink.outputs.items()}, "patched": patched,
+                "artifacts": {key: to_wire(value) for key, value in sink.artifacts().items()}}
 
     def discard(self, request: str) -> None:
         self.requests.pop(request, None)

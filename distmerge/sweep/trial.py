@@ -79,11 +79,16 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
 def merged_state_dict(context: SweepContext, values: dict[str, Any]):
     """The full merged state dict for these parameter values, computed by the holders (reduction passes,
     merge, deferred decisions) exactly as the engine's driver and workers compute it."""
+    return merged_outputs(context, values)[0]
+
+
+def merged_outputs(context: SweepContext, values: dict[str, Any]):
+    """(merged state dict, the method's artifacts by key, the method's final state) for these values."""
     import ray
 
-    from distmerge.engine.worker import add_partials
-    from distmerge.sweep.holders import from_wire
     from distmerge.engine.ray_session import get as _get
+    from distmerge.methods import execute
+    from distmerge.sweep.holders import from_wire
     from distmerge.tensors import resolve_tensors
 
     merge_config = context.spec.trial_config(values)
@@ -92,27 +97,35 @@ def merged_state_dict(context: SweepContext, values: dict[str, Any]):
     jobs = {o.name: o.job for o in outputs if o.merged}
     state = method.initial_state(list(jobs.values()))
     holder_jobs = [ray.put({name: jobs[name] for name in names}) for names in context.holder_tensors]
-    while (pass_name := method.next_pass(state)) is not None:
+
+    def partial(pass_name: str, state: dict):
         totals = None
         for part in _get([h.run_pass.remote(method, pass_name, state, j)
                           for h, j in zip(context.holders, holder_jobs)]):
             if part is not None:
-                totals = add_partials(totals, part)
-        state = method.finish_pass(pass_name, totals or {}, state)
+                totals = execute.add_partials(totals, part)
+        return totals
+
+    state = execute.run_passes(method, state, partial)
     request = uuid.uuid4().hex
     try:
-        sign_sum = sum(_get([h.merge.remote(request, method, state, j) for h, j in zip(context.holders, holder_jobs)]))
-        apply = method.resolve_deferred({**state, "sign_sum": sign_sum})
+        vote = sum(_get([h.merge.remote(request, method, state, j) for h, j in zip(context.holders, holder_jobs)]))
+        settled, apply = method.settle_deferred(state, vote)
         parts = _get([h.fetch.remote(request, apply) for h in context.holders])
     except BaseException:
         for holder in context.holders:
             holder.discard.remote(request)
         raise
-    tensors = {}
-    for part in parts + _copied(context):
+    if apply:
+        settled = method.record_patched(settled, sum(p["patched"] for p in parts))
+    tensors, artifacts = {}, {}
+    for part in [p["weights"] for p in parts] + _copied(context):
         for name, (array, dtype) in part.items():
             tensors[name] = from_wire(array, dtype)
-    return tensors
+    for part in parts:
+        for key, (array, dtype) in part["artifacts"].items():
+            artifacts[key] = from_wire(array, dtype)
+    return tensors, artifacts, settled
 
 
 def _copied(context: SweepContext) -> list[dict]:

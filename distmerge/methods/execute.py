@@ -1,0 +1,242 @@
+"""The method protocol, written once and without Ray: reduction passes, then the merge, tensor by tensor,
+chunk by chunk (or whole tensors, for methods that need them).
+
+The engine's worker, the sweep's holders and the tests call these functions with their own tensor source (a
+``read(tensor, start, stop) -> (base, experts)`` callable: the lazy checkpoint reader, or slices of tensors
+held in memory) and their own sink (the streaming shard writer, or a dict). What a method adds beyond the
+merged weights (artifacts such as EMR's unified vector and masks, deferred decisions such as TIES' zero-sign
+patches) travels as typed fields of a ``ChunkResult``; the method itself says how its artifacts are laid out
+and what its deferred decisions mean, so nothing here names a method.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Protocol
+
+import torch
+
+from distmerge.errors import MergeError
+
+CHUNK_ELEMENTS = 1 << 18
+
+Inputs = tuple["torch.Tensor | None", list[torch.Tensor]]
+Reader = Callable[[Any, "int | None", "int | None"], Inputs]  # (OutputTensor, start row, stop row)
+
+
+@dataclass
+class Deferred:
+    """A decision only the whole merged model can make: the chunk was merged one way; ``vote`` is this chunk's
+    share of the model-wide tally, and ``index`` (flat, within the chunk) / ``value`` the elements to rewrite
+    should the method's ``settle_deferred`` say so."""
+
+    vote: int
+    index: torch.Tensor
+    value: torch.Tensor
+
+
+@dataclass
+class ChunkResult:
+    """What a method's ``merge`` gives for one chunk."""
+
+    merged: torch.Tensor
+    artifacts: dict[str, torch.Tensor] = field(default_factory=dict)  # handed to the method's ArtifactStream
+    deferred: Deferred | None = None
+
+
+class ArtifactStream(Protocol):
+    """A method's artifacts of one tensor, turned chunk by chunk into ``(key, values)`` pieces written in the
+    order the method's ``artifact_entries`` declare them (so a streaming writer never holds a whole tensor)."""
+
+    def add(self, artifacts: dict[str, torch.Tensor]) -> list[tuple[str, torch.Tensor]]: ...
+
+    def finish(self) -> list[tuple[str, torch.Tensor]]: ...
+
+
+class Sink(Protocol):
+    def weights(self, tensor, offset: int, values: torch.Tensor) -> None: ...
+
+    def artifact(self, key: str, values: torch.Tensor) -> None: ...
+
+
+class WriterSink:
+    """Streams into ``ShardWriter``s: the shard's, and the method's artifact file beside it (if any)."""
+
+    def __init__(self, writer, artifact_writer=None):
+        self.writer, self.artifact_writer = writer, artifact_writer
+
+    def weights(self, tensor, offset, values):
+        self.writer.write(tensor.name, values)
+
+    def artifact(self, key, values):
+        self.artifact_writer.write(key, values)
+
+
+class DictSink:
+    """Whole tensors in memory: merged weights by name, artifacts by key (pieces joined along rows)."""
+
+    def __init__(self):
+        self.outputs: dict[str, torch.Tensor] = {}
+        self._pieces: dict[str, list[torch.Tensor]] = {}
+
+    def weights(self, tensor, offset, values):
+        if tensor.name not in self.outputs:
+            self.outputs[tensor.name] = torch.empty(tuple(tensor.shape), dtype=values.dtype)
+        flat = self.outputs[tensor.name].view(-1)
+        flat[offset:offset + values.numel()] = values.reshape(-1)
+
+    def artifact(self, key, values):
+        self._pieces.setdefault(key, []).append(values)
+
+    def artifacts(self) -> dict[str, torch.Tensor]:
+        return {key: pieces[0] if len(pieces) == 1 else torch.cat(pieces) for key, pieces in self._pieces.items()}
+
+
+@dataclass
+class DeferredLog:
+    """The deferred decisions of the tensors merged so far: the summed vote and the elements to rewrite."""
+
+    vote: int = 0
+    patches: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict)
+
+    def add(self, name: str, offset: int, deferred: Deferred, out_dtype: torch.dtype) -> None:
+        self.vote += int(deferred.vote)
+        if deferred.index.numel():
+            index, value = self.patches.setdefault(name, ([], []))
+            index.append(deferred.index.cpu() + offset)
+            value.append(deferred.value.to("cpu", out_dtype))
+
+    def joined(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{tensor: (flat indices, values)}, as ``patch_safetensors`` takes them."""
+        return {name: (torch.cat(index), torch.cat(value)) for name, (index, value) in self.patches.items()}
+
+    def apply(self, outputs: dict[str, torch.Tensor]) -> int:
+        """Rewrite the recorded elements in whole tensors held in memory; how many."""
+        count = 0
+        for name, (index, value) in self.joined().items():
+            outputs[name].view(-1)[index] = value
+            count += index.numel()
+        return count
+
+
+# --- chunks -------------------------------------------------------------------------------------------
+def row_elements(tensor) -> int:
+    count = 1
+    for size in tensor.shape[1:]:
+        count *= size
+    return count
+
+
+def row_chunks(tensor, chunked: bool, chunk_elements: int = CHUNK_ELEMENTS) -> list[tuple[int | None, int | None]]:
+    """Row ranges of about ``chunk_elements`` elements, or the whole tensor as (None, None)."""
+    if not tensor.shape or not chunked:
+        return [(None, None)]
+    rows = max(1, chunk_elements // max(1, row_elements(tensor)))
+    return [(a, min(a + rows, tensor.shape[0])) for a in range(0, tensor.shape[0], rows)]
+
+
+# (tensor, chunkable) -> row ranges; tests pass smaller chunks than the engine's
+Chunker = Callable[[Any, bool], "list[tuple[int | None, int | None]]"]
+
+
+def chunk_offset(tensor, start: int | None) -> int:
+    """The chunk's first flat element (what counter-based masks and deferred indices are keyed by)."""
+    return 0 if start is None else start * row_elements(tensor)
+
+
+def add_partials(total: dict[str, Any] | None, part: dict[str, Any]) -> dict[str, Any]:
+    if total is None:
+        return {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in part.items()}
+    for key, value in part.items():
+        total[key] = total[key] + value
+    return total
+
+
+# --- finite checks ------------------------------------------------------------------------------------
+def is_finite(value: torch.Tensor) -> bool:
+    """No NaN or Inf. The sum is one cheap pass, finite for almost every tensor (accumulated in float32, so a
+    float16 chunk's sum does not overflow); only when it is not is the element-wise check run to be sure."""
+    if not value.is_floating_point():
+        return True
+    return bool(torch.isfinite(value.sum(dtype=torch.float32))) or bool(torch.isfinite(value).all())
+
+
+def check_finite_output(tensor: str, value: torch.Tensor, method: str) -> None:
+    """A merged chunk with NaN/Inf (from parameters, an overflow in the output dtype, anything) stops the run
+    before it reaches a shard."""
+    if not is_finite(value):
+        raise MergeError(f"tensor '{tensor}': the {method} merge gives NaN or Inf in {str(value.dtype).removeprefix('torch.')} "
+                         f"(check the parameters, and out_dtype's range)")
+
+
+# --- the protocol -------------------------------------------------------------------------------------
+def pass_partial(method, pass_name: str, state: dict, tensors, read: Reader,
+                 chunker: Chunker = row_chunks) -> dict[str, Any] | None:
+    """The summed partial of one reduction pass over ``tensors`` (the merged ones of a layer group, a holder)."""
+    chunked = method.chunkable()
+    totals = None
+    for tensor in tensors:
+        for start, stop in chunker(tensor, chunked):
+            base, experts = read(tensor, start, stop)
+            part = method.stats(pass_name, base, experts, tensor.job, chunk_offset(tensor, start), state)
+            totals = add_partials(totals, part)
+    return totals
+
+
+def run_passes(method, state: dict, partial: Callable[[str, dict], "dict[str, Any] | None"]) -> dict:
+    """Every reduction pass the method asks for; ``partial(pass_name, state)`` sums one pass over the model
+    (one process, or all actors)."""
+    while (pass_name := method.next_pass(state)) is not None:
+        state = method.finish_pass(pass_name, partial(pass_name, state) or {}, state)
+    return state
+
+
+def merge_tensor(method, tensor, state: dict, read: Reader, sink: Sink, deferred: DeferredLog,
+                 artifact_dtype: torch.dtype, chunker: Chunker = row_chunks) -> None:
+    """Merge one tensor into ``sink``: weights (checked finite, in the output dtype), the method's artifacts
+    through its stream, deferred decisions into ``deferred``."""
+    stream = method.artifact_stream(tensor, artifact_dtype) if method.artifact_folder else None
+    for start, stop in chunker(tensor, method.chunkable()):
+        base, experts = read(tensor, start, stop)
+        offset = chunk_offset(tensor, start)
+        result = method.merge(base, experts, tensor.job, offset, state)
+        merged = result.merged.to("cpu", tensor.out_dtype)
+        check_finite_output(tensor.name, merged, method.name)
+        if result.deferred is not None:
+            deferred.add(tensor.name, offset, result.deferred, tensor.out_dtype)
+        if stream is not None:
+            for key, values in stream.add(result.artifacts):
+                sink.artifact(key, values)
+        sink.weights(tensor, offset, merged)
+    if stream is not None:
+        for key, values in stream.finish():
+            sink.artifact(key, values)
+
+
+def artifact_entries(method, tensors, artifact_dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple]]:
+    """The artifact file's (key, dtype, shape) in write order, for the merged ``tensors`` of a shard."""
+    if not method.artifact_folder:
+        return []
+    return [entry for tensor in tensors if tensor.merged for entry in method.artifact_entries(tensor, artifact_dtype)]
+
+
+def settle(method, state: dict, deferred_vote: int, apply_patches: Callable[[], int]) -> dict:
+    """After the merge: the method settles its deferred decisions on the model-wide vote; ``apply_patches``
+    rewrites the recorded elements (returns how many) when it says so."""
+    state, apply = method.settle_deferred(state, deferred_vote)
+    if apply:
+        state = method.record_patched(state, apply_patches())
+    return state
+
+
+def merge_in_memory(method, tensors, read: Reader, artifact_dtype: torch.dtype = torch.float32,
+                    chunker: Chunker = row_chunks) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """The whole protocol in one process (tests, small models): (merged weights, artifacts, final state)."""
+    merged = [t for t in tensors if t.merged]
+    state = method.initial_state([t.job for t in merged])
+    state = run_passes(method, state, lambda name, s: pass_partial(method, name, s, merged, read, chunker))
+    sink, deferred = DictSink(), DeferredLog()
+    for tensor in merged:
+        merge_tensor(method, tensor, state, read, sink, deferred, artifact_dtype, chunker)
+    state = settle(method, state, deferred.vote, lambda: deferred.apply(sink.outputs))
+    return sink.outputs, sink.artifacts(), state
