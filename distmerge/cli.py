@@ -9,14 +9,10 @@ from typing import Optional
 
 import typer
 
+from distmerge.cli_support import fail as _fail
 from distmerge.errors import DistmergeError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Merge fine-tuned models layer-wise on Ray.")
-
-
-def _fail(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code=2)
 
 
 @app.command("merge")

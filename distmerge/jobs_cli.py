@@ -12,6 +12,7 @@ from typing import List, Optional
 
 import typer
 
+from distmerge.cli_support import fail as _fail
 from distmerge.errors import DistmergeError
 
 cluster_app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -30,11 +31,6 @@ def _quiet_ray_client() -> None:
     for name in list(logging.root.manager.loggerDict):
         if name == "ray" or name.startswith("ray."):
             logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def _fail(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code=2)
 
 
 def _note(message: str) -> None:

@@ -7,12 +7,8 @@ from typing import Optional
 
 import typer
 
+from distmerge.cli_support import fail as _fail
 from distmerge.errors import DistmergeError
-
-
-def _fail(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code=2)
 
 
 def eval_cmd(

@@ -7,6 +7,7 @@ from typing import Optional
 
 import typer
 
+from distmerge.cli_support import fail as _fail
 from distmerge.errors import DistmergeError
 
 CONFIG_HELP = """fda.yaml, e.g.:
@@ -27,11 +28,6 @@ Left-out fields take the model family's defaults (Llama: the MLP of each layer, 
 of the hidden size, TA(0.5) init with elementwise alpha = 1 on its delta; RoBERTa: whole encoder layers,
 anchors [64, 5, d], TA(0.3) init with alpha per expert = 0.3, mse loss). `layers: [0, 1]` limits a run
 to some layers."""
-
-
-def _fail(exc: Exception) -> None:
-    typer.secho(f"error: {exc}", err=True, fg=typer.colors.RED)
-    raise typer.Exit(code=2)
 
 
 def register(app: typer.Typer) -> None:
