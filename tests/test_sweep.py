@@ -115,16 +115,17 @@ def test_failed_trial_is_reported_and_best_is_materialized(ray_cluster, family, 
     from test_engine import load_folder
 
     base, experts, data = family
-    # lambda 1e39 overflows float32: that trial's model gives a non-finite loss and fails; the other goes on.
+    # lambda 1e39 overflows float32: that trial's merge is refused as ``distmerge merge`` refuses it (the
+    # executor's finite check), the trial fails; the other goes on.
     config = sweep_config(base, experts, data, "ties",
                           {"lambda": {"grid": [1.0, 1e39]}, "density": {"grid": [0.5]}}, max_concurrent_trials=1)
     result = run_sweep(config, tmp_path / "sweep", progress=False, materialize_best=True)
     status = {row["lambda"]: row for row in result.rows}
     assert status[1.0]["status"] == "finished" and status[1e39]["status"] == "failed"
-    assert "not finite" in status[1e39]["error"]
+    assert "gives NaN or Inf" in status[1e39]["error"]
     assert result.best["lambda"] == 1.0
     table = (tmp_path / "sweep" / "results.csv").read_text()
-    assert "failed" in table and "not finite" in table
+    assert "failed" in table and "gives NaN or Inf" in table
 
     # --materialize-best: the engine's merge of best.yaml, identical to merging that config directly.
     from distmerge import merge
