@@ -183,9 +183,10 @@ def merged_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return out
 
 
+# The LoRA expert is a tensor source: a linear method (task arithmetic stands for weight average and DARE, which
+# read the same rows), a thresholding one and one with artifacts cover what a method can do with it.
 @pytest.mark.parametrize("method,params", [
-    ("task_arithmetic", {"lambda": 0.7}), ("weight_average", {}), ("ties", {"density": 0.5}),
-    ("dare", {"drop_rate": 0.5, "seed": 3}), ("emr", {}),
+    ("task_arithmetic", {"lambda": 0.7}), ("ties", {"density": 0.5}), ("emr", {}),
 ])
 def test_every_method_merges_lora_experts_as_their_dense_models(llama_lora_experts, ray_cluster, tmp_path, method,
                                                                  params):
