@@ -88,6 +88,9 @@ _COMMAND_MODULES = (
     "distmerge.sweep_cli",
     "distmerge.jobs_cli",
     "distmerge.lora_cli",
+    "distmerge.measure.cli",
+    "distmerge.twin.cli",
+    "distmerge.adamerging.cli",
 )
 
 
