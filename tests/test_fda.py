@@ -119,20 +119,40 @@ def test_config_errors_name_the_field(change, message):
 
 
 def test_family_defaults_and_errors(llama, roberta, tmp_path):
+    """What a config leaves out comes from its model family's row of the defaults; what it gives wins."""
+    from distmerge.fda.config import DECODER_BLOCK_ANCHORS, FAMILY_DEFAULTS
     from distmerge.fda.inputs import open_inputs
 
-    inputs = open_inputs(llama_config(llama, "unused", anchors={"count": None, "steps": None},
-                                      adapt={"epochs": None, "batch_size": None}))
-    config = inputs.config
-    assert (config.modules, config.anchors.count, config.anchors.tokens, config.anchors.steps) == ("mlp", 8192, None, 200)
-    assert (config.adapt.sources, config.adapt.alpha_init, config.adapt.epochs, config.adapt.batch_size) == \
-        ("initial", 1.0, 50, 8192)
-    assert inputs.unit_names == ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
-    base, experts = roberta
-    rob = open_inputs({"base": str(base), "experts": {"a": str(experts[0])}}).config
-    assert (rob.modules, rob.anchors.tokens, rob.adapt.loss, rob.adapt.sources) == ("block", 5, "mse", "experts")
+    def resolved(raw):
+        config = open_inputs(raw).config
+        return config, {**{f"anchors.{k}": v for k, v in vars(config.anchors).items()},
+                        **{f"adapt.{k}": v for k, v in vars(config.adapt).items()}}
+
+    left_out = {"anchors": {"count": None, "steps": None}, "adapt": {"epochs": None, "batch_size": None}}
+    llama_defaults = FAMILY_DEFAULTS["decoder"]
+    config, values = resolved(llama_config(llama, "unused", **left_out))
+    assert config.modules == llama_defaults["modules"]
+    for section in ("anchors", "adapt"):
+        for key in ("count", "steps") if section == "anchors" else ("epochs", "batch_size"):
+            assert values[f"{section}.{key}"] == llama_defaults[section][key], (section, key)
+    given = {"anchors": {"count": 5, "steps": 3, "sigma": 0.5}, "adapt": {"epochs": 2, "batch_size": 7, "alpha_init": 0.25}}
+    _, values = resolved(llama_config(llama, "unused", **given))
+    for section, settings in given.items():
+        for key, value in settings.items():
+            assert values[f"{section}.{key}"] == value, (section, key)
+    assert open_inputs(llama_config(llama, "unused")).unit_names == ("gate_proj.weight", "up_proj.weight", "down_proj.weight")
+
+    base, experts = roberta  # an encoder: the family is read from the checkpoint, and its row differs
+    encoder, encoder_values = resolved({"base": str(base), "experts": {"a": str(experts[0])}})
+    encoder_defaults = FAMILY_DEFAULTS["encoder"]
+    assert encoder.modules == encoder_defaults["modules"] != llama_defaults["modules"]
+    for key in ("tokens", "count", "steps"):
+        assert encoder_values[f"anchors.{key}"] == encoder_defaults["anchors"][key], key
+    for key in ("loss", "sources", "alpha_init"):
+        assert encoder_values[f"adapt.{key}"] == encoder_defaults["adapt"][key], key
     block = open_inputs(llama_config(llama, "unused", modules="block", anchors={"count": None, "steps": None}))
-    assert (block.config.modules, block.config.anchors.count, block.config.anchors.tokens) == ("block", 64, 8)
+    for key, value in DECODER_BLOCK_ANCHORS.items():  # whole decoder blocks take the block anchors' shape
+        assert getattr(block.config.anchors, key) == value, key
     assert block.unit_tensors(1)[0].startswith("model.layers.1.") and len(block.unit_names) == 9
     with pytest.raises(ConfigError, match="modules: 'mlp' is not supported for encoder models"):
         open_inputs({"base": str(base), "experts": {"a": str(experts[0])}, "modules": "mlp"})
