@@ -1,0 +1,127 @@
+"""``distmerge measure regmean`` and ``method: regmean`` end to end on a tiny Llama family (one Ray session), and the
+measurement's config checks (no Ray)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from distmerge.errors import ConfigError, InputError
+from distmerge.measure import stats
+from distmerge.measure.config import load_measure_config
+from test_ops_next import close
+
+WORDS = [" ".join(f"w{(7 * i + 3 * j) % 120 + 4}" for j in range(3 + i % 6)) for i in range(12)]
+
+
+def write_data(folder: Path, name: str, offset: int) -> Path:
+    path = folder / f"{name}.jsonl"
+    path.write_text("".join(json.dumps({"text": WORDS[(i + offset) % len(WORDS)]}) + "\n" for i in range(9)))
+    return path
+
+
+def reference_grams(model_path: Path, texts: list[str]) -> dict[str, torch.Tensor]:
+    """X^T X per linear layer with each text run alone (no padding at all), in one process."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(str(model_path), dtype=torch.float32).eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(model_path))
+    grams: dict[str, torch.Tensor] = {}
+    handles = []
+    for name, module in model.named_modules():
+        if isinstance(module, torch.nn.Linear) and name != "lm_head":
+            def hook(module, inputs, output, name=name):
+                x = inputs[0].reshape(-1, inputs[0].shape[-1]).double()
+                grams[name] = grams.get(name, 0) + x.T @ x
+            handles.append(module.register_forward_hook(hook))
+    with torch.no_grad():
+        for text in texts:
+            model(**tokenizer(text, return_tensors="pt"))
+    return grams
+
+
+@pytest.fixture(scope="module")
+def measured(llama_family, tmp_path_factory, ray_cluster):
+    from distmerge.measure.regmean import measure
+
+    _, experts = llama_family
+    root = tmp_path_factory.mktemp("measure")
+    data = [write_data(root, f"e{i}", 4 * i) for i in range(len(experts))]
+    config = {"tasks": [{"name": f"e{i}", "model": str(p), "data": str(d)} for i, (p, d) in
+                        enumerate(zip(experts, data))], "batch_size": 4, "max_length": 16}
+    result = measure(config, root / "stats", workers=1, progress=False)
+    return root, config, data, result
+
+
+def test_measured_grams_match_a_single_process_reference_and_resume(measured, llama_family):
+    root, config, data, result = measured
+    _, experts = llama_family
+    assert result.skipped == 0 and set(result.tokens) == {"e0", "e1"}
+    texts = [json.loads(line)["text"] for line in data[1].read_text().splitlines()]
+    expected = reference_grams(experts[1], texts)
+    manifest = stats.load_manifest(root / "stats", "e1", "regmean")
+    tokens = sum(len(t.split()) for t in texts)  # one token per word, no specials: padding would add more
+    assert set(expected) <= set(manifest["layers"])
+    for name, gram in expected.items():
+        assert manifest["layers"][name]["tokens"] == tokens
+        close(stats.read_gram(manifest["grams_path"], name), gram, atol=1e-5 * float(gram.abs().max()))
+    assert manifest["fingerprint"] == stats.model_fingerprint(__import__("distmerge.io.checkpoint", fromlist=["x"])
+                                                               .Checkpoint(str(experts[1]), "e1"))
+    from distmerge.measure.regmean import measure
+
+    again = measure(config, root / "stats", progress=False)  # every task committed: nothing measured
+    assert again.skipped == 2 and again.tokens == {}
+
+
+def test_regmean_merge_reads_the_statistics_and_refuses_foreign_ones(measured, llama_family, tmp_path):
+    from distmerge.engine.driver import merge
+    from distmerge.io.checkpoint import Checkpoint
+    from distmerge.ops.regmean import regmean_linear
+
+    root, _, _, _ = measured
+    _, experts = llama_family
+    config = {"models": [{"model": str(p), "name": f"e{i}"} for i, p in enumerate(experts)], "method": "regmean",
+              "parameters": {"statistics": str(root / "stats")}, "out_shard_size": "40KB"}
+    merge(config, tmp_path / "out", workers=2, progress=False)
+    out = Checkpoint(str(tmp_path / "out"), "out")
+    sources = [Checkpoint(str(p), f"e{i}") for i, p in enumerate(experts)]
+    name = "model.layers.1.mlp.down_proj"
+    grams = []
+    for i in range(2):
+        manifest = stats.load_manifest(root / "stats", f"e{i}", "regmean")
+        grams.append(stats.read_gram(manifest["grams_path"], name) / manifest["layers"][name]["tokens"])
+    expected = regmean_linear([s.read(f"{name}.weight").float() for s in sources], grams, 0.9)
+    close(out.read(f"{name}.weight").float(), expected, atol=1e-5)
+    norm = "model.layers.1.input_layernorm.weight"
+    close(out.read(norm).float(), (sources[0].read(norm).float() + sources[1].read(norm).float()) / 2)
+    swapped = {**config, "models": [{"model": str(experts[1]), "name": "e0"}, {"model": str(experts[0]), "name": "e1"}]}
+    with pytest.raises(InputError, match=f"{root / 'stats' / 'e0'}.*another model"):
+        merge(swapped, tmp_path / "foreign", workers=1, progress=False)
+    assert not (tmp_path / "foreign").exists()
+
+
+def test_measure_config_refuses_bad_input(tmp_path, llama_family):
+    _, experts = llama_family
+    data = write_data(tmp_path, "d", 0)
+    good = {"model": str(experts[0]), "data": str(data)}
+    cases = [
+        ({"tasks": []}, "tasks"),
+        ({"tasks": [{**good, "model": str(tmp_path / "nope")}]}, "tasks[0].model"),
+        ({"tasks": [{**good, "data": str(tmp_path / "nope.jsonl")}]}, "tasks[0].data"),
+        ({"tasks": [{**good, "name": "a/b"}]}, "tasks[0].name"),
+        ({"tasks": [good, good]}, "used twice"),
+        ({"tasks": [good], "stats_dtype": "int8"}, "stats_dtype"),
+        ({"tasks": [good], "batch_size": 0}, "batch_size"),
+        ({"tasks": [{**good, "colour": 1}]}, "tasks[0].colour"),
+    ]
+    for raw, message in cases:
+        with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+            load_measure_config(raw, "regmean")
+    from distmerge.measure.regmean import measure
+
+    with pytest.raises(InputError, match="no column 'body'"):
+        measure({"tasks": [{**good, "text_field": "body"}]}, tmp_path / "stats", progress=False)
+    assert not (tmp_path / "stats" / "expert_0").exists()
