@@ -1,0 +1,10 @@
+"""AdaMerging (spec algorithms.md section 6): merge coefficients learned on unlabelled inputs, as a Ray Train job.
+
+``run(config, out)`` (``distmerge adamerging ada.yaml --out merged/``) trains the coefficients with theta0 and
+the task vectors sharded over the workers by FSDP2 and writes the merge with the merge engine.
+"""
+
+from distmerge.adamerging.config import AdaConfig, load_ada_config
+from distmerge.adamerging.driver import AdaResult, run
+
+__all__ = ["AdaConfig", "AdaResult", "load_ada_config", "run"]

@@ -1,0 +1,250 @@
+"""The functionally merged model: theta0 and the task vectors held as frozen flat tensors, the coefficients apart.
+
+Each merged tensor n is stored as theta0_n, flat [numel], and its task vectors tau_n, flat [numel, T], so that
+FSDP2 (which shards dim 0) gives each rank a contiguous element range of every tensor for all tasks at once:
+ranks stay balanced whatever T is, AdaMerging++'s sign election (across tasks, per element) is local, and a
+rank's shard is read from the checkpoints as a row range. One ``GroupBank`` per layer group is one FSDP unit,
+so only one group's full tensors are ever gathered at a time.
+
+The merged weights are theta0_n + tau_n @ clamp(lambda_n, 0, 1), computed in the bank's forward, so the
+gradients reach only the coefficients (spec algorithms.md section 6).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+
+from distmerge.errors import InputError, where
+from distmerge.io.checkpoint import Checkpoint
+from distmerge.ops import ties as ties_ops
+from distmerge.tensors import layer_of
+
+AllReduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over ranks (identity in one process)
+
+
+def no_reduce(tensor: torch.Tensor) -> torch.Tensor:
+    return tensor
+
+
+@dataclass(frozen=True)
+class TensorPlan:
+    """Which tensors are merged, their shapes, groups, and which coefficient row each one trains."""
+
+    names: tuple[str, ...]
+    shapes: tuple[tuple[int, ...], ...]
+    groups: tuple[tuple[int, ...], ...]  # indices into names, one tuple per layer group (FSDP unit)
+    rows: tuple[int | None, ...]  # coefficient row of each tensor; None: frozen at lambda_init
+    tasks: tuple[str, ...]
+    granularity: str
+
+    @property
+    def num_rows(self) -> int:
+        return max((r for r in self.rows if r is not None), default=-1) + 1
+
+    def numel(self, i: int) -> int:
+        return math.prod(self.shapes[i])
+
+
+def plan_tensors(base: Checkpoint, experts: dict[str, Checkpoint], exclude: tuple[str, ...],
+                 freeze: tuple[str, ...], granularity: str) -> TensorPlan:
+    """Every floating-point tensor of the base not excluded is merged; each expert must have it, same shape."""
+    excluded = [re.compile(p) for p in exclude]
+    frozen = [re.compile(p) for p in freeze]
+    names = sorted(n for n, info in base.tensors.items()
+                   if info.dtype.is_floating_point and not any(p.search(n) for p in excluded))
+    if not names:
+        raise InputError(f"{where(model='base', file=str(base.folder))}: no tensor is left to merge after exclude")
+    for task, expert in experts.items():
+        for name in names:
+            info = expert.tensors.get(name)
+            if info is None:
+                raise InputError(f"{where(model=task, file=str(expert.folder), tensor=name)}: missing in this expert")
+            if tuple(info.shape) != tuple(base.tensors[name].shape):
+                raise InputError(f"{where(model=task, file=info.file, tensor=name)}: shape {list(info.shape)} does "
+                                 f"not match the base's {list(base.tensors[name].shape)}")
+    rows: list[int | None] = []
+    trainable = 0
+    for name in names:
+        if any(p.search(name) for p in frozen):
+            rows.append(None)
+        elif granularity == "task":
+            rows.append(0)
+        else:
+            rows.append(trainable)
+            trainable += 1
+    grouped: dict[str, list[int]] = {}
+    for i, name in enumerate(names):
+        grouped.setdefault(layer_of(name)[0], []).append(i)
+    return TensorPlan(names=tuple(names), shapes=tuple(tuple(base.tensors[n].shape) for n in names),
+                      groups=tuple(tuple(v) for v in grouped.values()), rows=tuple(rows), tasks=tuple(experts),
+                      granularity=granularity)
+
+
+class Coefficients(torch.nn.Module):
+    """The trainable lambdas: [rows, T] (rows = 1 task-wise, one per trainable tensor layer-wise)."""
+
+    def __init__(self, plan: TensorPlan, lambda_init: float):
+        super().__init__()
+        self.plan = plan
+        self.lambda_init = lambda_init
+        self.raw = torch.nn.Parameter(torch.full((max(plan.num_rows, 1), len(plan.tasks)), float(lambda_init)))
+
+    def clamped(self) -> torch.Tensor:
+        return self.raw.clamp(0.0, 1.0)  # the reference's lambdas(): zero gradient outside [0, 1]
+
+    def per_tensor(self, indices: tuple[int, ...] | None = None) -> torch.Tensor:
+        """[len(indices), T]: each tensor's coefficients (lambda_init for frozen ones)."""
+        indices = range(len(self.plan.names)) if indices is None else indices
+        clamped = self.clamped()
+        fixed = torch.full((len(self.plan.tasks),), float(self.lambda_init), dtype=clamped.dtype)
+        return torch.stack([fixed if self.plan.rows[i] is None else clamped[self.plan.rows[i]] for i in indices])
+
+
+class GroupBank(torch.nn.Module):
+    """theta0 and tau of one layer group's tensors, frozen."""
+
+    def __init__(self, indices: tuple[int, ...], plan: TensorPlan, dtype: torch.dtype):
+        super().__init__()
+        self.indices = indices
+        tasks = len(plan.tasks)
+        for j, i in enumerate(indices):
+            numel = plan.numel(i)
+            self.register_parameter(f"theta{j}", torch.nn.Parameter(torch.empty(numel, dtype=dtype), requires_grad=False))
+            self.register_parameter(f"tau{j}", torch.nn.Parameter(torch.empty(numel, tasks, dtype=dtype),
+                                                                  requires_grad=False))
+
+    def pairs(self):
+        for j, i in enumerate(self.indices):
+            yield i, getattr(self, f"theta{j}"), getattr(self, f"tau{j}")
+
+    def forward(self, lambdas: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The merged flat tensors of this group; ``lambdas`` is [len(indices), T]."""
+        return tuple(theta + tau @ lambdas[j].to(tau.dtype) for j, (_, theta, tau) in enumerate(self.pairs()))
+
+
+class Bank(torch.nn.Module):
+    def __init__(self, plan: TensorPlan, dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.plan = plan
+        self.groups = torch.nn.ModuleList(GroupBank(g, plan, dtype) for g in plan.groups)
+
+    def forward(self, coefficients: Coefficients) -> dict[str, torch.Tensor]:
+        """Every merged tensor in its shape; called as a module so FSDP's root hooks run."""
+        out = {}
+        for group in self.groups:
+            flats = group(coefficients.per_tensor(group.indices))
+            for i, flat in zip(group.indices, flats):
+                out[self.plan.names[i]] = flat.reshape(self.plan.shapes[i])
+        return out
+
+
+# --- filling a (sharded) bank from the checkpoints ----------------------------------------------
+
+
+def local_tensor(param: torch.Tensor) -> torch.Tensor:
+    """This rank's shard of a parameter (the whole tensor when it is not a DTensor)."""
+    return param.to_local() if hasattr(param, "to_local") else param.data
+
+
+def shard_range(numel: int, world: int, rank: int) -> tuple[int, int]:
+    """The element range FSDP2's dim-0 sharding gives ``rank`` (torch.chunk: ceil-sized pieces, last ones short)."""
+    size = -(-numel // world) if numel else 0
+    start = min(numel, rank * size)
+    return start, min(numel, start + size)
+
+
+def read_flat(checkpoint: Checkpoint, name: str, start: int, stop: int, dtype: torch.dtype) -> torch.Tensor:
+    """Elements [start, stop) of a tensor flattened, reading only the rows that hold them."""
+    shape = checkpoint.info(name).shape
+    if stop <= start:
+        return torch.empty(0, dtype=dtype)
+    if len(shape) == 0:
+        return checkpoint.read(name).reshape(-1).to(dtype)[start:stop]
+    row = math.prod(shape[1:])
+    first, last = start // row, -(-stop // row)
+    values = checkpoint.read(name, first, last).reshape(-1).to(dtype)
+    return values[start - first * row: stop - first * row]
+
+
+def fill_bank(bank: Bank, base: Checkpoint, experts: list[Checkpoint], world: int, rank: int) -> None:
+    """Each rank reads its own element range of every tensor: no process holds a whole task vector."""
+    with torch.no_grad():
+        for group in bank.groups:
+            for i, theta, tau in group.pairs():
+                name = bank.plan.names[i]
+                start, stop = shard_range(bank.plan.numel(i), world, rank)
+                local_theta, local_tau = local_tensor(theta), local_tensor(tau)
+                if local_theta.shape[0] != stop - start:
+                    raise RuntimeError(f"shard of '{name}' holds {local_theta.shape[0]} elements, expected "
+                                       f"{stop - start}: FSDP's dim-0 split differs from torch.chunk's")
+                base_values = read_flat(base, name, start, stop, local_theta.dtype)
+                local_theta.copy_(base_values)
+                for t, expert in enumerate(experts):
+                    local_tau[:, t].copy_(read_flat(expert, name, start, stop, local_tau.dtype) - base_values)
+
+
+# --- AdaMerging++: TIES trim (global) and sign election on the task vectors ------------------------
+
+
+@dataclass(frozen=True)
+class PlusMasks:
+    thresholds: tuple[float, ...]  # per task: keep |tau| >= threshold (over all merged tensors)
+    zero_sign: float  # the sign given to elements whose elected sign is 0 (the global majority)
+
+
+def plus_keep(tau: torch.Tensor, masks: PlusMasks) -> torch.Tensor:
+    """Which entries of tau [n, T] AdaMerging++ keeps: above the task's trim threshold and agreeing with the
+    elected sign (``ties_merging_split``: where sign > 0 the positive ones, else the negative ones)."""
+    trimmed = ties_ops.trim(tau.T.contiguous(), masks.thresholds)
+    sign = ties_ops.elected_sign(trimmed)
+    sign = torch.where(sign == 0, torch.full_like(sign, masks.zero_sign), sign)
+    keep = torch.where(sign > 0, trimmed > 0, trimmed < 0)
+    return keep.T
+
+
+def plus_masks(taus: list[torch.Tensor], total_numel: int, density: float, reduce: AllReduce) -> PlusMasks:
+    """The global trim thresholds and majority sign over every rank's local task vectors ([n, T] each), found
+    exactly by the two radix-histogram passes of the TIES engine, summed over ranks by ``reduce``."""
+    tasks = taus[0].shape[1] if taus else 0
+    rank = ties_ops.trim_rank(total_numel, density, "paper")
+    if rank == 0:
+        thresholds = [ties_ops.KEEP_ALL] * tasks
+    elif rank > total_numel:
+        thresholds = [ties_ops.KEEP_NONE] * tasks
+    else:
+        high = torch.zeros(tasks, ties_ops.HIGH_BINS, dtype=torch.int64)
+        for tau in taus:
+            for t in range(tasks):
+                high[t] += ties_ops.radix_high_histogram(tau[:, t])
+        high = reduce(high)
+        located = [ties_ops.locate_rank(high[t], rank) for t in range(tasks)]
+        low = torch.zeros(tasks, ties_ops.HIGH_BINS, dtype=torch.int64)
+        for tau in taus:
+            for t in range(tasks):
+                low[t] += ties_ops.radix_low_histogram(tau[:, t], located[t][0])
+        low = reduce(low)
+        thresholds = [ties_ops.bits_to_value(located[t][0], ties_ops.locate_rank(low[t], located[t][1])[0])
+                      for t in range(tasks)]
+    sign_sum = torch.zeros((), dtype=torch.float64)
+    for tau in taus:
+        if tau.numel():
+            sign_sum += ties_ops.elected_sign(ties_ops.trim(tau.T.contiguous(), thresholds)).sum(dtype=torch.float64)
+    zero_sign = float(torch.sign(reduce(sign_sum)))
+    return PlusMasks(tuple(float(x) for x in thresholds), zero_sign)
+
+
+def apply_plus(bank: Bank, density: float, reduce: AllReduce) -> PlusMasks:
+    """Replace every local tau by its AdaMerging++ selection, in place; the masks are the same on every rank."""
+    taus = [local_tensor(tau) for group in bank.groups for _, _, tau in group.pairs()]
+    total = sum(bank.plan.numel(i) for i in range(len(bank.plan.names)))
+    masks = plus_masks(taus, total, density, reduce)
+    with torch.no_grad():
+        for tau in taus:
+            if tau.numel():
+                tau.mul_(plus_keep(tau, masks).to(tau.dtype))
+    return masks

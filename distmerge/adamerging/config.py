@@ -1,0 +1,265 @@
+"""The AdaMerging config (``ada.yaml``): typed, validated before any tensor or row is read, errors naming the key.
+
+```yaml
+base: /m/roberta-base
+experts: {cola: /m/roberta-cola, rte: /m/roberta-rte}   # task name -> fine-tuned model
+data:                                                   # unlabelled inputs per task (jsonl or parquet)
+  cola: /data/cola.jsonl                                # GLUE tasks know their text fields
+  rte: {path: /data/rte.parquet, fields: [sentence1, sentence2]}
+granularity: layer        # task: one coefficient per task | layer: one per (tensor, task), as the reference
+plus: false               # AdaMerging++: TIES-trimmed (global, density 0.2), sign-elected task vectors
+objective: entropy        # entropy (classifier heads, or next-token for causal LMs) | sft (targets given)
+lambda_init: 0.3
+lr: 0.001
+steps: 500
+batches: 2                # batches per task per step
+batch_size: 16
+seed: 0
+freeze: []                # regexes: tensors kept at lambda_init
+exclude: [".*classifier.*"]   # not merged (default for classifiers: the heads; each task scores with its own)
+strategy: fsdp            # fsdp (torch FSDP2) | deepspeed (ZeRO-3)
+resources: {num_cpus: 1, num_gpus: 0}
+```
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distmerge.config import read_yaml
+from distmerge.errors import ConfigError
+
+TOP_KEYS = {
+    "base", "experts", "data", "granularity", "plus", "density", "objective", "lambda_init", "lr", "steps",
+    "batches", "batch_size", "seed", "freeze", "exclude", "kind", "max_length", "strategy", "resources",
+    "checkpoint_every", "dtype", "shuffle",
+}
+DATA_KEYS = {"path", "fields", "target"}
+RESOURCE_KEYS = {"num_cpus", "num_gpus"}
+GRANULARITIES = ("task", "layer")
+OBJECTIVES = ("entropy", "sft")
+KINDS = ("auto", "classify", "causal")
+STRATEGIES = ("fsdp", "deepspeed")
+DTYPES = ("float32", "float64")
+CLASSIFIER_HEADS = r".*classifier.*"  # what GLUE merges exclude: each task keeps its own head (evaluate's HEAD_PATTERN)
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
+
+
+@dataclass(frozen=True)
+class TaskData:
+    path: str
+    fields: tuple[str, ...] = ()  # text columns; () = the task's GLUE fields, else "text"
+    target: str | None = None  # sft only: the column holding the target text
+
+
+@dataclass(frozen=True)
+class AdaConfig:
+    base: str
+    experts: dict[str, str]  # task -> model folder, in task order
+    data: dict[str, TaskData]
+    granularity: str = "layer"
+    plus: bool = False
+    density: float = 0.2  # AdaMerging++: the fraction of each task vector kept by the global trim (K=20)
+    objective: str = "entropy"
+    kind: str = "auto"  # classify | causal, resolved from the base's config when auto
+    lambda_init: float = 0.3
+    lr: float = 1e-3
+    steps: int = 500
+    batches: int = 2
+    batch_size: int = 16
+    seed: int = 0
+    freeze: tuple[str, ...] = ()
+    exclude: tuple[str, ...] | None = None  # None: the heads for classifiers, nothing for causal LMs
+    max_length: int = 128
+    strategy: str = "fsdp"
+    num_cpus: float = 1.0
+    num_gpus: float = 0.0
+    checkpoint_every: int = 10
+    dtype: str = "float32"
+    shuffle: bool = False  # one seeded shuffle of each task's rows before streaming
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return tuple(self.experts)
+
+    def excluded(self) -> tuple[str, ...]:
+        if self.exclude is not None:
+            return self.exclude
+        return (CLASSIFIER_HEADS,) if self.kind == "classify" else ()
+
+    def to_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["data"] = {t: {k: (list(v) if isinstance(v, tuple) else v) for k, v in asdict(d).items()}
+                       for t, d in self.data.items()}
+        out["freeze"] = list(self.freeze)
+        out["exclude"] = list(self.excluded())
+        out["resources"] = {"num_cpus": out.pop("num_cpus"), "num_gpus": out.pop("num_gpus")}
+        return out
+
+    def run_key(self, workers: int) -> str:
+        """Names the run folder: a resumed run must be the same training (same config, same worker count,
+        since the data split follows it)."""
+        text = json.dumps({"config": self.to_dict(), "workers": workers}, sort_keys=True)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def load_ada_config(source: str | Path | dict[str, Any]) -> AdaConfig:
+    raw = source if isinstance(source, dict) else read_yaml(source, "AdaMerging config")
+    if not isinstance(raw, dict):
+        raise ConfigError("AdaMerging config: expected a mapping at the top level")
+    unknown = sorted(set(raw) - TOP_KEYS)
+    if unknown:
+        raise ConfigError(f"{unknown[0]}: unknown key (allowed: {', '.join(sorted(TOP_KEYS))})")
+    base = raw.get("base")
+    if not isinstance(base, str) or not base:
+        raise ConfigError("base: missing (the pretrained model folder the task vectors are taken against)")
+    experts = _experts(raw.get("experts"))
+    data = _data(raw.get("data"), experts)
+    resources = raw.get("resources") or {}
+    if not isinstance(resources, dict) or set(resources) - RESOURCE_KEYS:
+        raise ConfigError(f"resources: expected a mapping with {', '.join(sorted(RESOURCE_KEYS))}")
+    config = AdaConfig(
+        base=base, experts=experts, data=data,
+        granularity=_choice(raw, "granularity", "layer", GRANULARITIES),
+        plus=_bool(raw, "plus", False),
+        density=_number(raw, "density", 0.2, 0.0, 1.0, lo_open=True),
+        objective=_choice(raw, "objective", "entropy", OBJECTIVES),
+        kind=_choice(raw, "kind", "auto", KINDS),
+        lambda_init=_number(raw, "lambda_init", 0.3, 0.0, 1.0),
+        lr=_number(raw, "lr", 1e-3, 0.0, math.inf, lo_open=True),
+        steps=_integer(raw, "steps", 500, 0),
+        batches=_integer(raw, "batches", 2, 1),
+        batch_size=_integer(raw, "batch_size", 16, 1),
+        seed=_integer(raw, "seed", 0, 0),
+        freeze=_regexes(raw, "freeze", ()),
+        exclude=_regexes(raw, "exclude", None),
+        max_length=_integer(raw, "max_length", 128, 2),
+        strategy=_choice(raw, "strategy", "fsdp", STRATEGIES),
+        num_cpus=_number(resources, "num_cpus", 1.0, 0.0, math.inf, lo_open=True, prefix="resources."),
+        num_gpus=_number(resources, "num_gpus", 0.0, 0.0, math.inf, prefix="resources."),
+        checkpoint_every=_integer(raw, "checkpoint_every", 10, 1),
+        dtype=_choice(raw, "dtype", "float32", DTYPES),
+        shuffle=_bool(raw, "shuffle", False),
+    )
+    if config.objective == "sft":
+        missing = [t for t, d in data.items() if d.target is None]
+        if missing:
+            raise ConfigError(f"data.{missing[0]}.target: objective 'sft' needs the column holding the targets")
+    return config
+
+
+def resolve_kind(config: AdaConfig, base_config: dict[str, Any]) -> AdaConfig:
+    """``kind: auto`` from the base's architectures (a *ForSequenceClassification is a classifier)."""
+    from dataclasses import replace
+
+    if config.kind != "auto":
+        kind = config.kind
+    else:
+        architectures = base_config.get("architectures") or []
+        kind = "classify" if any(a.endswith("ForSequenceClassification") for a in architectures) else "causal"
+    if kind == "classify" and config.objective == "sft":
+        raise ConfigError("objective: 'sft' trains on target text; a classifier's objective is 'entropy'")
+    return replace(config, kind=kind)
+
+
+def _experts(value: Any) -> dict[str, str]:
+    if isinstance(value, list):
+        entries = {}
+        for i, item in enumerate(value):
+            if not isinstance(item, dict) or not isinstance(item.get("model"), str) or \
+                    not isinstance(item.get("name"), str):
+                raise ConfigError(f"experts[{i}]: expected {{name: TASK, model: PATH}}")
+            entries[item["name"]] = item["model"]
+        value = entries
+    if not isinstance(value, dict) or not value:
+        raise ConfigError("experts: expected a mapping of task name to fine-tuned model folder")
+    for task, path in value.items():
+        if not isinstance(task, str) or not re.fullmatch(r"[A-Za-z0-9_.-]+", task):
+            raise ConfigError(f"experts.{task}: a task name is letters, digits, '_', '.' or '-'")
+        if not isinstance(path, str) or not path:
+            raise ConfigError(f"experts.{task}: expected the path of a model folder")
+    return dict(value)
+
+
+def _data(value: Any, experts: dict[str, str]) -> dict[str, TaskData]:
+    if not isinstance(value, dict):
+        raise ConfigError("data: expected a mapping of task name to a jsonl/parquet file of unlabelled inputs")
+    extra = sorted(set(value) - set(experts))
+    if extra:
+        raise ConfigError(f"data.{extra[0]}: no expert has this task name ({', '.join(experts)})")
+    out = {}
+    for task in experts:
+        if task not in value:
+            raise ConfigError(f"data.{task}: missing (every task needs its unlabelled inputs)")
+        entry = value[task]
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict) or set(entry) - DATA_KEYS or not isinstance(entry.get("path"), str):
+            raise ConfigError(f"data.{task}: expected a path or {{path, fields, target}}")
+        path = entry["path"]
+        if not any(path.endswith(s) for s in DATA_SUFFIXES):
+            raise ConfigError(f"data.{task}.path: '{path}' is not a .jsonl, .json or .parquet file")
+        fields = entry.get("fields") or ()
+        if isinstance(fields, str):
+            fields = (fields,)
+        if not isinstance(fields, (list, tuple)) or not all(isinstance(f, str) for f in fields) or len(fields) > 2:
+            raise ConfigError(f"data.{task}.fields: expected one or two column names")
+        target = entry.get("target")
+        if target is not None and not isinstance(target, str):
+            raise ConfigError(f"data.{task}.target: expected a column name")
+        out[task] = TaskData(path=path, fields=tuple(fields), target=target)
+    return out
+
+
+def _choice(raw: dict, key: str, default: str, choices: tuple[str, ...]) -> str:
+    value = raw.get(key, default)
+    if value not in choices:
+        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
+    return value
+
+
+def _bool(raw: dict, key: str, default: bool) -> bool:
+    value = raw.get(key, default)
+    if not isinstance(value, bool):
+        raise ConfigError(f"{key}: expected true or false, got {value!r}")
+    return value
+
+
+def _number(raw: dict, key: str, default: float, lo: float, hi: float, lo_open: bool = False,
+            prefix: str = "") -> float:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ConfigError(f"{prefix}{key}: expected a number, got {value!r}")
+    if value < lo or (lo_open and value == lo) or value > hi:
+        low = "(" if lo_open else "["
+        raise ConfigError(f"{prefix}{key}: {value} is outside {low}{lo}, {hi}]")
+    return float(value)
+
+
+def _integer(raw: dict, key: str, default: int, lo: int) -> int:
+    value = raw.get(key, default)
+    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+        raise ConfigError(f"{key}: expected an integer >= {lo}, got {value!r}")
+    return value
+
+
+def _regexes(raw: dict, key: str, default):
+    if key not in raw or raw[key] is None:
+        return default
+    values = raw[key]
+    if isinstance(values, str):
+        values = [values]
+    if not isinstance(values, list):
+        raise ConfigError(f"{key}: expected a list of regular expressions")
+    for i, pattern in enumerate(values):
+        try:
+            re.compile(pattern)
+        except (re.error, TypeError) as exc:
+            raise ConfigError(f"{key}[{i}]: invalid regular expression {pattern!r}: {exc}") from None
+    return tuple(values)

@@ -1,0 +1,308 @@
+"""The AdaMerging train loop: a Ray Train worker function, and the Ray-free pieces it is made of.
+
+A worker builds the functional model (``setup``): the base's architecture on the meta device, a ``Bank`` of
+theta0 and the task vectors sharded by FSDP2 (or replicated in one process), the replicated coefficients,
+and the tensors that are not merged (each task's classifier head from its expert, the rest from the base).
+Each step sums the objective over ``batches`` batches of every task, back-propagates into the coefficients
+only, sums their gradients over ranks, and takes one Adam step. Rank 0 writes the checkpoints (safetensors +
+JSON) and reports them to Ray Train, so a killed run resumes from the last one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from distmerge import telemetry
+from distmerge.adamerging.bank import (AllReduce, Bank, Coefficients, PlusMasks, TensorPlan, apply_plus, fill_bank,
+                                       no_reduce, plan_tensors)
+from distmerge.adamerging.config import AdaConfig, load_ada_config
+from distmerge.adamerging.objective import batch_objective, check_parameters, encode, skeleton, text_fields
+from distmerge.errors import InputError
+from distmerge.io.checkpoint import Checkpoint
+from distmerge.io.writer import write_json, write_safetensors
+
+HEAD_PATTERN = re.compile(r".*classifier.*")  # evaluate's HEAD_PATTERN: what head_from takes from an expert
+STATE_FILE = "state.json"
+TENSORS_FILE = "coefficients.safetensors"
+RESULT_FILE = "result.json"
+
+
+@dataclass
+class Setup:
+    config: AdaConfig
+    plan: TensorPlan
+    model: Any
+    bank: Bank
+    coefficients: Coefficients
+    fixed: dict[str, torch.Tensor]  # tensors not merged, the same for every task
+    heads: dict[str, dict[str, torch.Tensor]]  # task -> its own head tensors (classifiers)
+    masks: PlusMasks | None
+    tokenizer: Any
+    world: int
+    rank: int
+
+
+def build_setup(config: AdaConfig, world: int = 1, rank: int = 0, shard: Callable[[Bank], None] | None = None,
+                reduce: AllReduce = no_reduce, device: str = "cpu") -> Setup:
+    """Everything one rank needs; ``shard`` splits the bank across ranks (FSDP2) before its shard is read."""
+    from distmerge.evaluate.models import ModelSource, load_tokenizer
+
+    base = Checkpoint(config.base, "base")
+    experts = {t: Checkpoint(p, t) for t, p in config.experts.items()}
+    plan = plan_tensors(base, experts, config.excluded(), config.freeze, config.granularity)
+    dtype = getattr(torch, config.dtype)
+    with torch.device("meta"):
+        bank = Bank(plan, dtype)
+    if shard is not None:
+        shard(bank)
+    bank.to_empty(device=device)
+    fill_bank(bank, base, list(experts.values()), world, rank)
+    masks = apply_plus(bank, config.density, reduce) if config.plus else None
+    model = skeleton(str(base.folder), config.kind)
+    for module in model.modules():
+        for key, buffer in module._buffers.items():
+            if buffer is not None:
+                module._buffers[key] = buffer.to(device)
+    merged = set(plan.names)
+    heads: dict[str, dict[str, torch.Tensor]] = {t: {} for t in experts}
+    fixed = {}
+    for name in base.tensors:
+        if name in merged:
+            continue
+        if config.kind == "classify" and HEAD_PATTERN.fullmatch(name):
+            for task, expert in experts.items():
+                heads[task][name] = _read(expert, name, device, dtype)
+        else:
+            fixed[name] = _read(base, name, device, dtype)
+    check_parameters(model, set(fixed) | merged | {n for h in heads.values() for n in h}, f"model '{config.base}'")
+    tokenizer = load_tokenizer(ModelSource(path=str(base.folder)), "right")
+    coefficients = Coefficients(plan, config.lambda_init).to(device)
+    for checkpoint in (base, *experts.values()):
+        checkpoint.close()
+    return Setup(config, plan, model, bank, coefficients, fixed, heads, masks, tokenizer, world, rank)
+
+
+def _read(checkpoint: Checkpoint, name: str, device: str, dtype: torch.dtype) -> torch.Tensor:
+    value = checkpoint.read(name)
+    return (value.to(dtype) if value.is_floating_point() else value).to(device)
+
+
+def step_objective(setup: Setup, batches: dict[str, list[dict[str, torch.Tensor]]], global_batch: int) -> torch.Tensor:
+    """This rank's part of one step's objective: every task's batches through the merged model and its head."""
+    merged = setup.bank(setup.coefficients)
+    total = torch.zeros((), dtype=torch.float32)
+    for task, encoded_batches in batches.items():
+        params = {**setup.fixed, **merged, **setup.heads.get(task, {})}
+        for encoded in encoded_batches:
+            total = total + batch_objective(setup.model, params, encoded, setup.config.kind, setup.config.objective,
+                                            global_batch)
+    return total
+
+
+def encode_rows(setup: Setup, task: str, rows: dict) -> dict[str, torch.Tensor]:
+    data = setup.config.data[task]
+    one_segment = getattr(setup.model.config, "type_vocab_size", 2) <= 1
+    target = data.target if setup.config.objective == "sft" else None
+    return encode(setup.tokenizer, rows, text_fields(task, data.fields), target, setup.config.max_length, one_segment)
+
+
+def make_optimizer(setup: Setup) -> torch.optim.Optimizer:
+    return torch.optim.Adam([setup.coefficients.raw], lr=setup.config.lr, betas=(0.9, 0.999), weight_decay=0.0)
+
+
+def summary(setup: Setup) -> dict[str, float]:
+    values = setup.coefficients.per_tensor().detach()
+    return {"lambda_mean": float(values.mean()), "lambda_min": float(values.min()), "lambda_max": float(values.max())}
+
+
+# --- checkpoints: safetensors + JSON (no pickle) -------------------------------------------------
+
+
+def save_state(folder: Path, setup: Setup, optimizer: torch.optim.Optimizer, state: dict[str, Any],
+               gradient: torch.Tensor | None) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {"raw": setup.coefficients.raw.detach().cpu().contiguous()}
+    adam = optimizer.state.get(setup.coefficients.raw, {})
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in adam:
+            tensors[f"adam.{key}"] = adam[key].detach().cpu().contiguous()
+    if "step" in adam:
+        tensors["adam.step"] = torch.as_tensor(adam["step"], dtype=torch.float32).reshape(1).cpu()
+    if gradient is not None:
+        tensors["last_gradient"] = gradient.detach().cpu().contiguous()
+    tensors["lambdas"] = setup.coefficients.per_tensor().detach().cpu().contiguous()
+    write_safetensors(tensors, folder / TENSORS_FILE)
+    write_json(folder / STATE_FILE, state)
+
+
+def load_state(folder: Path, setup: Setup, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(folder / TENSORS_FILE))
+    state = json.loads((folder / STATE_FILE).read_text())
+    with torch.no_grad():
+        setup.coefficients.raw.copy_(tensors["raw"])
+    if "adam.step" in tensors:
+        optimizer.state[setup.coefficients.raw] = {
+            "step": torch.tensor(float(tensors["adam.step"][0])),
+            "exp_avg": tensors["adam.exp_avg"].clone(), "exp_avg_sq": tensors["adam.exp_avg_sq"].clone()}
+    return state
+
+
+# --- data -------------------------------------------------------------------------------------
+
+
+class TaskStream:
+    """Batches of one task from a Ray Data shard, epoch after epoch (drop_last keeps every batch full)."""
+
+    def __init__(self, task: str, shard, local_batch: int):
+        self.task, self.shard, self.local_batch = task, shard, local_batch
+        self.iterator = None
+
+    def next(self) -> dict:
+        for _ in range(2):
+            if self.iterator is None:
+                self.iterator = iter(self.shard.iter_batches(batch_size=self.local_batch, batch_format="numpy",
+                                                             drop_last=True))
+            try:
+                return next(self.iterator)
+            except StopIteration:
+                self.iterator = None
+        raise InputError(f"data.{self.task}: fewer than {self.local_batch} rows per worker (batch_size / workers); "
+                         f"give more rows or a smaller batch_size")
+
+
+# --- the Ray Train worker -----------------------------------------------------------------------
+
+
+def fsdp_shard(bank: Bank) -> None:
+    from torch.distributed.fsdp import fully_shard
+
+    for group in bank.groups:
+        fully_shard(group)
+    fully_shard(bank)
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    import torch.distributed as dist
+
+    out = tensor.clone()
+    dist.all_reduce(out, op=dist.ReduceOp.SUM)
+    return out
+
+
+def train_worker(loop_config: dict[str, Any]) -> None:
+    """Runs each variant of ``loop_config["variants"]`` in turn (the driver passes one; tests pass several to
+    share one Train run); a variant whose result is written is skipped, so a restarted run resumes."""
+    import ray.train
+
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.set_num_threads(max(1, int(loop_config.get("num_threads", 1))))
+    checkpoint = ray.train.get_checkpoint()
+    resumed: tuple[int, Path] | None = None
+    if checkpoint is not None:
+        folder = Path(checkpoint.to_directory())
+        resumed = (json.loads((folder / STATE_FILE).read_text())["variant"], folder)
+    faults = loop_config.get("faults", {})
+    for index, variant in enumerate(loop_config["variants"]):
+        result_dir = Path(variant["result_dir"])
+        if (result_dir / RESULT_FILE).exists():
+            continue
+        config = load_ada_config(variant["config"])
+        strategy_shard = fsdp_shard if world > 1 and config.strategy == "fsdp" else None
+        setup = build_setup(config, world, rank, strategy_shard, all_reduce_sum if world > 1 else no_reduce)
+        start_from = resumed[1] if resumed is not None and resumed[0] == index else None
+        _train_variant(setup, index, variant["datasets"], result_dir, start_from, faults,
+                       loop_config.get("run", "adamerging"))
+
+
+def _train_variant(setup: Setup, index: int, datasets: str, result_dir: Path, start_from: Path | None,
+                   faults: dict, run_name: str) -> None:
+    import ray.train
+
+    config = setup.config
+    reduce = all_reduce_sum if setup.world > 1 else no_reduce
+    optimizer = make_optimizer(setup)
+    history: list[float] = []
+    step = 0
+    if start_from is not None:
+        state = load_state(start_from, setup, optimizer)
+        step, history = int(state["step"]), list(state["history"])
+    local_batch = config.batch_size // setup.world
+    streams = {t: TaskStream(t, ray.train.get_dataset_shard(f"{datasets}:{t}"), local_batch) for t in config.tasks}
+    for stream in streams.values():  # the batches the interrupted run consumed: the data continues where it was
+        for _ in range(step * config.batches):
+            stream.next()
+    exit_after = exit_after_steps(faults, index) if start_from is None else 0
+    every = max(1, config.steps // 20)
+    gradient = None
+    began = time.perf_counter()
+    while step < config.steps:
+        batches = {t: [encode_rows(setup, t, streams[t].next()) for _ in range(config.batches)] for t in config.tasks}
+        optimizer.zero_grad(set_to_none=True)
+        loss = step_objective(setup, batches, config.batch_size)
+        loss.backward()
+        gradient = reduce(setup.coefficients.raw.grad)
+        setup.coefficients.raw.grad = gradient.clone()
+        objective = float(reduce(loss.detach()))
+        optimizer.step()
+        history.append(objective)
+        step += 1
+        if setup.rank == 0:
+            telemetry.gauge("distmerge_adamerging_objective", objective, run=run_name)
+            telemetry.gauge("distmerge_adamerging_step", float(step), run=run_name)
+            if step % every == 0 or step == config.steps:
+                s = summary(setup)
+                print(f"adamerging {run_name}: step {step}/{config.steps} objective {objective:.6f} lambda mean "
+                      f"{s['lambda_mean']:.4f} [{s['lambda_min']:.4f}, {s['lambda_max']:.4f}] "
+                      f"({time.perf_counter() - began:.1f}s)", flush=True)
+        if step % config.checkpoint_every == 0 or step == config.steps:
+            _report(setup, optimizer, {"variant": index, "step": step, "history": history}, gradient, objective)
+        if exit_after and step == exit_after and setup.rank == 0:
+            os._exit(17)  # fault injection: the whole run dies here, as a killed driver's would
+    _finish(setup, optimizer, result_dir, step, history, gradient)
+
+
+def exit_after_steps(faults: dict, variant: int) -> int:
+    """``adamerging_exit_after_steps=K[@V]``: the run dies after K steps of variant V (default 0), once: a
+    resumed variant never dies again (the engine's faults module's convention)."""
+    spec = faults.get("adamerging_exit_after_steps")
+    if not spec:
+        return 0
+    count, _, target = spec.partition("@")
+    return int(count) if int(target or 0) == variant else 0
+
+
+def _report(setup: Setup, optimizer, state: dict, gradient, objective: float) -> None:
+    import ray.train
+
+    metrics = {"step": state["step"], "objective": objective, **summary(setup)}
+    if setup.rank != 0:
+        ray.train.report(metrics)
+        return
+    with tempfile.TemporaryDirectory() as folder:
+        save_state(Path(folder), setup, optimizer, state, gradient)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
+
+
+def _finish(setup: Setup, optimizer, result_dir: Path, step: int, history: list[float], gradient) -> None:
+    """Rank 0 writes the variant's learned coefficients; result.json last, as the variant's commit mark."""
+    if setup.rank != 0:
+        return
+    state = {"step": step, "history": history}
+    save_state(result_dir, setup, optimizer, state, gradient)
+    result = {"names": list(setup.plan.names), "tasks": list(setup.plan.tasks), "rows": list(setup.plan.rows),
+              "granularity": setup.plan.granularity, "steps": step, "history": history,
+              "plus": None if setup.masks is None else {"thresholds": list(setup.masks.thresholds),
+                                                         "zero_sign": setup.masks.zero_sign}}
+    write_json(result_dir / RESULT_FILE, result)

@@ -1,0 +1,279 @@
+"""AdaMerging: the functional model and objective without Ray, then two Ray Train jobs (2 FSDP2 workers) that
+check the sharded gradients against a plain single-process computation, the written merges, and resumption."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from distmerge.errors import ConfigError
+
+TASKS = ("alpha", "beta")
+ROWS = 8  # rows per task: one step of batches x batch_size = 2 x 4, so every step sees every row
+HEADS = r".*classifier.*"
+
+
+# --- fixtures: a tiny RoBERTa family whose heads are confident enough for the entropy to move ------------
+
+
+@pytest.fixture(scope="module")
+def family(tmp_path_factory):
+    from transformers import AutoModelForSequenceClassification
+
+    from distmerge.tiny_models import build_family
+
+    root = tmp_path_factory.mktemp("ada")
+    base, experts = build_family(root / "models", "roberta", experts=2, hidden=32, layers=1, delta_scale=0.05,
+                                 shard_size="100KB")
+    for i, folder in enumerate(experts):
+        model = AutoModelForSequenceClassification.from_pretrained(str(folder))
+        generator = torch.Generator().manual_seed(100 + i)
+        with torch.no_grad():
+            model.classifier.out_proj.weight.copy_(torch.randn(model.classifier.out_proj.weight.shape,
+                                                               generator=generator) * 3.0)
+        model.save_pretrained(str(folder), max_shard_size="100KB")
+    rng = np.random.default_rng(0)
+    data = {}
+    for t, task in enumerate(TASKS):
+        rows = [{"sentence": " ".join(f"w{w}" for w in rng.integers(4, 128, size=6)), "label": int(rng.integers(3))}
+                for _ in range(ROWS)]
+        data[task] = rows
+        _write_jsonl(root / f"{task}.jsonl", rows)
+        corrupted = [{**r, "label": f"garbage-{j}"} for j, r in enumerate(rows)]  # not even a number
+        _write_jsonl(root / f"{task}-corrupted.jsonl", corrupted)
+    return {"root": root, "base": str(base), "experts": {t: str(p) for t, p in zip(TASKS, experts)}, "data": data}
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def ada_config(family, **overrides) -> dict:
+    suffix = overrides.pop("data_suffix", "")
+    config = {"base": family["base"], "experts": family["experts"],
+              "data": {t: {"path": str(family["root"] / f"{t}{suffix}.jsonl"), "fields": ["sentence"]} for t in TASKS},
+              "batches": 2, "batch_size": 4, "steps": 1, "max_length": 16, "checkpoint_every": 1}
+    config.update(overrides)
+    return config
+
+
+def prepared(family, **overrides):
+    from distmerge.adamerging.driver import prepare
+
+    return prepare(ada_config(family, **overrides))
+
+
+# --- the plain reference: full state dicts, the formula written out, no bank, no sharding --------------------
+
+
+def state(folder: str) -> dict[str, torch.Tensor]:
+    out = {}
+    for file in sorted(Path(folder).glob("*.safetensors")):
+        out.update(load_file(str(file)))
+    return out
+
+
+def reference_task_vectors(family, plus: bool, density: float = 0.2):
+    base = state(family["base"])
+    names = sorted(n for n in base if base[n].is_floating_point() and "classifier" not in n)
+    taus = [{n: state(family["experts"][t])[n].float() - base[n].float() for n in names} for t in TASKS]
+    if plus:  # the reference's ties_merging_split: global flatten, topk_values_mask, mass sign, split
+        flat = torch.stack([torch.cat([tau[n].reshape(-1) for n in names]) for tau in taus])
+        k = flat.shape[1] - int(flat.shape[1] * density)
+        kth = flat.abs().kthvalue(k, dim=1, keepdim=True).values
+        trimmed = flat * (flat.abs() >= kth)
+        sign = torch.sign(trimmed.sum(0))
+        sign[sign == 0] = torch.sign(sign.sum())
+        selected = trimmed * torch.where(sign > 0, trimmed > 0, trimmed < 0)
+        offset, split = 0, [{} for _ in TASKS]
+        for n in names:
+            size = base[n].numel()
+            for t in range(len(TASKS)):
+                split[t][n] = selected[t, offset:offset + size].reshape(base[n].shape)
+            offset += size
+        taus = split
+    return base, names, taus
+
+
+def reference_gradient(family, granularity: str, plus: bool) -> torch.Tensor:
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    base, names, taus = reference_task_vectors(family, plus)
+    rows = len(names) if granularity == "layer" else 1
+    raw = torch.full((rows, len(TASKS)), 0.3, requires_grad=True)
+    lam = raw.clamp(0, 1)
+    merged = {n: base[n] + sum(lam[i if granularity == "layer" else 0, t] * taus[t][n] for t in range(len(TASKS)))
+              for i, n in enumerate(names)}
+    tokenizer = AutoTokenizer.from_pretrained(family["base"])
+    total = 0.0
+    for t, task in enumerate(TASKS):
+        model = AutoModelForSequenceClassification.from_pretrained(family["experts"][task]).eval()
+        params = {**{n: p.detach() for n, p in model.named_parameters()}, **merged}
+        texts = [r["sentence"] for r in family["data"][task]]
+        encoded = dict(tokenizer(texts, padding=True, truncation=True, max_length=16, return_tensors="pt"))
+        encoded.pop("token_type_ids", None)
+        logits = torch.func.functional_call(model, params, args=(), kwargs=encoded).logits
+        p = logits.softmax(-1)
+        total = total + (-(p * logits.log_softmax(-1)).sum(-1)).sum() / 4  # batch_size 4, mean per batch, summed
+    total.backward()
+    return raw.grad
+
+
+# --- Ray-free -------------------------------------------------------------------------------------
+
+
+def test_config_errors_name_the_key(family):
+    from distmerge.adamerging.config import load_ada_config
+
+    good = ada_config(family)
+    for change, key in (({"granularity": "tensor"}, "granularity"), ({"lambda_init": 1.5}, "lambda_init"),
+                        ({"steps": -1}, "steps"), ({"freeze": ["("]}, "freeze[0]"), ({"colour": 1}, "colour"),
+                        ({"data": {"alpha": "x.csv", "beta": "y.jsonl"}}, "data.alpha.path"),
+                        ({"data": {"alpha": "x.jsonl"}}, "data.beta")):
+        with pytest.raises(ConfigError, match=rf"^{key.replace('[', '.').replace(']', '.')}"):
+            load_ada_config({**good, **change})
+
+
+def test_functional_model_matches_the_formula_and_plus_matches_the_reference(family):
+    """The bank (one process) gives theta0 + sum_t lambda_t tau_t, with AdaMerging++'s selected entries as the
+    reference computes them; the frozen tensors keep lambda_init."""
+    from distmerge.adamerging.train import build_setup
+
+    config = prepared(family, plus=True, granularity="layer", freeze=["embeddings"])
+    setup = build_setup(config)
+    base, names, taus = reference_task_vectors(family, plus=True)
+    assert list(setup.plan.names) == names
+    with torch.no_grad():
+        setup.coefficients.raw.uniform_(-0.5, 1.5, generator=torch.Generator().manual_seed(0))
+        merged = setup.bank(setup.coefficients)
+        lam = setup.coefficients.per_tensor()
+    frozen = [i for i, n in enumerate(names) if "embeddings" in n]
+    assert frozen and all(setup.plan.rows[i] is None for i in frozen)
+    assert torch.all(lam[frozen] == 0.3) and lam.min() >= 0 and lam.max() <= 1 and (lam == 0).any()
+    for i, n in enumerate(names):
+        expected = base[n] + sum(lam[i, t] * taus[t][n] for t in range(len(TASKS)))
+        torch.testing.assert_close(merged[n], expected, atol=1e-6, rtol=0)
+    kept = sum(int((taus[t][n] != 0).sum()) for t in range(len(TASKS)) for n in names)
+    assert 0 < kept < 0.2 * len(TASKS) * sum(base[n].numel() for n in names) + len(TASKS)
+
+
+def test_objective_ignores_labels_and_gradients_match_the_reference(family):
+    """One process: the step's coefficient gradient equals the plain computation; the labels are not an input."""
+    from distmerge.adamerging.train import build_setup, encode_rows, step_objective
+
+    config = prepared(family, granularity="layer")
+    setup = build_setup(config)
+    batches = {t: [encode_rows(setup, t, {"sentence": np.array([r["sentence"] for r in family["data"][t][b:b + 4]])})
+                   for b in (0, 4)] for t in TASKS}
+    step_objective(setup, batches, 4).backward()
+    torch.testing.assert_close(setup.coefficients.raw.grad, reference_gradient(family, "layer", False),
+                               atol=1e-6, rtol=0)
+
+
+def test_weight_filters_resolve_each_tensor_to_its_own_value():
+    from distmerge.adamerging.driver import weight_filters
+    from distmerge.config import resolve_setting
+
+    lambdas = {"a.layer.1.w": {"x": 0.1}, "a.layer.11.w": {"x": 0.2}, "b.a.layer.1.w": {"x": 0.3}, "w": {"x": 0.4}}
+    filters = weight_filters(lambdas, "x")
+    assert {n: resolve_setting(filters, n, 0.0) for n in lambdas} == {n: v["x"] for n, v in lambdas.items()}
+
+
+# --- Ray Train: one job of several variants, then one that resumes ---------------------------------------------
+
+
+VARIANTS = {  # name -> config overrides; "resume" dies after 2 steps in the first job (fault injection)
+    "task": {"granularity": "task"},
+    "layer": {"granularity": "layer"},
+    "plus": {"granularity": "layer", "plus": True},
+    "zero": {"steps": 0},
+    "learn": {"granularity": "layer", "steps": 4, "lr": 0.1},
+    "corrupted": {"granularity": "layer", "steps": 4, "lr": 0.1, "data_suffix": "-corrupted"},
+    "resume": {"granularity": "layer", "steps": 4, "lr": 0.1},
+}
+
+
+@pytest.fixture(scope="module")
+def trained(family, ray_cluster, tmp_path_factory):
+    from distmerge.adamerging.driver import train
+
+    folder = tmp_path_factory.mktemp("ada_runs")
+    variants = [(prepared(family, **overrides), folder / name) for name, overrides in VARIANTS.items()]
+    storage = folder / "ray"
+    os.environ["DISTMERGE_FAULT_INJECT"] = f"adamerging_exit_after_steps=2@{len(variants) - 1}"
+    try:
+        with pytest.raises(Exception, match="resume"):
+            train(variants, storage, workers=2)
+    finally:
+        os.environ.pop("DISTMERGE_FAULT_INJECT")
+    assert not (folder / "resume" / "result.json").exists()
+    assert all((folder / name / "result.json").exists() for name in list(VARIANTS)[:-1])
+    results = dict(zip(VARIANTS, train(variants, storage, workers=2)))  # the driver again: resumes at step 2
+    return {"results": results, "variants": dict(zip(VARIANTS, (c for c, _ in variants))), "folder": folder}
+
+
+@pytest.mark.timeout(400)
+@pytest.mark.parametrize("name,granularity,plus", [("task", "task", False), ("layer", "layer", False),
+                                                   ("plus", "layer", True)])
+def test_sharded_gradients_equal_one_process(trained, family, name, granularity, plus):
+    gradient = trained["results"][name]["tensors"]["last_gradient"]
+    torch.testing.assert_close(gradient, reference_gradient(family, granularity, plus), atol=1e-6, rtol=0)
+
+
+def test_objective_decreases_within_bounds_and_labels_are_never_read(trained):
+    learn, corrupted = trained["results"]["learn"], trained["results"]["corrupted"]
+    history = learn["history"]
+    assert len(history) == 4 and all(b < a for a, b in zip(history, history[1:])), history
+    lambdas = learn["tensors"]["lambdas"]
+    assert lambdas.min() >= 0.0 and lambdas.max() <= 1.0 and not torch.all(lambdas == 0.3)
+    np.testing.assert_allclose(corrupted["history"], history, rtol=1e-6)  # rows may reach the ranks in another order
+    torch.testing.assert_close(corrupted["tensors"]["raw"], learn["tensors"]["raw"], atol=1e-6, rtol=0)
+
+
+def test_resume_after_a_killed_run_equals_an_uninterrupted_one(trained):
+    resumed, uninterrupted = trained["results"]["resume"], trained["results"]["learn"]
+    assert resumed["steps"] == 4
+    torch.testing.assert_close(resumed["tensors"]["raw"], uninterrupted["tensors"]["raw"], atol=1e-6, rtol=0)
+    torch.testing.assert_close(resumed["tensors"]["adam.exp_avg_sq"], uninterrupted["tensors"]["adam.exp_avg_sq"],
+                               atol=1e-9, rtol=1e-5)
+    np.testing.assert_allclose(resumed["history"], uninterrupted["history"], rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["zero", "learn", "plus"])
+def test_written_merge_is_the_formula_for_lambdas_json(trained, family, name, tmp_path):
+    """The engine writes theta0 + sum_t lambda_t tau_t (tau of ++ for plus) with the coefficients of
+    lambdas.json, tensor by tensor; zero steps is task arithmetic at lambda_init; heads are the base's."""
+    from distmerge.adamerging.driver import lambdas_by_tensor, merge_output, write_artifacts
+
+    config, result = trained["variants"][name], trained["results"][name]
+    lambdas = lambdas_by_tensor(result)
+    folder = tmp_path / "run"
+    folder.mkdir()
+    write_artifacts(folder, config, result, lambdas)
+    out = tmp_path / "merged"
+    merge_output(config, result, lambdas, folder, out, workers=1, force=False)
+    written = state(str(out))
+    recorded = json.loads((folder / "lambdas.json").read_text())["lambdas"]
+    base, names, taus = reference_task_vectors(family, plus=config.plus)
+    assert sorted(recorded) == names
+    if name == "zero":
+        assert all(v == pytest.approx(0.3) for per_task in recorded.values() for v in per_task.values())
+    for n in names:
+        expected = base[n] + sum(recorded[n][task] * taus[t][n] for t, task in enumerate(TASKS))
+        torch.testing.assert_close(written[n].float(), expected, atol=1e-6, rtol=0)
+    for n in base:
+        if n not in names:
+            assert torch.equal(written[n], base[n]), n
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(folder / "lambdas.parquet").to_pylist()
+    assert len(table) == len(names) * len(TASKS)
+    assert all(math.isclose(r["lambda"], recorded[r["tensor"]][r["task"]]) for r in table)
+    assert (folder / "adamerging.png").stat().st_size > 0
