@@ -218,12 +218,17 @@ def test_holders_merge_bit_identical_to_the_engine(ray_cluster, llama_family_voc
 @pytest.mark.ray
 @pytest.mark.timeout(300)
 def test_evaluator_tasks_score_the_merged_tensors(ray_cluster, family, tmp_path):
-    """type: eval hands the in-memory merge to distmerge.evaluate; its perplexity agrees with the built-in NLL."""
+    """type: eval hands the in-memory merge to distmerge.evaluate; the built-in perplexity is the same scorer, so
+    both give the same number, long texts included."""
     import math
 
     from distmerge.sweep import run_sweep
 
-    base, experts, data = family
+    base, experts, family_data = family
+    # A text longer than any window: both scorers must split it the same way, not truncate it.
+    data = tmp_path / "with_long_text.jsonl"
+    long_text = " ".join(json.loads(line)["text"] for line in family_data.read_text().splitlines()[:40])
+    data.write_text(family_data.read_text() + json.dumps({"text": long_text}) + "\n")
     # One trial, one part: each part is one evaluator run (a Ray Data pipeline with its own model actor).
     config = sweep_config(base, experts, data, parameters={"lambda": {"grid": [GENERATING_LAMBDA]}},
                           metric="ev/perplexity", eval_chunks=1)

@@ -4,6 +4,8 @@
   (``nll``; ``perplexity`` = exp(nll)), summed over tokens, so parts add up to the whole.
 * ``classification``: accuracy of a sequence-classification model on (text, label) pairs; string labels
   go through the model config's ``label2id``.
+  Both score with the evaluator's own functions (``distmerge.evaluate.predict``), so a sweep's number is the
+  number ``distmerge eval`` gives on the same data.
 * ``eval``: a task of ``distmerge.evaluate`` (GLUE, GSM8K, MATH, code, perplexity), run by its in-process
   ``evaluate`` on the merged tensors (a ``ModelSource`` from the state dict) on its own Ray Data actors; the
   per-row results of each part go into the evaluator's own ``Reducer``, so every metric it reports is exact
@@ -127,29 +129,33 @@ def _batches(items, size: int):
         yield items[i:i + size]
 
 
-@torch.inference_mode()
+# Without a max_length, a built-in task takes the evaluator's: its perplexity task's window, GLUE's 128 tokens.
+DEFAULT_MAX_LENGTH = {"perplexity": 1024, "classification": 128}
+
+
+def _max_length(model, task: TaskSpec) -> int:
+    from distmerge.evaluate.predict import model_max_tokens
+
+    return model_max_tokens(model, task.max_length or DEFAULT_MAX_LENGTH[task.type])
+
+
 def _nll_sums(model, tokenizer, task: TaskSpec, texts) -> dict[str, float]:
-    nll_sum, tokens = 0.0, 0
-    for batch in _batches(list(texts), task.batch_size):
-        # Right padding: a causal LM numbers positions from the left, so padding must come after the text.
-        enc = tokenizer(batch, return_tensors="pt", padding=True, truncation=True, max_length=task.max_length,
-                        padding_side="right").to(model.device)
-        logits = model(input_ids=enc["input_ids"], attention_mask=enc["attention_mask"]).logits
-        target = enc["input_ids"][:, 1:]
-        mask = enc["attention_mask"][:, 1:].bool()
-        logp = torch.log_softmax(logits[:, :-1].double(), dim=-1)
-        picked = logp.gather(-1, target.unsqueeze(-1)).squeeze(-1)
-        nll_sum += float(-(picked[mask]).sum())
-        tokens += int(mask.sum())
-    return {"nll_sum": nll_sum, "tokens": float(tokens)}
+    """The evaluator's own scoring (``distmerge eval --task perplexity``): each text in windows of max_length
+    tokens, so a sweep and ``distmerge eval`` give the same number on the same data."""
+    from distmerge.evaluate.predict import nll
+
+    nll_sum, tokens = nll(model, tokenizer, list(texts), _max_length(model, task), str(model.device),
+                          windows_per_pass=task.batch_size)
+    return {"nll_sum": float(nll_sum.sum()), "tokens": float(tokens.sum())}
 
 
-@torch.inference_mode()
 def _correct_counts(model, tokenizer, task: TaskSpec, pairs) -> dict[str, float]:
+    from distmerge.evaluate.predict import classify
+
     label2id = getattr(model.config, "label2id", None) or {}
+    max_length = _max_length(model, task)
     correct = 0
     for batch in _batches(list(pairs), task.batch_size):
-        texts = [text for text, _ in batch]
         labels = []
         for _, label in batch:
             if isinstance(label, str):
@@ -158,8 +164,6 @@ def _correct_counts(model, tokenizer, task: TaskSpec, pairs) -> dict[str, float]
                                           f"({sorted(label2id)})")
                 label = label2id[label]
             labels.append(int(label))
-        enc = tokenizer(texts, return_tensors="pt", padding=True, truncation=True, max_length=task.max_length,
-                        padding_side="right").to(model.device)
-        predicted = model(**enc).logits.argmax(-1).cpu()
-        correct += int((predicted == torch.tensor(labels)).sum())
+        predicted = classify(model, tokenizer, [text for text, _ in batch], None, max_length, str(model.device))
+        correct += int((torch.from_numpy(predicted).long() == torch.tensor(labels)).sum())
     return {"correct": float(correct), "examples": float(len(pairs))}

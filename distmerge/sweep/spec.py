@@ -101,7 +101,7 @@ class TaskSpec:
     type: str  # perplexity | classification | eval
     data: str
     examples: tuple  # texts (perplexity), (text, label) pairs (classification), row dicts (eval)
-    max_length: int | None = 128  # eval: None = the evaluator's default for the task
+    max_length: int | None = None  # None: the evaluator's default for the task (perplexity 1024, GLUE 128)
     batch_size: int = 8
     task: str | None = None  # eval: the evaluator's task name
     workers: int = 1  # eval: model actors per evaluation
@@ -456,7 +456,8 @@ def _tasks(value: Any) -> tuple[TaskSpec, ...]:
         examples = read_examples(entry["data"], kind, entry.get("text_field", "text"),
                                  entry.get("label_field", "label"), limit, f"{where}.data")
         tasks.append(TaskSpec(name=name, type=kind, data=str(Path(entry["data"]).resolve()), examples=examples,
-                              max_length=_int(entry, "max_length", 128, lo=2, prefix=f"{where}."),
+                              max_length=(_int(entry, "max_length", None, lo=2, prefix=f"{where}.")
+                                          if "max_length" in entry else None),
                               batch_size=_int(entry, "batch_size", 8, lo=1, prefix=f"{where}.")))
     return tuple(tasks)
 
