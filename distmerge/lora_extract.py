@@ -16,7 +16,7 @@ import re
 import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable, Iterator
 
 import torch
 
@@ -204,9 +204,7 @@ def layer_groups(names: list[str]) -> list[list[str]]:
 
 def extract(merged_source: str, base_source: str, out: str | Path, options: ExtractOptions,
             workers: int | None = None, address: str | None = None, force: bool = False) -> ExtractResult:
-    import ray
-
-    from distmerge.engine.ray_session import get, ray_session
+    from distmerge.engine.ray_session import ray_session
 
     options.check()
     out = Path(out).expanduser()
@@ -223,15 +221,34 @@ def extract(merged_source: str, base_source: str, out: str | Path, options: Extr
     groups = [{n: roles[n] for n in group} for group in layer_groups(names)]
     results: dict[str, Any] = {}
     with ray_session(address, num_cpus=workers):
-        task = ray.remote(num_cpus=1)(extract_group)
-        in_flight = max(1, workers or int(ray.cluster_resources().get("CPU", 1)))
-        pending, queue = [], list(groups)
+        for part in run_per_group(extract_group, [(merged, base, group, options) for group in groups], workers):
+            results.update(part)
+    return write_result(out, results, merged, base, base_source, options, fan_in_fan_out, force)
+
+
+def run_per_group(function: Callable[..., Any], calls: list[tuple], workers: int | None = None,
+                  desc: str | None = None) -> Iterator[Any]:
+    """``function(*call)`` for every call as one single-CPU Ray task, at most ``workers`` (default: the cluster's
+    CPUs) in flight, so a layer group's tensors are in memory only while its task runs; results as they finish.
+    Ray must be running. ``desc`` names a progress bar (and the tasks in the dashboard)."""
+    import sys
+
+    import ray
+    from tqdm import tqdm
+
+    from distmerge.engine.ray_session import get
+
+    options = {"num_cpus": 1} if desc is None else {"num_cpus": 1, "name": desc}
+    task = ray.remote(**options)(function)
+    in_flight = max(1, workers or int(ray.cluster_resources().get("CPU", 1)))
+    pending, queue = [], list(calls)
+    with tqdm(total=len(queue), desc=desc, unit="group", disable=desc is None, file=sys.stderr) as bar:
         while queue or pending:
             while queue and len(pending) < in_flight:
-                pending.append(task.remote(merged, base, queue.pop(0), options))
+                pending.append(task.remote(*queue.pop(0)))
             done, pending = ray.wait(pending, num_returns=1)
-            results.update(get(done[0]))
-    return write_result(out, results, merged, base, base_source, options, fan_in_fan_out, force)
+            yield get(done[0])
+            bar.update(1)
 
 
 def write_result(out: Path, results: dict[str, Any], merged: Checkpoint, base: Checkpoint, base_source: str,

@@ -123,6 +123,13 @@ def load_model(source: ModelSource, kind: str, num_labels: int = 0, device: str 
 
     auto = AutoModelForSequenceClassification if kind == "classify" else AutoModelForCausalLM
     dtype = torch_dtype(source.dtype, device)
+    if source.path is not None and source.head_from is None:
+        from distmerge.twin.folder import is_twin_folder
+
+        if is_twin_folder(source.path):  # a Twin-Merging folder: routed per sample (distmerge.twin)
+            from distmerge.twin import load
+
+            return load(source.path, kind="classify" if kind == "classify" else "causal", device=device, dtype=dtype)
     if source.path is not None:
         config = AutoConfig.from_pretrained(source.path)
     else:

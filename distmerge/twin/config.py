@@ -1,0 +1,174 @@
+"""``twin.yaml``: a merge config (base_model, models, dtype, exclude ...) for the shared expert, plus three sections.
+
+```yaml
+base_model: base/
+models: [{model: math/, name: math}, {model: base/+code_lora/, name: code}]
+shared: {method: task_arithmetic, parameters: {lambda: 0.3}}   # default: the reference's TA 0.3
+exclusive: {rank: 8}            # or rank_fraction: 0.1; svd: auto | exact | randomized; lora: product | factors
+router:
+  data: {math: math_train.jsonl, code: code_train.parquet}   # every task's samples, by model name
+  field: text                   # the prompt column
+```
+
+Everything is validated here, before Ray starts or a tensor is read; errors name the key.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from distmerge.config import MergeConfig, load_config, read_yaml
+from distmerge.errors import ConfigError
+from distmerge.lora_extract import SVD_MODES
+
+SECTIONS = ("shared", "exclusive", "router")
+DEFAULT_SHARED = {"method": "task_arithmetic", "parameters": {"lambda": 0.3}}
+DEFAULT_RANK = 8  # the generative reference's new_rank
+LORA_MODES = ("product", "factors")
+FACTOR_DTYPES = ("float32", "bfloat16", "float16")
+TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # names become tensor keys and file names
+
+
+@dataclass(frozen=True)
+class ExclusiveConfig:
+    rank: int | None = None
+    rank_fraction: float | None = None
+    svd: str = "auto"  # auto: exact when the smaller side is <= 1024, randomized above
+    oversample: int = 10
+    niter: int = 4
+    lora: str = "product"  # LoRA experts: SVD of the product delta; factors: the reference's SVD of A and B
+    dtype: str = "float32"
+    seed: int = 0
+
+    def validate(self) -> None:
+        where = "exclusive"
+        if self.rank is not None and self.rank_fraction is not None:
+            raise ConfigError(f"{where}: give one of rank (e.g. 8) or rank_fraction (e.g. 0.1), not both")
+        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0):
+            raise ConfigError(f"{where}.rank: must be a positive integer, got {self.rank!r}")
+        if self.rank_fraction is not None:
+            value = self.rank_fraction
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not 0 < value <= 1:
+                raise ConfigError(f"{where}.rank_fraction: must be a number in (0, 1], got {value!r}")
+        for key, choices in (("svd", SVD_MODES), ("lora", LORA_MODES), ("dtype", FACTOR_DTYPES)):
+            if getattr(self, key) not in choices:
+                raise ConfigError(f"{where}.{key}: {getattr(self, key)!r} is not one of {', '.join(choices)}")
+        for key in ("oversample", "niter", "seed"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{where}.{key}: must be an integer >= 0, got {value!r}")
+
+    def rank_for(self, shape: tuple[int, ...]) -> int:
+        """The rank a 2-D tensor of ``shape`` keeps: ``rank``, or int(fraction * min side) as the reference (at
+        least 1), never more than the smaller side."""
+        side = min(shape)
+        wanted = self.rank if self.rank is not None else max(1, int(self.rank_fraction * side))
+        return min(wanted, side)
+
+
+@dataclass(frozen=True)
+class RouterConfig:
+    data: dict[str, str] = field(default_factory=dict)  # task name -> jsonl/json/parquet file or folder
+    field: str = "text"
+    max_samples: int = 5500  # per task, as the reference
+    holdout: float = 0.1  # share of each task's samples kept for the reported accuracy
+    max_length: int = 512
+    epochs: int = 50
+    lr: float = 5e-4
+    batch_size: int = 1024
+    dropout: float = 0.5
+    seed: int = 0
+    workers: int = 1  # model actors computing features
+    feature_batch_size: int = 16
+
+    def validate(self, tasks: tuple[str, ...]) -> None:
+        where = "router"
+        if not isinstance(self.data, dict):
+            raise ConfigError(f"{where}.data: expected a mapping of task name to a jsonl/parquet file")
+        for task in tasks:
+            if task not in self.data:
+                raise ConfigError(f"{where}.data.{task}: missing (every task needs router samples)")
+        for task, path in self.data.items():
+            if task not in tasks:
+                raise ConfigError(f"{where}.data.{task}: not a task (models are {', '.join(tasks)})")
+            if not isinstance(path, str) or not Path(path).expanduser().exists():
+                raise ConfigError(f"{where}.data.{task}: '{path}' does not exist")
+        if not isinstance(self.field, str) or not self.field:
+            raise ConfigError(f"{where}.field: expected a column name")
+        for key in ("max_samples", "max_length", "epochs", "batch_size", "workers", "feature_batch_size"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{where}.{key}: must be an integer >= 1, got {value!r}")
+        for key, lo, hi in (("holdout", 0.0, 0.9), ("lr", 0.0, 10.0), ("dropout", 0.0, 0.99)):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+                    or not lo <= value <= hi or (key == "lr" and value == 0):
+                raise ConfigError(f"{where}.{key}: must be a number in [{lo}, {hi}]{' above 0' if key == 'lr' else ''}"
+                                  f", got {value!r}")
+
+
+@dataclass(frozen=True)
+class TwinConfig:
+    merge: MergeConfig  # the shared expert's merge (its models are the tasks)
+    exclusive: ExclusiveConfig
+    router: RouterConfig
+    raw_shared: dict[str, Any]
+
+    @property
+    def tasks(self) -> tuple[str, ...]:
+        return self.merge.names
+
+
+def _section(raw: dict, key: str) -> dict:
+    value = raw.get(key)
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{key}: expected a mapping")
+    return dict(value)
+
+
+def _build(cls, values: dict, where: str):
+    known = set(cls.__dataclass_fields__)
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ConfigError(f"{where}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(known))})")
+    return cls(**values)
+
+
+def load_twin_config(source: str | Path | dict) -> TwinConfig:
+    raw = dict(source) if isinstance(source, dict) else read_yaml(source, "twin config")
+    if not isinstance(raw, dict):
+        raise ConfigError("twin config: expected a mapping at the top level")
+    sections = {key: _section(raw, key) for key in SECTIONS}
+    for key in ("method", "merge_method", "parameters"):
+        if key in raw:
+            raise ConfigError(f"{key}: the shared expert's merge goes under 'shared:' (method, parameters)")
+    shared = sections["shared"] or dict(DEFAULT_SHARED)
+    unknown = sorted(set(shared) - {"method", "parameters"})
+    if unknown:
+        raise ConfigError(f"shared.{unknown[0]}: unknown key (allowed: method, parameters)")
+    merge_raw = {k: v for k, v in raw.items() if k not in SECTIONS}
+    merge_raw["method"] = shared.get("method", DEFAULT_SHARED["method"])
+    merge_raw["parameters"] = shared.get("parameters") or {}
+    merge = load_config(merge_raw)
+    if merge.base_model is None:
+        raise ConfigError("base_model: Twin-Merging needs the base model (the experts' common pretrained weights)")
+    for i, name in enumerate(merge.names):
+        if not TASK_NAME.fullmatch(name):
+            raise ConfigError(f"models[{i}].name: '{name}' must be letters, digits, '_', '.' or '-' (it names the "
+                              "task in the twin folder)")
+    exclusive_raw = sections["exclusive"]
+    if "rank" not in exclusive_raw and "rank_fraction" not in exclusive_raw:
+        exclusive_raw["rank"] = DEFAULT_RANK
+    exclusive = _build(ExclusiveConfig, exclusive_raw, "exclusive")
+    exclusive.validate()
+    router = _build(RouterConfig, sections["router"], "router")
+    router.validate(merge.names)
+    return TwinConfig(merge=merge, exclusive=exclusive, router=router,
+                      raw_shared={"method": merge.method, "parameters": merge.parameters})

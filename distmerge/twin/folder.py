@@ -1,0 +1,130 @@
+"""The twin folder: a plain Hugging Face folder of the shared expert theta* (so anything that loads a model folder
+loads theta*), plus ``twin.json`` (what makes it a twin folder), ``exclusive/`` (every task's compressed exclusive
+part as safetensors factors with an index) and ``router/`` (the router's weights and JSON config).
+
+```
+twin/
+  config.json  model.safetensors.index.json  model-*.safetensors  tokenizer*   theta* (the engine's merge)
+  twin.json                          tasks, how theta* was merged, the compression settings
+  exclusive/index.json               key -> file; keys TASK::TENSOR::us, TASK::TENSOR::v, TASK::TENSOR::delta
+  exclusive/group-00000.safetensors  one file per layer group, written by the Ray task that compressed it
+  router/model.safetensors  router/config.json
+  twin_report.json                   relative error of every compressed tensor, router accuracy
+```
+
+A 2-D exclusive part is E = US @ V^T in the tensor's stored orientation (US: [rows, r], V: [cols, r]); a 1-D one
+is kept whole (``delta``). Nothing here is pickle.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distmerge.errors import InputError
+
+TWIN_JSON = "twin.json"
+FORMAT = "distmerge-twin"
+EXCLUSIVE = "exclusive"
+EXCLUSIVE_INDEX = f"{EXCLUSIVE}/index.json"
+ROUTER = "router"
+REPORT = "twin_report.json"
+SEPARATOR = "::"
+HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
+            "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
+            "chat_template.jinja")
+
+
+def part_key(task: str, tensor: str, kind: str) -> str:
+    return f"{task}{SEPARATOR}{tensor}{SEPARATOR}{kind}"
+
+
+def is_twin_folder(path: str | Path) -> bool:
+    return (Path(path).expanduser() / TWIN_JSON).is_file()
+
+
+def read_manifest(folder: str | Path) -> dict[str, Any]:
+    """``twin.json`` of a twin folder; a folder without one is refused naming the path."""
+    folder = Path(folder).expanduser()
+    path = folder / TWIN_JSON
+    if not folder.is_dir():
+        raise InputError(f"twin folder '{folder}' does not exist")
+    if not path.is_file():
+        raise InputError(f"'{folder}' is not a twin folder (no {TWIN_JSON}; `distmerge twin build` writes one)")
+    try:
+        manifest = json.loads(path.read_text())
+    except ValueError as exc:
+        raise InputError(f"'{path}': invalid JSON ({exc})") from None
+    if not isinstance(manifest, dict) or manifest.get("format") != FORMAT or not manifest.get("tasks"):
+        raise InputError(f"'{path}': not a {FORMAT} manifest")
+    return manifest
+
+
+def check_task(manifest: dict[str, Any], task: str, folder: str | Path) -> None:
+    if task not in manifest["tasks"]:
+        raise InputError(f"--task: '{task}' is not a task of twin folder '{folder}' "
+                         f"(tasks: {', '.join(manifest['tasks'])})")
+
+
+@dataclass(frozen=True)
+class Part:
+    """One task's exclusive part of one tensor: factors (us, v) or a whole delta."""
+
+    us: torch.Tensor | None = None
+    v: torch.Tensor | None = None
+    delta: torch.Tensor | None = None
+
+    def dense(self) -> torch.Tensor:
+        return self.delta.float() if self.delta is not None else self.us.float() @ self.v.float().T
+
+    @property
+    def rank(self) -> int:
+        return 0 if self.us is None else self.us.shape[1]
+
+
+class ExclusiveStore:
+    """The exclusive parts of a twin folder, read by key (a factor file is opened once, read lazily)."""
+
+    def __init__(self, folder: str | Path):
+        self.folder = Path(folder).expanduser()
+        index = self.folder / EXCLUSIVE_INDEX
+        try:
+            self.weight_map: dict[str, str] = json.loads(index.read_text())["weight_map"]
+        except (OSError, ValueError, KeyError) as exc:
+            raise InputError(f"'{index}': unreadable exclusive-part index ({exc})") from None
+        self._handles: dict[str, Any] = {}
+        self.parts: dict[str, dict[str, dict[str, str]]] = {}  # task -> tensor -> kind -> key
+        for key in self.weight_map:
+            task, tensor, kind = key.split(SEPARATOR)
+            self.parts.setdefault(task, {}).setdefault(tensor, {})[kind] = key
+
+    def tensors(self, task: str) -> list[str]:
+        return sorted(self.parts.get(task, {}))
+
+    def read_key(self, key: str) -> torch.Tensor:
+        file = self.folder / EXCLUSIVE / self.weight_map[key]
+        handle = self._handles.get(str(file))
+        try:
+            if handle is None:
+                from safetensors import safe_open
+
+                handle = safe_open(str(file), framework="pt", device="cpu")
+                self._handles[str(file)] = handle
+            return handle.get_tensor(key)
+        except Exception as exc:
+            raise InputError(f"file '{file}', tensor '{key}': read failed ({exc})") from None
+
+    def part(self, task: str, tensor: str) -> Part | None:
+        keys = self.parts.get(task, {}).get(tensor)
+        if keys is None:
+            return None
+        if "delta" in keys:
+            return Part(delta=self.read_key(keys["delta"]))
+        return Part(us=self.read_key(keys["us"]), v=self.read_key(keys["v"]))
+
+    def close(self) -> None:
+        self._handles = {}
