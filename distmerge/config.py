@@ -14,7 +14,6 @@ name wins).
 from __future__ import annotations
 
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import yaml
 
 from distmerge.errors import ConfigError
 from distmerge.methods import METHODS, build_method, method_params_yaml
-from distmerge.methods.base import PER_MODEL_RANGES, MergeMethod, require_number
+from distmerge.methods.base import MergeMethod, check_setting, resolve_setting  # noqa: F401 (resolve_setting: re-exported)
 
 DTYPES = ("float32", "float16", "bfloat16", "float64")
 TOP_LEVEL_KEYS = {
@@ -84,67 +83,6 @@ class MergeConfig:
                    exclude=list(self.exclude), include=list(self.include), out_shard_size=self.out_shard_size,
                    device=self.device)
         return out
-
-
-# --- parameter settings: scalar, gradient list, or filtered list -----------------------------------
-
-
-def resolve_setting(value: Any, tensor: str, t: float) -> Any:
-    """The value of a setting for one tensor; ``t`` is the layer's position in [0, 1] (0 outside layers)."""
-    if isinstance(value, list):
-        if value and all(isinstance(v, dict) for v in value):
-            for entry in value:
-                filt = entry.get("filter")
-                if filt is None or filt == "*" or filt in tensor:
-                    return resolve_setting(entry["value"], tensor, t)
-            return None
-        if not value:
-            return None
-        scaled = t * (len(value) - 1)
-        i0 = int(scaled)
-        i1 = min(len(value) - 1, i0 + 1)
-        frac = scaled - i0
-        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
-            return value[int(t * (len(value) - 1))]
-        return (1 - frac) * value[i0] + frac * value[i1]
-    if isinstance(value, dict):
-        if "value" in value:
-            return resolve_setting(value["value"], tensor, t) if _filter_matches(value.get("filter"), tensor) else None
-    return value
-
-
-def _filter_matches(filt: str | None, tensor: str) -> bool:
-    return filt is None or filt == "*" or filt in tensor
-
-
-def _check_setting(where: str, value: Any, key: str | None = None) -> None:
-    """A setting must be a number/bool/string, a list of them, or a list of {filter, value}. Numbers must be
-    finite, and per-model numbers with a declared range (``key``) within it: a gradient interpolates between
-    its entries, so checking the entries checks every value a tensor can get, before any tensor is read."""
-    if isinstance(value, list):
-        for i, entry in enumerate(value):
-            if isinstance(entry, dict):
-                unknown = set(entry) - {"filter", "value"}
-                if unknown or "value" not in entry:
-                    raise ConfigError(f"{where}[{i}]: a filtered value needs exactly 'filter' and 'value'")
-                _check_setting(f"{where}[{i}].value", entry["value"], key)
-            elif isinstance(entry, list):
-                raise ConfigError(f"{where}[{i}]: nested lists are not a parameter value")
-            else:
-                _check_leaf(f"{where}[{i}]", entry, key)
-    elif isinstance(value, dict):
-        raise ConfigError(f"{where}: expected a number, a list (gradient) or a list of {{filter, value}}")
-    else:
-        _check_leaf(where, value, key)
-
-
-def _check_leaf(where: str, value: Any, key: str | None) -> None:
-    bounds = PER_MODEL_RANGES.get(key) if key else None
-    if bounds is not None:
-        prefix, _, name = where.rpartition(".")
-        require_number(prefix, name, value, *bounds)
-    elif isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(f"{where}: {value} is not a finite number")
 
 
 # --- loading ---------------------------------------------------------------------------------------
@@ -268,7 +206,8 @@ def build_config(*, method: str, models: list[tuple[str, str | None, dict]], bas
     if method_obj.needs_base and base_model is None:
         raise ConfigError(f"base_model: method '{method}' needs a base model (task vectors are taken against it)")
     specs, seen = [], set()
-    allowed = set(method_obj.per_model_keys)
+    declared = method_obj.per_model_settings()
+    allowed = set(declared)
     for i, (model, name, params) in enumerate(models):
         where = f"models[{i}]"
         if name is None:
@@ -282,10 +221,10 @@ def build_config(*, method: str, models: list[tuple[str, str | None, dict]], bas
             if key not in allowed:
                 raise ConfigError(f"{where}.parameters.{key}: not a per-model parameter of '{method}' "
                                   f"(allowed: {', '.join(sorted(allowed)) or 'none'})")
-            _check_setting(f"{where}.parameters.{key}", value, key)
+            check_setting(f"{where}.parameters.{key}", value, declared[key])
         specs.append(ModelSpec(model=model, name=name, parameters=dict(params)))
     for key, value in (global_settings or {}).items():
-        _check_setting(f"parameters.{key}", value, key)
+        check_setting(f"parameters.{key}", value, declared.get(key))
     if dtype not in DTYPES:
         raise ConfigError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
     if out_dtype is not None and out_dtype not in DTYPES:

@@ -14,11 +14,11 @@ from typing import Any
 
 import torch
 
-from distmerge.config import MergeConfig, resolve_setting
+from distmerge.config import MergeConfig
 from distmerge.errors import ConfigError, InputError, where
 from distmerge.io import vocab
 from distmerge.io.checkpoint import Checkpoint
-from distmerge.methods.base import TensorJob
+from distmerge.methods.base import TensorJob, resolve_job_settings
 
 LOG = logging.getLogger(__name__)
 TIED_HEADS = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
@@ -144,7 +144,9 @@ def resolve_tensors(config: MergeConfig, base: Checkpoint | None, experts: list[
     layers = [layer_of(n)[1] for n in names]
     num_layers = max((l for l in layers if l is not None), default=-1) + 1
     out_dtype_default = getattr(torch, config.out_dtype) if config.out_dtype else None
-    divides = config.build_method().divides_by_weight_sum()
+    method = config.build_method()
+    divides = method.divides_by_weight_sum()
+    model_settings = [{**config.global_settings, **spec.parameters} for spec in config.models]
     outputs = []
     for name in names:
         info = reference.tensors[name]
@@ -166,13 +168,10 @@ def resolve_tensors(config: MergeConfig, base: Checkpoint | None, experts: list[
         job = None
         if merged:
             t = (layer / (num_layers - 1) if num_layers > 1 else 1.0) if layer is not None else 0.0
-            job = TensorJob(
-                name=name, numel=_numel(shape), model_names=config.names,
-                weights=tuple(_number(_setting(config, m, "weight", name, t, 1.0), f"models[{i}].weight")
-                              for i, m in enumerate(config.models)),
-                densities=tuple(_setting(config, m, "density", name, t, None) for m in config.models),
-                drop_rates=tuple(_setting(config, m, "drop_rate", name, t, None) for m in config.models),
-            )
+            per_model, per_tensor = resolve_job_settings(method, name, t, model_settings)
+            weights = tuple(_number(w, f"models[{i}].weight") for i, w in enumerate(per_model.pop("weight")))
+            job = TensorJob(name=name, numel=_numel(shape), model_names=config.names, weights=weights,
+                            per_model=per_model, per_tensor=per_tensor)
             if divides and abs(sum(job.weights)) < ZERO_WEIGHT_SUM:
                 raise ConfigError(f"models[].weight: the weights of tensor '{name}' sum to 0, and method "
                                   f"'{config.method}' divides by their sum (normalize: true)")
@@ -183,14 +182,6 @@ def resolve_tensors(config: MergeConfig, base: Checkpoint | None, experts: list[
     if not any(o.merged for o in outputs):
         raise ConfigError("exclude/include: no tensor is left to merge")
     return outputs, vp, extra
-
-
-def _setting(config: MergeConfig, spec, key: str, name: str, t: float, default: Any) -> Any:
-    value = spec.parameters.get(key, config.global_settings.get(key))
-    if value is None:
-        return default
-    resolved = resolve_setting(value, name, t)
-    return default if resolved is None else resolved
 
 
 def _number(value: Any, key: str) -> float:

@@ -19,6 +19,7 @@ from distmerge.methods import execute
 from distmerge.methods.execute import add_partials
 from distmerge.errors import ConfigError
 from distmerge.methods import TensorJob, build_method
+from distmerge.methods.base import resolve_job_settings
 from distmerge.ops import dare, emr, ties
 from distmerge.ops.task_vectors import task_arithmetic, task_vectors, weight_average
 
@@ -755,20 +756,28 @@ def test_emr_single_task_ops():
 # =====================================================================================================
 
 
-def make_jobs(base, experts, weights=None, densities=None, drop_rates=None):
+def make_jobs(base, experts, weights=None, densities=None, drop_rates=None, method=None):
+    """Jobs as the config resolves them: ``densities`` / ``drop_rates`` are per-model settings (None: the
+    method's own parameter); ``method`` declares which per-model parameters a job carries."""
     count = len(experts)
     names = tuple(f"e{i}" for i in range(count))
-    return {n: TensorJob(name=n, numel=base[n].numel(), model_names=names,
-                         weights=tuple(weights or [1.0] * count),
-                         densities=tuple(densities or [None] * count),
-                         drop_rates=tuple(drop_rates or [None] * count))
-            for n in sorted(base)}
+    method = method or build_method("dare", {"then": "ties"})
+    given = [{k: v for k, v in (("density", (densities or [None] * count)[i]),
+                                ("drop_rate", (drop_rates or [None] * count)[i])) if v is not None}
+             for i in range(count)]
+    jobs = {}
+    for n in sorted(base):
+        per_model, per_tensor = resolve_job_settings(method, n, 0.0, given)
+        per_model.pop("weight")
+        jobs[n] = TensorJob(name=n, numel=base[n].numel(), model_names=names, weights=tuple(weights or [1.0] * count),
+                            per_model=per_model, per_tensor=per_tensor)
+    return jobs
 
 
 def run_by_hand(method, base, experts, rows=3, jobs=None):
     """The engine's protocol without Ray (``execute.merge_in_memory``), ``rows`` rows a chunk: (merged, final
     state, the passes run, the method's artifacts by key)."""
-    jobs = jobs or make_jobs(base, experts)
+    jobs = jobs or make_jobs(base, experts, method=method)
     names = sorted(base)
     tensors = [output_tensor(n, base[n].shape, jobs[n]) for n in names]
     passes = []

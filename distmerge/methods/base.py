@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
@@ -20,23 +21,38 @@ from distmerge.methods.execute import ArtifactStream, ChunkResult
 
 @dataclass(frozen=True)
 class TensorJob:
-    """One output tensor as a method sees it: its name, size and the per-model numbers resolved for it."""
+    """One output tensor as a method sees it: its name, size and the parameters resolved for it.
+
+    ``per_model[key]`` holds one value per model (in ``model_names`` order) of each per-model parameter the
+    method declares (``Params.PER_MODEL``): the model's own setting, else the method's parameter of that name,
+    resolved for this tensor. ``per_tensor[key]`` holds each global parameter a config may give as a gradient
+    or filtered list (``Params.PER_TENSOR``), resolved for this tensor. Weights are always per model, in
+    ``weights``.
+    """
 
     name: str
     numel: int
     model_names: tuple[str, ...]
     weights: tuple[float, ...]
-    densities: tuple[float | None, ...]
-    drop_rates: tuple[float | None, ...]
+    per_model: Mapping[str, tuple[Any, ...]] = field(default_factory=dict)
+    per_tensor: Mapping[str, Any] = field(default_factory=dict)
 
 
-# The ranges of the per-model parameters a method may declare in ``per_model_keys``, as require_number's
-# (lo, hi, lo_open): checked on every value a config gives, gradients and filtered lists included.
-PER_MODEL_RANGES: dict[str, tuple[float | None, float | None, bool]] = {
-    "weight": (None, None, False),
-    "density": (0.0, 1.0, True),
-    "drop_rate": (0.0, 1.0, False),
-}
+@dataclass(frozen=True)
+class Setting:
+    """A parameter that may vary by model or by tensor: its range (as ``require_number``'s) and its value when
+    neither a model nor the method's parameters give one. Checked on every value a config gives, gradients and
+    filtered lists included: a gradient interpolates between its entries, so checking the entries checks every
+    value a tensor can get, before any tensor is read."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    default: float | None = None
+
+
+WEIGHT = Setting(default=1.0)
+NO_SETTINGS: Mapping[str, Setting] = {}
 
 
 class MergeMethod:
@@ -47,10 +63,26 @@ class MergeMethod:
     needs_base: ClassVar[bool] = True
     # Folder of the method's artifacts beside the shards (one file per shard, streamed as the shard is), or None.
     artifact_folder: ClassVar[str | None] = None
+    # Whether models take a ``weight`` (the one per-model parameter any method may have); the others are
+    # declared with their ranges on ``Params.PER_MODEL``.
     per_model_keys: ClassVar[frozenset[str]] = frozenset({"weight"})
 
     def __init__(self, params: Any):
         self.params = params
+
+    # --- declared parameters ----------------------------------------------------------------------
+    def per_model_settings(self) -> dict[str, Setting]:
+        """Every per-model parameter a config may give this method, weight included."""
+        declared = {"weight": WEIGHT} if "weight" in self.per_model_keys else {}
+        return {**declared, **getattr(type(self.params), "PER_MODEL", NO_SETTINGS)}
+
+    def per_tensor_settings(self) -> dict[str, Setting]:
+        """The method's global parameters a config may give as a layer gradient or a filtered list."""
+        return dict(getattr(type(self.params), "PER_TENSOR", NO_SETTINGS))
+
+    def setting_value(self, key: str) -> Any:
+        """The method's own value of a declared setting (a number, gradient or filtered list), or None."""
+        return getattr(self.params, key, None)
 
     # --- planning -------------------------------------------------------------------------------
     def chunkable(self) -> bool:
@@ -129,6 +161,12 @@ def build_params(params_cls: type, raw: dict[str, Any], where: str = "parameters
         params = params_cls(**values)
     except TypeError as exc:
         raise ConfigError(f"{where}: {exc}") from None
+    reverse = {v: k for k, v in aliases.items()}
+    declared = {**getattr(params_cls, "PER_MODEL", NO_SETTINGS), **getattr(params_cls, "PER_TENSOR", NO_SETTINGS)}
+    for key, bounds in declared.items():
+        # a per-model parameter may also be given once for all models, as a setting; None: the default
+        if key in fields and getattr(params, key) is not None:
+            check_setting(f"{where}.{reverse.get(key, key)}", getattr(params, key), bounds)
     check = getattr(params, "validate", None)
     if check is not None:
         check(where)
@@ -160,6 +198,89 @@ def require_number(where: str, key: str, value: Any, lo: float | None = None, hi
     span = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
     if (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and value > hi):
         raise ConfigError(f"{where}.{key}: {value} is out of range {span}")
+
+
+def check_setting(where: str, value: Any, bounds: Setting | None = None) -> None:
+    """A setting must be a number/bool/string, a list of them (a gradient), or a list of {filter, value}.
+    Numbers must be finite, and within ``bounds`` when given."""
+    if isinstance(value, list):
+        for i, entry in enumerate(value):
+            if isinstance(entry, dict):
+                unknown = set(entry) - {"filter", "value"}
+                if unknown or "value" not in entry:
+                    raise ConfigError(f"{where}[{i}]: a filtered value needs exactly 'filter' and 'value'")
+                check_setting(f"{where}[{i}].value", entry["value"], bounds)
+            elif isinstance(entry, list):
+                raise ConfigError(f"{where}[{i}]: nested lists are not a parameter value")
+            else:
+                _check_leaf(f"{where}[{i}]", entry, bounds)
+    elif isinstance(value, dict):
+        raise ConfigError(f"{where}: expected a number, a list (gradient) or a list of {{filter, value}}")
+    else:
+        _check_leaf(where, value, bounds)
+
+
+def _check_leaf(where: str, value: Any, bounds: Setting | None) -> None:
+    if bounds is not None:
+        prefix, _, name = where.rpartition(".")
+        require_number(prefix, name, value, bounds.lo, bounds.hi, bounds.lo_open)
+    elif isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(f"{where}: {value} is not a finite number")
+
+
+def resolve_setting(value: Any, tensor: str, t: float) -> Any:
+    """The value of a setting for one tensor; ``t`` is the layer's position in [0, 1] (0 outside layers).
+    A list of numbers is a gradient over the layers, interpolated as mergekit does; a list of
+    ``{filter, value}`` takes the first entry whose filter is a substring of the tensor name (None if none)."""
+    if isinstance(value, list):
+        if value and all(isinstance(v, dict) for v in value):
+            for entry in value:
+                if _filter_matches(entry.get("filter"), tensor):
+                    return resolve_setting(entry["value"], tensor, t)
+            return None
+        if not value:
+            return None
+        scaled = t * (len(value) - 1)
+        i0 = int(scaled)
+        i1 = min(len(value) - 1, i0 + 1)
+        frac = scaled - i0
+        if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in value):
+            return value[int(t * (len(value) - 1))]
+        return (1 - frac) * value[i0] + frac * value[i1]
+    if isinstance(value, dict):
+        if "value" in value:
+            return resolve_setting(value["value"], tensor, t) if _filter_matches(value.get("filter"), tensor) else None
+    return value
+
+
+def _filter_matches(filt: str | None, tensor: str) -> bool:
+    return filt is None or filt == "*" or filt in tensor
+
+
+def resolve_job_settings(method: MergeMethod, tensor: str, t: float,
+                         model_settings: list[Mapping[str, Any]]) -> tuple[dict[str, tuple], dict[str, Any]]:
+    """(per_model, per_tensor) of one tensor, as ``TensorJob`` holds them, weights included in per_model.
+
+    ``model_settings[i]``: model i's own settings as the config gives them (numbers, gradients, filters). A
+    per-model value not given for a model (or whose filters miss the tensor) is the method's own parameter of
+    that name, else the declaration's default; ``t`` is the tensor's layer position in [0, 1].
+    """
+    per_model = {}
+    for key, setting in {"weight": WEIGHT, **method.per_model_settings()}.items():
+        own = _resolved(method.setting_value(key), tensor, t, setting.default)
+        per_model[key] = tuple(_resolved(given.get(key), tensor, t, own) for given in model_settings)
+    per_tensor = {}
+    for key, setting in method.per_tensor_settings().items():
+        value = _resolved(method.setting_value(key), tensor, t, setting.default)
+        if value is None:
+            raise ConfigError(f"parameters.{key}: no value for tensor '{tensor}' (no filter matches it)")
+        per_tensor[key] = value
+    return per_model, per_tensor
+
+
+def _resolved(value: Any, tensor: str, t: float, default: Any) -> Any:
+    resolved = None if value is None else resolve_setting(value, tensor, t)
+    return default if resolved is None else resolved
 
 
 class TaskVectorMethod(MergeMethod):

@@ -11,12 +11,12 @@ import torch
 from distmerge.errors import ConfigError
 from distmerge.methods.base import (
     MergeMethod,
+    Setting,
     TaskVectorMethod,
     as_result,
     build_params,
     params_to_yaml,
     require_choice,
-    require_number,
     stack_task_vectors,
 )
 from distmerge.ops import dare as ops
@@ -26,14 +26,14 @@ INNER_METHODS = ("weight_average", "task_arithmetic", "ties")
 
 @dataclass(frozen=True)
 class DareParams:
-    drop_rate: float = 0.9  # probability of dropping an element of a task vector
+    PER_MODEL = {"drop_rate": Setting(0.0, 1.0)}
+    drop_rate: Any = 0.9  # probability of dropping an element of a task vector (a setting, as TIES' density)
     then: str = "task_arithmetic"
     seed: int = 0
     rescale: str = "inverse"  # inverse: 1/(1-p) (paper) | l1: match tau's L1 norm (mergekit) | none (DropOnly)
     inner: Any = field(default=None, compare=False)  # the params of `then`
 
     def validate(self, where: str) -> None:
-        require_number(where, "drop_rate", self.drop_rate, 0.0, 1.0)
         require_choice(where, "then", self.then, INNER_METHODS)
         require_choice(where, "rescale", self.rescale, ("inverse", "l1", "none"))
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
@@ -43,11 +43,20 @@ class DareParams:
 class Dare(MergeMethod):
     name = "dare"
     Params = DareParams
-    per_model_keys = frozenset({"weight", "density", "drop_rate"})
 
     def __init__(self, params: DareParams, inner: TaskVectorMethod):
         super().__init__(params)
         self.inner = inner
+        self.per_model_keys = inner.per_model_keys
+
+    def per_model_settings(self):
+        return {**self.inner.per_model_settings(), **super().per_model_settings()}
+
+    def per_tensor_settings(self):
+        return {**self.inner.per_tensor_settings(), **super().per_tensor_settings()}
+
+    def setting_value(self, key):
+        return self.params.drop_rate if key == "drop_rate" else self.inner.setting_value(key)
 
     @classmethod
     def from_raw(cls, raw: dict[str, Any], where: str, registry: dict[str, type[MergeMethod]]) -> "Dare":
@@ -79,7 +88,7 @@ class Dare(MergeMethod):
         task_vector = stack_task_vectors(base, experts)  # a fresh tensor: dropped in place below
         stop = offset + task_vector[0].numel()
         for t, model in enumerate(job.model_names):
-            rate = self.params.drop_rate if job.drop_rates[t] is None else job.drop_rates[t]
+            rate = job.per_model["drop_rate"][t]
             if self.params.rescale == "l1":  # the factor depends on the values
                 keep = ops.keep_mask(rate, self.params.seed, model, job.name, job.numel, offset, stop)
                 task_vector[t] = ops.drop_and_rescale(task_vector[t], keep, rate, "l1")

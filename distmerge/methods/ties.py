@@ -8,11 +8,12 @@ a threshold per tensor, no reduction pass.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from distmerge.errors import ConfigError
-from distmerge.methods.base import TaskVectorMethod, require_choice, require_number
+from distmerge.methods.base import Setting, TaskVectorMethod, require_choice, require_number
 from distmerge.methods.execute import ChunkResult, Deferred
 from distmerge.ops import ties as ops
 
@@ -20,8 +21,9 @@ from distmerge.ops import ties as ops
 @dataclass(frozen=True)
 class TiesParams:
     ALIASES = {"lambda": "lam"}
+    PER_MODEL = {"density": Setting(0.0, 1.0, lo_open=True)}
     lam: float = 1.0
-    density: float = 0.2  # fraction of each task vector kept by the trim
+    density: Any = 0.2  # fraction of each task vector kept by the trim (a setting: per model, a gradient, filters)
     trim_scope: str = "global"  # global (paper) | tensor (mergekit, PEFT)
     disjoint: str = "mean"  # mean | sum
     convention: str = "paper"  # paper | mergekit: trim count and the sign given to zero-sum elements
@@ -29,7 +31,6 @@ class TiesParams:
 
     def validate(self, where: str) -> None:
         require_number(where, "lambda", self.lam)
-        require_number(where, "density", self.density, 0.0, 1.0, lo_open=True)
         require_choice(where, "trim_scope", self.trim_scope, ("global", "tensor"))
         require_choice(where, "disjoint", self.disjoint, ("mean", "sum"))
         require_choice(where, "convention", self.convention, ("paper", "mergekit"))
@@ -41,10 +42,9 @@ class TiesParams:
 class Ties(TaskVectorMethod):
     name = "ties"
     Params = TiesParams
-    per_model_keys = frozenset({"weight", "density"})
 
     def densities(self, job) -> list[float]:
-        return [self.params.density if d is None else d for d in job.densities]
+        return list(job.per_model["density"])
 
     def chunkable(self) -> bool:
         return self.params.trim_scope == "global"
