@@ -143,6 +143,46 @@ def test_nuslerp_flattened_and_row_wise_against_reference():
         close(columns[:, j], slerp_reference(0.5, a[:, j], b[:, j]), atol=1e-5)
 
 
+def test_slerp_endpoints_and_reference():
+    experts = [{"w": seeded(25 + i, 4, 3), "b": seeded(27 + i, 3)} for i in range(2)]
+    for t, endpoint in ((0.0, 0), (1.0, 1)):
+        out = run(method("slerp"), None, experts, t=t)
+        for key in ("w", "b"):
+            close(out[key], experts[endpoint][key], atol=1e-6)
+    out = run(method("slerp"), None, experts, t=0.3)
+    for key in ("w", "b"):
+        close(out[key], slerp_reference(0.3, experts[0][key], experts[1][key]), atol=1e-5)
+    with pytest.raises(ConfigError, match="exactly 2"):
+        run(method("slerp"), None, experts[:1], t=0.5)
+    with pytest.raises(ConfigError, match="parameters.t"):
+        method("slerp", t=[0.0, 1.5])
+
+
+def test_slerp_t_as_a_layer_gradient(llama_family):
+    """t: [0, 1] over 3 layers: layer 0 is the first model, layer 2 the second, layer 1 halfway; tensors
+    outside the layers take the gradient's start. The jobs come from the config as the engine resolves them."""
+    from distmerge.config import load_config
+    from distmerge.io.checkpoint import Checkpoint
+    from distmerge.tensors import resolve_tensors
+
+    _, experts = llama_family
+    config = load_config({"method": "slerp", "parameters": {"t": [0.0, 1.0]},
+                          "models": [{"model": str(p), "name": f"e{i}"} for i, p in enumerate(experts)]})
+    sources = [Checkpoint(str(p), f"e{i}") for i, p in enumerate(experts)]
+    outputs, _, _ = resolve_tensors(config, None, sources)
+
+    def read(tensor, start, stop):
+        return None, [s.read(src.tensor).float() for s, src in zip(sources, tensor.experts)]
+
+    merged, _, _ = execute.merge_in_memory(config.build_method(), outputs, read)
+    first, second = ({n: s.read(n).float() for n in merged} for s in sources)
+    for name in ("model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight"):
+        close(merged[name], first[name], atol=1e-6)
+    close(merged["model.layers.2.mlp.up_proj.weight"], second["model.layers.2.mlp.up_proj.weight"], atol=1e-6)
+    middle = "model.layers.1.self_attn.q_proj.weight"
+    close(merged[middle], slerp_reference(0.5, first[middle], second[middle]), atol=1e-5)
+
+
 def test_nuslerp_needs_exactly_two_models():
     three = [{"w": T([float(i), 1.0])} for i in range(3)]
     with pytest.raises(ConfigError, match="exactly 2"):
@@ -239,6 +279,26 @@ def test_one_task_full_rank():
           atol=1e-5)
     tv = expert["w"] - base["w"]
     close(run(method("iso_c"), base, [expert])["w"], base["w"] + iso_c_reference([tv]).float(), atol=1e-5)
+
+
+def test_one_and_two_workers_write_identical_files(llama_family, tmp_path, ray_cluster):
+    """A whole-tensor method on the engine: the same bytes whatever the placement of its layer groups."""
+    from safetensors.torch import load_file
+
+    from conftest import merge_config
+    from distmerge.engine.driver import merge
+
+    base, experts = llama_family
+    outputs = []
+    for workers in (1, 2):
+        out = tmp_path / f"w{workers}"
+        merge(merge_config(base, experts, "iso_cts", alpha=0.8), out, workers=workers, progress=False)
+        outputs.append({k: v for f in sorted(out.glob("*.safetensors")) for k, v in load_file(f).items()})
+    assert sorted(outputs[0]) == sorted(outputs[1])
+    for name, value in outputs[0].items():
+        assert torch.equal(value, outputs[1][name]), name
+    base_tensors = {k: v for f in sorted(base.glob("*.safetensors")) for k, v in load_file(f).items()}
+    assert not torch.equal(outputs[0]["model.layers.0.mlp.up_proj.weight"], base_tensors["model.layers.0.mlp.up_proj.weight"])
 
 
 # =====================================================================================================

@@ -10,15 +10,15 @@ from distmerge.methods.dare import Dare
 from distmerge.methods.emr import Emr
 from distmerge.methods.model_stock import ModelStock
 from distmerge.methods.regmean import RegMean
-from distmerge.methods.slerp import NuSlerp
+from distmerge.methods.slerp import NuSlerp, Slerp
 from distmerge.methods.svd_merge import IsoC, IsoCts, Tsv
 from distmerge.methods.task_arithmetic import TaskArithmetic
 from distmerge.methods.ties import Ties
 from distmerge.methods.weight_average import WeightAverage
 
 METHODS: dict[str, type[MergeMethod]] = {
-    cls.name: cls for cls in (WeightAverage, TaskArithmetic, Ties, Dare, Emr, ModelStock, NuSlerp, Tsv, IsoC, IsoCts,
-                            RegMean)
+    cls.name: cls for cls in (WeightAverage, TaskArithmetic, Ties, Dare, Emr, ModelStock, Slerp, NuSlerp, Tsv, IsoC,
+                            IsoCts, RegMean)
 }
 
 

@@ -12,9 +12,10 @@ Whole tensors: the angle is a reduction over the tensor (over each row without `
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from distmerge.errors import ConfigError
-from distmerge.methods.base import MergeMethod, require_number
+from distmerge.methods.base import MergeMethod, Setting
 from distmerge.methods.execute import ChunkResult
 from distmerge.methods.model_stock import require_experts
 from distmerge.ops import slerp as ops
@@ -23,6 +24,32 @@ from distmerge.ops import slerp as ops
 def _require_bool(where: str, key: str, value) -> None:
     if not isinstance(value, bool):
         raise ConfigError(f"{where}.{key}: expected true or false, got {value!r}")
+
+
+@dataclass(frozen=True)
+class SlerpParams:
+    PER_TENSOR = {"t": Setting(0.0, 1.0)}
+    t: Any = 0.5  # 0: the first model, 1: the second; a number, a layer gradient or a filtered list
+
+    def validate(self, where: str) -> None:
+        pass  # t's range is checked on every entry by build_params (PER_TENSOR)
+
+
+class Slerp(MergeMethod):
+    name = "slerp"
+    Params = SlerpParams
+    needs_base = False
+    per_model_keys = frozenset()
+
+    def chunkable(self) -> bool:
+        return False
+
+    def initial_state(self, jobs):
+        require_experts(self.name, jobs, 2, exact=True)
+        return {}
+
+    def merge(self, base, experts, job, offset, state):
+        return ChunkResult(ops.slerp(float(job.per_tensor["t"]), experts[0], experts[1]))
 
 
 @dataclass(frozen=True)
