@@ -20,6 +20,21 @@ def pytest_collection_modifyitems(items):
             item.add_marker(pytest.mark.ray)
 
 
+@pytest.fixture(autouse=True)
+def _ray_only_where_marked(request, monkeypatch):
+    """A ``ray`` test shares the session's Ray (a merge would otherwise start and stop an embedded one per call);
+    any other test that tries to start Ray fails and says so, which keeps ``-m "not ray"`` free of Ray."""
+    if request.node.get_closest_marker("ray") is not None:
+        request.getfixturevalue("ray_cluster")
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        pytest.fail("this test starts Ray: mark it @pytest.mark.ray (or use the ray_cluster fixture)", pytrace=False)
+
+    monkeypatch.setattr(ray, "init", refuse)
+
+
 @pytest.fixture(scope="session")
 def ray_cluster():
     import ray

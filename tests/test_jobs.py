@@ -328,7 +328,7 @@ def test_pipeline_requirements_and_runtime_env(tmp_path):
     from ray._private.runtime_env.packaging import _get_excludes
 
     excluded = _get_excludes(tmp_path, env["excludes"])
-    for shipped in ("distmerge/jobs.py", "pipelines/quickstart.py", "pyproject.toml", "benchmarks/common.py"):
+    for shipped in ("distmerge/jobs/client.py", "pipelines/quickstart.py", "pyproject.toml", "benchmarks/common.py"):
         assert not excluded(tmp_path / shipped), shipped
     for dropped in (".venv", ".venv-mergekit", ".git", "benchmarks/results", "distmerge/__pycache__",
                     "distmerge.egg-info", "out", "models/base/model.safetensors"):
