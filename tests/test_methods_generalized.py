@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import pytest
+import torch
 
 from distmerge.errors import ConfigError
 from distmerge.methods import build_method
@@ -67,3 +68,33 @@ def test_declared_per_model_parameters_of_the_methods():
     assert set(build_method("dare", {"then": "ties"}).per_model_settings()) == {"weight", "density", "drop_rate"}
     assert set(build_method("dare", {}).per_model_settings()) == {"weight", "drop_rate"}
     assert set(build_method("emr", {}).per_model_settings()) == set()
+
+
+# --- step 2: the generalized task-vector merge ---------------------------------------------------------------
+
+
+def test_count_consensus_by_hand():
+    from distmerge.methods.generalized import count_consensus
+
+    trimmed = torch.tensor([[1.0, -2.0, 0.0, 3.0], [2.0, -1.0, -1.0, -3.0], [-5.0, 4.0, 0.0, -1.0]])
+    # signs per element: (+,+,-) -> +; (-,-,+) -> -; (0,-,0) -> -; (+,-,-) -> -
+    got = count_consensus(trimmed, [1.0, 1.0, 1.0], 1.0, "sum")
+    assert torch.equal(got, torch.tensor([3.0, -3.0, -1.0, -4.0]))
+    got = count_consensus(trimmed, [1.0, 1.0, 1.0], 1.0, "mean")
+    assert torch.equal(got, torch.tensor([1.5, -1.5, -1.0, -2.0]))
+    # a tie in the count: mergekit's +1 keeps the positive entry; weights scale before the vote
+    tied = torch.tensor([[2.0], [-4.0]])
+    assert torch.equal(count_consensus(tied, [1.0, 1.0], 1.0, "sum"), torch.tensor([2.0]))
+    assert torch.equal(count_consensus(tied, [3.0, 1.0], 1.0, "mean"), torch.tensor([2.0]))  # 3*2 / 3
+
+
+def test_the_methods_are_recipes():
+    from distmerge.methods.generalized import Recipe, Sparsifier
+
+    assert build_method("ties", {"trim_scope": "tensor", "convention": "mergekit", "disjoint": "sum"}).recipe() == Recipe(
+        sparsify=(Sparsifier("magnitude", scope="tensor", convention="mergekit"),), consensus="mass", combine="sum",
+        zero_sign="mergekit")
+    dare = build_method("dare", {"then": "ties", "seed": 4, "rescale": "l1", "lambda": 0.5}).recipe()
+    assert [s.kind for s in dare.sparsify] == ["random", "magnitude"] and dare.seed == 4 and dare.lam == 0.5
+    assert build_method("task_arithmetic", {"normalize": True}).recipe() == Recipe(combine="mean")
+    assert not build_method("dare", {"rescale": "l1"}).chunkable() and build_method("dare", {}).chunkable()

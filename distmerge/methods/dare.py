@@ -3,23 +3,13 @@ or ties. The masks are seeded by (seed, model, tensor, block) so any actor layou
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-import torch
-
 from distmerge.errors import ConfigError
-from distmerge.methods.base import (
-    MergeMethod,
-    Setting,
-    TaskVectorMethod,
-    as_result,
-    build_params,
-    params_to_yaml,
-    require_choice,
-    stack_task_vectors,
-)
-from distmerge.ops import dare as ops
+from distmerge.methods.base import MergeMethod, Setting, build_params, params_to_yaml, require_choice
+from distmerge.methods.generalized import Recipe, Sparsifier, TaskVectorMerge
 
 INNER_METHODS = ("weight_average", "task_arithmetic", "ties")
 
@@ -40,11 +30,16 @@ class DareParams:
             raise ConfigError(f"{where}.seed: expected an integer, got {self.seed!r}")
 
 
-class Dare(MergeMethod):
+class Dare(TaskVectorMerge):
+    """The random drop in front of ``then``'s recipe (drop, then TIES' trim and consensus for ``then: ties``)."""
+
     name = "dare"
     Params = DareParams
 
-    def __init__(self, params: DareParams, inner: TaskVectorMethod):
+    paper = "Yu et al. 2024, Language Models are Super Mario (arXiv:2311.03099)"
+    mergekit_name = None  # mergekit splits it by the consensus: dare_linear, dare_ties (see the mergekit table)
+
+    def __init__(self, params: DareParams, inner: TaskVectorMerge):
         super().__init__(params)
         self.inner = inner
         self.per_model_keys = inner.per_model_keys
@@ -72,46 +67,10 @@ class Dare(MergeMethod):
         own.pop("inner", None)
         return {**own, **params_to_yaml(self.inner.params)}
 
-    def chunkable(self) -> bool:
-        return self.params.rescale != "l1" and self.inner.chunkable()
-
     def divides_by_weight_sum(self) -> bool:
         return self.inner.divides_by_weight_sum()
 
-    def initial_state(self, jobs):
-        return self.inner.initial_state(jobs)
-
-    def next_pass(self, state):
-        return self.inner.next_pass(state)
-
-    def dropped(self, base: torch.Tensor, experts: list[torch.Tensor], job, offset: int) -> torch.Tensor:
-        task_vector = stack_task_vectors(base, experts)  # a fresh tensor: dropped in place below
-        stop = offset + task_vector[0].numel()
-        for t, model in enumerate(job.model_names):
-            rate = job.per_model["drop_rate"][t]
-            if self.params.rescale == "l1":  # the factor depends on the values
-                keep = ops.keep_mask(rate, self.params.seed, model, job.name, job.numel, offset, stop)
-                task_vector[t] = ops.drop_and_rescale(task_vector[t], keep, rate, "l1")
-                continue
-            scale = ops.keep_scale(rate, ops.inverse_scale(rate, self.params.rescale), self.params.seed, model,
-                                   job.name, job.numel, offset, stop)
-            task_vector[t].mul_(scale.to(task_vector.device).reshape(task_vector[t].shape))
-        return task_vector
-
-    def stats(self, pass_name, base, experts, job, offset, state):
-        return self.inner.stats_delta(pass_name, base, self.dropped(base, experts, job, offset), job, offset, state)
-
-    def finish_pass(self, pass_name, totals, state):
-        return self.inner.finish_pass(pass_name, totals, state)
-
-    def merge(self, base, experts, job, offset, state):
-        return as_result(self.inner.merge_delta(base, self.dropped(base, experts, job, offset), job, offset, state))
-
-    def settle_deferred(self, state, vote):
-        return self.inner.settle_deferred(state, vote)
-
-    def record_patched(self, state, count):
-        return self.inner.record_patched(state, count)
-
-    def describe(self, state):
-        return self.inner.describe(state)
+    def recipe(self) -> Recipe:
+        inner = self.inner.recipe()
+        drop = Sparsifier("random", rescale=self.params.rescale)
+        return dataclasses.replace(inner, sparsify=(drop,) + inner.sparsify, seed=self.params.seed)

@@ -1,11 +1,12 @@
-"""Task Arithmetic: theta = theta_0 + lambda * sum_t w_t tau_t (Ilharco et al. 2023; spec section 2)."""
+"""Task Arithmetic: theta = theta_0 + lambda * sum_t w_t tau_t (Ilharco et al. 2023; spec section 2): the
+generalized task-vector merge with no sparsifier and no consensus."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
-from distmerge.methods.base import TaskVectorMethod, require_number
-from distmerge.ops.task_vectors import task_arithmetic
+from distmerge.methods.base import require_number
+from distmerge.methods.generalized import Recipe, TaskVectorMerge
 
 
 @dataclass(frozen=True)
@@ -18,12 +19,14 @@ class TaskArithmeticParams:
         require_number(where, "lambda", self.lam)
 
 
-class TaskArithmetic(TaskVectorMethod):
+class TaskArithmetic(TaskVectorMerge):
     name = "task_arithmetic"
     Params = TaskArithmeticParams
+    paper = "Ilharco et al. 2023, Editing Models with Task Arithmetic (arXiv:2212.04089)"
+    mergekit_name = "task_arithmetic"
 
     def divides_by_weight_sum(self) -> bool:
         return self.params.normalize
 
-    def merge_delta(self, base, task_vector, job, offset, state):
-        return task_arithmetic(base, task_vector, job.weights, self.params.lam, self.params.normalize)
+    def recipe(self) -> Recipe:
+        return Recipe(combine="mean" if self.params.normalize else "sum", lam=self.params.lam)

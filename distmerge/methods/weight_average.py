@@ -1,12 +1,16 @@
-"""Weight averaging: theta = sum_t w_t theta_t / sum_t w_t (MergeLM average_merging; mergekit linear)."""
+"""Weight averaging: theta = sum_t w_t theta_t / sum_t w_t (MergeLM average_merging; mergekit linear).
+
+Under DARE (``then: weight_average``) it is the generalized merge's ``mean`` of the dropped task vectors: the
+average of (theta_0 + delta_t) is theta_0 + the average of delta_t.
+"""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 from distmerge.methods.execute import ChunkResult
-from distmerge.methods.base import TaskVectorMethod
-from distmerge.ops.task_vectors import weight_average, weighted_sum
+from distmerge.methods.generalized import Recipe, TaskVectorMerge
+from distmerge.ops.task_vectors import weight_average
 
 
 @dataclass(frozen=True)
@@ -17,21 +21,18 @@ class WeightAverageParams:
         pass
 
 
-class WeightAverage(TaskVectorMethod):
+class WeightAverage(TaskVectorMerge):
     name = "weight_average"
     Params = WeightAverageParams
     needs_base = False
+    paper = "Wortsman et al. 2022, Model soups (arXiv:2203.05482)"
+    mergekit_name = "linear"
 
     def divides_by_weight_sum(self) -> bool:
         return self.params.normalize
 
+    def recipe(self) -> Recipe:
+        return Recipe(combine="mean" if self.params.normalize else "sum")
+
     def merge(self, base, experts, job, offset, state):
         return ChunkResult(weight_average(experts, job.weights, self.params.normalize))
-
-    def merge_delta(self, base, task_vector, job, offset, state):
-        # Used under DARE: the average of (theta_0 + delta_t) is theta_0 + the average of delta_t.
-        merged = weighted_sum(task_vector, job.weights)
-        total = sum(job.weights)
-        if self.params.normalize and abs(total) >= 1e-8:
-            merged = merged / total
-        return base + merged

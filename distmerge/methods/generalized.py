@@ -1,0 +1,332 @@
+"""The generalized task-vector merge: one composable recipe of which TIES, DARE, Breadcrumbs, DELLA and task
+arithmetic are configurations (as mergekit's generalized task arithmetic, with the papers' variants).
+
+Per tensor, with tau_t = theta_t - theta_0:
+
+1. **sparsify**: each stage of ``Recipe.sparsify`` in turn maps the stacked task vectors to sparser ones:
+   ``random`` (DARE: drop each element with ``drop_rate``), ``magnitude`` (keep the ``density`` largest |tau|,
+   per tensor or with one exact threshold per model over the whole model), ``breadcrumbs`` (drop the ``gamma``
+   largest and the smallest, keep ``density``), ``della`` (MagPrune: keep with a probability rising with the
+   magnitude's rank in its row, ``density`` +/- ``epsilon``); each with its rescale (``inverse``: 1/keep
+   probability, the DARE and DELLA papers'; ``l1``: back to the tensor's L1 norm, mergekit's; ``none``);
+2. **consensus**: ``none``, ``mass`` (TIES: the sign of sum_t w_t tau'_t) or ``count`` (the majority of signs);
+   only the values agreeing with the elected sign are kept;
+3. **combine**: ``sum`` of w_t tau'_t, or ``mean`` (divided by the summed weights, of the agreeing models under
+   a consensus: mergekit's ``normalize``);
+4. theta_0 + lambda * that.
+
+The randomness (``random``, ``della``) is distmerge's counter-based stream per (seed, model, tensor, block), so
+any chunking and any actor layout draw the same masks. The whole-model magnitude trim (``scope: global``) is
+found exactly by two histogram passes; its zero-sign rule (the model-wide majority sign) is a deferred decision.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from distmerge.errors import ConfigError
+from distmerge.methods.base import TaskVectorMethod, require_number, stack_task_vectors
+from distmerge.methods.execute import ChunkResult, Deferred
+from distmerge.ops import dare as dare_ops
+from distmerge.ops import sparsify as sparsify_ops
+from distmerge.ops import ties as ties_ops
+from distmerge.ops.task_vectors import broadcast_weights, task_arithmetic
+
+SPARSIFIERS = ("random", "magnitude", "breadcrumbs", "della")
+CONSENSUS = ("none", "mass", "count")
+COMBINE = ("sum", "mean")
+CONVENTIONS = ("paper", "mergekit")
+
+
+@dataclass(frozen=True)
+class Sparsifier:
+    """One sparsifying stage. Its per-model numbers (``density``, ``drop_rate``, ``gamma``, ``epsilon``) come
+    from the tensor's job, so they may vary by model and by tensor."""
+
+    kind: str  # random | magnitude | breadcrumbs | della
+    rescale: str = "none"  # inverse | l1 | none
+    scope: str = "tensor"  # magnitude only: global (one exact threshold per model over the whole model) | tensor
+    convention: str = "paper"  # paper | mergekit: magnitude's trim count, breadcrumbs' cut
+
+    @property
+    def whole_tensor(self) -> bool:
+        """True when a chunk's result depends on the rest of the tensor (a per-tensor sort or L1 norm)."""
+        if self.kind == "magnitude":
+            return self.scope == "tensor"
+        return self.kind == "breadcrumbs" or self.rescale == "l1"
+
+
+@dataclass(frozen=True)
+class Recipe:
+    sparsify: tuple[Sparsifier, ...] = ()
+    consensus: str = "none"  # none | mass | count
+    combine: str = "sum"  # sum | mean
+    zero_sign: str = "paper"  # an element whose elected sign is 0: paper (majority sign) | mergekit (+1)
+    lam: float = 1.0
+    seed: int = 0
+
+    def check(self, where: str) -> None:
+        for stage in self.sparsify:
+            if stage.kind not in SPARSIFIERS:
+                raise ConfigError(f"{where}: unknown sparsifier {stage.kind!r} (one of {', '.join(SPARSIFIERS)})")
+        if self.consensus not in CONSENSUS or self.combine not in COMBINE or self.zero_sign not in CONVENTIONS:
+            raise ConfigError(f"{where}: consensus/combine/zero_sign {self.consensus}/{self.combine}/{self.zero_sign}")
+        if self.global_stage() is not None and self.consensus == "count":
+            raise ConfigError(f"{where}: consensus 'count' takes a per-tensor trim")
+
+    def global_stage(self) -> int | None:
+        """The index of the whole-model magnitude trim, if any (the passes see the stages before it)."""
+        found = [i for i, s in enumerate(self.sparsify) if s.kind == "magnitude" and s.scope == "global"]
+        return found[0] if found else None
+
+    @property
+    def deferred_sign(self) -> bool:
+        """The paper's zero-sign rule over a whole-model trim: decided once every chunk is merged."""
+        return self.global_stage() is not None and self.consensus != "none" and self.zero_sign == "paper"
+
+
+class TaskVectorMerge(TaskVectorMethod):
+    """A method that is a configuration of the generalized merge: it says its ``recipe()``; the rest is here.
+
+    Registry row (class attributes): ``name``, ``Params`` (whose defaults are the method's), ``paper`` and
+    ``mergekit_name`` (the mergekit ``merge_method`` it matches, None if mergekit lacks it).
+    """
+
+    paper: str | None = None
+    mergekit_name: str | None = None
+
+    def recipe(self) -> Recipe:
+        raise NotImplementedError
+
+    # --- planning -------------------------------------------------------------------------------
+    def chunkable(self) -> bool:
+        return not any(stage.whole_tensor for stage in self.recipe().sparsify)
+
+    def initial_state(self, jobs):
+        recipe = self.recipe()
+        if recipe.global_stage() is None or not jobs:
+            return {}
+        per_task = {tuple(job.per_model["density"]) for job in jobs}
+        if len(per_task) > 1:
+            raise ConfigError("parameters.density: trim_scope 'global' needs one density per model for the whole "
+                              "model; use trim_scope 'tensor' for densities that vary by tensor")
+        densities = list(per_task.pop())
+        for density in densities:
+            require_number("models[].parameters", "density", density, 0.0, 1.0, lo_open=True)
+        return {"densities": densities}
+
+    def next_pass(self, state):
+        if self.recipe().global_stage() is None:
+            return None
+        if "high_bins" not in state:
+            return "trim_high"
+        if "thresholds" not in state:
+            return "trim_low"
+        return None
+
+    # --- passes: exact whole-model magnitude thresholds by radix selection --------------------------
+    def stats(self, pass_name, base, experts, job, offset, state):
+        recipe = self.recipe()
+        stop = recipe.global_stage()
+        if stop is None:
+            return super().stats(pass_name, base, experts, job, offset, state)
+        task_vector = self.sparsified(stack_task_vectors(base, experts), job, offset, state, recipe.sparsify[:stop])
+        count = task_vector.shape[0]
+        if pass_name == "trim_high":
+            hist = torch.stack([ties_ops.radix_high_histogram(task_vector[t]) for t in range(count)])
+            return {"hist": hist, "numel": task_vector[0].numel()}
+        if pass_name == "trim_low":
+            hist = torch.stack([
+                ties_ops.radix_low_histogram(task_vector[t], b) if b >= 0
+                else torch.zeros(ties_ops.HIGH_BINS, dtype=torch.int64)
+                for t, b in enumerate(state["high_bins"])
+            ])
+            return {"hist": hist}
+        return super().stats(pass_name, base, experts, job, offset, state)
+
+    def finish_pass(self, pass_name, totals, state):
+        state = dict(state)
+        rule = self.recipe().sparsify[self.recipe().global_stage()].convention
+        if pass_name == "trim_high":
+            numel = int(totals["numel"])
+            high_bins, ranks, fixed = [], [], []
+            for t, density in enumerate(state["densities"]):
+                rank = ties_ops.trim_rank(numel, density, rule)
+                if rank == 0 or rank > numel:  # keep all / keep none: no selection needed
+                    high_bins.append(-1)
+                    ranks.append(0)
+                    fixed.append(ties_ops.KEEP_ALL if rank == 0 else ties_ops.KEEP_NONE)
+                    continue
+                bin_index, within = ties_ops.locate_rank(totals["hist"][t], rank)
+                high_bins.append(bin_index)
+                ranks.append(within)
+                fixed.append(None)
+            state.update(numel=numel, high_bins=high_bins, ranks=ranks, fixed=fixed)
+            return state
+        if pass_name == "trim_low":
+            thresholds = []
+            for t, b in enumerate(state["high_bins"]):
+                if b < 0:
+                    thresholds.append(state["fixed"][t])
+                else:
+                    low, _ = ties_ops.locate_rank(totals["hist"][t], state["ranks"][t])
+                    thresholds.append(ties_ops.bits_to_value(b, low))
+            state["thresholds"] = thresholds
+            return state
+        return super().finish_pass(pass_name, totals, state)
+
+    # --- the merge ------------------------------------------------------------------------------
+    def merge(self, base, experts, job, offset, state):
+        recipe = self.recipe()
+        # stack_task_vectors gives a fresh tensor: the stages may work on it in place
+        trimmed = self.sparsified(stack_task_vectors(base, experts), job, offset, state, recipe.sparsify)
+        return self.combined(recipe, base, trimmed, job.weights)
+
+    def merge_delta(self, base, task_vector, job, offset, state):
+        recipe = self.recipe()
+        return self.combined(recipe, base, self.sparsified(task_vector, job, offset, state, recipe.sparsify),
+                             job.weights)
+
+    def sparsified(self, task_vector: torch.Tensor, job, offset: int, state: dict,
+                   stages: tuple[Sparsifier, ...]) -> torch.Tensor:
+        for stage in stages:
+            task_vector = SPARSIFY[stage.kind](self, stage, task_vector, job, offset, state)
+        return task_vector
+
+    def combined(self, recipe: Recipe, base: torch.Tensor, trimmed: torch.Tensor, weights) -> ChunkResult:
+        lam = recipe.lam
+        if recipe.consensus == "none":
+            return ChunkResult(task_arithmetic(base, trimmed, weights, lam, recipe.combine == "mean"))
+        if recipe.deferred_sign:
+            # The zero-sign rule needs the model-wide majority sign, known only after every chunk is merged:
+            # merge with +1 now and hand back the (rare) elements that would change with -1 or 0.
+            delta, sign_sum, index, alternative = ties_ops.merge_deferred_sign(trimmed, weights, recipe.combine)
+            flat_base = base.reshape(-1)
+            return ChunkResult(base + lam * delta, deferred=Deferred(sign_sum, index, flat_base[index] + lam * alternative))
+        zero_sign = 1.0 if recipe.zero_sign == "mergekit" else None
+        if recipe.consensus == "count":
+            delta = count_consensus(trimmed, weights, zero_sign, recipe.combine)
+        else:
+            delta = ties_ops.merge_trimmed(trimmed, weights, zero_sign, recipe.combine)
+        return ChunkResult(base + lam * delta)
+
+    # --- deferred decisions and reporting ---------------------------------------------------------
+    def settle_deferred(self, state, vote):
+        """The vote is the summed elected signs; the patches (merged with zero signs as +1) apply when the
+        model-wide majority is <= 0."""
+        state = {**state, "sign_sum": vote}
+        if not self.recipe().deferred_sign:
+            return state, False
+        return state, _sign(vote) <= 0
+
+    def record_patched(self, state, count):
+        return {**state, "patched_elements": count}
+
+    def describe(self, state):
+        if "thresholds" not in state:
+            return {}
+        out = {"trim_thresholds": [float(x) for x in state["thresholds"]], "trimmed_values": state.get("numel")}
+        if "sign_sum" in state and self.recipe().deferred_sign:
+            out["majority_sign"] = _sign(state["sign_sum"])
+            out["patched_elements"] = state.get("patched_elements", 0)
+        return out
+
+
+# --- the sparsifiers: (method, stage, stacked task vectors, job, chunk offset, state) -> stacked ------------
+
+
+def _random(method, stage: Sparsifier, task_vector, job, offset, state):
+    """DARE: drop with the model's drop_rate, rescale kept entries (in place on the fresh stack)."""
+    seed = method.recipe().seed
+    stop = offset + task_vector[0].numel()
+    for t, model in enumerate(job.model_names):
+        rate = job.per_model["drop_rate"][t]
+        if stage.rescale == "l1":  # the factor depends on the values
+            keep = dare_ops.keep_mask(rate, seed, model, job.name, job.numel, offset, stop)
+            task_vector[t] = dare_ops.drop_and_rescale(task_vector[t], keep, rate, "l1")
+            continue
+        scale = dare_ops.keep_scale(rate, dare_ops.inverse_scale(rate, stage.rescale), seed, model, job.name,
+                                    job.numel, offset, stop)
+        task_vector[t].mul_(scale.to(task_vector.device).reshape(task_vector[t].shape))
+    return task_vector
+
+
+def _magnitude(method, stage: Sparsifier, task_vector, job, offset, state):
+    """TIES' trim: keep the density largest |tau| of each model, per tensor or over the whole model."""
+    if stage.scope == "global":
+        return ties_ops.trim(task_vector, state["thresholds"])
+    densities = job.per_model["density"]
+    if stage.convention == "mergekit":
+        trimmed = torch.stack([task_vector[t] * ties_ops.mergekit_magnitude_mask(task_vector[t], d)
+                               for t, d in enumerate(densities)])
+    else:
+        thresholds = [ties_ops.magnitude_threshold(task_vector[t], d) for t, d in enumerate(densities)]
+        trimmed = ties_ops.trim(task_vector, thresholds)
+    if stage.rescale == "l1":
+        trimmed = torch.stack([ties_ops.l1_rescale(trimmed[t], task_vector[t]) for t in range(trimmed.shape[0])])
+    return trimmed
+
+
+def _breadcrumbs(method, stage: Sparsifier, task_vector, job, offset, state):
+    """Drop the gamma largest |tau| and the smallest, keep density (per tensor)."""
+    density, gamma = job.per_model["density"], job.per_model["gamma"]
+    outlier_mask = _mergekit_outlier_mask if stage.convention == "mergekit" else _native_outlier_mask
+    out = []
+    for t in range(task_vector.shape[0]):
+        keep = outlier_mask(task_vector[t], density[t], gamma[t], job.name, job.model_names[t])
+        out.append(sparsify_ops.masked_l1_rescale(task_vector[t], keep) if stage.rescale == "l1"
+                   else task_vector[t] * keep.to(task_vector.dtype))
+    return torch.stack(out)
+
+
+def _native_outlier_mask(values, density, gamma, tensor, model):
+    try:
+        return sparsify_ops.outlier_mask(values, density, gamma)
+    except ValueError as exc:
+        raise ConfigError(f"tensor '{tensor}', model '{model}': {exc}") from None
+
+
+def _mergekit_outlier_mask(values, density, gamma, tensor, model):
+    return sparsify_ops.mergekit_outlier_mask(values, density, gamma)
+
+
+def _della(method, stage: Sparsifier, task_vector, job, offset, state):
+    """MagPrune: Bernoulli keep with rank-based probabilities per row, counter-based draw, rescale."""
+    seed = method.recipe().seed
+    density, epsilon = job.per_model["density"], job.per_model["epsilon"]
+    out = []
+    for t, model in enumerate(job.model_names):
+        try:
+            probability = sparsify_ops.della_keep_probabilities(task_vector[t], density[t], epsilon[t])
+        except ValueError as exc:
+            raise ConfigError(f"tensor '{job.name}', model '{model}': {exc}") from None
+        keep = sparsify_ops.della_keep_mask(probability, seed, model, job.name, job.numel, offset)
+        if stage.rescale == "inverse":
+            out.append(sparsify_ops.inverse_probability_rescale(task_vector[t], keep, probability))
+        elif stage.rescale == "l1":
+            out.append(sparsify_ops.masked_l1_rescale(task_vector[t], keep))
+        else:
+            out.append(task_vector[t] * keep.to(task_vector.dtype))
+    return torch.stack(out)
+
+
+SPARSIFY = {"random": _random, "magnitude": _magnitude, "breadcrumbs": _breadcrumbs, "della": _della}
+
+
+def count_consensus(trimmed: torch.Tensor, weights, zero_sign: float | None, combine: str) -> torch.Tensor:
+    """Keep the values whose sign is the majority of the models' signs (mergekit's ``count``), then combine as
+    TIES' disjoint merge does (``mean``: over the summed weights of the agreeing models)."""
+    weighted = trimmed if all(w == 1.0 for w in weights) else trimmed * broadcast_weights(weights, trimmed)
+    sign = torch.sign(weighted.sign().sum(dim=0))
+    if zero_sign is None:
+        zero_sign = ties_ops.majority_sign(sign)
+    return ties_ops.disjoint_merge(weighted, weights, sign, zero_sign, combine)
+
+
+def _sign(value: int) -> int:
+    return (value > 0) - (value < 0)
+
+
+__all__ = ["COMBINE", "CONSENSUS", "SPARSIFIERS", "Recipe", "Sparsifier", "TaskVectorMerge", "count_consensus"]
