@@ -191,10 +191,9 @@ def test_weight_filters_resolve_each_tensor_to_its_own_value():
 
 VARIANTS = {  # name -> config overrides; "resume" dies after 2 steps in the first job (fault injection)
     "task": {"granularity": "task"},
-    "layer": {"granularity": "layer"},
     "plus": {"granularity": "layer", "plus": True},
     "zero": {"steps": 0},
-    "learn": {"granularity": "layer", "steps": 4, "lr": 0.1},
+    "layer": {"granularity": "layer", "steps": 4, "lr": 0.1},
     "corrupted": {"granularity": "layer", "steps": 4, "lr": 0.1, "data_suffix": "-corrupted"},
     "resume": {"granularity": "layer", "steps": 4, "lr": 0.1},
 }
@@ -223,12 +222,12 @@ def trained(family, ray_cluster, tmp_path_factory):
 @pytest.mark.parametrize("name,granularity,plus", [("task", "task", False), ("layer", "layer", False),
                                                    ("plus", "layer", True)])
 def test_sharded_gradients_equal_one_process(trained, family, name, granularity, plus):
-    gradient = trained["results"][name]["tensors"]["last_gradient"]
+    gradient = trained["results"][name]["tensors"]["first_gradient"]
     torch.testing.assert_close(gradient, reference_gradient(family, granularity, plus), atol=1e-6, rtol=0)
 
 
 def test_objective_decreases_within_bounds_and_labels_are_never_read(trained):
-    learn, corrupted = trained["results"]["learn"], trained["results"]["corrupted"]
+    learn, corrupted = trained["results"]["layer"], trained["results"]["corrupted"]
     history = learn["history"]
     assert len(history) == 4 and all(b < a for a, b in zip(history, history[1:])), history
     lambdas = learn["tensors"]["lambdas"]
@@ -238,7 +237,7 @@ def test_objective_decreases_within_bounds_and_labels_are_never_read(trained):
 
 
 def test_resume_after_a_killed_run_equals_an_uninterrupted_one(trained):
-    resumed, uninterrupted = trained["results"]["resume"], trained["results"]["learn"]
+    resumed, uninterrupted = trained["results"]["resume"], trained["results"]["layer"]
     assert resumed["steps"] == 4
     torch.testing.assert_close(resumed["tensors"]["raw"], uninterrupted["tensors"]["raw"], atol=1e-6, rtol=0)
     torch.testing.assert_close(resumed["tensors"]["adam.exp_avg_sq"], uninterrupted["tensors"]["adam.exp_avg_sq"],
@@ -246,7 +245,7 @@ def test_resume_after_a_killed_run_equals_an_uninterrupted_one(trained):
     np.testing.assert_allclose(resumed["history"], uninterrupted["history"], rtol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["zero", "learn", "plus"])
+@pytest.mark.parametrize("name", ["zero", "layer", "plus"])
 def test_written_merge_is_the_formula_for_lambdas_json(trained, family, name, tmp_path):
     """The engine writes theta0 + sum_t lambda_t tau_t (tau of ++ for plus) with the coefficients of
     lambdas.json, tensor by tensor; zero steps is task arithmetic at lambda_init; heads are the base's."""

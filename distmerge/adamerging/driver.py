@@ -130,10 +130,15 @@ def train(variants: list[tuple[AdaConfig, Path]], storage: Path, workers: int, *
             from distmerge.adamerging.deepspeed_strategy import check_available
 
             check_available()
-    datasets = {}
-    for index, (config, _) in enumerate(variants):
-        for task in config.tasks:
-            datasets[f"v{index}:{task}"] = task_dataset(config, task)
+    datasets, prefixes, sources = {}, [], {}
+    for config, _ in variants:  # variants reading the same files share one split of them (one coordinator each)
+        signature = json.dumps({t: [config.data[t].path, list(config.data[t].fields), config.data[t].target]
+                                for t in config.tasks} | {"shuffle": config.shuffle, "seed": config.seed})
+        if signature not in sources:
+            sources[signature] = f"d{len(sources)}"
+            for task in config.tasks:
+                datasets[f"{sources[signature]}:{task}"] = task_dataset(config, task)
+        prefixes.append(sources[signature])
     total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
     num_cpus = first.num_cpus
     if workers * num_cpus > total_cpus - 0.5:  # Ray Data's read tasks need a CPU beside the workers, else a hang
@@ -143,9 +148,10 @@ def train(variants: list[tuple[AdaConfig, Path]], storage: Path, workers: int, *
     resources = {"CPU": num_cpus, **({"GPU": first.num_gpus} if first.num_gpus else {})}
     resume = latest_checkpoint(storage)
     loop_config = {
-        "variants": [{"config": config.to_dict(), "result_dir": str(result_dir), "datasets": f"v{i}"}
-                     for i, (config, result_dir) in enumerate(variants)],
+        "variants": [{"config": config.to_dict(), "result_dir": str(result_dir), "datasets": prefix}
+                     for (config, result_dir), prefix in zip(variants, prefixes)],
         "faults": faults.parse(), "num_threads": max(1, int(num_cpus)), "run": run_name,
+        "resume_from": str(resume) if resume else None,
     }
     trainer = TorchTrainer(
         train_worker, train_loop_config=loop_config, datasets=datasets,
@@ -155,7 +161,6 @@ def train(variants: list[tuple[AdaConfig, Path]], storage: Path, workers: int, *
             name="train", storage_path=str(storage),
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
-        resume_from_checkpoint=ray.train.Checkpoint.from_directory(str(resume)) if resume else None,
     )
     try:
         trainer.fit()

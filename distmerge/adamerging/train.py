@@ -128,7 +128,7 @@ def summary(setup: Setup) -> dict[str, float]:
 
 
 def save_state(folder: Path, setup: Setup, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-               gradient: torch.Tensor | None) -> None:
+               gradient: torch.Tensor | None, first_gradient: torch.Tensor | None = None) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {"raw": setup.coefficients.raw.detach().cpu().contiguous()}
     adam = optimizer.state.get(setup.coefficients.raw, {})
@@ -139,6 +139,8 @@ def save_state(folder: Path, setup: Setup, optimizer: torch.optim.Optimizer, sta
         tensors["adam.step"] = torch.as_tensor(adam["step"], dtype=torch.float32).reshape(1).cpu()
     if gradient is not None:
         tensors["last_gradient"] = gradient.detach().cpu().contiguous()
+    if first_gradient is not None:  # the gradient of the run's first step (a resumed run has none)
+        tensors["first_gradient"] = first_gradient.detach().cpu().contiguous()
     tensors["lambdas"] = setup.coefficients.per_tensor().detach().cpu().contiguous()
     write_safetensors(tensors, folder / TENSORS_FILE)
     write_json(folder / STATE_FILE, state)
@@ -208,11 +210,7 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(loop_config.get("num_threads", 1))))
-    checkpoint = ray.train.get_checkpoint()
-    resumed: tuple[int, Path] | None = None
-    if checkpoint is not None:
-        folder = Path(checkpoint.to_directory())
-        resumed = (json.loads((folder / STATE_FILE).read_text())["variant"], folder)
+    resumed = latest_state([loop_config.get("resume_from"), ray.train.get_checkpoint()])
     faults = loop_config.get("faults", {})
     for index, variant in enumerate(loop_config["variants"]):
         result_dir = Path(variant["result_dir"])
@@ -224,6 +222,21 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         start_from = resumed[1] if resumed is not None and resumed[0] == index else None
         _train_variant(setup, index, variant["datasets"], result_dir, start_from, faults,
                        loop_config.get("run", "adamerging"))
+
+
+def latest_state(sources: list) -> tuple[int, Path] | None:
+    """(variant, folder) of the most advanced checkpoint: the one this run's driver found on disk (a restarted
+    driver) or the one Ray Train hands a restarted worker group, whichever went further."""
+    best, best_key = None, (-1, -1)
+    for source in sources:
+        if source is None:
+            continue
+        folder = Path(source) if isinstance(source, str) else Path(source.to_directory())
+        state = json.loads((folder / STATE_FILE).read_text())
+        key = (int(state["variant"]), int(state["step"]))
+        if key > best_key:
+            best, best_key = (key[0], folder), key
+    return best
 
 
 def _train_variant(setup: Setup, index: int, datasets: str, result_dir: Path, start_from: Path | None,
@@ -245,7 +258,7 @@ def _train_variant(setup: Setup, index: int, datasets: str, result_dir: Path, st
             stream.next()
     exit_after = exit_after_steps(faults, index) if start_from is None else 0
     every = max(1, config.steps // 20)
-    gradient = None
+    gradient, first_gradient = None, None
     began = time.perf_counter()
     while step < config.steps:
         batches = {t: [encode_rows(setup, t, streams[t].next()) for _ in range(config.batches)] for t in config.tasks}
@@ -254,6 +267,8 @@ def _train_variant(setup: Setup, index: int, datasets: str, result_dir: Path, st
         loss.backward()
         gradient = reduce(setup.coefficients.raw.grad)
         setup.coefficients.raw.grad = gradient.clone()
+        if step == 0:
+            first_gradient = gradient.clone()
         objective = float(reduce(loss.detach()))
         optimizer.step()
         history.append(objective)
@@ -270,7 +285,7 @@ def _train_variant(setup: Setup, index: int, datasets: str, result_dir: Path, st
             _report(setup, optimizer, {"variant": index, "step": step, "history": history}, gradient, objective)
         if exit_after and step == exit_after and setup.rank == 0:
             os._exit(17)  # fault injection: the whole run dies here, as a killed driver's would
-    _finish(setup, optimizer, result_dir, step, history, gradient)
+    _finish(setup, optimizer, result_dir, step, history, gradient, first_gradient)
 
 
 def exit_after_steps(faults: dict, variant: int) -> int:
@@ -295,12 +310,13 @@ def _report(setup: Setup, optimizer, state: dict, gradient, objective: float) ->
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
-def _finish(setup: Setup, optimizer, result_dir: Path, step: int, history: list[float], gradient) -> None:
+def _finish(setup: Setup, optimizer, result_dir: Path, step: int, history: list[float], gradient,
+            first_gradient) -> None:
     """Rank 0 writes the variant's learned coefficients; result.json last, as the variant's commit mark."""
     if setup.rank != 0:
         return
     state = {"step": step, "history": history}
-    save_state(result_dir, setup, optimizer, state, gradient)
+    save_state(result_dir, setup, optimizer, state, gradient, first_gradient)
     result = {"names": list(setup.plan.names), "tasks": list(setup.plan.tasks), "rows": list(setup.plan.rows),
               "granularity": setup.plan.granularity, "steps": step, "history": history,
               "plus": None if setup.masks is None else {"thresholds": list(setup.masks.thresholds),
