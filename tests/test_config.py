@@ -118,6 +118,7 @@ base_model: ./base
 models:
   - model: ./a
     parameters: {density: 0.3, weight: 1}
+  - model: ./c
 parameters: {density: 0.6}
 """)
     assert dare.method == "dare"
@@ -125,7 +126,7 @@ parameters: {density: 0.6}
     assert params["then"] == "ties" and params["rescale"] == "l1" and params["disjoint"] == "sum"
     assert params["density"] == 1.0 and params["convention"] == "mergekit"
     assert dare.models[0].parameters["drop_rate"] == pytest.approx(0.7)
-    assert dare.global_settings["drop_rate"] == pytest.approx(0.4)
+    assert dare.models[1].parameters["drop_rate"] == pytest.approx(0.4)  # the shared value, as kept fraction 0.6
 
     linear = mergekit("""
 merge_method: linear
@@ -141,7 +142,7 @@ models:
 
 
 @pytest.mark.parametrize("text,message", [
-    ("merge_method: slerp\nmodels: [a]", r"merge_method: 'slerp' is not supported"),
+    ("merge_method: passthrough\nmodels: [a]", r"merge_method: .passthrough. is not supported"),
     ("merge_method: ties\nslices: []", r"slices: layer slicing"),
     ("merge_method: ties\nbase_model: b\nmodels: [a]\nparameters: {epsilon: 0.1}", r"parameters.epsilon"),
     ("merge_method: ties\nbase_model: b\nmodels: [b]", r"models: no model to merge"),
