@@ -59,6 +59,8 @@ METHODS = {
     "ties_global": ("ties", {"density": 0.2, "trim_scope": "global"}, True),
     "dare_ta": ("dare", {"drop_rate": 0.9, "then": "task_arithmetic", "lambda": TA_LAMBDA}, True),
     "dare_ties": ("dare", {"drop_rate": 0.9, "then": "ties", "density": 0.2, "trim_scope": "global"}, True),
+    "breadcrumbs": ("breadcrumbs", {"density": 0.9, "gamma": 0.01}, True),
+    "della": ("della", {"density": 0.7, "epsilon": 0.15}, True),
     "emr": ("emr", {}, True),
 }
 # method -> (mergekit merge_method, how close it is). mergekit has no global trim and no EMR.
@@ -69,6 +71,8 @@ MERGEKIT = {
     "ties_global": ("ties", "nearest: mergekit trims per tensor"),
     "dare_ta": ("dare_linear", "same (mergekit rescales by 1/(1-p) too)"),
     "dare_ties": ("dare_ties", "nearest: mergekit keeps 10% by DARE, no magnitude trim after"),
+    "breadcrumbs": ("breadcrumbs", "same cut (ties at the cut broken by index; convention mergekit: element for element)"),
+    "della": ("della", "nearest: mergekit rescales to the L1 norm, distmerge by 1/p"),
 }
 
 
@@ -87,7 +91,9 @@ def mergekit_config(mk_method: str, base: Path, experts: list[Path]) -> dict:
     """Compute in float32 and write bfloat16, as distmerge does by default on bf16 inputs."""
     params = {"linear": {"weight": 1.0}, "task_arithmetic": {"weight": TA_LAMBDA},
               "ties": {"weight": 1.0, "density": 0.2}, "dare_ties": {"weight": 1.0, "density": 0.1},
-              "dare_linear": {"weight": TA_LAMBDA, "density": 0.1}}[mk_method]
+              "dare_linear": {"weight": TA_LAMBDA, "density": 0.1},
+              "breadcrumbs": {"weight": 1.0, "density": 0.9, "gamma": 0.01},
+              "della": {"weight": 1.0, "density": 0.7, "epsilon": 0.15}}[mk_method]
     config = {"merge_method": mk_method, "models": [{"model": str(e), "parameters": params} for e in experts],
               "dtype": "float32", "out_dtype": "bfloat16"}
     if mk_method != "linear":

@@ -67,7 +67,7 @@ def emr_task_cmd(
 @app.command("demo")
 def demo_cmd(
     out: Path = typer.Option(Path("distmerge-demo"), "--out", "-o", help="folder for the demo models and the merge"),
-    method: str = typer.Option("ties", "--method", help="weight_average | task_arithmetic | ties | dare | emr"),
+    method: str = typer.Option("ties", "--method", help="weight_average|task_arithmetic|ties|dare|breadcrumbs|della|emr"),
     workers: int = typer.Option(2, "--workers", "-w", min=1),
     force: bool = typer.Option(False, "--force"),
 ) -> None:

@@ -15,6 +15,8 @@ DEMO_PARAMETERS = {
     "task_arithmetic": {"lambda": 0.5},
     "ties": {"lambda": 1.0, "density": 0.2, "trim_scope": "global"},
     "dare": {"drop_rate": 0.9, "then": "task_arithmetic", "lambda": 0.5, "seed": 0},
+    "breadcrumbs": {"lambda": 1.0, "density": 0.9, "gamma": 0.01},
+    "della": {"lambda": 1.0, "density": 0.7, "epsilon": 0.15, "seed": 0},
     "emr": {},
 }
 

@@ -98,3 +98,152 @@ def test_the_methods_are_recipes():
     assert [s.kind for s in dare.sparsify] == ["random", "magnitude"] and dare.seed == 4 and dare.lam == 0.5
     assert build_method("task_arithmetic", {"normalize": True}).recipe() == Recipe(combine="mean")
     assert not build_method("dare", {"rescale": "l1"}).chunkable() and build_method("dare", {}).chunkable()
+
+
+# --- step 4: breadcrumbs and DELLA as configurations ------------------------------------------------------
+
+SHAPES = {"a.weight": (6, 5), "b.bias": (9,), "c.weight": (4, 7)}
+
+
+def _family(seed: int, tasks: int = 3):
+    g = torch.Generator().manual_seed(seed)
+    base = {n: torch.randn(s, generator=g) for n, s in SHAPES.items()}
+    experts = [{n: base[n] + torch.randn(s, generator=g) * 0.1 for n, s in SHAPES.items()} for _ in range(tasks)]
+    return base, experts
+
+
+def _merge(method, base, experts, given=None, rows=None):
+    """The executor without Ray, models e0, e1, ... with per-model settings ``given``; ``rows`` a chunk."""
+    from distmerge.methods import execute
+    from distmerge.methods.base import TensorJob
+    from distmerge.tensors import OutputTensor
+
+    given = given or [{} for _ in experts]
+    tensors = []
+    for n in sorted(base):
+        per_model, per_tensor = resolve_job_settings(method, n, 0.0, given)
+        weights = per_model.pop("weight")
+        job = TensorJob(name=n, numel=base[n].numel(), model_names=tuple(f"e{i}" for i in range(len(experts))),
+                        weights=weights, per_model=per_model, per_tensor=per_tensor)
+        tensors.append(OutputTensor(name=n, shape=tuple(base[n].shape), out_dtype=torch.float32, merged=True, base=None,
+                                    experts=(), job=job, group=n, layer=None))
+
+    def read(tensor, start, stop):
+        cut = (lambda v: v) if start is None else (lambda v: v[start:stop])
+        return cut(base[tensor.name]), [cut(e[tensor.name]) for e in experts]
+
+    def chunker(tensor, chunked):
+        return execute.row_chunks(tensor, chunked, (rows or 1 << 20) * execute.row_elements(tensor))
+
+    merged, _, state = execute.merge_in_memory(method, tensors, read, torch.float32, chunker)
+    return merged, state
+
+
+def _reference_gta(base, experts, masks, weights, lam, consensus, normalize):
+    """mergekit's generalized task arithmetic, written flat: masked deltas, weights, sign mask, sum / divisor."""
+    out = {}
+    for n in base:
+        deltas = torch.stack([(e[n] - base[n]) * m[n] for e, m in zip(experts, masks)])
+        w = torch.tensor(weights).reshape(-1, *([1] * base[n].dim()))
+        deltas = deltas * w
+        if consensus:
+            majority = torch.where(deltas.sum(0) >= 0, 1.0, -1.0)
+            keep = (deltas.sign() == majority).float()
+            mixed, divisor = (deltas * keep).sum(0), (w * keep).sum(0)
+            divisor[divisor == 0] = 1
+        else:
+            mixed, divisor = deltas.sum(0), w.sum(0).expand_as(base[n])
+        out[n] = base[n] + lam * (mixed / divisor if normalize else mixed)
+    return out
+
+
+@pytest.mark.parametrize("name, consensus", [("breadcrumbs", False), ("breadcrumbs_ties", True)])
+def test_breadcrumbs_mergekit_convention_is_mergekit_formula(name, consensus):
+    from distmerge.ops.sparsify import mergekit_outlier_mask
+
+    base, experts = _family(1)
+    given = [{"density": 0.6, "gamma": 0.1, "weight": 0.7}, {"density": 0.5, "gamma": 0.0, "weight": 1.3},
+             {"density": 0.9, "gamma": 0.2, "weight": 1.0}]
+    method = build_method(name, {"convention": "mergekit", "lambda": 0.8})
+    got, _ = _merge(method, base, experts, given)
+    masks = [{n: mergekit_outlier_mask(e[n] - base[n], g["density"], g["gamma"]).float() for n in base}
+             for e, g in zip(experts, given)]
+    want = _reference_gta(base, experts, masks, [g["weight"] for g in given], 0.8, consensus, normalize=False)
+    for n in base:
+        torch.testing.assert_close(got[n], want[n], rtol=0, atol=1e-6)
+
+
+def test_breadcrumbs_paper_cut_by_hand():
+    base = {"x": torch.zeros(10)}
+    tau = torch.tensor([0.1, -0.9, 0.3, 0.5, -0.2, 1.0, 0.05, -0.6, 0.7, 0.4])
+    got, _ = _merge(build_method("breadcrumbs", {"density": 0.5, "gamma": 0.1}), base, [{"x": tau}])
+    # drop the largest (1.0), keep the next five: -0.9, 0.7, -0.6, 0.5, 0.4
+    assert torch.equal(got["x"], torch.tensor([0.0, -0.9, 0.0, 0.5, 0.0, 0.0, 0.0, -0.6, 0.7, 0.4]))
+    with pytest.raises(ConfigError, match=r"models\[e0\].*density \+ gamma must be <= 1"):
+        _merge(build_method("breadcrumbs", {"density": 0.95, "gamma": 0.1}), base, [{"x": tau}])
+
+
+def test_della_density_one_is_ties_and_task_arithmetic():
+    base, experts = _family(2)
+    given = [{"weight": w} for w in (0.5, 1.0, 1.5)]
+    della, _ = _merge(build_method("della", {"density": 1.0, "epsilon": 0.0, "lambda": 0.7}), base, experts, given)
+    ties, _ = _merge(build_method("ties", {"density": 1.0, "trim_scope": "tensor", "lambda": 0.7}), base, experts, given)
+    linear, _ = _merge(build_method("della_linear", {"density": 1.0, "epsilon": 0.0}), base, experts, given)
+    ta, _ = _merge(build_method("task_arithmetic", {}), base, experts, given)
+    for n in base:
+        assert torch.equal(della[n], ties[n]) and torch.equal(linear[n], ta[n])
+
+
+def test_della_epsilon_zero_draws_dares_mask():
+    base, experts = _family(3)
+    got, _ = _merge(build_method("della_linear", {"density": 0.6, "epsilon": 0.0, "seed": 7}), base, experts)
+    dare, _ = _merge(build_method("dare", {"drop_rate": 0.4, "seed": 7}), base, experts, rows=2)
+    for n in base:
+        torch.testing.assert_close(got[n], dare[n], rtol=1e-6, atol=1e-7)
+
+
+def test_della_against_flat_paper_reference():
+    from distmerge.ops import sparsify as sp
+
+    base, experts = _family(4)
+    got, _ = _merge(build_method("della", {"density": 0.5, "epsilon": 0.2, "seed": 3, "lambda": 1.2}), base, experts)
+    for n in base:
+        pruned = []
+        for i, e in enumerate(experts):
+            tau = e[n] - base[n]
+            rows = tau.reshape(1, -1) if tau.dim() < 2 else tau
+            rank = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).double()
+            p = ((0.5 - 0.2) + 0.4 * rank / (rows.shape[1] - 1)).reshape(tau.shape)
+            keep = sp.della_keep_mask(p, 3, f"e{i}", n, tau.numel())
+            pruned.append(torch.where(keep, tau.double() / p, 0.0).float())
+        stacked = torch.stack(pruned)
+        sign = torch.sign(stacked.sum(0))
+        sign[sign == 0] = torch.sign(sign.sum()) or 1.0
+        agree = (stacked.sign() == sign).float()
+        want = base[n] + 1.2 * (stacked * agree).sum(0) / agree.sum(0).clamp(min=1)
+        torch.testing.assert_close(got[n], want, rtol=1e-6, atol=1e-6)
+
+
+def test_della_refuses_a_window_outside_zero_one_before_reading():
+    base, experts = _family(5, tasks=2)
+    with pytest.raises(ConfigError, match=r"models\[e1\].*tensor 'a.weight'.*epsilon"):
+        _merge(build_method("della", {"density": 0.5}), base, experts, [{}, {"epsilon": 0.6}])
+
+
+def test_mergekit_yaml_for_della_and_breadcrumbs():
+    from distmerge.config import load_config
+
+    def read(method, **parameters):
+        return load_config({"merge_method": method, "base_model": "./base", "parameters": parameters,
+                            "models": [{"model": "./base"}, {"model": "./a", "parameters": {"density": 0.4}}, {"model": "./b"}]})
+
+    della = read("della", epsilon=0.1)
+    assert della.method == "della" and della.names == ("a", "b")
+    assert della.parameters == {"lambda": 1.0, "density": 1.0, "epsilon": 0.15, "rescale": "l1", "convention": "mergekit",
+                                "normalize": True, "seed": 0}
+    assert [m.parameters for m in della.models] == [{"density": 0.4, "epsilon": 0.1}, {"epsilon": 0.1}]
+    assert read("della_linear", rescale=False).parameters["rescale"] == "none"
+    assert read("della_linear").build_method().recipe().combine == "sum"
+    crumbs = read("breadcrumbs_ties", gamma=0.05, normalize=True)
+    assert crumbs.parameters["convention"] == "mergekit" and crumbs.build_method().recipe().consensus == "mass"
+    assert crumbs.build_method().recipe().combine == "mean" and crumbs.models[1].parameters == {"gamma": 0.05}

@@ -6,7 +6,9 @@ from typing import Any
 
 from distmerge.errors import ConfigError
 from distmerge.methods.base import MergeMethod, TensorJob, build_params, params_to_yaml
+from distmerge.methods.breadcrumbs import Breadcrumbs, BreadcrumbsTies
 from distmerge.methods.dare import Dare
+from distmerge.methods.della import Della, DellaLinear
 from distmerge.methods.emr import Emr
 from distmerge.methods.model_stock import ModelStock
 from distmerge.methods.regmean import RegMean
@@ -17,8 +19,8 @@ from distmerge.methods.ties import Ties
 from distmerge.methods.weight_average import WeightAverage
 
 METHODS: dict[str, type[MergeMethod]] = {
-    cls.name: cls for cls in (WeightAverage, TaskArithmetic, Ties, Dare, Emr, ModelStock, Slerp, NuSlerp, Tsv, IsoC,
-                            IsoCts, RegMean)
+    cls.name: cls for cls in (WeightAverage, TaskArithmetic, Ties, Dare, Breadcrumbs, BreadcrumbsTies, Della, DellaLinear,
+                            Emr, ModelStock, Slerp, NuSlerp, Tsv, IsoC, IsoCts, RegMean)
 }
 
 
