@@ -276,3 +276,17 @@ def test_written_merge_is_the_formula_for_lambdas_json(trained, family, name, tm
     assert len(table) == len(names) * len(TASKS)
     assert all(math.isclose(r["lambda"], recorded[r["tensor"]][r["task"]]) for r in table)
     assert (folder / "adamerging.png").stat().st_size > 0
+
+
+def test_cli_reports_a_bad_config_in_one_line(family, tmp_path):
+    import yaml
+    from typer.testing import CliRunner
+
+    from distmerge.cli import app
+
+    path = tmp_path / "ada.yaml"
+    path.write_text(yaml.safe_dump(ada_config(family, granularity="tensor")))
+    result = CliRunner().invoke(app, ["adamerging", str(path), "--out", str(tmp_path / "merged")])
+    assert result.exit_code == 2
+    assert "granularity: 'tensor' is not one of task, layer" in result.output
+    assert not (tmp_path / "merged").exists()

@@ -126,10 +126,6 @@ def train(variants: list[tuple[AdaConfig, Path]], storage: Path, workers: int, *
     for config, _ in variants:
         if config.batch_size % workers:
             raise ConfigError(f"batch_size: {config.batch_size} rows do not split evenly over {workers} workers")
-        if config.strategy == "deepspeed":
-            from distmerge.adamerging.deepspeed_strategy import check_available
-
-            check_available()
     datasets, prefixes, sources = {}, [], {}
     for config, _ in variants:  # variants reading the same files share one split of them (one coordinator each)
         signature = json.dumps({t: [config.data[t].path, list(config.data[t].fields), config.data[t].target]

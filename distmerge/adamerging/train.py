@@ -23,7 +23,7 @@ import torch
 
 from distmerge import telemetry
 from distmerge.adamerging.bank import (AllReduce, Bank, Coefficients, PlusMasks, TensorPlan, apply_plus, fill_bank,
-                                       no_reduce, plan_tensors)
+                                       local_tensor, no_reduce, plan_tensors)
 from distmerge.adamerging.config import AdaConfig, load_ada_config
 from distmerge.adamerging.objective import batch_objective, check_parameters, encode, skeleton, text_fields
 from distmerge.errors import InputError
@@ -218,7 +218,12 @@ def train_worker(loop_config: dict[str, Any]) -> None:
             continue
         config = load_ada_config(variant["config"])
         strategy_shard = fsdp_shard if world > 1 and config.strategy == "fsdp" else None
+        began = time.perf_counter()
         setup = build_setup(config, world, rank, strategy_shard, all_reduce_sum if world > 1 else no_reduce)
+        held = sum(local_tensor(p).numel() * local_tensor(p).element_size() for p in setup.bank.parameters())
+        print(f"adamerging {loop_config.get('run', 'adamerging')}: rank {rank}/{world} holds {held / 2**20:.1f} MiB "
+              f"of theta0 and {len(config.tasks)} task vectors ({len(setup.plan.names)} tensors), ready in "
+              f"{time.perf_counter() - began:.1f}s", flush=True)
         start_from = resumed[1] if resumed is not None and resumed[0] == index else None
         _train_variant(setup, index, variant["datasets"], result_dir, start_from, faults,
                        loop_config.get("run", "adamerging"))
