@@ -13,7 +13,7 @@ __all__ = ["build", "load", "write_task_model", "is_twin_folder"]
 
 
 def build(*args: Any, **kwargs: Any):
-    from distmerge.twin.build import build as _build
+    from distmerge.twin.builder import build as _build
 
     return _build(*args, **kwargs)
 

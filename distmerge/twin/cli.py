@@ -21,7 +21,7 @@ def build_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars"),
 ) -> None:
     """Shared expert (an engine merge), compressed exclusive parts per layer group on Ray, and the router."""
-    from distmerge.twin.build import build
+    from distmerge.twin.builder import build
 
     try:
         result = build(config, out, workers=workers, address=address, force=force, progress=progress, device=device)

@@ -75,6 +75,7 @@ class ExclusiveConfig:
 class RouterConfig:
     data: dict[str, str] = field(default_factory=dict)  # task name -> jsonl/json/parquet file or folder
     field: str = "text"
+    tokenizer: str | None = None  # a tokenizer folder; default: the shared expert's (the base's)
     max_samples: int = 5500  # per task, as the reference
     holdout: float = 0.1  # share of each task's samples kept for the reported accuracy
     max_length: int = 512
@@ -98,6 +99,9 @@ class RouterConfig:
                 raise ConfigError(f"{where}.data.{task}: not a task (models are {', '.join(tasks)})")
             if not isinstance(path, str) or not Path(path).expanduser().exists():
                 raise ConfigError(f"{where}.data.{task}: '{path}' does not exist")
+        if self.tokenizer is not None and (not isinstance(self.tokenizer, str)
+                                           or not Path(self.tokenizer).expanduser().is_dir()):
+            raise ConfigError(f"{where}.tokenizer: '{self.tokenizer}' is not a folder")
         if not isinstance(self.field, str) or not self.field:
             raise ConfigError(f"{where}.field: expected a column name")
         for key in ("max_samples", "max_length", "epochs", "batch_size", "workers", "feature_batch_size"):

@@ -108,7 +108,8 @@ def compute_features(shared_folder: Path, tasks: tuple[str, ...], options: Route
     for task, path in paths.items():
         check_field(path, options.field, task)
     config = Checkpoint(str(shared_folder), "shared").config
-    source = ModelSource.of(shared_folder)
+    tokenizer = str(Path(options.tokenizer).expanduser()) if options.tokenizer else None
+    source = ModelSource.of(shared_folder, tokenizer=tokenizer)
     device, num_cpus, num_gpus = _resources(EvalOptions(workers=options.workers, device=device))
     datasets = [_task_dataset(paths[task], i, options) for i, task in enumerate(tasks)]
     dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]

@@ -23,10 +23,12 @@ def task_tensor(shared: torch.Tensor, part) -> torch.Tensor:
     return (shared.float() + part.dense()).to(shared.dtype)
 
 
-def write_task_model(folder: str | Path, task: str, out: str | Path, force: bool = False) -> Path:
+def write_task_model(folder: str | Path, task: str | None, out: str | Path, force: bool = False) -> Path:
+    """theta* + E_task as a plain folder; ``task=None``: theta* alone (the shared expert, for comparison)."""
     folder = Path(folder).expanduser().resolve()
     manifest = read_manifest(folder)
-    check_task(manifest, task, folder)
+    if task is not None:
+        check_task(manifest, task, folder)
     out = Path(out).expanduser().resolve()
     writer.check_target(out, force)
     shared = Checkpoint(str(folder), "shared")
@@ -42,7 +44,8 @@ def write_task_model(folder: str | Path, task: str, out: str | Path, force: bool
             shard = writer.ShardWriter(staging / Path(file).name, entries)
             try:
                 for name in names:
-                    shard.write(name, task_tensor(shared.read(name), store.part(task, name)))
+                    part = store.part(task, name) if task is not None else None
+                    shard.write(name, task_tensor(shared.read(name), part))
             except BaseException:
                 shard.abort()
                 raise

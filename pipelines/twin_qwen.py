@@ -1,0 +1,231 @@
+"""Twin-Merging in the reference's generative setting (Twin-Merging ``generative/``, spec algorithms.md §7):
+Qwen-14B with LoRA experts, shared expert = task arithmetic 0.3, exclusive parts of rank 8, a router on the
+shared model's mean last hidden state, routed batched inference; every task scored routed, oracle-routed
+(theta* + E_task) and as the shared expert alone.
+
+    python pipelines/twin_qwen.py --base /m/Qwen-14B --adapter bbq=/m/lora-bbq --adapter mmlu=/m/lora-mmlu \\
+        --router-data bbq=/d/bbq_train.jsonl --router-data mmlu=/d/mmlu_train.jsonl \\
+        --eval bbq=perplexity:/d/bbq_test.jsonl --out /shared/runs/twin-qwen
+    python pipelines/twin_qwen.py --preset tiny --out /tmp/twin-qwen     # tiny Qwen2 + peft LoRA experts, CPU
+    distmerge submit pipelines/twin_qwen.py -- --preset tiny --out /tmp/twin-qwen
+
+The run folder gets ``twin.yaml`` (the resolved build config), ``twin/`` (the twin folder), ``oracle/TASK``
+(theta* + E_TASK) and ``results.json``. With ``--preset tiny`` the pipeline builds a small Qwen2 base, trains one
+LoRA adapter per tiny task with peft (a few steps on that task's texts, so each expert has a skill), writes the
+router samples, and scores every task by perplexity: expert, shared expert, twin routed, twin oracle.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+# pip packages beyond distmerge's own dependencies; `distmerge submit` installs them for the job.
+REQUIREMENTS: list[str] = ["peft"]
+
+PAPER = {"base": "Qwen/Qwen-14B", "rank": 8, "lambda": 0.3, "lora_rank": 32}
+TINY = {"hidden": 32, "layers": 2, "lora_rank": 8, "train_steps": 40, "samples": 60, "eval_samples": 12}
+TINY_TASKS = ("count", "repeat", "scatter")  # three tiny "skills" with distinct token statistics
+QWEN2_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="pipelines/twin_qwen.py", formatter_class=argparse.RawDescriptionHelpFormatter,
+        description="Twin-Merging of LoRA experts on Qwen (the reference's generative setting): build the twin "
+                    "folder, write each task's oracle model, score routed / oracle / shared.",
+        epilog="Defaults are the reference's (TA 0.3, rank 8); --preset tiny runs everything on small local models.")
+    parser.add_argument("--preset", choices=("tiny",), help="tiny: a small Qwen2 and peft LoRA experts built here")
+    parser.add_argument("--base", help=f"base model folder (default: {PAPER['base']})")
+    parser.add_argument("--adapter", action="append", default=[], metavar="TASK=ADAPTER",
+                        help="a PEFT LoRA adapter folder per task (repeat)")
+    parser.add_argument("--router-data", action="append", default=[], metavar="TASK=FILE",
+                        help="router samples per task: jsonl/json/parquet with a --field column (repeat)")
+    parser.add_argument("--eval", action="append", default=[], metavar="TASK=KIND:DATA",
+                        help="score TASK with distmerge.evaluate's KIND (perplexity, mmlu-style tasks ...) over DATA")
+    parser.add_argument("--field", default="text", help="router samples' prompt column (default: %(default)s)")
+    parser.add_argument("--lambda", dest="lam", type=float, default=PAPER["lambda"], help="shared TA scale")
+    parser.add_argument("--rank", type=int, default=PAPER["rank"], help="exclusive parts' rank (default: 8)")
+    parser.add_argument("--svd", default="auto", choices=("auto", "exact", "randomized"))
+    parser.add_argument("--workers", type=int, help="Ray workers (default: CPUs)")
+    parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded Ray)")
+    parser.add_argument("--out", type=Path, default=Path.home() / "distmerge-runs" / "twin-qwen")
+    parser.add_argument("--force", action="store_true", help="replace existing twin/ and oracle/ folders")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    args = parser.parse_args(argv)
+    if args.preset and (args.base or args.adapter or args.router_data or args.eval):
+        parser.error("--preset builds its own models and data; leave out --base/--adapter/--router-data/--eval")
+    if not args.preset and (not args.adapter or not args.router_data):
+        parser.error("give --adapter and --router-data for every task (or --preset tiny)")
+    return args
+
+
+def pairs(values: list[str], flag: str) -> dict[str, str]:
+    out = {}
+    for value in values:
+        name, sep, rest = value.partition("=")
+        if not sep or not name or not rest:
+            raise SystemExit(f"error: {flag} {value!r}: expected TASK=VALUE")
+        out[name] = rest
+    return out
+
+
+# --------------------------------------------------------------------------------------------- tiny preset
+
+
+def tiny_texts(task: str, count: int, seed: int) -> list[str]:
+    import numpy as np
+
+    generator = np.random.default_rng(seed)
+    texts = []
+    for _ in range(count):
+        length = int(generator.integers(8, 16))
+        if task == "count":  # runs of consecutive tokens
+            start = int(generator.integers(4, 60))
+            tokens = [start + i for i in range(length)]
+        elif task == "repeat":  # every token twice
+            tokens = [int(t) for t in generator.integers(64, 96, size=length // 2) for _ in range(2)]
+        else:  # a small vocabulary at random
+            tokens = [int(t) for t in generator.integers(100, 112, size=length)]
+        texts.append(" ".join(f"w{t}" for t in tokens))
+    return texts
+
+
+def train_lora(base: Path, texts: list[str], out: Path, rank: int, steps: int, seed: int) -> Path:
+    """A peft LoRA adapter on ``base`` trained for a few steps on ``texts`` (causal LM loss)."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(base.parent / "tokenizer"))
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base), dtype=torch.float32),
+                           LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=QWEN2_MODULES, lora_dropout=0.0))
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=2e-2)
+    encoded = tokenizer(texts, padding=True, return_tensors="pt")
+    labels = encoded["input_ids"].masked_fill(encoded["attention_mask"] == 0, -100)
+    model.train()
+    for _ in range(steps):
+        optimizer.zero_grad()
+        model(**encoded, labels=labels).loss.backward()
+        optimizer.step()
+    model.save_pretrained(str(out))
+    return out
+
+
+def build_tiny(root: Path, steps: int) -> tuple[str, dict[str, str], dict[str, str], dict[str, str]]:
+    """(base, adapters, router data, eval data) of the tiny preset, built once per run folder."""
+    from distmerge.tiny_models import build_family, build_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    base = root / "base"
+    if not (base / "config.json").is_file():
+        build_family(root, "qwen2", experts=0, hidden=TINY["hidden"], layers=TINY["layers"], seed=0)
+        # Beside a qwen2 config.json, AutoTokenizer builds a Qwen2Tokenizer and ignores the word-level
+        # tokenizer.json; a folder of its own loads as written.
+        build_tokenizer(128).save_pretrained(str(root / "tokenizer"))
+    adapters, router, evals = {}, {}, {}
+    for i, task in enumerate(TINY_TASKS):
+        router[task] = str(write_jsonl(root / f"{task}_router.jsonl", tiny_texts(task, TINY["samples"], 10 + i)))
+        evals[task] = str(write_jsonl(root / f"{task}_eval.jsonl", tiny_texts(task, TINY["eval_samples"], 20 + i)))
+        adapter = root / f"lora_{task}"
+        if not (adapter / "adapter_config.json").is_file():
+            train_lora(base, tiny_texts(task, 32, 30 + i), adapter, TINY["lora_rank"], steps, seed=i)
+        adapters[task] = str(adapter)
+    return str(base), adapters, router, {task: f"perplexity:{path}" for task, path in evals.items()}
+
+
+def write_jsonl(path: Path, texts: list[str]) -> Path:
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    return path
+
+
+# --------------------------------------------------------------------------------------------- the run
+
+
+def twin_config(args: argparse.Namespace, base: str, adapters: dict[str, str], router: dict[str, str]) -> dict:
+    tiny = args.preset == "tiny"
+    missing = sorted(set(adapters) ^ set(router))
+    if missing:
+        raise SystemExit(f"error: task '{missing[0]}' needs both --adapter and --router-data")
+    router_options = {"data": router, "field": args.field}
+    if tiny:  # few samples: smaller batches and more steps than the reference's 1024 x 50 epochs
+        router_options.update(epochs=60, lr=5e-3, batch_size=32, holdout=0.25,
+                              tokenizer=str(Path(base).parent / "tokenizer"))
+    return {"base_model": base,
+            "models": [{"model": base, "lora": path, "name": task} for task, path in adapters.items()],
+            "shared": {"method": "task_arithmetic", "parameters": {"lambda": args.lam}},
+            "exclusive": {"rank": args.rank, "svd": args.svd},
+            "router": router_options}
+
+
+def score(model: str, kind: str, data: str, tokenizer: str | None) -> float:
+    from distmerge.evaluate import evaluate
+
+    return evaluate(model, kind, data, tokenizer=tokenizer, batch_size=8).score
+
+
+def merged_expert(base: str, adapter: str, out: Path) -> Path:
+    """A LoRA expert as a dense folder (peft's merge_and_unload), to score the expert itself."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    if not (out / "config.json").is_file():
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        PeftModel.from_pretrained(model, adapter).merge_and_unload().save_pretrained(str(out))
+        AutoTokenizer.from_pretrained(str(Path(base).parent / "tokenizer")).save_pretrained(str(out))
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    import yaml
+
+    from distmerge.engine.ray_session import ray_session
+    from distmerge.errors import DistmergeError
+    from distmerge.twin import build, write_task_model
+
+    began = time.perf_counter()
+    out = args.out.expanduser().resolve()
+    out.mkdir(parents=True, exist_ok=True)
+    if args.preset == "tiny":
+        base, adapters, router, evals = build_tiny(out / "models", TINY["train_steps"])
+    else:
+        base = args.base or PAPER["base"]
+        adapters, router = pairs(args.adapter, "--adapter"), pairs(args.router_data, "--router-data")
+        evals = pairs(args.eval, "--eval")
+    config = twin_config(args, base, adapters, router)
+    (out / "twin.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
+    results: dict[str, dict[str, float]] = {}
+    try:
+        with ray_session(args.address, num_cpus=args.workers):
+            built = build(config, out / "twin", workers=args.workers, force=args.force, progress=not args.quiet)
+            print(built.summary())
+            shared = write_task_model(out / "twin", None, out / "shared", force=True)  # theta* alone
+            tokenizer = config["router"].get("tokenizer")
+            for task, spec in evals.items():
+                kind, _, data = spec.partition(":")
+                oracle = write_task_model(out / "twin", task, out / "oracle" / task, force=True)
+                results[task] = {"twin_routed": score(str(out / "twin"), kind, data, tokenizer),
+                                 "twin_oracle": score(str(oracle), kind, data, tokenizer),
+                                 "shared": score(str(shared), kind, data, tokenizer)}
+                if args.preset == "tiny":
+                    expert = merged_expert(base, adapters[task], out / "models" / f"expert_{task}")
+                    results[task]["expert"] = score(str(expert), kind, data, tokenizer)
+    except DistmergeError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    summary = {"router": built.router, "scores": results, "seconds": round(time.perf_counter() - began, 1)}
+    (out / "results.json").write_text(json.dumps(summary, indent=2) + "\n")
+    table = "; ".join(f"{task}: " + ", ".join(f"{k} {v:.3g}" for k, v in row.items()) for task, row in results.items())
+    print(f"twin_qwen: {len(adapters)} LoRA experts, router held-out accuracy "
+          f"{built.router['holdout_accuracy']:.3f}; {table} ({summary['seconds']}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
