@@ -8,6 +8,8 @@ where the mergekit dialect knows the method, distmerge also runs the mergekit YA
 
 from __future__ import annotations
 
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -15,7 +17,7 @@ import torch
 import yaml
 
 from distmerge.mergekit_compat import translate_mergekit
-from test_mergekit_oracle import _UNAVAILABLE, _model, _run_mergekit, _tensors, family  # noqa: F401 (fixture)
+from test_mergekit_oracle import MERGEKIT_PYTHON, _UNAVAILABLE, _model, _tensors, family  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.ray, pytest.mark.skipif(_UNAVAILABLE is not None, reason=str(_UNAVAILABLE))]
 
@@ -48,13 +50,20 @@ def _cases(family: dict[str, str], case: str) -> tuple[dict, dict]:
                               "parameters": {"nuslerp_flatten": False, "nuslerp_row_wise": True}},
                              _native("nuslerp", [(e0, {"weight": 0.6}), (e1, {"weight": 0.4})],
                                      nuslerp_flatten=False, nuslerp_row_wise=True)),
+        "slerp": ({"merge_method": "slerp", "base_model": e0, "models": [_model(e0), _model(e1)],
+                   "parameters": {"t": 0.3}},
+                  _native("slerp", [(e0, {}), (e1, {})], t=0.3)),
+        "slerp_gradient": ({"merge_method": "slerp", "base_model": e0, "models": [_model(e0), _model(e1)],
+                            "parameters": {"t": [0.0, 0.5, 1.0]}},
+                           _native("slerp", [(e0, {}), (e1, {})], t=[0.0, 0.5, 1.0])),
     }
     mergekit, native = cases[case]
     mergekit["dtype"] = "float32"
     return mergekit, native
 
 
-CASES = ["model_stock", "model_stock_filter_wise", "nuslerp", "nuslerp_base", "nuslerp_row_wise"]
+CASES = ["model_stock", "model_stock_filter_wise", "nuslerp", "nuslerp_base", "nuslerp_row_wise", "slerp",
+         "slerp_gradient"]
 
 
 def _dialect_knows(mergekit: dict) -> bool:
@@ -67,21 +76,48 @@ def _dialect_knows(mergekit: dict) -> bool:
     return True
 
 
+# Every case's merge in one mergekit process: its imports cost more than these tiny merges.
+RUN_ALL = """
+import sys, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+for config_path, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    text = open(config_path).read()
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), out, MergeOptions(quiet=True),
+              config_source=text)
+"""
+
+
+@pytest.fixture(scope="module")
+def mergekit_outputs(family, tmp_path_factory) -> Path:  # noqa: F811 (the shared fixture)
+    root = tmp_path_factory.mktemp("mergekit_next")
+    arguments = []
+    for case in CASES:
+        path = root / f"{case}.yaml"
+        path.write_text(yaml.safe_dump(_cases(family, case)[0], sort_keys=False))
+        arguments += [str(path), str(root / case)]
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
+    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
+    result = subprocess.run([MERGEKIT_PYTHON, "-c", RUN_ALL, *arguments], capture_output=True, text=True, env=env,
+                            timeout=900)
+    assert result.returncode == 0, f"mergekit failed ({result.returncode}):\n{result.stderr[-4000:]}"
+    return root
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_matches_mergekit(case, family, tmp_path, ray_cluster):  # noqa: F811 (the shared fixture)
+def test_matches_mergekit(case, family, mergekit_outputs, tmp_path, ray_cluster):  # noqa: F811
     from distmerge import merge
 
     mergekit, native = _cases(family, case)
-    mergekit_path = tmp_path / f"{case}.yaml"
-    mergekit_path.write_text(yaml.safe_dump(mergekit, sort_keys=False))
-    _run_mergekit(mergekit_path, tmp_path / "mergekit")
-    expected = _tensors(tmp_path / "mergekit")
+    mergekit_path = mergekit_outputs / f"{case}.yaml"
+    expected = _tensors(mergekit_outputs / case)
     runs = {"native": native}
     if _dialect_knows(mergekit):
         runs["mergekit dialect"] = str(mergekit_path)
     base = _tensors(Path(family["base"]))
     for label, config in runs.items():
-        merge(config, str(tmp_path / label), workers=2, force=True, progress=False)
+        merge(config, str(tmp_path / label), workers=1, force=True, progress=False)
         actual = _tensors(tmp_path / label)
         assert sorted(actual) == sorted(expected), label
         mismatched = [f"{name}: max|diff|={(actual[name].double() - want.double()).abs().max().item():.3g}"
