@@ -67,6 +67,17 @@ def _config(family: dict[str, str], case: str) -> dict:
         "ties_bf16": {"merge_method": "ties", "base_model": base, "models": ties_models},
         "ties_rescale": {"merge_method": "ties", "base_model": base, "models": ties_models,
                          "parameters": {"rescale": True}},
+        # breadcrumbs: 0.1 + 0.6 <= 1 cuts as the paper; 0.5 + 0.6 > 1 shrinks the outlier cut (0.1.5's clamp)
+        "breadcrumbs": {"merge_method": "breadcrumbs", "base_model": base,
+                        "models": [_model(e0, weight=1.0, density=0.6, gamma=0.1), _model(e1, weight=0.5, density=0.5)],
+                        "parameters": {"gamma": 0.6, "lambda": 0.9}},
+        "breadcrumbs_ties": {"merge_method": "breadcrumbs_ties", "base_model": base,
+                             "models": [_model(e0, weight=1.0, density=0.7), _model(e1, weight=0.6, density=0.4)],
+                             "parameters": {"gamma": 0.05, "normalize": True}},
+        # DELLA draws at random except at density 1 (keep all): the consensus, normalize and rescale path
+        "della_density1": {"merge_method": "della", "base_model": base,
+                           "models": [_model(e0, weight=1.0, density=1.0), _model(e1, weight=0.5, density=1.0)],
+                           "parameters": {"epsilon": 0.1, "lambda": 1.1}},
         "ties_min_keep": {"merge_method": "ties", "base_model": base,
                           "models": [_model(e0, weight=1.0, density=0.02), _model(e1, weight=0.5, density=0.02)]},
     }
@@ -77,7 +88,7 @@ def _config(family: dict[str, str], case: str) -> dict:
 
 KNOWN_GAPS: dict[str, str] = {}
 CASES = ["linear", "task_arithmetic", "ties", "ties_normalize_false", "dare_linear_density1", "dare_ties_density1",
-         "ties_rescale", "ties_min_keep", "ties_bf16", *KNOWN_GAPS]
+         "ties_rescale", "ties_min_keep", "ties_bf16", "breadcrumbs", "breadcrumbs_ties", "della_density1", *KNOWN_GAPS]
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
