@@ -16,7 +16,7 @@ import pytest
 import torch
 import yaml
 
-from distmerge.mergekit_compat import translate_mergekit
+from distmerge.config.mergekit import read_mergekit
 from test_mergekit_oracle import MERGEKIT_PYTHON, _UNAVAILABLE, _model, _tensors, family  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.ray, pytest.mark.skipif(_UNAVAILABLE is not None, reason=str(_UNAVAILABLE))]
@@ -68,7 +68,7 @@ CASES = ["model_stock", "model_stock_filter_wise", "nuslerp", "nuslerp_base", "n
 
 def _dialect_knows(mergekit: dict) -> bool:
     try:
-        translate_mergekit(mergekit)
+        read_mergekit(mergekit)
     except Exception as exc:  # noqa: BLE001 - only "not supported" means the rows are not there yet
         if "not supported" in str(exc):
             return False

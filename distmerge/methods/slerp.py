@@ -35,11 +35,8 @@ class SlerpParams:
         pass  # t's range is checked on every entry by build_params (PER_TENSOR)
 
 
-class Slerp(MergeMethod):
-    name = "slerp"
-    Params = SlerpParams
-    needs_base = False
-    per_model_keys = frozenset()
+class TwoModels(MergeMethod):
+    """Whole tensors of exactly two models (besides an optional base)."""
 
     def chunkable(self) -> bool:
         return False
@@ -47,6 +44,13 @@ class Slerp(MergeMethod):
     def initial_state(self, jobs):
         require_experts(self.name, jobs, 2, exact=True)
         return {}
+
+
+class Slerp(TwoModels):
+    name = "slerp"
+    Params = SlerpParams
+    needs_base = False
+    per_model_keys = frozenset()
 
     def merge(self, base, experts, job, offset, state):
         return ChunkResult(ops.slerp(float(job.per_tensor["t"]), experts[0], experts[1]))
@@ -65,20 +69,13 @@ class NuSlerpParams:
         _require_bool(where, "use_base", self.use_base)
 
 
-class NuSlerp(MergeMethod):
+class NuSlerp(TwoModels):
     name = "nuslerp"
     Params = NuSlerpParams
 
     def __init__(self, params):
         super().__init__(params)
         self.needs_base = params.use_base  # the engine reads the base only when the method uses it
-
-    def chunkable(self) -> bool:
-        return False
-
-    def initial_state(self, jobs):
-        require_experts(self.name, jobs, 2, exact=True)
-        return {}
 
     def merge(self, base, experts, job, offset, state):
         return ChunkResult(ops.nuslerp(experts, job.weights, base if self.params.use_base else None,
