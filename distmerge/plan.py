@@ -10,9 +10,10 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
+from distmerge.architectures import EMBEDDING_MODULE
 from distmerge.tensors import OutputTensor
 
-EMBED_GROUP = re.compile(r"embed|wte|wpe|word_embeddings|position_embeddings|tok_embeddings|shared")
+EMBED_GROUP = EMBEDDING_MODULE  # the groups planned first
 
 
 @dataclass(frozen=True)

@@ -17,21 +17,15 @@ from dataclasses import dataclass
 
 import torch
 
+from distmerge.architectures import FDA_FAMILIES, FDA_UNITS
 from distmerge.errors import ConfigError, InputError, where
 from distmerge.fda.config import FAMILY_DEFAULTS
 from distmerge.io.checkpoint import Checkpoint
 
-DECODER_TYPES = {"llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "olmo", "olmo2", "granite", "phi3",
-                 "internlm2", "yi"}
-ENCODER_TYPES = {"roberta", "bert", "xlm-roberta", "camembert", "electra"}
-VIT_TYPES = {"vit"}
-# (family, modules) -> where the unit of layer l sits in tensor names
-UNIT_CORE = {
-    ("decoder", "mlp"): "layers.{layer}.mlp",
-    ("decoder", "block"): "layers.{layer}",
-    ("encoder", "block"): "encoder.layer.{layer}",
-    ("vit", "block"): "encoder.layer.{layer}",
-}
+DECODER_TYPES = set(FDA_FAMILIES["decoder"])
+ENCODER_TYPES = set(FDA_FAMILIES["encoder"])
+VIT_TYPES = set(FDA_FAMILIES["vit"])
+UNIT_CORE = FDA_UNITS
 # "(prefix)layers.(N)." and the like: the unit core with any prefix and the layer number captured
 UNIT_PATTERNS = {key: re.compile("^(.*?)" + re.escape(core).replace(re.escape("{layer}"), r"(\d+)") + r"\.")
                  for key, core in UNIT_CORE.items()}

@@ -9,17 +9,12 @@ mean of the model's existing rows, as MergeLM's ``smart_tokenizer_and_embedding_
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
-INPUT_EMBEDDING = re.compile(r"(^|\.)(embed_tokens|word_embeddings|wte|embed_in|tok_embeddings|shared)\.weight$")
-VOCAB_TENSOR = re.compile(
-    r"(^|\.)(embed_tokens|word_embeddings|wte|embed_in|tok_embeddings|shared|lm_head|embed_out|output)(\.|$)"
-    r"|final_logits_bias$"
-)
+from distmerge.architectures import INPUT_EMBEDDING, VOCAB_TENSOR  # noqa: F401 (others import them from here)
 
 
 @dataclass(frozen=True)
