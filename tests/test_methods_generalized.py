@@ -247,3 +247,26 @@ def test_mergekit_yaml_for_della_and_breadcrumbs():
     crumbs = read("breadcrumbs_ties", gamma=0.05, normalize=True)
     assert crumbs.parameters["convention"] == "mergekit" and crumbs.build_method().recipe().consensus == "mass"
     assert crumbs.build_method().recipe().combine == "mean" and crumbs.models[1].parameters == {"gamma": 0.05}
+
+
+def test_della_on_the_engine_same_files_with_one_and_two_workers(llama_family, tmp_path, ray_cluster):
+    from safetensors.torch import load_file
+
+    from distmerge import merge
+
+    base, experts = llama_family
+    config = {"method": "della", "base_model": str(base), "parameters": {"density": 0.5, "epsilon": 0.2, "seed": 11},
+              "models": [{"model": str(e), "weight": 1.0 - 0.3 * i} for i, e in enumerate(experts)],
+              "out_shard_size": "40KB"}
+    outputs = []
+    for workers in (1, 2):
+        merge(config, tmp_path / f"w{workers}", workers=workers, progress=False)
+        outputs.append({p.name: load_file(str(p)) for p in sorted((tmp_path / f"w{workers}").glob("*.safetensors"))})
+    assert outputs[0].keys() == outputs[1].keys() and len(outputs[0]) > 1
+    for shard, tensors in outputs[0].items():
+        assert all(torch.equal(value, outputs[1][shard][key]) for key, value in tensors.items()), shard
+    merged = {k: v for shard in outputs[0].values() for k, v in shard.items()}
+    base_tensors = {k: v for p in sorted(base.glob("*.safetensors")) for k, v in load_file(str(p)).items()}
+    name = "model.layers.0.mlp.up_proj.weight"
+    moved = merged[name] != base_tensors[name]
+    assert 0.2 < moved.float().mean() < 0.9  # about half the entries kept by either expert, none rescaled to 0
