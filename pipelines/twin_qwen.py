@@ -27,7 +27,7 @@ from pathlib import Path
 REQUIREMENTS: list[str] = ["peft"]
 
 PAPER = {"base": "Qwen/Qwen-14B", "rank": 8, "lambda": 0.3, "lora_rank": 32}
-TINY = {"hidden": 32, "layers": 2, "lora_rank": 8, "train_steps": 40, "samples": 60, "eval_samples": 12}
+TINY = {"hidden": 32, "layers": 2, "lora_rank": 8, "train_steps": 20, "samples": 60, "eval_samples": 12}
 TINY_TASKS = ("count", "repeat", "scatter")  # three tiny "skills" with distinct token statistics
 QWEN2_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -19,6 +19,7 @@ from distmerge.twin.compress import compress_delta, compress_group
 from distmerge.twin.config import ExclusiveConfig, load_twin_config
 from distmerge.twin.folder import ExclusiveStore, read_manifest
 from distmerge.twin.router import prompt_features, train_router
+from distmerge.twin.routed import truncate
 
 VOCABS = ((4, 24), (100, 120))  # tiny "tasks": prompts drawn from disjoint parts of the vocabulary
 
@@ -154,13 +155,15 @@ def test_compressed_parts_are_factors_of_the_stated_rank(tmp_path, llama_family)
     delta = load_plain(experts[1]).state_dict()[name] - load_plain(folder).state_dict()[name]
     u, s, vh = torch.linalg.svd(delta, full_matrices=False)  # Eckart-Young: the best rank-8 approximation
     torch.testing.assert_close(part.dense(), (u[:, :8] * s[:8]) @ vh[:8], rtol=0, atol=1e-5)
+    # A rank sweep over one build: load(rank=3) keeps the first 3 directions, the rank-3 truncated SVD.
+    torch.testing.assert_close(truncate(part, 3).dense(), (u[:, :3] * s[:3]) @ vh[:3], rtol=0, atol=1e-5)
     report = json.loads((folder / "twin_report.json").read_text())
     assert report["ranks"][f"t1::{name}"] == 8
 
 
 def test_randomized_svd_error_within_stated_tolerance():
-    """README: randomized SVD (oversample 10, 4 power iterations) has a relative Frobenius error at most 1% above
-    the exact truncated SVD's, on spectra that decay as fine-tuning deltas do."""
+    """README: randomized SVD (oversample 10, 4 power iterations) has a relative Frobenius error at most 0.1% above
+    the exact truncated SVD's, on spectra that decay as fine-tuning deltas do (singular values ~ i^-0.7 here)."""
     generator = torch.Generator().manual_seed(3)
     m, n, rank = 300, 1200, 16
     u, _ = torch.linalg.qr(torch.randn(m, m, generator=generator))
@@ -171,7 +174,7 @@ def test_randomized_svd_error_within_stated_tolerance():
     for mode in ("exact", "randomized"):
         part = compress_delta(delta, ExclusiveConfig(rank=rank, svd=mode), seed=5)
         errors[mode] = float(torch.linalg.norm(delta - part.dense()) / torch.linalg.norm(delta))
-    assert errors["exact"] <= errors["randomized"] <= errors["exact"] * 1.01
+    assert errors["exact"] <= errors["randomized"] <= errors["exact"] * 1.001
     again = compress_delta(delta, ExclusiveConfig(rank=rank, svd="randomized"), seed=5)
     assert torch.equal(again.us, compress_delta(delta, ExclusiveConfig(rank=rank, svd="randomized"), seed=5).us)
 

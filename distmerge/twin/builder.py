@@ -47,6 +47,13 @@ class BuildResult:
                 f"{REPORT}")
 
 
+def router_device(device: str) -> str:
+    """The driver trains the router: on its GPU where it has one (and ``device`` allows)."""
+    import torch
+
+    return "cuda" if device in ("auto", "cuda") and torch.cuda.is_available() else "cpu"
+
+
 def floating_tensors(checkpoint: Checkpoint) -> list[str]:
     return sorted(n for n, info in checkpoint.tensors.items() if info.dtype.is_floating_point)
 
@@ -119,7 +126,8 @@ def build(config_source: str | Path | dict, out: str | Path, *, workers: int | N
             features, labels = compute_features(staging, config.tasks, config.router, device)
             options = config.router
             trained = train_router(features, labels, list(config.tasks), options.epochs, options.lr,
-                                   options.batch_size, options.dropout, options.holdout, options.seed)
+                                   options.batch_size, options.dropout, options.holdout, options.seed,
+                                   device=router_device(device), progress=progress)
             errors = finish_folder(staging, config, results, trained, merged.summary())
             writer.finalize(staging, out, force)
         except BaseException:

@@ -28,7 +28,7 @@ from distmerge.lora_extract import SVD_MODES
 SECTIONS = ("shared", "exclusive", "router")
 DEFAULT_SHARED = {"method": "task_arithmetic", "parameters": {"lambda": 0.3}}
 DEFAULT_RANK = 8  # the generative reference's new_rank
-LORA_MODES = ("product", "factors")
+LORA_MODES = ("product",)  # the reference's per-factor SVD of A and B ("factors") is not built yet
 FACTOR_DTYPES = ("float32", "bfloat16", "float16")
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # names become tensor keys and file names
 
@@ -40,7 +40,7 @@ class ExclusiveConfig:
     svd: str = "auto"  # auto: exact when the smaller side is <= 1024, randomized above
     oversample: int = 10
     niter: int = 4
-    lora: str = "product"  # LoRA experts: SVD of the product delta; factors: the reference's SVD of A and B
+    lora: str = "product"  # LoRA experts: the SVD of the product delta B @ A * scale - theta*
     dtype: str = "float32"
     seed: int = 0
 

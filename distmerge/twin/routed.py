@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from distmerge.errors import InputError
-from distmerge.twin.folder import ExclusiveStore, read_manifest
+from distmerge.twin.folder import ExclusiveStore, Part, read_manifest
 from distmerge.twin.router import load_router, prompt_features
 
 
@@ -147,15 +147,23 @@ def _per_task(parts: list[tuple[int, Any]], tasks: int, size: int) -> torch.Tens
     return table
 
 
+def truncate(part: Part, rank: int | None) -> Part:
+    """The first ``rank`` singular directions of a factored part (the SVD orders them by singular value, so this
+    is the part a build at that rank stores, exactly so for an exact SVD)."""
+    if rank is None or part.us is None or part.rank <= rank:
+        return part
+    return Part(us=part.us[:, :rank], v=part.v[:, :rank])
+
+
 def attach_parts(model: nn.Module, store: ExclusiveStore, tasks: list[str], routing: Routing,
-                 tied_head: str | None = None) -> None:
+                 tied_head: str | None = None, rank: int | None = None) -> None:
     """Replace every module with an exclusive part by its routed version (in place)."""
     from transformers.pytorch_utils import Conv1D
 
     by_tensor: dict[str, list[tuple[int, Any]]] = {}
     for index, task in enumerate(tasks):
         for tensor in store.tensors(task):
-            by_tensor.setdefault(tensor, []).append((index, store.part(task, tensor)))
+            by_tensor.setdefault(tensor, []).append((index, truncate(store.part(task, tensor), rank)))
     if tied_head is not None and tied_head in by_tensor:  # a tied head is the embedding's weight: the same parts
         by_tensor.setdefault("lm_head.weight", by_tensor[tied_head])
     names = dict(model.named_modules())
@@ -232,15 +240,19 @@ def _route_hook(routing: Routing):
     return hook
 
 
-def load(folder: str | Path, kind: str = "causal", device: str = "cpu", dtype: torch.dtype | None = None):
+def load(folder: str | Path, kind: str = "causal", device: str = "cpu", dtype: torch.dtype | None = None,
+         rank: int | None = None):
     """A transformers model of the twin folder with routed exclusive parts (see the module docstring).
 
     ``kind``: causal (AutoModelForCausalLM) or classify (AutoModelForSequenceClassification); the evaluator's
-    generate and perplexity kinds are causal. ``model.twin`` is its ``Routing`` (``fixed`` for oracle routing)."""
+    generate and perplexity kinds are causal. ``rank``: use only the first ``rank`` directions of each part (a
+    rank sweep over one build). ``model.twin`` is its ``Routing`` (``fixed`` for oracle routing)."""
     import warnings
 
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise InputError(f"rank: must be a positive integer, got {rank!r}")
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
     auto = AutoModelForSequenceClassification if kind == "classify" else AutoModelForCausalLM
@@ -258,7 +270,7 @@ def load(folder: str | Path, kind: str = "causal", device: str = "cpu", dtype: t
     routing = Routing(router, tasks)
     store = ExclusiveStore(folder)
     tied = manifest.get("tied_embedding") if getattr(model.config, "tie_word_embeddings", False) else None
-    attach_parts(model, store, tasks, routing, tied)
+    attach_parts(model, store, tasks, routing, tied, rank)
     store.close()
     model.twin = routing
     model.register_forward_pre_hook(_route_hook(routing), with_kwargs=True)
