@@ -184,11 +184,6 @@ class TaskVectorMerge(TaskVectorMethod):
         trimmed = self.sparsified(stack_task_vectors(base, experts), job, offset, state, recipe.sparsify)
         return self.combined(recipe, base, trimmed, job.weights)
 
-    def merge_delta(self, base, task_vector, job, offset, state):
-        recipe = self.recipe()
-        return self.combined(recipe, base, self.sparsified(task_vector, job, offset, state, recipe.sparsify),
-                             job.weights)
-
     def sparsified(self, task_vector: torch.Tensor, job, offset: int, state: dict,
                    stages: tuple[Sparsifier, ...]) -> torch.Tensor:
         for stage in stages:
