@@ -193,9 +193,9 @@ VARIANTS = {  # name -> config overrides; "resume" dies after 2 steps in the fir
     "task": {"granularity": "task"},
     "plus": {"granularity": "layer", "plus": True},
     "zero": {"steps": 0},
-    "layer": {"granularity": "layer", "steps": 4, "lr": 0.1},
-    "corrupted": {"granularity": "layer", "steps": 4, "lr": 0.1, "data_suffix": "-corrupted"},
-    "resume": {"granularity": "layer", "steps": 4, "lr": 0.1},
+    "layer": {"granularity": "layer", "steps": 3, "lr": 0.1},
+    "corrupted": {"granularity": "layer", "steps": 3, "lr": 0.1, "data_suffix": "-corrupted"},
+    "resume": {"granularity": "layer", "steps": 3, "lr": 0.1},
 }
 
 
@@ -218,7 +218,7 @@ def trained(family, ray_cluster, tmp_path_factory):
     return {"results": results, "variants": dict(zip(VARIANTS, (c for c, _ in variants))), "folder": folder}
 
 
-@pytest.mark.timeout(400)
+@pytest.mark.timeout(900)  # the module's two Train jobs run in this test's setup
 @pytest.mark.parametrize("name,granularity,plus", [("task", "task", False), ("layer", "layer", False),
                                                    ("plus", "layer", True)])
 def test_sharded_gradients_equal_one_process(trained, family, name, granularity, plus):
@@ -229,7 +229,7 @@ def test_sharded_gradients_equal_one_process(trained, family, name, granularity,
 def test_objective_decreases_within_bounds_and_labels_are_never_read(trained):
     learn, corrupted = trained["results"]["layer"], trained["results"]["corrupted"]
     history = learn["history"]
-    assert len(history) == 4 and all(b < a for a, b in zip(history, history[1:])), history
+    assert len(history) == 3 and all(b < a for a, b in zip(history, history[1:])), history
     lambdas = learn["tensors"]["lambdas"]
     assert lambdas.min() >= 0.0 and lambdas.max() <= 1.0 and not torch.all(lambdas == 0.3)
     np.testing.assert_allclose(corrupted["history"], history, rtol=1e-6)  # rows may reach the ranks in another order
@@ -238,7 +238,7 @@ def test_objective_decreases_within_bounds_and_labels_are_never_read(trained):
 
 def test_resume_after_a_killed_run_equals_an_uninterrupted_one(trained):
     resumed, uninterrupted = trained["results"]["resume"], trained["results"]["layer"]
-    assert resumed["steps"] == 4
+    assert resumed["steps"] == 3
     torch.testing.assert_close(resumed["tensors"]["raw"], uninterrupted["tensors"]["raw"], atol=1e-6, rtol=0)
     torch.testing.assert_close(resumed["tensors"]["adam.exp_avg_sq"], uninterrupted["tensors"]["adam.exp_avg_sq"],
                                atol=1e-9, rtol=1e-5)

@@ -264,8 +264,10 @@ def _train_variant(setup: Setup, index: int, datasets: str, result_dir: Path, st
     exit_after = exit_after_steps(faults, index) if start_from is None else 0
     every = max(1, config.steps // 20)
     gradient, first_gradient = None, None
+    step_seconds: list[float] = []
     began = time.perf_counter()
     while step < config.steps:
+        step_began = time.perf_counter()
         batches = {t: [encode_rows(setup, t, streams[t].next()) for _ in range(config.batches)] for t in config.tasks}
         optimizer.zero_grad(set_to_none=True)
         loss = step_objective(setup, batches, config.batch_size)
@@ -277,6 +279,7 @@ def _train_variant(setup: Setup, index: int, datasets: str, result_dir: Path, st
         objective = float(reduce(loss.detach()))
         optimizer.step()
         history.append(objective)
+        step_seconds.append(time.perf_counter() - step_began)
         step += 1
         if setup.rank == 0:
             telemetry.gauge("distmerge_adamerging_objective", objective, run=run_name)
@@ -290,7 +293,8 @@ def _train_variant(setup: Setup, index: int, datasets: str, result_dir: Path, st
             _report(setup, optimizer, {"variant": index, "step": step, "history": history}, gradient, objective)
         if exit_after and step == exit_after and setup.rank == 0:
             os._exit(17)  # fault injection: the whole run dies here, as a killed driver's would
-    _finish(setup, optimizer, result_dir, step, history, gradient, first_gradient)
+    _finish(setup, optimizer, result_dir, step, history, gradient, first_gradient,
+            {"step_seconds": step_seconds, **worker_memory(setup, reduce)})
 
 
 def exit_after_steps(faults: dict, variant: int) -> int:
@@ -315,15 +319,27 @@ def _report(setup: Setup, optimizer, state: dict, gradient, objective: float) ->
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
+def worker_memory(setup: Setup, reduce: AllReduce) -> dict[str, Any]:
+    """Every rank's share of theta0 + task vectors and its peak RSS (for the report; all ranks take part)."""
+    import resource
+
+    rows = torch.zeros(setup.world, 2, dtype=torch.float64)
+    rows[setup.rank, 0] = sum(local_tensor(p).numel() * local_tensor(p).element_size() for p in setup.bank.parameters())
+    rows[setup.rank, 1] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024.0  # KiB on Linux
+    rows = reduce(rows)
+    return {"held_bytes": [int(x) for x in rows[:, 0]], "peak_rss_bytes": [int(x) for x in rows[:, 1]],
+            "parameters": sum(setup.plan.numel(i) for i in range(len(setup.plan.names)))}
+
+
 def _finish(setup: Setup, optimizer, result_dir: Path, step: int, history: list[float], gradient,
-            first_gradient) -> None:
+            first_gradient, stats: dict[str, Any]) -> None:
     """Rank 0 writes the variant's learned coefficients; result.json last, as the variant's commit mark."""
     if setup.rank != 0:
         return
     state = {"step": step, "history": history}
     save_state(result_dir, setup, optimizer, state, gradient, first_gradient)
     result = {"names": list(setup.plan.names), "tasks": list(setup.plan.tasks), "rows": list(setup.plan.rows),
-              "granularity": setup.plan.granularity, "steps": step, "history": history,
+              "granularity": setup.plan.granularity, "steps": step, "history": history, **stats,
               "plus": None if setup.masks is None else {"thresholds": list(setup.masks.thresholds),
                                                          "zero_sign": setup.masks.zero_sign}}
     write_json(result_dir / RESULT_FILE, result)
