@@ -152,7 +152,7 @@ def test_functional_model_matches_the_formula_and_plus_matches_the_reference(fam
     assert list(setup.plan.names) == names
     with torch.no_grad():
         setup.coefficients.raw.uniform_(-0.5, 1.5, generator=torch.Generator().manual_seed(0))
-        merged = setup.bank(setup.coefficients)
+        merged = setup.bank.merged(setup.coefficients)
         lam = setup.coefficients.per_tensor()
     frozen = [i for i, n in enumerate(names) if "embeddings" in n]
     assert frozen and all(setup.plan.rows[i] is None for i in frozen)

@@ -134,13 +134,19 @@ class Bank(torch.nn.Module):
         self.groups = torch.nn.ModuleList(GroupBank(g, plan, dtype) for g in plan.groups)
 
     def forward(self, coefficients: Coefficients) -> dict[str, torch.Tensor]:
-        """Every merged tensor in its shape; called as a module so FSDP's root hooks run."""
+        """Every merged tensor, flat; called as a module so FSDP's root hooks run. Flat because FSDP2 hooks
+        the backward on a module's outputs, and a reshaped output would be a view (which FSDP2 warns about)."""
         out = {}
         for group in self.groups:
             flats = group(coefficients.per_tensor(group.indices))
             for i, flat in zip(group.indices, flats):
-                out[self.plan.names[i]] = flat.reshape(self.plan.shapes[i])
+                out[self.plan.names[i]] = flat
         return out
+
+    def merged(self, coefficients: Coefficients) -> dict[str, torch.Tensor]:
+        """Every merged tensor in its shape."""
+        shapes = dict(zip(self.plan.names, self.plan.shapes))
+        return {name: flat.reshape(shapes[name]) for name, flat in self(coefficients).items()}
 
 
 # --- filling a (sharded) bank from the checkpoints ----------------------------------------------

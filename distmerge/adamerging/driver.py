@@ -11,6 +11,7 @@ sum. ``lambdas.json``, ``lambdas.parquet``, ``adamerging.png`` and ``adamerging.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import shutil
@@ -118,14 +119,33 @@ def train(variants: list[tuple[AdaConfig, Path]], storage: Path, workers: int, *
           max_failures: int = 0) -> list[dict[str, Any]]:
     """One Ray Train job running each (config, result folder) in turn; returns each variant's result.json
     with its tensors. The caller holds a Ray session."""
+    for config, _ in variants:
+        if config.batch_size % workers:
+            raise ConfigError(f"batch_size: {config.batch_size} rows do not split evenly over {workers} workers")
+    with _no_data_progress_bars():
+        return _train(variants, storage, workers, run_name, max_failures)
+
+
+@contextlib.contextmanager
+def _no_data_progress_bars():
+    """The split coordinators' progress bars would flood a job log; the rank-0 step lines are the progress."""
+    import ray.data
+
+    context = ray.data.DataContext.get_current()
+    shown = context.enable_progress_bars
+    context.enable_progress_bars = False
+    try:
+        yield
+    finally:
+        context.enable_progress_bars = shown
+
+
+def _train(variants, storage: Path, workers: int, run_name: str, max_failures: int) -> list[dict[str, Any]]:
     import ray
     import ray.train
     from ray.train.torch import TorchTrainer
 
     first = variants[0][0]
-    for config, _ in variants:
-        if config.batch_size % workers:
-            raise ConfigError(f"batch_size: {config.batch_size} rows do not split evenly over {workers} workers")
     datasets, prefixes, sources = {}, [], {}
     for config, _ in variants:  # variants reading the same files share one split of them (one coordinator each)
         signature = json.dumps({t: [config.data[t].path, list(config.data[t].fields), config.data[t].target]

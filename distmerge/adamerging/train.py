@@ -98,7 +98,7 @@ def _read(checkpoint: Checkpoint, name: str, device: str, dtype: torch.dtype) ->
 
 def step_objective(setup: Setup, batches: dict[str, list[dict[str, torch.Tensor]]], global_batch: int) -> torch.Tensor:
     """This rank's part of one step's objective: every task's batches through the merged model and its head."""
-    merged = setup.bank(setup.coefficients)
+    merged = setup.bank.merged(setup.coefficients)
     total = torch.zeros((), dtype=torch.float32)
     for task, encoded_batches in batches.items():
         params = {**setup.fixed, **merged, **setup.heads.get(task, {})}
