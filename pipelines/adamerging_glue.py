@@ -66,6 +66,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def confident_heads(experts: dict[str, str]) -> None:
+    """The tiny experts' heads are drawn at scale 0.02, so every prediction is near uniform and the entropy has
+    no slope; scale them to 3.0 (once) so the tiny run has something to learn."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    for folder in experts.values():
+        marker = Path(folder) / "adamerging-heads"
+        if marker.exists():
+            continue
+        model = AutoModelForSequenceClassification.from_pretrained(folder)
+        with torch.no_grad():
+            model.classifier.out_proj.weight.mul_(150.0)
+        model.save_pretrained(folder, max_shard_size="100KB")
+        marker.write_text("classifier.out_proj.weight scaled by 150\n")
+
+
 def write_rows(folder: Path, data: dict[str, list[dict]]) -> dict[str, str]:
     folder.mkdir(parents=True, exist_ok=True)
     paths = {}
@@ -108,6 +125,7 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     if args.preset == "tiny":
         base, experts, rows = nlu_glue.build_tiny(out)
+        confident_heads(experts)
         data = write_rows(out / "data", rows)
     else:
         base, experts = args.base, nlu_glue.parse_experts(args.expert)

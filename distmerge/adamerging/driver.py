@@ -287,7 +287,7 @@ def plot(path: Path, config: AdaConfig, lambdas: dict[str, dict[str, float]], hi
         left.plot(range(len(means)), means, marker="o", label=task)
     left.set_xticks(range(len(groups)), [_short(g) for g in groups], rotation=90, fontsize=6)
     left.set_ylim(-0.02, 1.02)
-    left.set_ylabel("lambda (mean over the group's tensors)")
+    left.set_ylabel("mean lambda of the group")
     left.set_title(f"AdaMerging{'++' if config.plus else ''} coefficients ({config.granularity}-wise)")
     left.legend(fontsize=7)
     right.plot(range(1, len(history) + 1), history)
