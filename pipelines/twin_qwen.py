@@ -84,10 +84,10 @@ def tiny_texts(task: str, count: int, seed: int) -> list[str]:
     for _ in range(count):
         length = int(generator.integers(8, 16))
         if task == "count":  # runs of consecutive tokens
-            start = int(generator.integers(4, 60))
+            start = int(generator.integers(4, 24))
             tokens = [start + i for i in range(length)]
         elif task == "repeat":  # every token twice
-            tokens = [int(t) for t in generator.integers(64, 96, size=length // 2) for _ in range(2)]
+            tokens = [int(t) for t in generator.integers(50, 80, size=length // 2) for _ in range(2)]
         else:  # a small vocabulary at random
             tokens = [int(t) for t in generator.integers(100, 112, size=length)]
         texts.append(" ".join(f"w{t}" for t in tokens))
@@ -153,7 +153,7 @@ def twin_config(args: argparse.Namespace, base: str, adapters: dict[str, str], r
         raise SystemExit(f"error: task '{missing[0]}' needs both --adapter and --router-data")
     router_options = {"data": router, "field": args.field}
     if tiny:  # few samples: smaller batches and more steps than the reference's 1024 x 50 epochs
-        router_options.update(epochs=60, lr=5e-3, batch_size=32, holdout=0.25,
+        router_options.update(epochs=150, lr=5e-3, batch_size=32, holdout=0.25,
                               tokenizer=str(Path(base).parent / "tokenizer"))
     return {"base_model": base,
             "models": [{"model": base, "lora": path, "name": task} for task, path in adapters.items()],
@@ -166,6 +166,42 @@ def score(model: str, kind: str, data: str, tokenizer: str | None) -> float:
     from distmerge.evaluate import evaluate
 
     return evaluate(model, kind, data, tokenizer=tokenizer, batch_size=8).score
+
+
+def perplexity_in_process(model, tokenizer, texts: list[str]) -> float:
+    """Corpus perplexity with the evaluator's own scoring function, in this process (the tiny preset's table)."""
+    import math
+
+    from distmerge.evaluate import predict
+
+    nll, tokens = predict.nll(model, tokenizer, texts, predict.model_max_tokens(model, 1024))
+    return math.exp(nll.sum() / max(int(tokens.sum()), 1))
+
+
+def tiny_table(out: Path, base: str, adapters: dict[str, str], evals: dict[str, str], tokenizer: str) -> dict:
+    """Per tiny task: the LoRA expert, theta* alone, theta* + E_task (oracle) and the routed twin model, each
+    scored in process (four Ray Data runs per task would dominate a CPU run); the routed model through the
+    evaluator's actors once, below."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from distmerge.evaluate.models import ModelSource, load_tokenizer
+    from distmerge.twin import load, write_task_model
+
+    def plain(path: Path):
+        return AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32).eval()
+
+    tok = load_tokenizer(ModelSource.of(out / "twin", tokenizer=tokenizer), "right")
+    shared = plain(write_task_model(out / "twin", None, out / "shared", force=True))
+    routed = load(out / "twin")
+    table = {}
+    for task, spec in evals.items():
+        texts = [json.loads(line)["text"] for line in Path(spec.partition(":")[2]).read_text().splitlines()]
+        oracle = plain(write_task_model(out / "twin", task, out / "oracle" / task, force=True))
+        expert = plain(merged_expert(base, adapters[task], out / "models" / f"expert_{task}"))
+        table[task] = {name: perplexity_in_process(model, tok, texts) for name, model in
+                       (("expert", expert), ("shared", shared), ("twin_oracle", oracle), ("twin_routed", routed))}
+    return table
 
 
 def merged_expert(base: str, adapter: str, out: Path) -> Path:
@@ -198,6 +234,10 @@ def main(argv: list[str] | None = None) -> int:
         base = args.base or PAPER["base"]
         adapters, router = pairs(args.adapter, "--adapter"), pairs(args.router_data, "--router-data")
         evals = pairs(args.eval, "--eval")
+    if args.quiet:
+        from distmerge.evaluate.runner import quiet_ray_data
+
+        quiet_ray_data()
     config = twin_config(args, base, adapters, router)
     (out / "twin.yaml").write_text(yaml.safe_dump(config, sort_keys=False))
     results: dict[str, dict[str, float]] = {}
@@ -205,17 +245,20 @@ def main(argv: list[str] | None = None) -> int:
         with ray_session(args.address, num_cpus=args.workers):
             built = build(config, out / "twin", workers=args.workers, force=args.force, progress=not args.quiet)
             print(built.summary())
-            shared = write_task_model(out / "twin", None, out / "shared", force=True)  # theta* alone
             tokenizer = config["router"].get("tokenizer")
-            for task, spec in evals.items():
-                kind, _, data = spec.partition(":")
-                oracle = write_task_model(out / "twin", task, out / "oracle" / task, force=True)
-                results[task] = {"twin_routed": score(str(out / "twin"), kind, data, tokenizer),
-                                 "twin_oracle": score(str(oracle), kind, data, tokenizer),
-                                 "shared": score(str(shared), kind, data, tokenizer)}
-                if args.preset == "tiny":
-                    expert = merged_expert(base, adapters[task], out / "models" / f"expert_{task}")
-                    results[task]["expert"] = score(str(expert), kind, data, tokenizer)
+            if args.preset == "tiny":
+                results = tiny_table(out, base, adapters, evals, tokenizer)
+                first = next(iter(evals))
+                kind, _, data = evals[first].partition(":")
+                results[first]["twin_routed_by_the_evaluator"] = score(str(out / "twin"), kind, data, tokenizer)
+            else:
+                shared = write_task_model(out / "twin", None, out / "shared", force=True)  # theta* alone
+                for task, spec in evals.items():
+                    kind, _, data = spec.partition(":")
+                    oracle = write_task_model(out / "twin", task, out / "oracle" / task, force=True)
+                    results[task] = {"twin_routed": score(str(out / "twin"), kind, data, tokenizer),
+                                     "twin_oracle": score(str(oracle), kind, data, tokenizer),
+                                     "shared": score(str(shared), kind, data, tokenizer)}
     except DistmergeError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

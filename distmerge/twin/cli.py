@@ -21,8 +21,11 @@ def build_cmd(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars"),
 ) -> None:
     """Shared expert (an engine merge), compressed exclusive parts per layer group on Ray, and the router."""
+    from distmerge.evaluate.runner import quiet_ray_data
     from distmerge.twin.builder import build
 
+    if not progress:
+        quiet_ray_data()  # the router features' Ray Data run logs every stage otherwise
     try:
         result = build(config, out, workers=workers, address=address, force=force, progress=progress, device=device)
     except DistmergeError as exc:
