@@ -109,7 +109,11 @@ def compare(ref: Path, new: Path) -> int:
     import torch
 
     bad = 0
-    for case in sorted(p.name for p in ref.iterdir()):
+    cases_found = sorted(p.name for p in ref.iterdir() if not p.name.startswith("."))
+    if not cases_found:
+        print(f"no cases in {ref}")
+        return 1
+    for case in cases_found:
         a, b = ref / case, new / case
         if not b.exists():
             print(f"MISSING {case}")
