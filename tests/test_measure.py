@@ -125,3 +125,20 @@ def test_measure_config_refuses_bad_input(tmp_path, llama_family):
     with pytest.raises(InputError, match="no column 'body'"):
         measure({"tasks": [{**good, "text_field": "body"}]}, tmp_path / "stats", progress=False)
     assert not (tmp_path / "stats" / "expert_0").exists()
+
+
+def test_regmean_check_models_compares_fingerprints(llama_family, tmp_path):
+    """The driver-side check: a manifest records its expert's fingerprint; another checkpoint is refused."""
+    from distmerge.io.checkpoint import Checkpoint
+    from distmerge.methods import build_method
+
+    _, experts = llama_family
+    mine, other = Checkpoint(str(experts[0]), "e0"), Checkpoint(str(llama_family[0]), "e0")
+    stats.commit_task(tmp_path, "e0", {}, {"kind": "regmean", "task": "e0", "model": str(experts[0]),
+                                           "fingerprint": stats.model_fingerprint(mine), "layers": {}})
+    method = build_method("regmean", {"statistics": str(tmp_path)})
+    method.check_models({"e0": mine})
+    other.tensors = {**other.tensors}
+    other.tensors.popitem()  # a different tensor listing
+    with pytest.raises(InputError, match=f"{tmp_path / 'e0' / 'manifest.json'}.*not on model 'e0'"):
+        method.check_models({"e0": other})

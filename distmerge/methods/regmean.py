@@ -83,6 +83,15 @@ class RegMean(MergeMethod):
         merged = regmean_linear(weights, grams, self.params.alpha, job.weights)
         return ChunkResult((merged.T if entry["layers"][0].get("transposed", False) else merged).to(experts[0].dtype))
 
+    def check_models(self, checkpoints) -> None:
+        """Refuse statistics whose recorded fingerprint is not the expert's ({model name: Checkpoint}): for the
+        driver to call once the checkpoints are open, before any tensor is read."""
+        for name, checkpoint in checkpoints.items():
+            manifest = stats.load_manifest(self.params.statistics, name, KIND)
+            if manifest.get("fingerprint") != stats.model_fingerprint(checkpoint):
+                raise InputError(f"statistics '{manifest['manifest_path']}': measured on '{manifest.get('model')}', "
+                                 f"not on model '{name}' ('{checkpoint.source}'): its config or tensors differ")
+
     def describe(self, state):
         return {"alpha": self.params.alpha, "statistics": self.params.statistics,
                 "regmean_layers": len(state.get("linear", {}))}
