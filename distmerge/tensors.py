@@ -146,7 +146,7 @@ def resolve_tensors(config: MergeConfig, base: Checkpoint | None, experts: list[
     out_dtype_default = getattr(torch, config.out_dtype) if config.out_dtype else None
     method = config.build_method()
     divides = method.divides_by_weight_sum()
-    model_settings = [{**config.global_settings, **spec.parameters} for spec in config.models]
+    model_settings = [spec.parameters for spec in config.models]
     outputs = []
     for name in names:
         info = reference.tensors[name]

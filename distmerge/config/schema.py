@@ -42,12 +42,6 @@ class MergeConfig:
         return build_method(self.method, self.parameters)
 
     @property
-    def global_settings(self) -> dict[str, Any]:
-        """Always empty: per-model values a mergekit config gives once for all models are in each model's
-        ``parameters``. Kept only until io/model_files.py stops reading it."""
-        return {}
-
-    @property
     def names(self) -> tuple[str, ...]:
         return tuple(m.name for m in self.models)
 

@@ -100,6 +100,7 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
     writer.check_target(out, force)
     base = Checkpoint(config.base_model, "base") if config.base_model else None
     experts = [open_checkpoint(spec.model, spec.name) for spec in config.models]
+    method.check_models({spec.name: checkpoint for spec, checkpoint in zip(config.models, experts)})
     outputs, vocab_plan, _ = resolve_tensors(config, base, experts)
     initial_state = method.initial_state([o.job for o in outputs if o.merged])
     device = resolve_device(config.device)

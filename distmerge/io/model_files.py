@@ -83,7 +83,7 @@ def write_card(staging: Path, config: MergeConfig, summary: dict[str, Any]) -> N
              + (f" from base `{config.base_model}`" if config.base_model else "") + ".", "",
              "## Models", ""]
     for spec in config.models:
-        params = {**config.global_settings, **spec.parameters}
+        params = spec.parameters
         extra = f" — {params}" if params else ""
         lines.append(f"- `{spec.name}`: `{spec.model}`{extra}")
     lines += ["", "## Parameters", "", "```yaml", yaml.safe_dump({"parameters": resolved["parameters"]},

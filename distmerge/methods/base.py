@@ -112,6 +112,10 @@ class MergeMethod:
         """True when the merge divides by the sum of the models' weights (a zero sum is then refused)."""
         return False
 
+    def check_models(self, checkpoints: dict) -> None:
+        """Refuse inputs the method cannot use ({model name: opened checkpoint}), once they are open and before
+        any tensor is read (RegMean: statistics measured on other models)."""
+
     # --- work -----------------------------------------------------------------------------------
     def merge(self, base: torch.Tensor | None, experts: list[torch.Tensor], job: TensorJob, offset: int,
               state: dict) -> ChunkResult:

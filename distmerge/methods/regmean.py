@@ -84,8 +84,7 @@ class RegMean(MergeMethod):
         return ChunkResult((merged.T if entry["layers"][0].get("transposed", False) else merged).to(experts[0].dtype))
 
     def check_models(self, checkpoints) -> None:
-        """Refuse statistics whose recorded fingerprint is not the expert's ({model name: Checkpoint}): for the
-        driver to call once the checkpoints are open, before any tensor is read."""
+        """Refuse statistics whose recorded fingerprint is not the expert's ({model name: Checkpoint})."""
         for name, checkpoint in checkpoints.items():
             manifest = stats.load_manifest(self.params.statistics, name, KIND)
             if manifest.get("fingerprint") != stats.model_fingerprint(checkpoint):
