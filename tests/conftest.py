@@ -13,6 +13,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_configure(config):
+    """The Ray token file exists before any test process starts Ray: with ``-n 2`` two workers would otherwise race
+    to create it, and one's head would be left holding a token the file no longer has."""
+    from distmerge.jobs import ensure_token_file
+
+    if not hasattr(config, "workerinput"):  # the controller (or the only process without xdist)
+        ensure_token_file(os.environ)
+
+
 def pytest_collection_modifyitems(items):
     """A test that uses the session's Ray carries the ``ray`` marker, so ``-m "not ray"`` is the fast tier."""
     for item in items:
