@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from distmerge.architectures import TIED_HEADS, layer_of  # noqa: F401 (others import them from here)
 from distmerge.config import MergeConfig
 from distmerge.errors import ConfigError, InputError, where
 from distmerge.io import vocab
@@ -21,9 +22,7 @@ from distmerge.io.checkpoint import Checkpoint
 from distmerge.methods.base import TensorJob, resolve_job_settings
 
 LOG = logging.getLogger(__name__)
-TIED_HEADS = re.compile(r"(^|\.)(lm_head|embed_out)\.weight$")
 ZERO_WEIGHT_SUM = 1e-8  # below it a normalizing merge would divide by (almost) zero: mergekit's cut
-LAYER = re.compile(r"^(.*?(?:^|\.)(?:layers|layer|h|blocks|block|resblocks)\.(\d+))\.")
 
 
 @dataclass(frozen=True)
@@ -60,14 +59,6 @@ class VocabPlan:
     token_map: dict[str, int] | None  # union vocabulary, when tokenizer: union
     changed: bool
     model_token_maps: dict[str, dict[str, int]] | None = None  # each model's own vocabulary (union only)
-
-
-def layer_of(name: str) -> tuple[str, int | None]:
-    """(layer group key, layer index) — non-layer tensors are grouped by their module."""
-    match = LAYER.match(name)
-    if match:
-        return match.group(1), int(match.group(2))
-    return (name.rsplit(".", 1)[0] if "." in name else name), None
 
 
 def plan_vocab(config: MergeConfig, base: Checkpoint | None, experts: list[Checkpoint]) -> tuple[VocabPlan, list[int | None]]:
