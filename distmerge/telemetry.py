@@ -21,6 +21,8 @@ DESCRIPTIONS = {
     "distmerge_fda_loss": "current FDA loss per layer (stage, layer, task)",
     "distmerge_examples_evaluated": "evaluation examples scored",
     "distmerge_trials_finished": "sweep trials finished",
+    "distmerge_adamerging_objective": "AdaMerging objective at the current step (run)",
+    "distmerge_adamerging_step": "AdaMerging steps done (run)",
 }
 
 
