@@ -331,3 +331,17 @@ def test_build_end_to_end_with_a_lora_expert(ray_cluster, tmp_path):
     u, s, v = truncated_svd(merged[name] - shared[name], 4, "exact")
     torch.testing.assert_close(store.part("lora", name).dense(), (u * s) @ v.T, rtol=0, atol=1e-5)
 
+
+
+def test_vllm_is_never_used_for_a_twin_folder(tmp_path):
+    """vLLM would generate with the shared expert alone: a twin folder always takes the routed transformers path."""
+    from distmerge.errors import InputError
+    from distmerge.evaluate.models import ModelSource
+    from distmerge.evaluate.runner import EvalOptions, _use_vllm
+    from distmerge.twin.folder import TWIN_JSON
+
+    (tmp_path / TWIN_JSON).write_text("{}")
+    source = ModelSource(path=str(tmp_path))
+    assert not _use_vllm(EvalOptions(backend="auto"), source, "cuda")
+    with pytest.raises(InputError, match="cannot route the twin folder"):
+        _use_vllm(EvalOptions(backend="vllm"), source, "cuda")

@@ -329,7 +329,12 @@ def _use_vllm(options: EvalOptions, source: ModelSource, device: str) -> bool:
 
     if options.backend == "transformers":
         return False
-    usable = vllm_available() and device == "cuda" and source.path is not None
+    from distmerge.twin import is_twin_folder
+
+    twin = source.path is not None and is_twin_folder(source.path)
+    if options.backend == "vllm" and twin:  # vLLM would run the shared expert alone, unrouted
+        raise InputError(f"backend 'vllm' cannot route the twin folder '{source.path}'; use backend transformers")
+    usable = vllm_available() and device == "cuda" and source.path is not None and not twin
     if options.backend == "vllm" and not usable:
         raise InputError("backend 'vllm' needs the vllm package, a GPU and a model folder")
     return usable
