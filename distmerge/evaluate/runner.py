@@ -534,14 +534,9 @@ def evaluate(model: Any, task: str, data: Any = None, *, tokenizer: Any = None, 
 def results_dir(out: str | Path | None) -> Path | None:
     if out is None:
         return None
-    path = Path(out).expanduser().resolve()
-    if path.exists() and not path.is_dir():
-        raise InputError(f"'{path}' exists and is not a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise InputError(f"cannot create results folder '{path}' ({exc.strerror or exc})") from None
-    return path
+    from distmerge.io.writer import results_folder
+
+    return results_folder(out, InputError)
 
 
 def quiet_ray_data() -> None:

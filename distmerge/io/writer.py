@@ -99,6 +99,19 @@ def check_target(out: Path, force: bool) -> None:
         raise OutputError(f"no write permission in '{parent}'")
 
 
+def results_folder(path: str | Path, error: type[Exception] = OutputError, what: str = "results folder") -> Path:
+    """``path`` resolved and created (with its parents) as a folder for results; one line naming it when it is a
+    file or cannot be made."""
+    path = Path(path).expanduser().resolve()
+    if path.exists() and not path.is_dir():
+        raise error(f"'{path}' exists and is not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise error(f"cannot create {what} '{path}' ({exc.strerror or exc})") from None
+    return path
+
+
 def make_staging(out: Path) -> Path:
     staging = out.parent / f".{out.name}{STAGING_MARK}{uuid.uuid4().hex[:12]}"
     try:

@@ -242,13 +242,7 @@ def measure(config: MeasureConfig | str | Path | dict, out: str | Path, *, worke
         from dataclasses import replace
 
         config = replace(config, workers=workers)
-    out = Path(out).expanduser().resolve()
-    if out.exists() and not out.is_dir():
-        raise OutputError(f"'{out}' exists and is not a folder")
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OutputError(f"cannot create '{out}': {exc.strerror or exc}") from None
+    out = writer.results_folder(out, OutputError, "statistics folder")
     todo = []
     for task in config.tasks:  # every header and data file checked before a cluster starts
         checkpoint = Checkpoint(task.model, task.name)
