@@ -218,6 +218,7 @@ def trained(family, ray_cluster, tmp_path_factory):
     return {"results": results, "variants": dict(zip(VARIANTS, (c for c, _ in variants))), "folder": folder}
 
 
+@pytest.mark.slow
 @pytest.mark.timeout(900)  # the module's two Train jobs run in this test's setup
 @pytest.mark.parametrize("name,granularity,plus", [("task", "task", False), ("layer", "layer", False),
                                                    ("plus", "layer", True)])
@@ -226,6 +227,7 @@ def test_sharded_gradients_equal_one_process(trained, family, name, granularity,
     torch.testing.assert_close(gradient, reference_gradient(family, granularity, plus), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_objective_decreases_within_bounds_and_labels_are_never_read(trained):
     learn, corrupted = trained["results"]["layer"], trained["results"]["corrupted"]
     history = learn["history"]
@@ -236,6 +238,7 @@ def test_objective_decreases_within_bounds_and_labels_are_never_read(trained):
     torch.testing.assert_close(corrupted["tensors"]["raw"], learn["tensors"]["raw"], atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 def test_resume_after_a_killed_run_equals_an_uninterrupted_one(trained):
     resumed, uninterrupted = trained["results"]["resume"], trained["results"]["layer"]
     assert resumed["steps"] == 3
@@ -245,6 +248,7 @@ def test_resume_after_a_killed_run_equals_an_uninterrupted_one(trained):
     np.testing.assert_allclose(resumed["history"], uninterrupted["history"], rtol=1e-6)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ["zero", "layer", "plus"])
 def test_written_merge_is_the_formula_for_lambdas_json(trained, family, name, tmp_path):
     """The engine writes theta0 + sum_t lambda_t tau_t (tau of ++ for plus) with the coefficients of

@@ -103,7 +103,7 @@ def test_nan_input_fails_mid_run_and_leaves_nothing(llama_family, tmp_path):
 
 
 @pytest.mark.parametrize("method,params,message", [
-    ("slerp", {}, r"method: unknown method 'slerp'"),
+    ("frankenmerge", {}, r"method: unknown method 'frankenmerge'"),
     ("ties", {"densty": 0.2}, r"parameters.densty: unknown parameter"),
     ("ties", {"density": 1.5}, r"parameters.density: 1.5 is out of range"),
     ("ties", {"density": 0}, r"parameters.density: 0 is out of range"),

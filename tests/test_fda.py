@@ -532,6 +532,7 @@ CRASH_SIGNS = ("SIGABRT", "SIGSEGV", "Mutex corrupt", "core dumped", "Check fail
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_cli_adapt_prints_no_worker_crash(llama, reference_anchors, tmp_path):
     """The command as a user runs it: its own embedded Ray, every worker's output streamed to the driver
@@ -586,6 +587,7 @@ def test_pipeline_help():
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_pipeline_tiny_preset_runs_end_to_end(tmp_path, ray_cluster, capsys):
     import importlib.util

@@ -167,6 +167,7 @@ def test_submit_quickstart_runs_on_the_head(head):
 
 
 @pytest.mark.ray
+@pytest.mark.slow
 @pytest.mark.timeout(400)
 def test_submit_nlg_fda_tiny(head):
     out = head.root / "nlg-fda"
@@ -369,7 +370,9 @@ def _third_party_imports(path: Path) -> set[str]:
             names |= {alias.name.split(".")[0] for alias in node.names}
         elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
             names.add(node.module.split(".")[0])
-    return {n for n in names if n not in sys.stdlib_module_names and n not in ("distmerge", "__future__")}
+    siblings = {p.stem for p in path.parent.glob("*.py")}  # a pipeline may reuse another's code (shipped with it)
+    return {n for n in names if n not in sys.stdlib_module_names and n not in ("distmerge", "__future__")
+            and n not in siblings}
 
 
 def _distribution_names(requirements) -> set[str]:

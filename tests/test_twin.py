@@ -289,6 +289,7 @@ def make_lora(base: Path, out: Path) -> Path:
     return out
 
 
+@pytest.mark.slow
 def test_build_end_to_end_with_a_lora_expert(ray_cluster, tmp_path):
     from peft import PeftModel
 
