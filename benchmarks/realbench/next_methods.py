@@ -1,0 +1,86 @@
+"""The methods of issue 17 on the encoder track, as ``table.py`` runs the others: each method's parameters
+chosen on the validation split (mean normalized accuracy), reported on test, for one seed's cached build.
+The rows of ``table.py`` (TA, TIES, EMR, FDA) for the same build are in results/realbench_encoder.json; merges
+are deterministic, so the two tables compare row for row.
+
+    python -m benchmarks.realbench.next_methods --seed 0 [--work /tmp/rb_work]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+from benchmarks.realbench import data, encoder, report
+from benchmarks.realbench.table import RESULTS, choose
+
+ALPHAS = (0.5, 1.0, 1.5)
+# (row name, method, candidates): grids as small as table.py's, around each paper's or mergekit's default
+CANDIDATES = [
+    ("breadcrumbs", "breadcrumbs", [(f"breadcrumbs-lambda{x:g}", {"lambda": x, "density": 0.9, "gamma": 0.01})
+                                    for x in (0.5, 1.0)]),
+    ("breadcrumbs_ties", "breadcrumbs_ties", [(f"breadcrumbs-ties-density{d:g}", {"lambda": 1.0, "density": d,
+                                                                                  "gamma": 0.01})
+                                              for d in (0.5, 0.9)]),
+    ("della", "della", [(f"della-density{d:g}", {"lambda": 1.0, "density": d, "epsilon": 0.15}) for d in (0.5, 0.7)]),
+    ("model_stock", "model_stock", [("model-stock", {})]),
+    ("tsv", "tsv", [(f"tsv-alpha{a:g}", {"alpha": a}) for a in ALPHAS]),
+    ("iso_c", "iso_c", [(f"iso-c-alpha{a:g}", {"alpha": a}) for a in ALPHAS]),
+    ("iso_cts", "iso_cts", [(f"iso-cts-alpha{a:g}", {"alpha": a}) for a in ALPHAS]),
+]
+
+
+def run(seed: int, work: Path, log) -> dict:
+    import ray
+
+    began = time.perf_counter()
+    build_dir = encoder.build(work, seed, encoder.TrainSettings(), log=log)  # cached: no training when built
+    manifest = encoder.read_build(build_dir)
+    base, experts = Path(manifest["base"]), encoder.experts(build_dir)
+    scorer = encoder.Scorer(build_dir)
+    merges = work / f"merges-next-seed{seed}"
+    shutil.rmtree(merges, ignore_errors=True)
+    merges.mkdir(parents=True)
+    tasks = list(data.TASKS)
+    own_validation = {t: scorer.score(p, "validation", tasks=(t,))[t] for t, p in experts.items()}
+    own_test = {t: scorer.score(p, "test", tasks=(t,))[t] for t, p in experts.items()}
+    rows, chosen, grids, seconds = {}, {}, {}, {}
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # one Ray for every merge of the run
+    try:
+        for name, method, candidates in CANDIDATES:
+            log(f"[seed {seed}] {name}")
+            started = time.perf_counter()
+            best, folder, grid = choose(candidates, method, base, experts, scorer, own_validation, merges, log)
+            rows[name] = report.score_record(scorer.score_merge(folder, "test"), own_test)
+            chosen[name], grids[name] = best, grid
+            seconds[name] = round(time.perf_counter() - started, 1)
+            log(f"    chosen {best['label']}: test normalized {rows[name]['mean_normalized']:.4f}")
+    finally:
+        ray.shutdown()
+        shutil.rmtree(merges, ignore_errors=True)
+    return {"seed": seed, "build": build_dir.name, "tasks": tasks, "rows": rows, "chosen": chosen, "grids": grids,
+            "seconds_per_method": seconds, "seconds": round(time.perf_counter() - began, 1)}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--work", type=Path, default=Path("/tmp/rb_work"))
+    parser.add_argument("--json", type=Path, default=RESULTS / "realbench_encoder_next.json")
+    args = parser.parse_args(argv)
+    result = run(args.seed, args.work, lambda message: print(message, flush=True))
+    args.json.write_text(json.dumps(result, indent=1) + "\n")
+    print("\n| method | " + " | ".join(result["tasks"]) + " | mean | chosen |")
+    print("|---|" + "---|" * (len(result["tasks"]) + 2))
+    for name, row in result["rows"].items():
+        cells = " | ".join(f"{row['normalized'][t]:.3f}" for t in result["tasks"])
+        print(f"| {name} | {cells} | {row['mean_normalized']:.3f} | {result['chosen'][name]['label']} |")
+    print(f"\n{result['seconds']:.0f}s; {args.json}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
