@@ -286,3 +286,37 @@ def test_load_tokenizer_leaves_the_callers_tokenizer_alone():
     mine.padding_side = "right"
     theirs = load_tokenizer(ModelSource(config={"model_type": "llama"}, tensors={}, tokenizer=mine), "left")
     assert theirs.padding_side == "left" and mine.padding_side == "right"
+
+
+def test_user_errors_are_found_behind_ray_wrapping():
+    """A task's DistmergeError is found through its cause chain; an actor that died in ``__init__`` leaves only
+    text, from which the last distmerge error line is rebuilt; anything else is left alone."""
+    from distmerge.engine.ray_session import find_user_error, user_errors
+    from distmerge.errors import ConfigError
+
+    class Wrapped(Exception):
+        def __init__(self, cause):
+            super().__init__("wrapped")
+            self.cause = cause
+
+    original = InputError("data file 'x' does not exist")
+    assert find_user_error(Wrapped(original)) is original
+    try:
+        try:
+            raise original
+        except InputError as exc:
+            raise RuntimeError("re-raised") from exc
+    except RuntimeError as chained:
+        assert find_user_error(chained) is original
+    text = RuntimeError("Traceback ...\ndistmerge.errors.InputError: first\nTraceback ...\n"
+                        "distmerge.errors.ConfigError: model 'm': no config.json\n  more lines")
+    found = find_user_error(text)
+    assert type(found) is ConfigError and str(found) == "model 'm': no config.json"
+    assert find_user_error(RuntimeError("distmerge.errors.NotAnError: x")) is None
+    assert find_user_error(ValueError("plain")) is None
+    with pytest.raises(InputError, match="^data file 'x' does not exist$"):
+        with user_errors():
+            raise Wrapped(original)
+    with pytest.raises(ValueError, match="plain"):
+        with user_errors():
+            raise ValueError("plain")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -212,7 +213,51 @@ def get(refs):
     try:
         return ray.get(refs)
     except ray.exceptions.RayTaskError as exc:
-        cause = getattr(exc, "cause", None)
-        if isinstance(cause, DistmergeError):
-            raise cause from None
+        found = find_user_error(exc)
+        if found is not None:
+            raise found from None
+        raise
+
+
+# --------------------------------------------------------------------------------------------- user errors
+
+_REMOTE_USER_ERROR = re.compile(r"distmerge\.errors\.(\w+): (.+)", re.DOTALL)
+
+
+def find_user_error(exc: BaseException) -> DistmergeError | None:
+    """The DistmergeError behind a Ray error: a task's cause, or, for an actor that died in ``__init__`` (Ray keeps
+    only the text of that error), the last "distmerge.errors.X: message" of its traceback."""
+    from distmerge import errors
+
+    seen = set()
+    stack = [exc]
+    while stack:
+        current = stack.pop()
+        if current is None or id(current) in seen:
+            continue
+        seen.add(id(current))
+        if isinstance(current, DistmergeError):
+            return current
+        stack.extend([getattr(current, "cause", None), current.__cause__, current.__context__])
+    text = str(exc)
+    start = text.rfind("distmerge.errors.")
+    match = _REMOTE_USER_ERROR.match(text, start) if start >= 0 else None
+    if match:
+        cls = getattr(errors, match.group(1), None)
+        if isinstance(cls, type) and issubclass(cls, DistmergeError):
+            return cls(match.group(2).strip().splitlines()[0])
+    return None
+
+
+@contextlib.contextmanager
+def user_errors() -> Iterator[None]:
+    """Ray wraps an actor's or a task's exception; a user mistake inside one surfaces as that mistake."""
+    try:
+        yield
+    except DistmergeError:
+        raise
+    except Exception as exc:
+        found = find_user_error(exc)
+        if found is not None:
+            raise type(found)(str(found)) from None
         raise

@@ -27,7 +27,6 @@ import contextlib
 import json
 import logging
 import math
-import re
 import shutil
 import tempfile
 import time
@@ -35,7 +34,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from distmerge.errors import ConfigError, DistmergeError, InputError
+from distmerge.errors import ConfigError, InputError
 from distmerge.evaluate.models import ModelSource
 from distmerge.evaluate.sandbox import SandboxLimits
 from distmerge.evaluate.tasks import GLUE_FIELDS, PREPARED_COLUMNS, Reducer, Task, get_task
@@ -342,7 +341,8 @@ def _use_vllm(options: EvalOptions, source: ModelSource, device: str) -> bool:
 
 # --- driver ----------------------------------------------------------------------------------------
 
-def _resources(options: EvalOptions) -> tuple[str, float, float]:
+def actor_resources(options: EvalOptions) -> tuple[str, float, float]:
+    """(device, CPUs, GPUs) of one model actor of ``options.workers``."""
     from distmerge.engine.ray_session import cluster_cpus, cluster_gpus
 
     gpus = cluster_gpus()
@@ -353,48 +353,6 @@ def _resources(options: EvalOptions) -> tuple[str, float, float]:
     num_cpus = options.cpus_per_worker or min(1.0, cluster_cpus() / (options.workers + 1))
     num_gpus = min(1.0, gpus / options.workers) if device == "cuda" else 0.0
     return device, num_cpus, num_gpus
-
-
-_REMOTE_USER_ERROR = re.compile(r"distmerge\.errors\.(\w+): (.+)", re.DOTALL)
-
-
-def _find_user_error(exc: BaseException) -> DistmergeError | None:
-    """The DistmergeError behind a Ray error: a task's cause, or, for an actor that died in ``__init__`` (Ray keeps
-    only the text of that error), the last "distmerge.errors.X: message" of its traceback."""
-    from distmerge import errors
-
-    seen = set()
-    stack = [exc]
-    while stack:
-        current = stack.pop()
-        if current is None or id(current) in seen:
-            continue
-        seen.add(id(current))
-        if isinstance(current, DistmergeError):
-            return current
-        stack.extend([getattr(current, "cause", None), current.__cause__, current.__context__])
-    text = str(exc)
-    start = text.rfind("distmerge.errors.")
-    match = _REMOTE_USER_ERROR.match(text, start) if start >= 0 else None
-    if match:
-        cls = getattr(errors, match.group(1), None)
-        if isinstance(cls, type) and issubclass(cls, DistmergeError):
-            return cls(match.group(2).strip().splitlines()[0])
-    return None
-
-
-@contextlib.contextmanager
-def _user_errors() -> Iterator[None]:
-    """Ray wraps an actor's or a task's exception; a user mistake inside one surfaces as that mistake."""
-    try:
-        yield
-    except DistmergeError:
-        raise
-    except Exception as exc:
-        found = _find_user_error(exc)
-        if found is not None:
-            raise type(found)(str(found)) from None
-        raise
 
 
 def preflight(source: ModelSource, task: Task) -> None:
@@ -428,6 +386,7 @@ def run(source: ModelSource, task: Task, data: Any, options: EvalOptions, out: P
     ``on_batch(rows scored so far)`` is called as results arrive."""
     import ray
 
+    from distmerge.engine.ray_session import user_errors
     from distmerge.evaluate.report import RowWriter
     from distmerge.evaluate.sandbox import isolation
 
@@ -435,7 +394,7 @@ def run(source: ModelSource, task: Task, data: Any, options: EvalOptions, out: P
     preflight(source, task)
     # On the driver, before any row is generated: a machine that refuses the sandbox's namespaces says so now.
     sandbox_mode = isolation(options.sandbox.allow_unsandboxed) if task.runs_code else None
-    device, num_cpus, num_gpus = _resources(options)
+    device, num_cpus, num_gpus = actor_resources(options)
     dataset, data_name = open_dataset(data, task)
     ctx = dataset.context
     ctx.execution_options.preserve_order = True
@@ -457,7 +416,7 @@ def run(source: ModelSource, task: Task, data: Any, options: EvalOptions, out: P
     writer = RowWriter(out / f"{task.name}.parquet", task.kind) if out is not None else None
     kept = []
     try:
-        with _user_errors():
+        with user_errors():
             for batch in scored.iter_batches(batch_size=None, batch_format="pyarrow", prefetch_batches=1):
                 table = _add_index(batch, reducer.count)
                 reducer.add(table["score"].to_pylist(), table["prediction"].to_pylist(), table["label"].to_pylist(),

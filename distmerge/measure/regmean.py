@@ -163,9 +163,9 @@ def start_actors(task: MeasureTask, config: MeasureConfig, checkpoint) -> list:
     """The task's model actors, loading its expert (they load while earlier tasks are measured)."""
     import ray
 
-    from distmerge.evaluate.runner import EvalOptions, _resources
+    from distmerge.evaluate.runner import EvalOptions, actor_resources
 
-    device, num_cpus, num_gpus = _resources(EvalOptions(workers=config.workers, device=config.device))
+    device, num_cpus, num_gpus = actor_resources(EvalOptions(workers=config.workers, device=config.device))
     remote = ray.remote(GramActor)
     stored = sorted(checkpoint.tensors)
     return [remote.options(name=f"distmerge-measure-{task.name}-{i}", num_cpus=num_cpus,
@@ -258,9 +258,9 @@ def measure(config: MeasureConfig | str | Path | dict, out: str | Path, *, worke
     if todo:
         import ray
 
-        from distmerge.evaluate.runner import _user_errors
+        from distmerge.engine.ray_session import user_errors
 
-        with ray_session(address), _user_errors():
+        with ray_session(address), user_errors():
             quiet_ray_data()
             pools = [start_actors(task, config, checkpoint) for task, _, _, checkpoint in todo]
             try:

@@ -101,7 +101,7 @@ def compute_features(shared_folder: Path, tasks: tuple[str, ...], options: Route
     """(features [N, hidden] float32, task index [N]) of every task's router samples, in file order."""
     import ray
 
-    from distmerge.evaluate.runner import EvalOptions, _resources
+    from distmerge.evaluate.runner import EvalOptions, actor_resources
     from distmerge.io.checkpoint import Checkpoint
 
     paths = {task: Path(options.data[task]).expanduser() for task in tasks}
@@ -110,7 +110,7 @@ def compute_features(shared_folder: Path, tasks: tuple[str, ...], options: Route
     config = Checkpoint(str(shared_folder), "shared").config
     tokenizer = str(Path(options.tokenizer).expanduser()) if options.tokenizer else None
     source = ModelSource.of(shared_folder, tokenizer=tokenizer)
-    device, num_cpus, num_gpus = _resources(EvalOptions(workers=options.workers, device=device))
+    device, num_cpus, num_gpus = actor_resources(EvalOptions(workers=options.workers, device=device))
     datasets = [_task_dataset(paths[task], i, options) for i, task in enumerate(tasks)]
     dataset = datasets[0].union(*datasets[1:]) if len(datasets) > 1 else datasets[0]
     dataset.context.execution_options.preserve_order = True
