@@ -375,7 +375,7 @@ def test_eval_command_user_errors_are_one_line(tmp_path, chain_llama):
                   "has no field 'question' or 'query'"))
     suite = tmp_path / "suite.yaml"
     suite.write_text("tasks:\n  - task: gsm8k\n    limit: 0\n")
-    cases.append((["eval", str(chain_llama), "--suite", str(suite)], "tasks[0].limit: must be an integer >= 1"))
+    cases.append((["eval", str(chain_llama), "--suite", str(suite)], "tasks[0].limit: expected an integer >= 1"))
     for args, message in cases:
         result = cli.invoke(app, args)
         assert result.exit_code == 2, (args, result.output)

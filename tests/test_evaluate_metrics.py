@@ -261,7 +261,7 @@ def test_suite_validation(tmp_path):
     assert third.model == "/abs/other" and third.head_from == str(tmp_path / "experts/sst2")
     from distmerge.evaluate.runner import EvalOptions
 
-    with pytest.raises(ConfigError, match="batch_size: must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="batch_size: expected an integer >= 1"):
         EvalOptions(batch_size=0)
     with pytest.raises(ConfigError, match="device: 'tpu'"):
         EvalOptions(device="tpu")
@@ -269,7 +269,7 @@ def test_suite_validation(tmp_path):
         ("tasks: []\n", "tasks: suite"),
         ("tasks:\n  - task: squad\n", "tasks[0].task: 'squad' is not a task"),
         ("tasks:\n  - task: gsm8k\n    batch: 3\n", "tasks[0].batch: unknown key"),
-        ("workers: 0\ntasks: [gsm8k]\n", "workers: must be an integer >= 1"),
+        ("workers: 0\ntasks: [gsm8k]\n", "workers: expected an integer >= 1"),
         ("modle: x\ntasks: [gsm8k]\n", "modle: unknown key"),
         ("tasks: [gsm8k\n", "not valid YAML"),
     ]:

@@ -102,7 +102,7 @@ def interrupt_after(count: int):
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"anchors": {"count": 0}}, "anchors.count: expected a positive integer"),
+    ({"anchors": {"count": 0}}, "anchors.count: expected an integer >= 1, got 0"),
     ({"anchors": {"init": "zeros"}}, "anchors.init: 'zeros' is not one of gauss, weights"),
     ({"adapt": {"loss": "kl"}}, "adapt.loss: 'kl' is not one of cos, mse, l1"),
     ({"adapt": {"epoch": 3}}, "adapt.epoch: unknown key"),

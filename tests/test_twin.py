@@ -254,9 +254,9 @@ def test_bad_inputs_name_the_key_or_path(tmp_path, llama_family, full_rank_twin)
 
     base, experts = llama_family
     entries = [("a", {"model": str(experts[0])}), ("b", {"model": str(experts[1])})]
-    with pytest.raises(ConfigError, match=r"^exclusive\.rank: must be a positive integer, got 0$"):
+    with pytest.raises(ConfigError, match=r"^exclusive\.rank: expected an integer >= 1, got 0$"):
         load_twin_config(twin_config(tmp_path, base, entries, {"rank": 0}))
-    with pytest.raises(ConfigError, match=r"^exclusive\.rank_fraction: must be a number in \(0, 1\]"):
+    with pytest.raises(ConfigError, match=r"^exclusive\.rank_fraction: 1\.5 is out of range \(0, 1\]"):
         load_twin_config(twin_config(tmp_path, base, entries, {"rank_fraction": 1.5}))
     config = twin_config(tmp_path, base, entries, {"rank": 2})
     del config["router"]["data"]["b"]

@@ -26,12 +26,12 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from distmerge import validate
 from distmerge.config import read_yaml
 from distmerge.errors import ConfigError
 
@@ -113,9 +113,7 @@ def load_ada_config(source: str | Path | dict[str, Any]) -> AdaConfig:
     raw = source if isinstance(source, dict) else read_yaml(source, "AdaMerging config")
     if not isinstance(raw, dict):
         raise ConfigError("AdaMerging config: expected a mapping at the top level")
-    unknown = sorted(set(raw) - TOP_KEYS)
-    if unknown:
-        raise ConfigError(f"{unknown[0]}: unknown key (allowed: {', '.join(sorted(TOP_KEYS))})")
+    validate.no_unknown("", raw, TOP_KEYS)
     base = raw.get("base")
     if not isinstance(base, str) or not base:
         raise ConfigError("base: missing (the pretrained model folder the task vectors are taken against)")
@@ -126,13 +124,13 @@ def load_ada_config(source: str | Path | dict[str, Any]) -> AdaConfig:
         raise ConfigError(f"resources: expected a mapping with {', '.join(sorted(RESOURCE_KEYS))}")
     config = AdaConfig(
         base=base, experts=experts, data=data,
-        granularity=_choice(raw, "granularity", "layer", GRANULARITIES),
-        plus=_bool(raw, "plus", False),
-        density=_number(raw, "density", 0.2, 0.0, 1.0, lo_open=True),
-        objective=_choice(raw, "objective", "entropy", OBJECTIVES),
-        kind=_choice(raw, "kind", "auto", KINDS),
-        lambda_init=_number(raw, "lambda_init", 0.3, 0.0, 1.0),
-        lr=_number(raw, "lr", 1e-3, 0.0, math.inf, lo_open=True),
+        granularity=validate.choice("granularity", raw.get("granularity", "layer"), GRANULARITIES),
+        plus=validate.flag("plus", raw.get("plus", False)),
+        density=validate.number("density", raw.get("density", 0.2), 0.0, 1.0, lo_open=True),
+        objective=validate.choice("objective", raw.get("objective", "entropy"), OBJECTIVES),
+        kind=validate.choice("kind", raw.get("kind", "auto"), KINDS),
+        lambda_init=validate.number("lambda_init", raw.get("lambda_init", 0.3), 0.0, 1.0),
+        lr=validate.number("lr", raw.get("lr", 1e-3), 0.0, lo_open=True),
         steps=_integer(raw, "steps", 500, 0),
         batches=_integer(raw, "batches", 2, 1),
         batch_size=_integer(raw, "batch_size", 16, 1),
@@ -140,12 +138,12 @@ def load_ada_config(source: str | Path | dict[str, Any]) -> AdaConfig:
         freeze=_regexes(raw, "freeze", ()),
         exclude=_regexes(raw, "exclude", None),
         max_length=_integer(raw, "max_length", 128, 2),
-        strategy=_choice(raw, "strategy", "fsdp", STRATEGIES),
-        num_cpus=_number(resources, "num_cpus", 1.0, 0.0, math.inf, lo_open=True, prefix="resources."),
-        num_gpus=_number(resources, "num_gpus", 0.0, 0.0, math.inf, prefix="resources."),
+        strategy=validate.choice("strategy", raw.get("strategy", "fsdp"), STRATEGIES),
+        num_cpus=validate.number("resources.num_cpus", resources.get("num_cpus", 1.0), 0.0, lo_open=True),
+        num_gpus=validate.number("resources.num_gpus", resources.get("num_gpus", 0.0), 0.0),
         checkpoint_every=_integer(raw, "checkpoint_every", 10, 1),
-        dtype=_choice(raw, "dtype", "float32", DTYPES),
-        shuffle=_bool(raw, "shuffle", False),
+        dtype=validate.choice("dtype", raw.get("dtype", "float32"), DTYPES),
+        shuffle=validate.flag("shuffle", raw.get("shuffle", False)),
     )
     if config.strategy == "deepspeed":  # ZeRO-3 runs here (probed: CPU, gloo, no op build) but is not wired in yet
         raise ConfigError("strategy: 'deepspeed' is not available yet; use 'fsdp' (torch FSDP2)")
@@ -219,36 +217,8 @@ def _data(value: Any, experts: dict[str, str]) -> dict[str, TaskData]:
     return out
 
 
-def _choice(raw: dict, key: str, default: str, choices: tuple[str, ...]) -> str:
-    value = raw.get(key, default)
-    if value not in choices:
-        raise ConfigError(f"{key}: {value!r} is not one of {', '.join(choices)}")
-    return value
-
-
-def _bool(raw: dict, key: str, default: bool) -> bool:
-    value = raw.get(key, default)
-    if not isinstance(value, bool):
-        raise ConfigError(f"{key}: expected true or false, got {value!r}")
-    return value
-
-
-def _number(raw: dict, key: str, default: float, lo: float, hi: float, lo_open: bool = False,
-            prefix: str = "") -> float:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{prefix}{key}: expected a number, got {value!r}")
-    if value < lo or (lo_open and value == lo) or value > hi:
-        low = "(" if lo_open else "["
-        raise ConfigError(f"{prefix}{key}: {value} is outside {low}{lo}, {hi}]")
-    return float(value)
-
-
 def _integer(raw: dict, key: str, default: int, lo: int) -> int:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ConfigError(f"{key}: expected an integer >= {lo}, got {value!r}")
-    return value
+    return validate.number(key, raw.get(key, default), lo, integer=True)
 
 
 def _regexes(raw: dict, key: str, default):

@@ -34,7 +34,8 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Iterator, Sequence
 
-from distmerge.errors import ConfigError, InputError
+from distmerge import validate
+from distmerge.errors import InputError
 from distmerge.evaluate.models import ModelSource
 from distmerge.evaluate.sandbox import SandboxLimits
 from distmerge.evaluate.tasks import GLUE_FIELDS, PREPARED_COLUMNS, Reducer, Task, get_task
@@ -59,18 +60,14 @@ class EvalOptions:
 
     def __post_init__(self):
         for name in ("batch_size", "workers"):
-            if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-                raise ConfigError(f"{name}: must be an integer >= 1, got {getattr(self, name)!r}")
+            validate.number(name, getattr(self, name), 1, integer=True)
         for name in ("limit", "max_new_tokens", "max_length"):
-            value = getattr(self, name)
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ConfigError(f"{name}: must be an integer >= 1, got {value!r}")
-        if self.device not in DEVICES:
-            raise ConfigError(f"device: '{self.device}' is not one of {', '.join(DEVICES)}")
-        if self.backend not in BACKENDS:
-            raise ConfigError(f"backend: '{self.backend}' is not one of {', '.join(BACKENDS)}")
-        if self.cpus_per_worker is not None and not self.cpus_per_worker > 0:
-            raise ConfigError(f"cpus_per_worker: must be > 0, got {self.cpus_per_worker}")
+            if getattr(self, name) is not None:
+                validate.number(name, getattr(self, name), 1, integer=True)
+        validate.choice("device", self.device, DEVICES)
+        validate.choice("backend", self.backend, BACKENDS)
+        if self.cpus_per_worker is not None:
+            validate.number("cpus_per_worker", self.cpus_per_worker, 0, lo_open=True)
 
 
 @dataclass

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distmerge import validate
 from distmerge.errors import ConfigError
 
 OPTION_KEYS = ("batch_size", "workers", "limit", "max_new_tokens", "max_length")
@@ -54,9 +55,7 @@ class Suite:
 
 
 def _int_option(value: Any, where: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ConfigError(f"{where}: must be an integer >= 1, got {value!r}")
-    return value
+    return validate.number(where, value, 1, integer=True)
 
 
 def _path(value: Any, base: Path, where: str) -> str | None:
@@ -91,9 +90,7 @@ def load_suite(path: str | Path) -> Suite:
             entry = {"task": entry}
         if not isinstance(entry, dict):
             raise ConfigError(f"{where}: expected a mapping with 'task' and 'data'")
-        unknown = sorted(set(entry) - TASK_KEYS)
-        if unknown:
-            raise ConfigError(f"{where}.{unknown[0]}: unknown key (known: {', '.join(sorted(TASK_KEYS))})")
+        validate.no_unknown(where, entry, TASK_KEYS)
         name = entry.get("task")
         if not isinstance(name, str) or name.lower() not in TASKS:
             raise ConfigError(f"{where}.task: '{name}' is not a task (one of: {', '.join(sorted(TASKS))})")

@@ -19,13 +19,14 @@ Anything left out takes the default of the model family (spec §8.3), resolved o
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
-import math
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from distmerge import validate
 from distmerge.config import read_yaml
 from distmerge.errors import ConfigError
 
@@ -229,42 +230,33 @@ def load_fda_config(source: str | Path | dict[str, Any] | FdaConfig) -> FdaConfi
 def _parse(raw: Any) -> FdaConfig:
     if not isinstance(raw, dict):
         raise ConfigError("expected a mapping at the top level")
-    _no_unknown("", raw, TOP_KEYS)
+    validate.no_unknown("", raw, TOP_KEYS)
     base = raw.get("base")
     if not isinstance(base, str) or not base:
         raise ConfigError("base: missing (a path or hub id of the pretrained model)")
     experts = _experts(raw.get("experts"))
     initial = _initial(raw.get("initial"), base, experts)
     modules = raw.get("modules")
-    if modules is not None and modules not in ("mlp", "block"):
-        raise ConfigError(f"modules: {modules!r} is not one of mlp, block")
+    if modules is not None:
+        validate.choice("modules", modules, ("mlp", "block"))
     layers = raw.get("layers")
     if layers is not None:
-        if not isinstance(layers, list) or not layers or not all(_is_int(v) and v >= 0 for v in layers):
+        if not isinstance(layers, list) or not layers or not all(validate.is_int(v) and v >= 0 for v in layers):
             raise ConfigError(f"layers: expected a non-empty list of layer indices, got {layers!r}")
         layers = tuple(sorted(set(layers)))
     anchors = _section("anchors", raw.get("anchors"), ANCHOR_KEYS, AnchorSettings, {
-        "count": _pos_int, "tokens": _pos_int, "init": _choice("gauss", "weights"), "sigma": _pos_float,
-        "steps": _nonneg_int, "lr": _pos_float, "weight_decay": _nonneg_float, "loss": _choice("cos", "mse", "l1")})
+        "count": _POSITIVE_INT, "tokens": _POSITIVE_INT, "init": _one_of("gauss", "weights"),
+        "sigma": _POSITIVE, "steps": _NON_NEGATIVE_INT, "lr": _POSITIVE, "weight_decay": _NON_NEGATIVE,
+        "loss": _one_of("cos", "mse", "l1")})
     adapt = _section("adapt", raw.get("adapt"), ADAPT_KEYS, AdaptSettings, {
-        "param": _choice("elementwise", "raw"), "sources": _choice("initial", "experts"), "alpha_init": _float,
-        "loss": _choice("cos", "mse", "l1"), "lr": _pos_float, "batch_size": _pos_int, "epochs": _nonneg_int})
+        "param": _one_of("elementwise", "raw"), "sources": _one_of("initial", "experts"),
+        "alpha_init": validate.number, "loss": _one_of("cos", "mse", "l1"), "lr": _POSITIVE,
+        "batch_size": _POSITIVE_INT, "epochs": _NON_NEGATIVE_INT})
     resources = _resources(raw.get("resources"))
-    seed = raw.get("seed", 0)
-    if not _is_int(seed):
-        raise ConfigError(f"seed: expected an integer, got {seed!r}")
-    dtype = raw.get("dtype", "float32")
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
+    seed = validate.number("seed", raw.get("seed", 0), integer=True)
+    dtype = validate.choice("dtype", raw.get("dtype", "float32"), DTYPES)
     return FdaConfig(base=base, experts=experts, initial=initial, modules=modules, layers=layers, anchors=anchors,
-                     adapt=adapt, resources=resources, seed=int(seed), dtype=dtype)
-
-
-def _no_unknown(where: str, raw: dict, allowed: set[str]) -> None:
-    unknown = sorted(set(raw) - allowed)
-    if unknown:
-        key = f"{where}.{unknown[0]}" if where else unknown[0]
-        raise ConfigError(f"{key}: unknown key (allowed: {', '.join(sorted(allowed))})")
+                     adapt=adapt, resources=resources, seed=seed, dtype=dtype)
 
 
 def _experts(raw: Any) -> tuple[tuple[str, str], ...]:
@@ -318,12 +310,23 @@ def engine_merge_config(initial: dict[str, Any], base: str, experts: tuple[tuple
     return config
 
 
+# The checks of a section's values: each takes (where, value) and returns the value.
+_POSITIVE = functools.partial(validate.number, lo=0, lo_open=True)
+_NON_NEGATIVE = functools.partial(validate.number, lo=0)
+_POSITIVE_INT = functools.partial(validate.number, lo=1, integer=True)
+_NON_NEGATIVE_INT = functools.partial(validate.number, lo=0, integer=True)
+
+
+def _one_of(*options: str):
+    return functools.partial(validate.choice, choices=options)
+
+
 def _section(name: str, raw: Any, keys: set[str], cls, checks: dict):
     if raw is None:
         return cls()
     if not isinstance(raw, dict):
         raise ConfigError(f"{name}: expected a mapping")
-    _no_unknown(name, raw, keys)
+    validate.no_unknown(name, raw, keys)
     values = {}
     for key, value in raw.items():
         if value is not None:
@@ -336,61 +339,16 @@ def _resources(raw: Any) -> Resources:
         return Resources()
     if not isinstance(raw, dict):
         raise ConfigError("resources: expected a mapping")
-    _no_unknown("resources", raw, RESOURCE_KEYS)
+    validate.no_unknown("resources", raw, RESOURCE_KEYS)
     values: dict[str, Any] = {}
     if "num_cpus" in raw:
-        values["num_cpus"] = _pos_float("resources.num_cpus", raw["num_cpus"])
+        values["num_cpus"] = _POSITIVE("resources.num_cpus", raw["num_cpus"])
     if "num_gpus" in raw:
-        values["num_gpus"] = _nonneg_float("resources.num_gpus", raw["num_gpus"])
+        values["num_gpus"] = _NON_NEGATIVE("resources.num_gpus", raw["num_gpus"])
     if raw.get("memory") is not None:
         from distmerge.config import parse_size
 
         values["memory"] = parse_size(raw["memory"], "resources.memory")
     if "retries" in raw:
-        values["retries"] = _nonneg_int("resources.retries", raw["retries"])
+        values["retries"] = _NON_NEGATIVE_INT("resources.retries", raw["retries"])
     return Resources(**values)
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _float(where: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise ConfigError(f"{where}: expected a number, got {value!r}")
-    return float(value)
-
-
-def _pos_float(where: str, value: Any) -> float:
-    number = _float(where, value)
-    if number <= 0:
-        raise ConfigError(f"{where}: {value!r} is out of range (must be > 0)")
-    return number
-
-
-def _nonneg_float(where: str, value: Any) -> float:
-    number = _float(where, value)
-    if number < 0:
-        raise ConfigError(f"{where}: {value!r} is out of range (must be >= 0)")
-    return number
-
-
-def _pos_int(where: str, value: Any) -> int:
-    if not _is_int(value) or value <= 0:
-        raise ConfigError(f"{where}: expected a positive integer, got {value!r}")
-    return int(value)
-
-
-def _nonneg_int(where: str, value: Any) -> int:
-    if not _is_int(value) or value < 0:
-        raise ConfigError(f"{where}: expected a non-negative integer, got {value!r}")
-    return int(value)
-
-
-def _choice(*options: str):
-    def check(where: str, value: Any) -> str:
-        if value not in options:
-            raise ConfigError(f"{where}: {value!r} is not one of {', '.join(options)}")
-        return value
-
-    return check

@@ -28,12 +28,15 @@ from typing import Any
 
 import yaml
 
+from distmerge import validate
 from distmerge.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_DTYPES = ("auto", "float32", "float16", "bfloat16")
 STATS_DTYPES = ("float64", "float32")
 MODEL_CLASSES = ("causal_lm", "sequence_classification")
+TOP_KEYS = ("tasks", "max_length", "batch_size", "workers", "device", "dtype", "stats_dtype", "model_class")
+TASK_KEYS = ("name", "model", "data", "text_field", "limit")
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a folder name under stats/
 
 
@@ -78,25 +81,15 @@ def _data_size(path: str) -> int:
     return sum(p.stat().st_size for p in files)
 
 
-def _integer(where: str, value: Any, minimum: int = 1) -> int:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(f"{where}: expected an integer >= {minimum}, got {value!r}")
-    return value
-
-
-def _choice(where: str, value: Any, choices: tuple[str, ...]) -> str:
-    if value not in choices:
-        raise ConfigError(f"{where}: {value!r} is not one of {', '.join(choices)}")
-    return value
+def _integer(where: str, value: Any) -> int:
+    return validate.number(where, value, 1, integer=True)
 
 
 def _task(raw: Any, index: int, folder: Path) -> MeasureTask:
     where = f"tasks[{index}]"
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with name, model and data")
-    unknown = set(raw) - {"name", "model", "data", "text_field", "limit"}
-    if unknown:
-        raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key (allowed: name, model, data, text_field, limit)")
+    validate.no_unknown(where, raw, TASK_KEYS)
     for key in ("model", "data"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise ConfigError(f"{where}.{key}: missing (a path)")
@@ -122,10 +115,7 @@ def parse_measure_config(raw: Any, kind: str, folder: Path = Path(".")) -> Measu
     """A validated config from YAML data; relative paths are taken from ``folder`` (the YAML file's)."""
     if not isinstance(raw, dict):
         raise ConfigError("measure config: expected a mapping with 'tasks'")
-    known = {"tasks", "max_length", "batch_size", "workers", "device", "dtype", "stats_dtype", "model_class"}
-    unknown = set(raw) - known
-    if unknown:
-        raise ConfigError(f"{sorted(unknown)[0]}: unknown key (allowed: {', '.join(sorted(known))})")
+    validate.no_unknown("", raw, TOP_KEYS)
     tasks_raw = raw.get("tasks")
     if not isinstance(tasks_raw, list) or not tasks_raw:
         raise ConfigError("tasks: expected a non-empty list of {name, model, data}")
@@ -139,10 +129,10 @@ def parse_measure_config(raw: Any, kind: str, folder: Path = Path(".")) -> Measu
         max_length=_integer("max_length", raw.get("max_length", 512)),
         batch_size=_integer("batch_size", raw.get("batch_size", 8)),
         workers=_integer("workers", raw.get("workers", 1)),
-        device=_choice("device", raw.get("device", "auto"), DEVICES),
-        dtype=_choice("dtype", raw.get("dtype", "auto"), MODEL_DTYPES),
-        stats_dtype=_choice("stats_dtype", raw.get("stats_dtype", "float64"), STATS_DTYPES),
-        model_class=_choice("model_class", raw.get("model_class", "causal_lm"), MODEL_CLASSES),
+        device=validate.choice("device", raw.get("device", "auto"), DEVICES),
+        dtype=validate.choice("dtype", raw.get("dtype", "auto"), MODEL_DTYPES),
+        stats_dtype=validate.choice("stats_dtype", raw.get("stats_dtype", "float64"), STATS_DTYPES),
+        model_class=validate.choice("model_class", raw.get("model_class", "causal_lm"), MODEL_CLASSES),
         kind=kind,
     )
 

@@ -15,6 +15,7 @@ from typing import Any, ClassVar
 
 import torch
 
+from distmerge import validate
 from distmerge.errors import ConfigError
 from distmerge.methods.execute import ArtifactStream, ChunkResult
 
@@ -140,6 +141,15 @@ class MergeMethod:
     def artifact_stream(self, tensor, dtype: torch.dtype) -> ArtifactStream:
         raise NotImplementedError
 
+    # A method whose result is one model per task (a backbone plus per-task artifacts) says so; whatever scores a
+    # merge held in memory (a sweep trial) then scores each task on that task's own model.
+    builds_task_models: ClassVar[bool] = False
+
+    def task_weights(self, weights: dict[str, torch.Tensor], artifacts: dict[str, torch.Tensor], state: dict,
+                     task: int) -> dict[str, torch.Tensor]:
+        """The weights of the model of task ``task`` (its index among the config's models)."""
+        raise NotImplementedError
+
     # --- reporting ------------------------------------------------------------------------------
     def describe(self, state: dict) -> dict[str, Any]:
         """Numbers worth putting on the model card (thresholds, rescalers)."""
@@ -189,19 +199,12 @@ def params_to_yaml(params: Any) -> dict[str, Any]:
 
 
 def require_choice(where: str, key: str, value: Any, choices: tuple) -> None:
-    if value not in choices:
-        raise ConfigError(f"{where}.{key}: {value!r} is not one of {', '.join(map(str, choices))}")
+    validate.choice(f"{where}.{key}", value, choices)
 
 
 def require_number(where: str, key: str, value: Any, lo: float | None = None, hi: float | None = None,
                    lo_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
-        raise ConfigError(f"{where}.{key}: expected a number, got {value!r}")
-    if not math.isfinite(value):  # NaN passes every range comparison and would merge into an all-NaN model
-        raise ConfigError(f"{where}.{key}: {value} is not a finite number")
-    span = f"{'(' if lo_open else '['}{lo if lo is not None else '-inf'}, {hi if hi is not None else 'inf'}]"
-    if (lo is not None and (value < lo or (lo_open and value == lo))) or (hi is not None and value > hi):
-        raise ConfigError(f"{where}.{key}: {value} is out of range {span}")
+    validate.number(f"{where}.{key}", value, lo, hi, lo_open=lo_open)
 
 
 def check_setting(where: str, value: Any, bounds: Setting | None = None) -> None:
@@ -226,8 +229,7 @@ def check_setting(where: str, value: Any, bounds: Setting | None = None) -> None
 
 def _check_leaf(where: str, value: Any, bounds: Setting | None) -> None:
     if bounds is not None:
-        prefix, _, name = where.rpartition(".")
-        require_number(prefix, name, value, bounds.lo, bounds.hi, bounds.lo_open)
+        validate.number(where, value, bounds.lo, bounds.hi, lo_open=bounds.lo_open)
     elif isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(f"{where}: {value} is not a finite number")
 

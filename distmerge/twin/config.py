@@ -15,12 +15,12 @@ Everything is validated here, before Ray starts or a tensor is read; errors name
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from distmerge import validate
 from distmerge.config import MergeConfig, load_config, read_yaml
 from distmerge.errors import ConfigError
 from distmerge.lora_extract import SVD_MODES
@@ -48,20 +48,14 @@ class ExclusiveConfig:
         where = "exclusive"
         if self.rank is not None and self.rank_fraction is not None:
             raise ConfigError(f"{where}: give one of rank (e.g. 8) or rank_fraction (e.g. 0.1), not both")
-        if self.rank is not None and (isinstance(self.rank, bool) or not isinstance(self.rank, int) or self.rank <= 0):
-            raise ConfigError(f"{where}.rank: must be a positive integer, got {self.rank!r}")
+        if self.rank is not None:
+            validate.number(f"{where}.rank", self.rank, 1, integer=True)
         if self.rank_fraction is not None:
-            value = self.rank_fraction
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or not 0 < value <= 1:
-                raise ConfigError(f"{where}.rank_fraction: must be a number in (0, 1], got {value!r}")
+            validate.number(f"{where}.rank_fraction", self.rank_fraction, 0, 1, lo_open=True)
         for key, choices in (("svd", SVD_MODES), ("lora", LORA_MODES), ("dtype", FACTOR_DTYPES)):
-            if getattr(self, key) not in choices:
-                raise ConfigError(f"{where}.{key}: {getattr(self, key)!r} is not one of {', '.join(choices)}")
+            validate.choice(f"{where}.{key}", getattr(self, key), choices)
         for key in ("oversample", "niter", "seed"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ConfigError(f"{where}.{key}: must be an integer >= 0, got {value!r}")
+            validate.number(f"{where}.{key}", getattr(self, key), 0, integer=True)
 
     def rank_for(self, shape: tuple[int, ...]) -> int:
         """The rank a 2-D tensor of ``shape`` keeps: ``rank``, or int(fraction * min side) as the reference (at
@@ -105,15 +99,9 @@ class RouterConfig:
         if not isinstance(self.field, str) or not self.field:
             raise ConfigError(f"{where}.field: expected a column name")
         for key in ("max_samples", "max_length", "epochs", "batch_size", "workers", "feature_batch_size"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ConfigError(f"{where}.{key}: must be an integer >= 1, got {value!r}")
+            validate.number(f"{where}.{key}", getattr(self, key), 1, integer=True)
         for key, lo, hi in (("holdout", 0.0, 0.9), ("lr", 0.0, 10.0), ("dropout", 0.0, 0.99)):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
-                    or not lo <= value <= hi or (key == "lr" and value == 0):
-                raise ConfigError(f"{where}.{key}: must be a number in [{lo}, {hi}]{' above 0' if key == 'lr' else ''}"
-                                  f", got {value!r}")
+            validate.number(f"{where}.{key}", getattr(self, key), lo, hi, lo_open=key == "lr")
 
 
 @dataclass(frozen=True)
@@ -138,10 +126,7 @@ def _section(raw: dict, key: str) -> dict:
 
 
 def _build(cls, values: dict, where: str):
-    known = set(cls.__dataclass_fields__)
-    unknown = sorted(set(values) - known)
-    if unknown:
-        raise ConfigError(f"{where}.{unknown[0]}: unknown key (allowed: {', '.join(sorted(known))})")
+    validate.no_unknown(where, values, cls.__dataclass_fields__)
     return cls(**values)
 
 
@@ -154,9 +139,7 @@ def load_twin_config(source: str | Path | dict) -> TwinConfig:
         if key in raw:
             raise ConfigError(f"{key}: the shared expert's merge goes under 'shared:' (method, parameters)")
     shared = sections["shared"] or dict(DEFAULT_SHARED)
-    unknown = sorted(set(shared) - {"method", "parameters"})
-    if unknown:
-        raise ConfigError(f"shared.{unknown[0]}: unknown key (allowed: method, parameters)")
+    validate.no_unknown("shared", shared, ("method", "parameters"))
     merge_raw = {k: v for k, v in raw.items() if k not in SECTIONS}
     merge_raw["method"] = shared.get("method", DEFAULT_SHARED["method"])
     merge_raw["parameters"] = shared.get("parameters") or {}
