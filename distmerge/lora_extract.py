@@ -20,6 +20,7 @@ from typing import Any, Callable, Iterator
 
 import torch
 
+from distmerge import dtypes
 from distmerge.errors import ConfigError, InputError, where
 from distmerge.io.checkpoint import Checkpoint
 from distmerge.io.lora import open_checkpoint
@@ -32,7 +33,7 @@ from distmerge.tensors import TIED_HEADS, layer_of
 REPORT = "lora_extract.json"
 SVD_MODES = ("auto", "exact", "randomized")
 AUTO_EXACT_BELOW = 1024  # auto: exact SVD when the smaller side is at most this, else randomized
-FACTOR_DTYPES = ("float32", "bfloat16", "float16")
+FACTOR_DTYPES = dtypes.STORAGE
 FAN_IN_FAN_OUT_TYPES = ("gpt2",)  # Conv1D layers store the weight as [in, out]
 
 
@@ -160,7 +161,7 @@ def extract_tensor(name: str, role: str, merged: torch.Tensor, base: torch.Tenso
     # a Conv1D (stored [in, out], PEFT's fan_in_fan_out).
     target = delta if role == "linear" else delta.T
     a, b = low_rank_factors(target, options, seed=options.seed ^ zlib.crc32(name.encode()))
-    a, b = a.to(getattr(torch, options.dtype)), b.to(getattr(torch, options.dtype))
+    a, b = a.to(dtypes.torch_dtype(options.dtype)), b.to(dtypes.torch_dtype(options.dtype))
     return {"factors": ("embedding" if role == "embedding" else "linear", a, b),
             "error": relative_error(target, b.float() @ a.float())}
 

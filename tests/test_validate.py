@@ -54,3 +54,17 @@ def test_choice_flag_and_unknown_keys():
         validate.no_unknown("adapt", {"lr": 1, "epoch": 3, "zz": 1}, {"lr", "epochs"})
     with pytest.raises(ConfigError, match=r"^modle: unknown key \(allowed: model\)$"):
         validate.no_unknown("", {"modle": 1}, ("model",))
+
+
+def test_dtype_names_and_safetensors_codes_agree():
+    """One table of names and one of on-disk codes: every name a config may give can be written and read back."""
+    import torch
+
+    from distmerge import dtypes
+    from distmerge.io.checkpoint import SAFETENSORS_DTYPES as READ
+    from distmerge.io.writer import SAFETENSORS_DTYPES as WRITE
+
+    assert dtypes.torch_dtype("bfloat16") is torch.bfloat16 and dtypes.torch_dtype("float64") is torch.float64
+    assert set(dtypes.FULL_PRECISION) | set(dtypes.STORAGE) == set(dtypes.NAMES)
+    assert all(READ[WRITE[dtype]] is dtype for dtype in WRITE) and len(WRITE) == len(READ)
+    assert all(dtype in WRITE for dtype in dtypes.DTYPES.values())

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from distmerge import validate
+from distmerge import dtypes, validate
 from distmerge.config import read_yaml
 from distmerge.errors import ConfigError
 
@@ -46,7 +46,7 @@ GRANULARITIES = ("task", "layer")
 OBJECTIVES = ("entropy", "sft")
 KINDS = ("auto", "classify", "causal")
 STRATEGIES = ("fsdp", "deepspeed")
-DTYPES = ("float32", "float64")
+DTYPES = dtypes.FULL_PRECISION
 CLASSIFIER_HEADS = r".*classifier.*"  # what GLUE merges exclude: each task keeps its own head (evaluate's HEAD_PATTERN)
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 

@@ -15,7 +15,7 @@ import os
 import re
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +26,7 @@ from distmerge.adamerging.bank import (AllReduce, Bank, Coefficients, PlusMasks,
                                        local_tensor, no_reduce, plan_tensors)
 from distmerge.adamerging.config import AdaConfig, load_ada_config
 from distmerge.adamerging.objective import batch_objective, check_parameters, encode, skeleton, text_fields
+from distmerge.dtypes import torch_dtype
 from distmerge.errors import InputError
 from distmerge.io.checkpoint import Checkpoint
 from distmerge.io.writer import write_json, write_safetensors
@@ -59,7 +60,7 @@ def build_setup(config: AdaConfig, world: int = 1, rank: int = 0, shard: Callabl
     base = Checkpoint(config.base, "base")
     experts = {t: Checkpoint(p, t) for t, p in config.experts.items()}
     plan = plan_tensors(base, experts, config.excluded(), config.freeze, config.granularity)
-    dtype = getattr(torch, config.dtype)
+    dtype = torch_dtype(config.dtype)
     with torch.device("meta"):
         bank = Bank(plan, dtype)
     if shard is not None:

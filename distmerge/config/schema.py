@@ -9,11 +9,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from distmerge import dtypes, validate
 from distmerge.errors import ConfigError
 from distmerge.methods import build_method, method_params_yaml
 from distmerge.methods.base import MergeMethod, check_setting
 
-DTYPES = ("float32", "float16", "bfloat16", "float64")
+DTYPES = dtypes.NAMES
 
 
 @dataclass(frozen=True)
@@ -127,10 +128,9 @@ def build_config(*, method: str, models: list[tuple[str, str | None, dict]], bas
                                   f"(allowed: {', '.join(sorted(allowed)) or 'none'})")
             check_setting(f"{where}.parameters.{key}", value, declared[key])
         specs.append(ModelSpec(model=model, name=name, parameters={**shared, **params}))
-    if dtype not in DTYPES:
-        raise ConfigError(f"dtype: {dtype!r} is not one of {', '.join(DTYPES)}")
-    if out_dtype is not None and out_dtype not in DTYPES:
-        raise ConfigError(f"out_dtype: {out_dtype!r} is not one of {', '.join(DTYPES)}")
+    validate.choice("dtype", dtype, DTYPES)
+    if out_dtype is not None:
+        validate.choice("out_dtype", out_dtype, DTYPES)
     if not isinstance(tokenizer, str):
         raise ConfigError("tokenizer: expected 'base', 'union' or a model name")
     if tokenizer not in ("base", "union") and tokenizer not in seen:

@@ -23,10 +23,11 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Mapping
 
+from distmerge import dtypes
 from distmerge.errors import InputError
 
 HEAD_PATTERN = r".*classifier.*"  # what MergeLM and EMR exclude from GLUE merges: each task keeps its own head
-DTYPES = ("auto", "float32", "float16", "bfloat16")
+DTYPES = ("auto", *dtypes.STORAGE)
 
 
 @dataclass(frozen=True)
@@ -94,7 +95,7 @@ def torch_dtype(name: str, device: str):
 
     if name == "auto":
         return torch.float32 if device == "cpu" else None  # None: what the checkpoint stores
-    return getattr(torch, name)
+    return dtypes.torch_dtype(name)
 
 
 def load_tokenizer(source: ModelSource, padding_side: str):

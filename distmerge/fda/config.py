@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from distmerge import validate
+from distmerge import dtypes, validate
 from distmerge.config import read_yaml
 from distmerge.errors import ConfigError
 
@@ -35,7 +35,7 @@ ANCHOR_KEYS = {"count", "tokens", "init", "sigma", "steps", "lr", "weight_decay"
 ADAPT_KEYS = {"param", "sources", "alpha_init", "loss", "lr", "batch_size", "epochs"}
 RESOURCE_KEYS = {"num_cpus", "num_gpus", "memory", "retries"}
 INITIAL_ENGINE_KEYS = {"exclude", "include", "tokenizer", "out_dtype"}  # passed to the engine as they are
-DTYPES = ("float32", "float64", "bfloat16", "float16")
+DTYPES = dtypes.NAMES
 FAMILIES = ("decoder", "encoder", "vit")
 
 # Spec §8.3: the reference settings per family. ``tokens`` None = single-token anchors [n, d].

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from distmerge.architectures import FDA_FAMILIES, FDA_UNITS
+from distmerge.dtypes import torch_dtype
 from distmerge.errors import ConfigError, InputError, where
 from distmerge.fda.config import FAMILY_DEFAULTS
 from distmerge.io.checkpoint import Checkpoint
@@ -29,7 +30,6 @@ UNIT_CORE = FDA_UNITS
 # "(prefix)layers.(N)." and the like: the unit core with any prefix and the layer number captured
 UNIT_PATTERNS = {key: re.compile("^(.*?)" + re.escape(core).replace(re.escape("{layer}"), r"(\d+)") + r"\.")
                  for key, core in UNIT_CORE.items()}
-DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 @dataclass(frozen=True)
@@ -141,7 +141,7 @@ def read_unit(checkpoint: Checkpoint, layout: ModelLayout, layer: int, names: li
         tensor = checkpoint.read(full)
         if not torch.is_floating_point(tensor):
             raise InputError(f"{where(model=checkpoint.name, tensor=full)}: not a floating-point tensor")
-        out[local] = tensor.to(device=device, dtype=DTYPES[dtype])
+        out[local] = tensor.to(device=device, dtype=torch_dtype(dtype))
     return out
 
 

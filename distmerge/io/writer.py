@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from distmerge.errors import OutputError
+from distmerge.io.checkpoint import SAFETENSORS_DTYPES as READ_DTYPES
 
 STAGING_MARK = ".distmerge-staging-"
 
@@ -170,11 +171,7 @@ def write_index(staging: Path, shard_results: list[dict[str, Any]], metadata: di
                                     "weight_map": dict(sorted(weight_map.items()))})
 
 
-SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-    torch.bool: "BOOL", torch.float8_e4m3fn: "F8_E4M3", torch.float8_e5m2: "F8_E5M2",
-}
+SAFETENSORS_DTYPES = {dtype: code for code, dtype in READ_DTYPES.items()}  # torch dtype -> on-disk code
 
 
 class ShardWriter:

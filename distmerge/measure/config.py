@@ -28,12 +28,12 @@ from typing import Any
 
 import yaml
 
-from distmerge import validate
+from distmerge import dtypes, validate
 from distmerge.errors import ConfigError
 
 DEVICES = ("auto", "cpu", "cuda")
-MODEL_DTYPES = ("auto", "float32", "float16", "bfloat16")
-STATS_DTYPES = ("float64", "float32")
+MODEL_DTYPES = ("auto", *dtypes.STORAGE)
+STATS_DTYPES = dtypes.FULL_PRECISION
 MODEL_CLASSES = ("causal_lm", "sequence_classification")
 TOP_KEYS = ("tasks", "max_length", "batch_size", "workers", "device", "dtype", "stats_dtype", "model_class")
 TASK_KEYS = ("name", "model", "data", "text_field", "limit")

@@ -176,9 +176,9 @@ def start_actors(task: MeasureTask, config: MeasureConfig, checkpoint) -> list:
 def measure_task(task: MeasureTask, config: MeasureConfig, key: str, fingerprint: dict, checkpoint, out: Path,
                  actors: list, progress: bool) -> int:
     """Stream one task's rows through its actors, reduce their sums and commit them; the tokens measured."""
-    import torch
     from tqdm import tqdm
 
+    from distmerge.dtypes import torch_dtype
     from distmerge.engine.ray_session import get
     from distmerge.evaluate.runner import open_dataset
 
@@ -205,7 +205,7 @@ def measure_task(task: MeasureTask, config: MeasureConfig, key: str, fingerprint
             tokens[name] += more_tokens[name]
     if not any(tokens.values()):
         raise InputError(f"task '{task.name}': no tokens in '{data_name}' (empty texts?)")
-    dtype = getattr(torch, config.stats_dtype)
+    dtype = torch_dtype(config.stats_dtype)
     entries = {name: stats.layer_entry(checkpoint.read(f"{name}.weight"), features, tokens[name], transposed)
                for name, (features, transposed) in layers.items()}
     manifest = {"kind": KIND, "task": task.name, "model": task.model, "fingerprint": fingerprint, "config_key": key,

@@ -12,11 +12,12 @@ from dataclasses import dataclass
 
 import torch
 
+from distmerge.dtypes import FULL_PRECISION
 from distmerge.errors import ConfigError
 from distmerge.methods.base import TaskVectorMethod, require_choice, require_number
 from distmerge.ops import svd_merge as ops
 
-SVD_DTYPES = ("float32", "float64")
+SVD_DTYPES = FULL_PRECISION
 
 
 @dataclass(frozen=True)

@@ -15,6 +15,7 @@ from typing import Any
 
 import torch
 
+from distmerge.dtypes import torch_dtype
 from distmerge.errors import InputError, where
 from distmerge.io.checkpoint import Checkpoint
 from distmerge.io.writer import write_safetensors
@@ -26,7 +27,7 @@ from distmerge.twin.folder import EXCLUSIVE, Part, part_key
 def compress_delta(delta: torch.Tensor, options: ExclusiveConfig, seed: int) -> Part:
     """One tensor's exclusive part: rank-r factors of a 2-D delta, the delta itself otherwise (float32 math,
     stored in ``options.dtype``)."""
-    dtype = getattr(torch, options.dtype)
+    dtype = torch_dtype(options.dtype)
     delta = delta.float()
     if delta.dim() != 2:
         return Part(delta=delta.to(dtype))

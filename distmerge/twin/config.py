@@ -23,13 +23,12 @@ from typing import Any
 from distmerge import validate
 from distmerge.config import MergeConfig, load_config, read_yaml
 from distmerge.errors import ConfigError
-from distmerge.lora_extract import SVD_MODES
+from distmerge.lora_extract import FACTOR_DTYPES, SVD_MODES
 
 SECTIONS = ("shared", "exclusive", "router")
 DEFAULT_SHARED = {"method": "task_arithmetic", "parameters": {"lambda": 0.3}}
 DEFAULT_RANK = 8  # the generative reference's new_rank
 LORA_MODES = ("product",)  # the reference's per-factor SVD of A and B ("factors") is not built yet
-FACTOR_DTYPES = ("float32", "bfloat16", "float16")
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # names become tensor keys and file names
 
 
