@@ -338,7 +338,8 @@ def test_vllm_is_never_used_for_a_twin_folder(tmp_path):
     """vLLM would generate with the shared expert alone: a twin folder always takes the routed transformers path."""
     from distmerge.errors import InputError
     from distmerge.evaluate.models import ModelSource
-    from distmerge.evaluate.runner import EvalOptions, _use_vllm
+    from distmerge.evaluate.options import EvalOptions
+    from distmerge.evaluate.workers import _use_vllm
     from distmerge.twin.folder import TWIN_JSON
 
     (tmp_path / TWIN_JSON).write_text("{}")

@@ -1,7 +1,8 @@
 """Evaluation of merged models on Ray Data, scored the way the merging papers score them.
 
 ``evaluate(model, task, data, ...)`` (``runner``) is the in-process entry point; ``distmerge eval`` (``cli``) the
-command. Tasks and their templates are in ``tasks``, answer extraction in ``answers``, metrics in ``metrics``,
+command. The runner chains the pipeline's stages (``workers``: the model actors and the light tasks around them)
+over the rows ``data`` reads, under ``options``. Tasks and their templates are in ``tasks``, answer extraction in ``answers``, metrics in ``metrics``,
 code execution in ``sandbox``, generation backends in ``generate``, model sources in ``models``, result files in
 ``report``, suites in ``suite``.
 """
@@ -10,7 +11,7 @@ from __future__ import annotations
 
 _EXPORTS = {
     "evaluate": "distmerge.evaluate.runner",
-    "EvalOptions": "distmerge.evaluate.runner",
+    "EvalOptions": "distmerge.evaluate.options",
     "EvalResult": "distmerge.evaluate.runner",
     "ModelSource": "distmerge.evaluate.models",
     "TASKS": "distmerge.evaluate.tasks",

@@ -49,6 +49,7 @@ def _run(model, task, data, suite, out, limit, batch_size, workers, max_new_toke
          head_from, tokenizer, expert_results, device, address, progress, allow_unsandboxed_code=False) -> None:
     from distmerge.engine.ray_session import ray_session
     from distmerge.errors import ConfigError
+    from distmerge.evaluate import data as eval_data
     from distmerge.evaluate import report, runner, sandbox
     from distmerge.evaluate.models import ModelSource
     from distmerge.evaluate.suite import SuiteTask, load_suite
@@ -83,7 +84,7 @@ def _run(model, task, data, suite, out, limit, batch_size, workers, max_new_toke
 
     for source, the_task, the_data, _ in jobs:  # user mistakes first, before a Ray cluster starts
         runner.preflight(source, the_task)
-        runner.check_data(the_data, the_task)
+        eval_data.check_data(the_data, the_task)
     if any(the_task.runs_code for _, the_task, _, _ in jobs):
         _check_sandbox(allow_unsandboxed_code)
     out_dir = runner.results_dir(out)

@@ -49,7 +49,7 @@ class MeasureResult:
 
 
 class TextColumn:
-    """What ``evaluate.runner.open_dataset`` asks of a task: the columns its rows need."""
+    """What ``evaluate.data.open_dataset`` asks of a task: the columns its rows need."""
 
     hub = None
 
@@ -163,7 +163,8 @@ def start_actors(task: MeasureTask, config: MeasureConfig, checkpoint) -> list:
     """The task's model actors, loading its expert (they load while earlier tasks are measured)."""
     import ray
 
-    from distmerge.evaluate.runner import EvalOptions, actor_resources
+    from distmerge.evaluate.options import EvalOptions
+    from distmerge.evaluate.workers import actor_resources
 
     device, num_cpus, num_gpus = actor_resources(EvalOptions(workers=config.workers, device=config.device))
     remote = ray.remote(GramActor)
@@ -180,7 +181,7 @@ def measure_task(task: MeasureTask, config: MeasureConfig, key: str, fingerprint
 
     from distmerge.dtypes import torch_dtype
     from distmerge.engine.ray_session import get
-    from distmerge.evaluate.runner import open_dataset
+    from distmerge.evaluate.data import open_dataset
 
     dataset, data_name = open_dataset(task.data, TextColumn(task))
     if task.limit:
@@ -231,7 +232,8 @@ def measure(config: MeasureConfig | str | Path | dict, out: str | Path, *, worke
             on_task: Callable[[str, int], None] | None = None) -> MeasureResult:
     """RegMean statistics of every task into ``out`` (created if needed; committed tasks are skipped)."""
     from distmerge.engine.ray_session import ray_session
-    from distmerge.evaluate.runner import check_data, quiet_ray_data
+    from distmerge.evaluate.data import check_data
+    from distmerge.evaluate.runner import quiet_ray_data
     from distmerge.io import writer
     from distmerge.io.checkpoint import Checkpoint
 

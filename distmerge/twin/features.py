@@ -101,7 +101,8 @@ def compute_features(shared_folder: Path, tasks: tuple[str, ...], options: Route
     """(features [N, hidden] float32, task index [N]) of every task's router samples, in file order."""
     import ray
 
-    from distmerge.evaluate.runner import EvalOptions, actor_resources
+    from distmerge.evaluate.options import EvalOptions
+    from distmerge.evaluate.workers import actor_resources
     from distmerge.io.checkpoint import Checkpoint
 
     paths = {task: Path(options.data[task]).expanduser() for task in tasks}
