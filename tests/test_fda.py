@@ -120,7 +120,7 @@ def test_config_errors_name_the_field(change, message):
 
 def test_family_defaults_and_errors(llama, roberta, tmp_path):
     """What a config leaves out comes from its model family's row of the defaults; what it gives wins."""
-    from distmerge.fda.config import DECODER_BLOCK_ANCHORS, FAMILY_DEFAULTS
+    from distmerge.fda.schema import DECODER_BLOCK_ANCHORS, FAMILY_DEFAULTS
     from distmerge.fda.inputs import open_inputs
 
     def resolved(raw):
@@ -559,7 +559,7 @@ def test_cli_adapt_prints_no_worker_crash(llama, reference_anchors, tmp_path):
 @pytest.mark.ray
 @pytest.mark.timeout(120)
 def test_a_job_whose_process_dies_is_retried(tmp_path, ray_cluster):
-    from distmerge.fda.config import Resources
+    from distmerge.fda.schema import Resources
     from distmerge.fda.runner import FdaJobError, run_jobs
 
     def dies_once(marker: str, job: int) -> int:  # defined here: pickled by value for the worker

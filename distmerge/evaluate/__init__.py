@@ -2,9 +2,9 @@
 
 ``evaluate(model, task, data, ...)`` (``runner``) is the in-process entry point; ``distmerge eval`` (``cli``) the
 command. The runner chains the pipeline's stages (``workers``: the model actors and the light tasks around them)
-over the rows ``data`` reads, under ``options``. Tasks and their templates are in ``tasks``, answer extraction in ``answers``, metrics in ``metrics``,
-code execution in ``sandbox``, generation backends in ``generate``, model sources in ``models``, result files in
-``report``, suites in ``suite``.
+over the rows ``data`` reads, under ``options``. Tasks and their templates are in ``tasks``, answer extraction in
+``answers``, metrics in ``metrics``, code execution in ``sandbox``, generation backends in ``generate``, model
+sources in ``models``, result files in ``report``, suites in ``suite``.
 """
 
 from __future__ import annotations

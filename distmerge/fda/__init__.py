@@ -5,12 +5,14 @@
     fda.adapt("fda.yaml", "anchors/", "merged/")          # stage II, the merged model written atomically
     fda.choose_sigma("fda.yaml")                          # the paper's sigma choice on one layer (App. C.5)
 
-The math is in ``distmerge.ops.fda``; the config format in ``distmerge.fda.config``.
+The math is in ``distmerge.ops.fda``; the config's fields in ``distmerge.fda.schema``, its reader in
+``distmerge.fda.config``.
 """
 
 from distmerge.fda.adapt import AdaptResult, adapt
-from distmerge.fda.config import FdaConfig, load_fda_config
+from distmerge.fda.config import load_fda_config
 from distmerge.fda.construct import ConstructResult, construct
+from distmerge.fda.schema import FdaConfig
 from distmerge.fda.sigma import SigmaResult, choose_sigma
 
 __all__ = ["AdaptResult", "ConstructResult", "FdaConfig", "SigmaResult", "adapt", "choose_sigma", "construct",

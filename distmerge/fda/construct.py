@@ -18,7 +18,7 @@ from typing import Any, Callable
 import yaml
 
 from distmerge.errors import OutputError
-from distmerge.fda.config import FdaConfig
+from distmerge.fda.schema import FdaConfig
 from distmerge.fda.inputs import FdaInputs, open_inputs
 
 ANCHORS, TARGETS = "anchors", "targets"

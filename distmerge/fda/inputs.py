@@ -8,7 +8,8 @@ from pathlib import Path
 from typing import Any
 
 from distmerge.errors import ConfigError, InputError, where
-from distmerge.fda.config import FdaConfig, load_fda_config
+from distmerge.fda.config import load_fda_config
+from distmerge.fda.schema import FdaConfig
 from distmerge.fda.modules import (ModelLayout, detect_layout, fill_unit, read_unit, unit_forward, unit_module,
                                    unit_tensor_names)
 from distmerge.io.checkpoint import Checkpoint

@@ -20,7 +20,7 @@ import torch
 from distmerge.architectures import FDA_FAMILIES, FDA_UNITS
 from distmerge.dtypes import torch_dtype
 from distmerge.errors import ConfigError, InputError, where
-from distmerge.fda.config import FAMILY_DEFAULTS
+from distmerge.fda.schema import FAMILY_DEFAULTS
 from distmerge.io.checkpoint import Checkpoint
 
 DECODER_TYPES = set(FDA_FAMILIES["decoder"])

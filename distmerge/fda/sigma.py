@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from distmerge.errors import ConfigError
-from distmerge.fda.config import FdaConfig
+from distmerge.fda.schema import FdaConfig
 from distmerge.fda.inputs import FdaInputs, open_inputs
 
 # Table 4 of the paper spans these (ViT-B/32: 10, 1, 1e-2, 1e-4), the reference default being 1e-2.
