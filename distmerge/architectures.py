@@ -30,6 +30,14 @@ def layer_of(name: str) -> tuple[str, int | None]:
     return (name.rsplit(".", 1)[0] if "." in name else name), None
 
 
+def group_by_layer(names) -> dict[str, list[str]]:
+    """Tensor names by layer group key (``layer_of``); the groups and the names in each in the order they come."""
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(layer_of(name)[0], []).append(name)
+    return groups
+
+
 # --- embeddings and heads -----------------------------------------------------------------------------
 INPUT_EMBEDDINGS = ("embed_tokens", "word_embeddings", "wte", "embed_in", "tok_embeddings", "shared")
 POSITION_EMBEDDINGS = ("wpe", "position_embeddings", "embed_positions", "token_type_embeddings", "pos_embed")

@@ -7,23 +7,20 @@ from typing import Optional
 
 import typer
 
-from distmerge.cli_support import fail as _fail
-from distmerge.errors import DistmergeError
+from distmerge.cli_support import add_group, address_option, force_option, one_line_errors, out_option, workers_option
 
 
 def sum_cmd(
     config: Path = typer.Argument(..., help="a merge config whose experts are all LoRA adapters on base_model "
                                             "(method task_arithmetic or weight_average)"),
-    out: Path = typer.Option(..., "--out", "-o", help="output adapter folder"),
-    force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
+    out: Path = out_option("output adapter folder"),
+    force: bool = force_option(),
 ) -> None:
     """The merge of LoRA experts as one LoRA adapter with concatenated factors: exact, rank = the sum of theirs."""
     from distmerge.lora_sum import lora_sum
 
-    try:
+    with one_line_errors():
         result = lora_sum(config, out, force=force)
-    except DistmergeError as exc:
-        _fail(exc)
     typer.echo(result.summary())
 
 
@@ -31,7 +28,7 @@ def extract_cmd(
     merged: str = typer.Argument(..., help="merged model folder (any method)"),
     base: str = typer.Option(..., "--base", help="the base model the adapter applies to"),
     rank: int = typer.Option(..., "--rank", "-r", help="rank of every extracted module (at most min(shape))"),
-    out: Path = typer.Option(..., "--out", "-o", help="output adapter folder"),
+    out: Path = out_option("output adapter folder"),
     svd: str = typer.Option("auto", "--svd", help="exact (torch.linalg.svd) | randomized (torch.svd_lowrank) | "
                                                   "auto: exact when the smaller side is <= 1024"),
     oversample: int = typer.Option(10, "--oversample", help="randomized SVD: extra sketch columns"),
@@ -46,9 +43,9 @@ def extract_cmd(
                                           "||merged - base|| / ||base|| exceeds this"),
     dtype: str = typer.Option("float32", "--dtype", help="factors' dtype: float32 | bfloat16 | float16 (half the "
                                                        "size; the reported errors include the rounding)"),
-    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, help="Ray tasks at once (default: CPUs)"),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address, or 'auto'; default: embedded"),
-    force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
+    workers: Optional[int] = workers_option("Ray tasks at once (default: CPUs)"),
+    address: Optional[str] = address_option(),
+    force: bool = force_option(),
 ) -> None:
     """Any merged model as a rank-R LoRA adapter on BASE, by truncated SVD of each linear delta.
 
@@ -59,17 +56,12 @@ def extract_cmd(
     options = ExtractOptions(rank=rank, svd=svd, oversample=oversample, niter=niter,
                              distribute_scale=distribute_scale, embed_lora=embed_lora, skip_full=skip_full,
                              min_full_change=min_full_change, dtype=dtype)
-    try:
+    with one_line_errors():
         result = extract(merged, base, out, options, workers=workers, address=address, force=force)
-    except DistmergeError as exc:
-        _fail(exc)
     typer.echo(result.summary())
 
 
 def register(app: typer.Typer) -> None:
-    lora_app = typer.Typer(no_args_is_help=True, help=(
-        "Write a merge as a PEFT LoRA adapter: `sum` for task arithmetic / weight average of LoRA experts "
-        "(exact), `extract` for any merged model (truncated SVD to a rank)."))
-    lora_app.command("sum")(sum_cmd)
-    lora_app.command("extract")(extract_cmd)
-    app.add_typer(lora_app, name="lora")
+    add_group(app, "lora", "Write a merge as a PEFT LoRA adapter: `sum` for task arithmetic / weight average of "
+              "LoRA experts (exact), `extract` for any merged model (truncated SVD to a rank).",
+              {"sum": sum_cmd, "extract": extract_cmd})

@@ -21,6 +21,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 from distmerge import dtypes
+from distmerge.architectures import TIED_HEADS, group_by_layer
 from distmerge.errors import ConfigError, InputError, where
 from distmerge.io.checkpoint import Checkpoint
 from distmerge.io.lora import open_checkpoint
@@ -28,7 +29,6 @@ from distmerge.io.lora_writer import Factors, adapter_config, adapter_state, mod
 from distmerge.io.vocab import INPUT_EMBEDDING
 from distmerge.io.writer import check_target
 from distmerge.plan import EMBED_GROUP
-from distmerge.tensors import TIED_HEADS, layer_of
 
 REPORT = "lora_extract.json"
 SVD_MODES = ("auto", "exact", "randomized")
@@ -197,9 +197,8 @@ def check_models(merged: Checkpoint, base: Checkpoint) -> list[str]:
 
 
 def layer_groups(names: list[str]) -> list[list[str]]:
-    groups: dict[str, list[str]] = {}
-    for name in names:
-        groups.setdefault(layer_of(name)[0], []).append(name)
+    """The names by layer group, the groups in key order (the order of the Ray tasks and the output files)."""
+    groups = group_by_layer(names)
     return [groups[key] for key in sorted(groups)]
 
 

@@ -19,10 +19,10 @@ from dataclasses import dataclass
 
 import torch
 
+from distmerge.architectures import group_by_layer
 from distmerge.errors import InputError, where
-from distmerge.io.checkpoint import Checkpoint
+from distmerge.io.checkpoint import Checkpoint, check_same_tensors
 from distmerge.ops import ties as ties_ops
-from distmerge.tensors import layer_of
 
 AllReduce = Callable[[torch.Tensor], torch.Tensor]  # sums a tensor over ranks (identity in one process)
 
@@ -59,14 +59,8 @@ def plan_tensors(base: Checkpoint, experts: dict[str, Checkpoint], exclude: tupl
                    if info.dtype.is_floating_point and not any(p.search(n) for p in excluded))
     if not names:
         raise InputError(f"{where(model='base', file=str(base.folder))}: no tensor is left to merge after exclude")
-    for task, expert in experts.items():
-        for name in names:
-            info = expert.tensors.get(name)
-            if info is None:
-                raise InputError(f"{where(model=task, file=str(expert.folder), tensor=name)}: missing in this expert")
-            if tuple(info.shape) != tuple(base.tensors[name].shape):
-                raise InputError(f"{where(model=task, file=info.file, tensor=name)}: shape {list(info.shape)} does "
-                                 f"not match the base's {list(base.tensors[name].shape)}")
+    for expert in experts.values():
+        check_same_tensors(expert, base, names, "base")
     rows: list[int | None] = []
     trainable = 0
     for name in names:
@@ -77,11 +71,10 @@ def plan_tensors(base: Checkpoint, experts: dict[str, Checkpoint], exclude: tupl
         else:
             rows.append(trainable)
             trainable += 1
-    grouped: dict[str, list[int]] = {}
-    for i, name in enumerate(names):
-        grouped.setdefault(layer_of(name)[0], []).append(i)
+    index = {name: i for i, name in enumerate(names)}
+    groups = tuple(tuple(index[n] for n in group) for group in group_by_layer(names).values())
     return TensorPlan(names=tuple(names), shapes=tuple(tuple(base.tensors[n].shape) for n in names),
-                      groups=tuple(tuple(v) for v in grouped.values()), rows=tuple(rows), tasks=tuple(experts),
+                      groups=groups, rows=tuple(rows), tasks=tuple(experts),
                       granularity=granularity)
 
 

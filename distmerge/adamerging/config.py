@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Any
 
 from distmerge import dtypes, validate
+from distmerge.architectures import CLASSIFIER_HEAD
 from distmerge.config import read_yaml
 from distmerge.errors import ConfigError
 
@@ -47,7 +48,6 @@ OBJECTIVES = ("entropy", "sft")
 KINDS = ("auto", "classify", "causal")
 STRATEGIES = ("fsdp", "deepspeed")
 DTYPES = dtypes.FULL_PRECISION
-CLASSIFIER_HEADS = r".*classifier.*"  # what GLUE merges exclude: each task keeps its own head (evaluate's HEAD_PATTERN)
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -91,7 +91,7 @@ class AdaConfig:
     def excluded(self) -> tuple[str, ...]:
         if self.exclude is not None:
             return self.exclude
-        return (CLASSIFIER_HEADS,) if self.kind == "classify" else ()
+        return (CLASSIFIER_HEAD,) if self.kind == "classify" else ()
 
     def to_dict(self) -> dict[str, Any]:
         out = asdict(self)

@@ -26,12 +26,13 @@ from distmerge.adamerging.bank import (AllReduce, Bank, Coefficients, PlusMasks,
                                        local_tensor, no_reduce, plan_tensors)
 from distmerge.adamerging.config import AdaConfig, load_ada_config
 from distmerge.adamerging.objective import batch_objective, check_parameters, encode, skeleton, text_fields
+from distmerge.architectures import CLASSIFIER_HEAD
 from distmerge.dtypes import torch_dtype
 from distmerge.errors import InputError
 from distmerge.io.checkpoint import Checkpoint
 from distmerge.io.writer import write_json, write_safetensors
 
-HEAD_PATTERN = re.compile(r".*classifier.*")  # evaluate's HEAD_PATTERN: what head_from takes from an expert
+HEAD_PATTERN = re.compile(CLASSIFIER_HEAD)  # what evaluation's head_from takes from an expert
 STATE_FILE = "state.json"
 TENSORS_FILE = "coefficients.safetensors"
 RESULT_FILE = "result.json"

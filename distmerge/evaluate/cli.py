@@ -7,8 +7,7 @@ from typing import Optional
 
 import typer
 
-from distmerge.cli_support import fail as _fail
-from distmerge.errors import DistmergeError
+from distmerge.cli_support import address_option, one_line_errors, workers_option
 
 
 def eval_cmd(
@@ -21,7 +20,7 @@ def eval_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="results folder: <task>.parquet + summary.json"),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="first N examples only"),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", "-b", min=1, help="rows per model call (default 8)"),
-    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, help="model actors (default 1)"),
+    workers: Optional[int] = workers_option("model actors (default 1)"),
     max_new_tokens: Optional[int] = typer.Option(None, "--max-new-tokens", min=1, help="default: the task's"),
     max_length: Optional[int] = typer.Option(None, "--max-length", min=1, help="classification/perplexity tokens"),
     task_model: Optional[str] = typer.Option(None, "--task-model", help="EMR merge: evaluate this task's model"),
@@ -31,18 +30,16 @@ def eval_cmd(
     expert_results: Optional[Path] = typer.Option(None, "--expert-results", help="an expert run's summary.json: "
                                                   "adds normalized = merged / expert x 100"),
     device: str = typer.Option("auto", "--device", help="auto | cpu | cuda"),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address, or 'auto'; default: embedded"),
+    address: Optional[str] = address_option(),
     progress: bool = typer.Option(False, "--progress", help="Ray Data progress bars"),
     allow_unsandboxed_code: bool = typer.Option(
         False, "--allow-unsandboxed-code", help="humaneval/mbpp where the kernel refuses the sandbox's namespaces: "
         "run the generated code anyway, guarded only by an in-process audit hook (no security boundary)"),
 ) -> None:
     """Score a model the way the merging papers do; flags given here apply to every task of a suite."""
-    try:
+    with one_line_errors():
         _run(model, task, data, suite, out, limit, batch_size, workers, max_new_tokens, max_length, task_model,
              head_from, tokenizer, expert_results, device, address, progress, allow_unsandboxed_code)
-    except DistmergeError as exc:
-        _fail(exc)
 
 
 def _run(model, task, data, suite, out, limit, batch_size, workers, max_new_tokens, max_length, task_model,

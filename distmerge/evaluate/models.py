@@ -24,9 +24,9 @@ from pathlib import Path
 from typing import Any, Mapping
 
 from distmerge import dtypes
+from distmerge.architectures import CLASSIFIER_HEAD
 from distmerge.errors import InputError
 
-HEAD_PATTERN = r".*classifier.*"  # what MergeLM and EMR exclude from GLUE merges: each task keeps its own head
 DTYPES = ("auto", *dtypes.STORAGE)
 
 
@@ -37,7 +37,7 @@ class ModelSource:
     tensors: Any = None  # state dict, or an ObjectRef to one
     tokenizer: Any = None  # folder or tokenizer object; default: ``path``
     head_from: str | None = None
-    head_pattern: str = HEAD_PATTERN
+    head_pattern: str = CLASSIFIER_HEAD  # what head_from takes from the expert
     task_model: str | None = None
     dtype: str = "auto"  # auto: the checkpoint's dtype for GPUs, float32 on CPU
 

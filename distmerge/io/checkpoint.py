@@ -223,3 +223,17 @@ class Checkpoint:
 
     def close(self) -> None:
         self._handles = {}
+
+
+def check_same_tensors(checkpoint: Checkpoint, reference: Checkpoint, names, reference_label: str) -> None:
+    """Every tensor of ``names`` (all ``reference``'s) is in ``checkpoint`` with the same shape; from the headers,
+    so a mismatch is refused before any tensor is read or any Ray task starts."""
+    for name in names:
+        info = checkpoint.tensors.get(name)
+        if info is None:
+            raise InputError(f"{where(model=checkpoint.name, file=str(checkpoint.folder), tensor=name)}: missing (the "
+                             f"{reference_label} has it)")
+        expected = list(reference.tensors[name].shape)
+        if list(info.shape) != expected:
+            raise InputError(f"{where(model=checkpoint.name, file=info.file, tensor=name)}: shape {list(info.shape)} "
+                             f"does not match the {reference_label}'s {expected}")

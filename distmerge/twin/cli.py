@@ -7,17 +7,16 @@ from typing import Optional
 
 import typer
 
-from distmerge.cli_support import fail as _fail
-from distmerge.errors import DistmergeError
+from distmerge.cli_support import add_group, address_option, force_option, one_line_errors, out_option, workers_option
 
 
 def build_cmd(
     config: Path = typer.Argument(..., help="twin.yaml: base_model, models, and shared / exclusive / router sections"),
-    out: Path = typer.Option(..., "--out", "-o", help="twin folder to write"),
-    workers: Optional[int] = typer.Option(None, "--workers", "-w", min=1, help="Ray workers (default: CPUs)"),
+    out: Path = out_option("twin folder to write"),
+    workers: Optional[int] = workers_option("Ray workers (default: CPUs)"),
     device: str = typer.Option("auto", "--device", help="router features: auto | cpu | cuda"),
-    address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address, or 'auto'; default: embedded"),
-    force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
+    address: Optional[str] = address_option(),
+    force: bool = force_option(),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="progress bars"),
 ) -> None:
     """Shared expert (an engine merge), compressed exclusive parts per layer group on Ray, and the router."""
@@ -26,33 +25,26 @@ def build_cmd(
 
     if not progress:
         quiet_ray_data()  # the router features' Ray Data run logs every stage otherwise
-    try:
+    with one_line_errors():
         result = build(config, out, workers=workers, address=address, force=force, progress=progress, device=device)
-    except DistmergeError as exc:
-        _fail(exc)
     typer.echo(result.summary())
 
 
 def task_cmd(
     folder: Path = typer.Argument(..., help="a twin folder (distmerge twin build)"),
     task: str = typer.Option(..., "--task", "-t", help="the task whose exclusive part is added"),
-    out: Path = typer.Option(..., "--out", "-o", help="output model folder"),
-    force: bool = typer.Option(False, "--force", help="replace an existing output folder"),
+    out: Path = out_option("output model folder"),
+    force: bool = force_option(),
 ) -> None:
     """theta* + E_TASK as a plain Hugging Face folder (oracle routing)."""
     from distmerge.twin.task import write_task_model
 
-    try:
+    with one_line_errors():
         path = write_task_model(folder, task, out, force=force)
-    except DistmergeError as exc:
-        _fail(exc)
     typer.echo(f"wrote {path}: the shared expert plus the exclusive part of '{task}'")
 
 
 def register(app: typer.Typer) -> None:
-    twin_app = typer.Typer(no_args_is_help=True, help=(
-        "Twin-Merging: `build` a twin folder (shared expert, low-rank exclusive parts, router); `task` writes one "
-        "task's model; `distmerge eval TWIN_FOLDER` evaluates with per-sample routing."))
-    twin_app.command("build")(build_cmd)
-    twin_app.command("task")(task_cmd)
-    app.add_typer(twin_app, name="twin")
+    add_group(app, "twin", "Twin-Merging: `build` a twin folder (shared expert, low-rank exclusive parts, router); "
+              "`task` writes one task's model; `distmerge eval TWIN_FOLDER` evaluates with per-sample routing.",
+              {"build": build_cmd, "task": task_cmd})

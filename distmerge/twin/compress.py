@@ -16,8 +16,7 @@ from typing import Any
 import torch
 
 from distmerge.dtypes import torch_dtype
-from distmerge.errors import InputError, where
-from distmerge.io.checkpoint import Checkpoint
+from distmerge.io.checkpoint import Checkpoint, check_same_tensors
 from distmerge.io.writer import write_safetensors
 from distmerge.lora_extract import relative_error, truncated_svd
 from distmerge.twin.config import ExclusiveConfig
@@ -42,13 +41,7 @@ def tensor_seed(options: ExclusiveConfig, task: str, tensor: str) -> int:
 
 def check_expert(expert: Checkpoint, shared: Checkpoint, names: list[str]) -> None:
     """Every tensor theta* has, in the expert with the same shape (before any Ray task starts)."""
-    for name in names:
-        info = expert.tensors.get(name)
-        if info is None:
-            raise InputError(f"{where(model=expert.name, tensor=name)}: missing (the shared expert has it)")
-        if tuple(info.shape) != tuple(shared.tensors[name].shape):
-            raise InputError(f"{where(model=expert.name, file=info.file, tensor=name)}: shape {list(info.shape)} "
-                             f"does not match the shared expert's {list(shared.tensors[name].shape)}")
+    check_same_tensors(expert, shared, names, "shared expert")
 
 
 def compress_group(index: int, names: list[str], shared: Checkpoint, experts: list[tuple[str, Checkpoint]],
