@@ -347,3 +347,26 @@ def test_vllm_is_never_used_for_a_twin_folder(tmp_path):
     assert not _use_vllm(EvalOptions(backend="auto"), source, "cuda")
     with pytest.raises(InputError, match="cannot route the twin folder"):
         _use_vllm(EvalOptions(backend="vllm"), source, "cuda")
+
+
+def test_layer_groups_and_expert_checks_shared_with_adamerging(llama_family_vocab):
+    """architectures.group_by_layer and io.checkpoint.check_same_tensors: what Twin and AdaMerging plan with."""
+    from distmerge.architectures import group_by_layer
+    from distmerge.io.checkpoint import Checkpoint, check_same_tensors
+    from distmerge.lora_extract import layer_groups
+
+    names = ["model.layers.1.mlp.up.weight", "model.embed_tokens.weight", "model.layers.1.self_attn.q.weight",
+             "model.layers.0.mlp.up.weight", "lm_head.weight"]
+    assert group_by_layer(names) == {"model.layers.1": [names[0], names[2]], "model.embed_tokens": [names[1]],
+                                     "model.layers.0": [names[3]], "lm_head": [names[4]]}
+    assert layer_groups(names) == [[names[4]], [names[1]], [names[3]], [names[0], names[2]]]
+    base_path, experts = llama_family_vocab
+    base, same, wider = Checkpoint(str(base_path), "base"), Checkpoint(str(experts[0]), "e0"), \
+        Checkpoint(str(experts[1]), "e1")
+    check_same_tensors(same, base, sorted(base.tensors), "base")
+    embedding = "model.embed_tokens.weight"
+    with pytest.raises(InputError, match=r"model 'e1', .*tensor 'model.embed_tokens.weight'\: shape \[129, \d+\] "
+                                         r"does not match the base's \[128, \d+\]"):
+        check_same_tensors(wider, base, [embedding], "base")
+    with pytest.raises(InputError, match=r"model 'e0', .*tensor 'extra.weight': missing \(the shared expert has it\)"):
+        check_same_tensors(same, base, ["extra.weight"], "shared expert")
