@@ -15,7 +15,7 @@ import torch
 from distmerge.errors import InputError, where
 from distmerge.io import writer
 from distmerge.io.checkpoint import Checkpoint
-from distmerge.ops.emr import task_model, unpack_mask
+from distmerge.ops.emr import task_tensor
 
 COPIED = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
           "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "vocab.txt", "added_tokens.json",
@@ -64,6 +64,4 @@ def _task_value(backbone: Checkpoint, sidecar: Checkpoint, name: str, t: int, re
     base = backbone.read(name)
     if name not in sidecar.tensors:
         return base
-    vector = sidecar.read(name)
-    mask = unpack_mask(sidecar.read(f"{name}::mask")[t : t + 1], tuple(vector.shape))[0]
-    return task_model(base.to(vector.dtype), vector, mask, rescaler).to(base.dtype)
+    return task_tensor(base, sidecar.read(name), sidecar.read(f"{name}::mask")[t : t + 1], rescaler)

@@ -49,16 +49,47 @@ def reference_ties_global(base, experts, density, lam, names):
     return out
 
 
-def test_every_method_loads_and_runs(llama_family, tmp_path):
+# Every merge the formula and identity tests read, each written once with 1 and with 4 workers.
+CASES = {
+    "weight_average": ("weight_average", {}),
+    "task_arithmetic": ("task_arithmetic", {"lambda": 0.7}),
+    "ties_global": ("ties", {"density": 0.3, "lambda": 1.2}),
+    "ties_tensor": ("ties", {"density": 0.4, "trim_scope": "tensor"}),
+    "dare_weight_average": ("dare", {"drop_rate": 0.6, "then": "weight_average"}),
+    "dare_task_arithmetic": ("dare", {"drop_rate": 0.3, "seed": 5, "lambda": 0.5}),
+    "dare_l1": ("dare", {"drop_rate": 0.6, "then": "task_arithmetic", "rescale": "l1"}),
+    "dare_ties": ("dare", {"drop_rate": 0.7, "then": "ties", "density": 0.5, "seed": 3}),
+    "emr": ("emr", {}),
+}
+WORKERS = (1, 4)
+
+
+@pytest.fixture(scope="module")
+def merged(ray_cluster, llama_family, tmp_path_factory) -> dict[tuple[str, int], Path]:
+    base, experts = llama_family
+    root = tmp_path_factory.mktemp("merged")
+    out = {}
+    for label, (method, params) in CASES.items():
+        for workers in WORKERS:
+            out[label, workers] = root / f"{label}-w{workers}"
+            result = merge(merge_config(base, experts, method, **params), out[label, workers], workers=workers,
+                           progress=False)
+            assert result.out == out[label, workers].resolve()
+    return out
+
+
+@pytest.mark.parametrize("label", CASES)
+def test_one_and_many_workers_give_identical_files(merged, label):
+    one, four = file_digests(merged[label, 1]), file_digests(merged[label, 4])
+    assert len(one) > 3 and one == four
+
+
+def test_every_method_loads_and_runs(llama_family, merged):
     from transformers import AutoModelForCausalLM
 
-    base, experts = llama_family
-    for method, params in [("weight_average", {}), ("task_arithmetic", {"lambda": 0.5}),
-                           ("ties", {"density": 0.3}), ("ties", {"density": 0.3, "trim_scope": "tensor"}),
-                           ("dare", {"drop_rate": 0.5, "then": "ties", "density": 0.5}), ("emr", {})]:
-        out = tmp_path / f"{method}-{params.get('trim_scope', 'x')}"
-        result = merge(merge_config(base, experts, method, **params), out, workers=2, progress=False)
-        assert result.out == out.resolve()
+    base, _ = llama_family
+    for label, (method, _) in CASES.items():
+        out = merged[label, 4]
         names = {p.name for p in out.iterdir()}
         assert {"config.json", "model.safetensors.index.json", "README.md", "distmerge.yaml", "tokenizer.json",
                 "generation_config.json"} <= names
@@ -72,79 +103,50 @@ def test_every_method_loads_and_runs(llama_family, tmp_path):
         assert method in card and "e0" in card and "e1" in card
 
 
-def test_task_arithmetic_matches_formula(llama_family, tmp_path):
+def test_task_arithmetic_matches_formula(llama_family, merged):
     base, experts = llama_family
-    out = tmp_path / "ta"
-    merge(merge_config(base, experts, "task_arithmetic", **{"lambda": 0.7}), out, workers=2, progress=False)
-    b, e0, e1, got = load_folder(base), load_folder(experts[0]), load_folder(experts[1]), load_folder(out)
+    b, e0, e1 = load_folder(base), load_folder(experts[0]), load_folder(experts[1])
+    got = load_folder(merged["task_arithmetic", 4])
     for name in b:
         expected = b[name] + 0.7 * ((e0[name] - b[name]) + (e1[name] - b[name]))
         torch.testing.assert_close(got[name], expected, rtol=0, atol=1e-6)
 
 
-def test_weight_average_matches_mean(llama_family, tmp_path):
+def test_weight_average_matches_mean(llama_family, merged):
     base, experts = llama_family
-    out = tmp_path / "avg"
-    merge(merge_config(base, experts, "weight_average"), out, workers=1, progress=False)
-    e0, e1, got = load_folder(experts[0]), load_folder(experts[1]), load_folder(out)
+    e0, e1, got = load_folder(experts[0]), load_folder(experts[1]), load_folder(merged["weight_average", 1])
     for name in e0:
         torch.testing.assert_close(got[name], (e0[name] + e1[name]) / 2, rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("density", [0.2, 0.5])
-def test_ties_global_equals_flat_reference(llama_family, tmp_path, density):
+def test_ties_global_equals_flat_reference(llama_family, merged):
     base, experts = llama_family
-    out = tmp_path / "ties"
-    merge(merge_config(base, experts, "ties", density=density, **{"lambda": 1.2}), out, workers=3, progress=False)
     b = load_folder(base)
     ex = [load_folder(p) for p in experts]
     names = sorted(b)
-    expected = reference_ties_global(b, ex, density, 1.2, names)
-    got = load_folder(out)
+    expected = reference_ties_global(b, ex, 0.3, 1.2, names)
+    got = load_folder(merged["ties_global", 4])
     for name in names:
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
 
 
-@pytest.mark.parametrize("method,params", [
-    ("weight_average", {}),
-    ("task_arithmetic", {"lambda": 0.7}),
-    ("ties", {"density": 0.3}),
-    ("ties", {"density": 0.4, "trim_scope": "tensor"}),
-    ("dare", {"drop_rate": 0.6, "then": "weight_average"}),
-    ("dare", {"drop_rate": 0.6, "then": "task_arithmetic", "rescale": "l1"}),
-    ("dare", {"drop_rate": 0.7, "then": "ties", "density": 0.5, "seed": 3}),
-    ("emr", {}),
-])
-def test_one_and_many_workers_give_identical_files(llama_family, tmp_path, method, params):
+def test_dare_masks_follow_the_seed(llama_family, merged, tmp_path):
+    """The same seed gives the same masks under any placement (the 1-vs-4 identity above); another seed others."""
     base, experts = llama_family
-    config = merge_config(base, experts, method, **params)
-    merge(config, tmp_path / "w1", workers=1, progress=False)
-    merge(config, tmp_path / "w4", workers=4, progress=False)
-    one, four = file_digests(tmp_path / "w1"), file_digests(tmp_path / "w4")
-    assert len(one) > 3 and one == four
-
-
-def test_dare_masks_follow_the_seed(llama_family, tmp_path):
-    base, experts = llama_family
-    runs = {}
-    for seed in (0, 0, 1):
-        out = tmp_path / f"dare-{seed}-{len(runs)}"
-        merge(merge_config(base, experts, "dare", drop_rate=0.5, seed=seed), out, workers=2, progress=False)
-        runs[out.name] = load_folder(out)
-    a, b, c = runs.values()
+    other = tmp_path / "dare-seed6"
+    merge(merge_config(base, experts, "dare", drop_rate=0.3, seed=6, **{"lambda": 0.5}), other, workers=2,
+          progress=False)
     name = "model.layers.0.mlp.up_proj.weight"
-    assert torch.equal(a[name], b[name])
-    assert not torch.equal(a[name], c[name])
+    five = load_folder(merged["dare_task_arithmetic", 1])
+    assert torch.equal(five[name], load_folder(merged["dare_task_arithmetic", 4])[name])
+    assert not torch.equal(five[name], load_folder(other)[name])
 
 
-def test_dare_task_arithmetic_matches_formula(llama_family, tmp_path):
+def test_dare_task_arithmetic_matches_formula(llama_family, merged):
     from distmerge.ops.dare import keep_mask
 
     base, experts = llama_family
-    out = tmp_path / "dare"
-    merge(merge_config(base, experts, "dare", drop_rate=0.3, seed=5, **{"lambda": 0.5}), out, workers=2,
-          progress=False)
-    b, ex, got = load_folder(base), [load_folder(p) for p in experts], load_folder(out)
+    b, ex, got = load_folder(base), [load_folder(p) for p in experts], load_folder(merged["dare_task_arithmetic", 4])
     for name in b:
         delta = torch.zeros_like(b[name])
         for i, e in enumerate(ex):
@@ -154,12 +156,11 @@ def test_dare_task_arithmetic_matches_formula(llama_family, tmp_path):
         torch.testing.assert_close(got[name], b[name] + 0.5 * delta, rtol=0, atol=1e-6)
 
 
-def test_emr_task_models_match_reference(llama_family, tmp_path):
+def test_emr_task_models_match_reference(llama_family, merged, tmp_path):
     from distmerge.emr_task import materialize_task
 
     base, experts = llama_family
-    out = tmp_path / "emr"
-    merge(merge_config(base, experts, "emr"), out, workers=2, progress=False)
+    out = merged["emr", 4]
     b, ex = load_folder(base), [load_folder(p) for p in experts]
     names = sorted(b)
     taus = {n: torch.stack([e[n] - b[n] for e in ex]) for n in names}
@@ -246,15 +247,20 @@ def test_union_tokenizer(llama_family_vocab, tmp_path):
     torch.testing.assert_close(got[emb][pad_id], expected, rtol=0, atol=1e-5)
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "roberta"])
-@pytest.mark.parametrize("method,params", [("weight_average", {}), ("task_arithmetic", {"lambda": 0.4}),
-                                           ("ties", {"density": 0.3}), ("dare", {"drop_rate": 0.5}), ("emr", {})])
-def test_other_architectures(arch, method, params, tmp_path):
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
-
+@pytest.fixture(scope="module", params=["qwen2", "roberta"])
+def other_family(request, tmp_path_factory):
     from distmerge.tiny_models import build_family
 
-    base, experts = build_family(tmp_path / "models", arch, experts=3)
+    return request.param, build_family(tmp_path_factory.mktemp(request.param), request.param, experts=3)
+
+
+# One method of each kind: per-chunk, a model-wide reduction pass with deferred patches, artifacts.
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {"lambda": 0.4}), ("ties", {"density": 0.3}),
+                                           ("emr", {})])
+def test_other_architectures(other_family, method, params, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    arch, (base, experts) = other_family
     config = merge_config(base, experts, method, **params)
     config["exclude"] = [".*classifier.*"]
     out = tmp_path / "merged"

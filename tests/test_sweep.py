@@ -62,7 +62,7 @@ def score_folder(folder: Path, spec) -> float:
 
     model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(folder))
-    *_, last = evaluate_in_parts(lambda kind: model, tokenizer, spec.tasks, spec.eval_chunks)
+    *_, last = evaluate_in_parts(lambda kind, task: model, tokenizer, spec.tasks, spec.eval_chunks)
     return last[spec.metric]
 
 
@@ -213,6 +213,15 @@ def test_holders_merge_bit_identical_to_the_engine(ray_cluster, llama_family_voc
     assert len(got["emr"][1]) > 10
     emr_index = json.loads((tmp_path / "emr" / "emr" / "index.json").read_text())
     assert got["emr"][2]["rescalers"] == pytest.approx(emr_index["metadata"]["rescalers"], rel=1e-12)
+    # A trial scores each EMR task on that task's weights: exactly what `distmerge emr-task` materializes.
+    from distmerge.emr_task import materialize_task
+    from distmerge.methods.emr import Emr
+
+    weights, artifacts, state = got["emr"]
+    for t, name in enumerate(["e0", "e1"]):
+        want = load_folder(materialize_task(tmp_path / "emr", name, tmp_path / f"emr-{name}"))
+        task_weights = Emr(None).task_weights(weights, artifacts, state, t)
+        assert set(task_weights) == set(want) and all(torch.equal(task_weights[k], want[k]) for k in want), name
 
 
 @pytest.mark.ray
@@ -248,7 +257,7 @@ def test_models_built_from_state_dicts_score_like_loaded_ones(tmp_path):
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from distmerge.sweep.objectives import build_model, evaluate_in_parts
-    from distmerge.sweep.spec import TaskSpec
+    from distmerge.sweep.tasks import TaskSpec
     from distmerge.tiny_models import build_family
 
     tied, _ = build_family(tmp_path / "tied", "llama", experts=1, tie=True)
@@ -272,7 +281,7 @@ def test_models_built_from_state_dicts_score_like_loaded_ones(tmp_path):
     labels = [id2label[p] if i % 2 else p for i, p in enumerate(predicted)]  # every prediction right
     labels[0] = (predicted[0] + 1) % 3  # one wrong
     task = TaskSpec("cls", "classification", "x", tuple(zip(texts, labels)), 64, 5)
-    *_, last = evaluate_in_parts(lambda kind: model, tokenizer, (task,), 3)
+    *_, last = evaluate_in_parts(lambda kind, task: model, tokenizer, (task,), 3)
     assert last["cls/accuracy"] == pytest.approx(11 / 12) and last["cls/examples"] == 12
 
 
@@ -340,6 +349,39 @@ def test_resume_runs_only_the_remaining_trials(ray_cluster, family, tmp_path):
         assert again["val/nll"] == row["val/nll"] and again["time_total_s"] == row["time_total_s"]
 
 
+def _emr_sweep(base, experts, data) -> dict:
+    """EMR has nothing to search: one trial, each task scored on its expert's EMR model."""
+    config = merge_config(base, experts, "emr")
+    config["sweep"] = {"tasks": [{"name": f"val_e{i}", "type": "perplexity", "data": str(data), "batch_size": 16,
+                                  "expert": f"e{i}"} for i in range(len(experts))],
+                       "eval_chunks": 2, "max_concurrent_trials": 1, "holders": 1, "holder_cpus": 0.25}
+    return config
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(300)
+def test_emr_sweep_scores_each_task_on_its_experts_model(ray_cluster, family, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from distmerge.emr_task import materialize_task
+    from distmerge.sweep import load_sweep, run_sweep
+    from distmerge.sweep.objectives import evaluate_in_parts
+
+    base, experts, data = family
+    config = _emr_sweep(base, experts, data)
+    result = run_sweep(config, tmp_path / "sweep", progress=False, materialize_best=True)
+    [row] = result.rows
+    assert row["status"] == "finished" and result.params == ()
+    spec = load_sweep(config)
+    for t, task in enumerate(spec.tasks):
+        folder = materialize_task(result.best_model, task.expert, tmp_path / f"task-{task.expert}")
+        model = AutoModelForCausalLM.from_pretrained(str(folder)).eval()
+        tokenizer = AutoTokenizer.from_pretrained(str(folder))
+        *_, last = evaluate_in_parts(lambda kind, task: model, tokenizer, (task,), spec.eval_chunks)
+        assert row[f"{task.name}/nll"] == pytest.approx(last[f"{task.name}/nll"], rel=1e-6, abs=1e-9)
+    assert row["val_e0/nll"] != row["val_e1/nll"]  # two models, not one
+
+
 @pytest.mark.parametrize("change, message", [
     (lambda c: c["parameters"].update({"density": {"uniform": [0.1, 0.9]}}), "use search: random or optuna"),
     (lambda c: c["parameters"].update({"lambda": {"grd": [1, 2]}}), "parameters.lambda: a search space is one of"),
@@ -359,6 +401,10 @@ def test_resume_runs_only_the_remaining_trials(ray_cluster, family, tmp_path):
     (lambda c: c["parameters"].update({"lambda": 1.0}), "nothing to search"),
     (lambda c: c["models"][0].update(parameters={"weight": {"loguniform": [0, 1]}}),
      "models[0].parameters.weight.loguniform: low must be > 0"),
+    (lambda c: c["sweep"]["tasks"][0].update(expert="e0"), "sweep.tasks[0].expert: method 'ties' builds one model"),
+    (lambda c: c.update(method="emr", parameters={}), "sweep.tasks[0].expert: missing; method 'emr' builds one"),
+    (lambda c: c.update(method="emr", parameters={}) or c["sweep"]["tasks"][0].update(expert="e7"),
+     "sweep.tasks[0].expert: 'e7' is not a model of the merge (one of e0, e1)"),
 ])
 def test_bad_sweep_config_is_a_clear_error(family, tmp_path, change, message):
     from distmerge.sweep import run_sweep

@@ -51,6 +51,16 @@ class Emr(MergeMethod):
     def artifact_stream(self, tensor, dtype):
         return _EmrStream(tensor.name, len(tensor.job.model_names))
 
+    builds_task_models = True
+
+    def task_weights(self, weights, artifacts, state, task):
+        rescaler = float(state["rescalers"][task])
+        out = dict(weights)
+        for name, unified in artifacts.items():
+            if not name.endswith("::mask"):
+                out[name] = ops.task_tensor(weights[name], unified, artifacts[f"{name}::mask"][task:task + 1], rescaler)
+        return out
+
     def describe(self, state):
         return {"rescalers": state.get("rescalers")}
 

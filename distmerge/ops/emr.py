@@ -94,3 +94,10 @@ def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     for size in shape:
         numel *= size
     return bits.reshape(count, -1)[:, :numel].bool().reshape((count,) + tuple(shape))
+
+
+def task_tensor(backbone: torch.Tensor, unified: torch.Tensor, packed_mask: torch.Tensor, rescaler: float) -> torch.Tensor:
+    """One task's tensor from the backbone, the unified vector and that task's row [1, bytes] of the packed masks,
+    computed in the vector's dtype and returned in the backbone's (what ``distmerge emr-task`` writes)."""
+    mask = unpack_mask(packed_mask, tuple(unified.shape))[0]
+    return task_model(backbone.to(unified.dtype), unified, mask, rescaler).to(backbone.dtype)

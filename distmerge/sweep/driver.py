@@ -89,9 +89,6 @@ def run_sweep(source: str | Path | dict, out: str | Path, *, address: str | None
     template = spec.trial_config(spec.corner_values())
     experts = [open_checkpoint(m.model, m.name) for m in template.models]
     template.build_method().check_models({m.name: c for m, c in zip(template.models, experts)})
-    if template.method == "emr":
-        raise ConfigError("method: 'emr' writes a backbone plus per-task masks, not one model to score; "
-                          "sweep another method")
     outputs_, vocab_plan, _ = resolve_tensors(template, base, experts)
     check_space(spec, base, experts)
     files = _model_files(template, base, experts, vocab_plan)

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from distmerge.errors import DistmergeError
-from distmerge.sweep.spec import TaskSpec, chunk_bounds
+from distmerge.sweep.tasks import TaskSpec, chunk_bounds
 
 MODEL_KINDS = {"perplexity": "causal_lm", "classification": "sequence_classification"}
 
@@ -58,10 +57,11 @@ def build_model(model_config, state_dict: dict[str, torch.Tensor], kind: str, de
     return model.to(device).eval()
 
 
-def evaluate_in_parts(models: Callable[[str], Any], tokenizer, tasks: tuple[TaskSpec, ...], parts: int,
-                      eval_source: Callable[[], Any] | None = None) -> Iterator[dict[str, float]]:
-    """Cumulative metrics of every task after each of ``parts`` parts of its examples. ``models(kind)`` gives
-    the in-memory model for the built-in tasks, ``eval_source()`` the ``ModelSource`` for ``eval`` tasks."""
+def evaluate_in_parts(models: Callable[[str, TaskSpec], Any], tokenizer, tasks: tuple[TaskSpec, ...], parts: int,
+                      eval_source: Callable[[TaskSpec], Any] | None = None) -> Iterator[dict[str, float]]:
+    """Cumulative metrics of every task after each of ``parts`` parts of its examples. ``models(kind, task)``
+    gives the in-memory model a built-in task is scored on, ``eval_source(task)`` the ``ModelSource`` for an
+    ``eval`` task (the same model for every task, unless the method builds one per task)."""
     totals: dict[str, dict[str, float]] = {t.name: {} for t in tasks if t.type != "eval"}
     reducers = {}
     for part in range(parts):
@@ -74,11 +74,11 @@ def evaluate_in_parts(models: Callable[[str], Any], tokenizer, tasks: tuple[Task
                     from distmerge.evaluate.tasks import Reducer, get_task
 
                     reducer = reducers[task.name] = Reducer(get_task(task.task))
-                _evaluator_part(eval_source(), task, task.examples[start:stop], reducer)
+                _evaluator_part(eval_source(task), task, task.examples[start:stop], reducer)
                 out.update(_evaluator_metrics(task, reducer))
                 continue
             scorer = _nll_sums if task.type == "perplexity" else _correct_counts
-            for key, value in scorer(models(MODEL_KINDS[task.type]), tokenizer, task,
+            for key, value in scorer(models(MODEL_KINDS[task.type], task), tokenizer, task,
                                      task.examples[start:stop]).items():
                 totals[task.name][key] = totals[task.name].get(key, 0.0) + value
         out.update(_metrics([t for t in tasks if t.type != "eval"], totals))

@@ -13,6 +13,7 @@ sweep:
   tasks:                     # built-in: perplexity (nll) | classification (accuracy); or any task of
     - {name: val, type: perplexity, data: val.jsonl}          # distmerge.evaluate with type: eval
     - {name: gsm8k, type: eval, task: gsm8k, data: gsm8k_val.jsonl, limit: 200}
+    # a method with one model per task (emr) scores each task on its expert's model: {..., expert: math}
   metric: val/nll            # default: the first task's main metric; mode follows the metric (nll: min)
   search: grid               # grid | random | optuna
   num_samples: 1             # grid: repeats of the whole grid; random, optuna: trials
@@ -37,19 +38,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distmerge import validate
 from distmerge.config import MergeConfig, default_name, load_config, read_yaml
 from distmerge.errors import ConfigError
+from distmerge.sweep.tasks import TaskSpec, load_tasks
 
 SPACE_KINDS = ("grid", "choice", "uniform", "quniform", "loguniform", "randint")
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("none", "asha")
 SWEEP_KEYS = {"tasks", "metric", "mode", "search", "num_samples", "seed", "scheduler", "eval_chunks",
               "max_concurrent_trials", "resources_per_trial", "holders", "holder_cpus"}
-TASK_KEYS = {"name", "type", "data", "text_field", "label_field", "max_length", "batch_size", "limit"}
-EVAL_TASK_KEYS = {"name", "type", "task", "data", "max_length", "batch_size", "limit", "workers",
-                  "cpus_per_worker", "max_new_tokens"}
-TASK_METRICS = {"perplexity": ("nll", "perplexity"), "classification": ("accuracy",)}
-TASK_TYPES = (*TASK_METRICS, "eval")
 LOWER_IS_BETTER = ("nll", "perplexity", "loss")
 
 
@@ -88,38 +86,6 @@ class Space:
             "loguniform": lambda: tune.loguniform(*lo_hi),
             "randint": lambda: tune.randint(*lo_hi),
         }[self.kind]()
-
-
-@dataclass(frozen=True)
-class TaskSpec:
-    """A validation task; its examples are read here, once, and shipped to the trials.
-
-    ``type: eval`` hands the merged model to ``distmerge.evaluate`` (its task registry: GLUE, GSM8K, MATH,
-    HumanEval, MBPP, perplexity), which scores it on its own Ray Data actors."""
-
-    name: str
-    type: str  # perplexity | classification | eval
-    data: str
-    examples: tuple  # texts (perplexity), (text, label) pairs (classification), row dicts (eval)
-    max_length: int | None = None  # None: the evaluator's default for the task (perplexity 1024, GLUE 128)
-    batch_size: int = 8
-    task: str | None = None  # eval: the evaluator's task name
-    workers: int = 1  # eval: model actors per evaluation
-    cpus_per_worker: float = 0.5  # eval: CPUs each model actor takes
-    max_new_tokens: int | None = None  # eval, generation tasks
-
-    @property
-    def metrics(self) -> tuple[str, ...]:
-        """The metrics this task reports, the main one first."""
-        if self.type == "eval":
-            from distmerge.evaluate.tasks import get_task
-
-            return (f"{self.name}/{get_task(self.task).primary()}",)
-        return tuple(f"{self.name}/{m}" for m in TASK_METRICS[self.type])
-
-    def reports(self, metric: str) -> bool:
-        # The evaluator's tasks report more than their headline metric (GLUE: f1, spearman, ...).
-        return metric in self.metrics or (self.type == "eval" and metric.startswith(f"{self.name}/"))
 
 
 @dataclass(frozen=True)
@@ -181,7 +147,7 @@ class SweepSpec:
             "grace_period": self.grace_period, "reduction_factor": self.reduction_factor,
             "eval_chunks": self.eval_chunks,
             "tasks": [{"name": t.name, "type": t.type, "task": t.task, "data": t.data, "examples": len(t.examples),
-                       "max_length": t.max_length} for t in self.tasks],
+                       "max_length": t.max_length, **({"expert": t.expert} if t.expert else {})} for t in self.tasks],
         }, default=str))
 
 
@@ -220,10 +186,10 @@ def load_sweep(source: str | Path | dict[str, Any]) -> SweepSpec:
     if unknown:
         raise ConfigError(f"sweep.{sorted(unknown)[0]}: unknown key (allowed: {', '.join(sorted(SWEEP_KEYS))})")
     merge, spaces = _extract_spaces({k: v for k, v in raw.items() if k != "sweep"})
-    if not spaces:
+    if not spaces and _has_parameters(load_config(merge)):
         raise ConfigError("parameters: nothing to search; give at least one parameter a search space such as "
                           "{grid: [0.5, 1.0]} or {uniform: [0.1, 0.9]}")
-    tasks = _tasks(sweep_raw.get("tasks"))
+    tasks = load_tasks(sweep_raw.get("tasks"))
     metric, mode = _metric(sweep_raw, tasks)
     search = sweep_raw.get("search", "grid")
     if search not in SEARCHES:
@@ -245,8 +211,33 @@ def load_sweep(source: str | Path | dict[str, Any]) -> SweepSpec:
         resources_per_trial=_resources(sweep_raw.get("resources_per_trial")),
         holders=_int(sweep_raw, "holders", 2, lo=1), holder_cpus=_number(sweep_raw, "holder_cpus", 0.5, lo=0.0),
     )
-    spec.trial_config(spec.corner_values())  # the merge part itself is valid
+    _check_experts(spec.trial_config(spec.corner_values()), tasks)  # the merge part itself is valid
     return spec
+
+
+def _has_parameters(config: MergeConfig) -> bool:
+    """Whether the method has anything a sweep could search; one that has none (EMR) is scored as one trial."""
+    import dataclasses
+
+    method = config.build_method()
+    return bool(dataclasses.fields(method.Params)) or bool(method.per_model_settings())
+
+
+def _check_experts(config: MergeConfig, tasks: tuple[TaskSpec, ...]) -> None:
+    """A method with one model per task scores each task on its expert's model: every task names one."""
+    method = config.build_method()
+    names = [m.name for m in config.models]
+    for i, task in enumerate(tasks):
+        where = f"sweep.tasks[{i}].expert"
+        if not method.builds_task_models:
+            if task.expert is not None:
+                raise ConfigError(f"{where}: method '{config.method}' builds one model for every task; only a "
+                                  "method with one model per task (emr) scores a task with an expert's model")
+        elif task.expert is None:
+            raise ConfigError(f"{where}: missing; method '{config.method}' builds one model per task, so each task "
+                              f"names the model it is scored with (one of {', '.join(names)})")
+        elif task.expert not in names:
+            raise ConfigError(f"{where}: '{task.expert}' is not a model of the merge (one of {', '.join(names)})")
 
 
 def _extract_spaces(merge_raw: dict[str, Any]) -> tuple[dict[str, Any], list[Space]]:
@@ -333,7 +324,7 @@ def _space(name: str, path: tuple, value: dict, where: str) -> Space:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return validate.is_int(value) or (isinstance(value, float) and math.isfinite(value))
 
 
 def _check_search(search: str, spaces: list[Space]) -> None:
@@ -399,136 +390,16 @@ def _resources(value: Any) -> dict[str, float]:
         raise ConfigError("sweep.resources_per_trial: expected a mapping such as {cpu: 1, gpu: 0}")
     out = {}
     for key, amount in value.items():
-        if not _is_number(amount) or amount < 0:
-            raise ConfigError(f"sweep.resources_per_trial.{key}: expected a number >= 0, got {amount!r}")
-        out[str(key)] = float(amount)
+        out[str(key)] = validate.number(f"sweep.resources_per_trial.{key}", amount, lo=0)
     out.setdefault("cpu", 1.0)
     return out
 
 
 def _int(raw: dict, key: str, default: int | None, lo: int, prefix: str = "sweep.") -> int:
-    value = raw.get(key, default)
-    if isinstance(value, bool) or not isinstance(value, int) or value < lo:
-        raise ConfigError(f"{prefix}{key}: expected an integer >= {lo}, got {value!r}")
-    return value
+    return validate.number(f"{prefix}{key}", raw.get(key, default), lo=lo, integer=True)
 
 
 def _number(raw: dict, key: str, default: float, lo: float, prefix: str = "sweep.") -> float:
-    value = raw.get(key, default)
-    if not _is_number(value) or value < lo:
-        raise ConfigError(f"{prefix}{key}: expected a number >= {lo}, got {value!r}")
-    return float(value)
+    return validate.number(f"{prefix}{key}", raw.get(key, default), lo=lo)
 
-
-# --- validation tasks ----------------------------------------------------------------------------
-
-
-def _tasks(value: Any) -> tuple[TaskSpec, ...]:
-    if not isinstance(value, list) or not value:
-        raise ConfigError("sweep.tasks: expected a non-empty list of {name, type, data}")
-    tasks, seen = [], set()
-    for i, entry in enumerate(value):
-        where = f"sweep.tasks[{i}]"
-        if not isinstance(entry, dict):
-            raise ConfigError(f"{where}: expected a mapping with name, type and data")
-        kind = entry.get("type")
-        if kind not in TASK_TYPES:
-            raise ConfigError(f"{where}.type: {kind!r} is not one of {', '.join(TASK_TYPES)}")
-        allowed = EVAL_TASK_KEYS if kind == "eval" else TASK_KEYS
-        unknown = set(entry) - allowed
-        if unknown:
-            raise ConfigError(f"{where}.{sorted(unknown)[0]}: unknown key for type {kind} (allowed: "
-                              f"{', '.join(sorted(allowed))})")
-        name = entry.get("name", entry.get("task", kind))
-        if not isinstance(name, str) or not name or "/" in name:
-            raise ConfigError(f"{where}.name: expected a name without '/'")
-        if name in seen:
-            raise ConfigError(f"{where}.name: '{name}' is used twice")
-        seen.add(name)
-        if not isinstance(entry.get("data"), str):
-            raise ConfigError(f"{where}.data: expected the path of a .jsonl file")
-        limit = entry.get("limit")
-        if limit is not None:
-            limit = _int(entry, "limit", None, lo=1, prefix=f"{where}.")
-        if kind == "eval":
-            tasks.append(_eval_task(entry, name, limit, where))
-            continue
-        examples = read_examples(entry["data"], kind, entry.get("text_field", "text"),
-                                 entry.get("label_field", "label"), limit, f"{where}.data")
-        tasks.append(TaskSpec(name=name, type=kind, data=str(Path(entry["data"]).resolve()), examples=examples,
-                              max_length=(_int(entry, "max_length", None, lo=2, prefix=f"{where}.")
-                                          if "max_length" in entry else None),
-                              batch_size=_int(entry, "batch_size", 8, lo=1, prefix=f"{where}.")))
-    return tuple(tasks)
-
-
-def _eval_task(entry: dict, name: str, limit: int | None, where: str) -> TaskSpec:
-    from distmerge.errors import InputError
-    from distmerge.evaluate.tasks import get_task
-
-    try:
-        task = get_task(str(entry.get("task")))
-    except InputError as exc:
-        raise ConfigError(f"{where}.task: {exc}") from None
-    rows = read_examples(entry["data"], "rows", "", "", limit, f"{where}.data")
-    try:
-        task.check_columns(list(rows[0]), f"'{entry['data']}'")
-    except InputError as exc:
-        raise ConfigError(f"{where}.data: {exc}") from None
-    return TaskSpec(
-        name=name, type="eval", data=str(Path(entry["data"]).resolve()), examples=rows, task=task.name,
-        max_length=_int(entry, "max_length", None, lo=2, prefix=f"{where}.") if "max_length" in entry else None,
-        batch_size=_int(entry, "batch_size", 8, lo=1, prefix=f"{where}."),
-        workers=_int(entry, "workers", 1, lo=1, prefix=f"{where}."),
-        cpus_per_worker=_number(entry, "cpus_per_worker", 0.5, lo=0.01, prefix=f"{where}."),
-        max_new_tokens=_int(entry, "max_new_tokens", None, lo=1, prefix=f"{where}.") if "max_new_tokens" in entry
-        else None,
-    )
-
-
-def read_examples(path: str, kind: str, text_field: str, label_field: str, limit: int | None,
-                  where: str) -> tuple:
-    """Texts, (text, label) pairs, or whole rows (kind 'rows'), from a JSON-lines file; an error names the file
-    and line."""
-    try:
-        lines = Path(path).read_text().splitlines()
-    except OSError as exc:
-        raise ConfigError(f"{where}: cannot read '{path}': {exc.strerror}") from None
-    examples = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except ValueError as exc:
-            raise ConfigError(f"{where}: '{path}' line {number} is not JSON ({exc})") from None
-        if kind == "rows":
-            if not isinstance(row, dict):
-                raise ConfigError(f"{where}: '{path}' line {number} is not a JSON object")
-            examples.append(row)
-            if limit is not None and len(examples) >= limit:
-                break
-            continue
-        text = row.get(text_field) if isinstance(row, dict) else None
-        if not isinstance(text, str) or not text.strip():
-            raise ConfigError(f"{where}: '{path}' line {number} has no text in field '{text_field}'")
-        if kind == "classification":
-            label = row.get(label_field)
-            if isinstance(label, bool) or not isinstance(label, (int, str)):
-                raise ConfigError(f"{where}: '{path}' line {number} has no integer or string label in field "
-                                  f"'{label_field}'")
-            examples.append((text, label))
-        else:
-            examples.append(text)
-        if limit is not None and len(examples) >= limit:
-            break
-    if not examples:
-        raise ConfigError(f"{where}: '{path}' holds no examples")
-    return tuple(examples)
-
-
-def chunk_bounds(count: int, chunks: int) -> list[tuple[int, int]]:
-    """[start, stop) of each of ``chunks`` contiguous, nearly equal parts of ``count`` examples."""
-    edges = [round(i * count / chunks) for i in range(chunks + 1)]
-    return list(zip(edges[:-1], edges[1:]))
 

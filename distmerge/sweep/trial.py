@@ -50,23 +50,29 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     torch.set_num_threads(max(1, int(resources.get("CPU", 1))))
     device = "cuda" if resources.get("GPU", 0) > 0 and torch.cuda.is_available() else "cpu"
     values = {name: config[name] for name in context.spec.param_names}
-    state_dict = merged_state_dict(context, values)
+    weights_of = task_weights(context, values)
     merge_seconds = time.perf_counter() - began
     model_config, tokenizer = _model_files(context)
-    built: dict[str, Any] = {}
+    built: dict[tuple, Any] = {}  # the models of one task's weights at a time (a method with one model per task)
 
-    def model(kind: str):
-        if kind not in built:
-            built[kind] = build_model(model_config, state_dict, kind, device)
-        return built[kind]
+    def cached(key: tuple, task, make):
+        weights_key = task.expert  # None: every task is scored on the one merged model
+        if built and next(iter(built))[0] != weights_key:
+            built.clear()
+        if (weights_key, *key) not in built:
+            built[(weights_key, *key)] = make(weights_of(task.expert))
+        return built[(weights_key, *key)]
 
-    def eval_source():
-        if "source" not in built:  # put into the object store once per trial, for the evaluator's actors
-            from distmerge.evaluate import ModelSource
+    def model(kind: str, task):
+        return cached(("model", kind), task, lambda weights: build_model(model_config, weights, kind, device))
 
-            # load_tokenizer works on a copy, so the evaluator's padding side does not leak into this one
-            built["source"] = ModelSource.from_state_dict(model_config.to_dict(), state_dict, tokenizer)
-        return built["source"]
+    def eval_source(task):
+        from distmerge.evaluate import ModelSource
+
+        # put into the object store once per weights, for the evaluator's actors; load_tokenizer works on a
+        # copy, so the evaluator's padding side does not leak into this one
+        return cached(("source",), task,
+                      lambda weights: ModelSource.from_state_dict(model_config.to_dict(), weights, tokenizer))
 
     eval_began = time.perf_counter()
     for part, metrics in enumerate(evaluate_in_parts(model, tokenizer, context.spec.tasks,
@@ -76,10 +82,15 @@ def run_trial(config: dict[str, Any], context: SweepContext) -> None:
     telemetry.count("distmerge_trials_finished")
 
 
-def merged_state_dict(context: SweepContext, values: dict[str, Any]):
-    """The full merged state dict for these parameter values, computed by the holders (reduction passes,
-    merge, deferred decisions) exactly as the engine's driver and workers compute it."""
-    return merged_outputs(context, values)[0]
+def task_weights(context: SweepContext, values: dict[str, Any]):
+    """A function from a task's expert name (None: the one merged model) to the weights that task is scored on."""
+    weights, artifacts, state = merged_outputs(context, values)
+    config = context.spec.trial_config(values)
+    method = config.build_method()
+    if not method.builds_task_models:
+        return lambda expert: weights
+    names = [m.name for m in config.models]
+    return lambda expert: method.task_weights(weights, artifacts, state, names.index(expert))
 
 
 def merged_outputs(context: SweepContext, values: dict[str, Any]):
