@@ -80,10 +80,10 @@ def write(target: Path, only: list[str]) -> None:
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False, _node_ip_address="127.0.0.1",
              object_store_memory=200 * 1024**2)
     try:
-        for name, config in cases(base, experts).items():
-            if only and name not in only:
-                continue
-            for workers in (1, 2):
+        for workers in (1, 2):  # one worker count after the other: consecutive merges reuse warm workers
+            for name, config in cases(base, experts).items():
+                if only and name not in only:
+                    continue
                 out = target / f"{name}-w{workers}"
                 try:
                     merge(config, out, workers=workers, force=True, progress=False, resume=False)

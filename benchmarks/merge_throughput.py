@@ -251,6 +251,9 @@ def main() -> None:
     import distmerge
 
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    # Every merge starts its own actors, as `distmerge merge` does: warm workers would carry one method's peak
+    # memory into the next one's figures. DISTMERGE_WARM_WORKERS_S=10 measures merges in a loop instead.
+    os.environ.setdefault("DISTMERGE_WARM_WORKERS_S", "0")
     cores = os.cpu_count() or 1
     ray_began = time.perf_counter()
     ray.init(address="local", num_cpus=cores, include_dashboard=False, log_to_driver=False)

@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 
+from distmerge import dtypes
 from distmerge.architectures import TIED_HEADS, layer_of  # noqa: F401 (others import them from here)
 from distmerge.config import MergeConfig
 from distmerge.errors import ConfigError, InputError, where
@@ -134,7 +135,7 @@ def resolve_tensors(config: MergeConfig, base: Checkpoint | None, experts: list[
     names = sorted(reference.tensors)
     layers = [layer_of(n)[1] for n in names]
     num_layers = max((l for l in layers if l is not None), default=-1) + 1
-    out_dtype_default = getattr(torch, config.out_dtype) if config.out_dtype else None
+    out_dtype_default = dtypes.torch_dtype(config.out_dtype) if config.out_dtype else None
     method = config.build_method()
     divides = method.divides_by_weight_sum()
     model_settings = [spec.parameters for spec in config.models]

@@ -55,6 +55,9 @@ def ray_cluster():
     ray.init(address="local", num_cpus=4, include_dashboard=False, object_store_memory=256 * 1024**2,
              log_to_driver=False)
     yield
+    from distmerge.engine.pool import release_warm_workers
+
+    release_warm_workers()
     ray.shutdown()
 
 

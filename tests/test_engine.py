@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -69,8 +70,8 @@ def merged(ray_cluster, llama_family, tmp_path_factory) -> dict[tuple[str, int],
     base, experts = llama_family
     root = tmp_path_factory.mktemp("merged")
     out = {}
-    for label, (method, params) in CASES.items():
-        for workers in WORKERS:
+    for workers in WORKERS:  # one worker count after the other: each merge reuses the last one's warm workers
+        for label, (method, params) in CASES.items():
             out[label, workers] = root / f"{label}-w{workers}"
             result = merge(merge_config(base, experts, method, **params), out[label, workers], workers=workers,
                            progress=False)
@@ -82,6 +83,48 @@ def merged(ray_cluster, llama_family, tmp_path_factory) -> dict[tuple[str, int],
 def test_one_and_many_workers_give_identical_files(merged, label):
     one, four = file_digests(merged[label, 1]), file_digests(merged[label, 4])
     assert len(one) > 3 and one == four
+
+
+def _live_merge_groups() -> list:
+    import ray
+
+    return [g for g in ray.util.placement_group_table().values()
+            if g["name"].startswith("distmerge-merge") and g["state"] != "REMOVED"]
+
+
+def test_warm_workers_serve_the_next_merge_and_go_when_other_work_starts(llama_family, tmp_path, monkeypatch):
+    import ray
+
+    from distmerge.engine import pool
+    from distmerge.engine.ray_session import ray_session
+
+    monkeypatch.setenv(pool.WARM_ENV, "120")
+    base, experts = llama_family
+    ties = merge_config(base, experts, "ties", density=0.3)
+    pool.release_warm_workers()
+    first = merge(ties, tmp_path / "a", workers=2, progress=False)
+    second = merge(merge_config(base, experts, "emr"), tmp_path / "b", workers=2, progress=False)
+    pids = {r["pid"] for r in first.worker_reports}
+    assert {r["pid"] for r in second.worker_reports} == pids and len(pids) == 2
+    third = merge(ties, tmp_path / "c", workers=2, progress=False)  # after EMR's artifacts: nothing carried over
+    assert {r["pid"] for r in third.worker_reports} == pids
+    assert file_digests(tmp_path / "a") == file_digests(tmp_path / "c")
+    assert len(_live_merge_groups()) == 1
+
+    ray.kill(pool._warm.actors[0])  # a warm worker that died meanwhile: the next merge starts fresh ones
+    fourth = merge(ties, tmp_path / "d", workers=2, progress=False)
+    assert not pids & {r["pid"] for r in fourth.worker_reports}
+    assert file_digests(tmp_path / "a") == file_digests(tmp_path / "d")
+
+    with ray_session():  # any other distmerge workload releases them
+        assert _live_merge_groups() == []
+    monkeypatch.setenv(pool.WARM_ENV, "0.2")
+    merge(ties, tmp_path / "e", workers=1, progress=False)
+    for _ in range(300):  # the idle timer releases them too
+        if not _live_merge_groups():
+            break
+        time.sleep(0.1)
+    assert _live_merge_groups() == []
 
 
 def test_every_method_loads_and_runs(llama_family, merged):

@@ -69,6 +69,7 @@ def test_actors_exit_by_themselves_before_their_placement_group_is_removed(ties_
 
     from distmerge.engine import pool as pool_module
 
+    monkeypatch.setenv(pool_module.WARM_ENV, "0")  # the workers stop with their merge
     pools, seen, killed = [], [], []
     real_init, real_remove, real_kill = (pool_module.WorkerPool.__init__, pool_module.remove_placement_group,
                                          pool_module.ray.kill)

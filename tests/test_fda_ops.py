@@ -338,7 +338,7 @@ def test_weight_rows_skip_down_proj_of_a_square_mlp():
 
 
 def test_content_fingerprint_changes_when_a_model_is_rewritten_in_place(tmp_path):
-    from distmerge.fda.config import content_fingerprint
+    from distmerge.fda.schema import content_fingerprint
 
     model = tmp_path / "expert"
     model.mkdir()

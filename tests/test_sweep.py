@@ -180,6 +180,9 @@ def test_holders_merge_bit_identical_to_the_engine(ray_cluster, llama_family_voc
         "ties_tensor": ("ties", {"density": 0.4, "trim_scope": "tensor"}),
         "dare_l1": ("dare", {"drop_rate": 0.5, "rescale": "l1"}),
         "emr": ("emr", {}),
+        "della": ("della", {"density": 0.6, "epsilon": 0.2, "seed": 1}),  # seeded drops, as DARE's
+        "model_stock": ("model_stock", {}),  # whole tensors
+        "tsv": ("tsv", {}),  # whole 2-D tensors through an SVD
     }
     for label, (method, params) in fixed.items():
         specs[label] = _FixedSpec(merge_config(base, experts, method, **params))

@@ -6,7 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
-from distmerge.config.schema import build_config
+from distmerge import validate
+from distmerge.config.schema import MergeConfig, build_config
 from distmerge.errors import ConfigError
 from distmerge.methods import METHODS
 
@@ -18,10 +19,7 @@ MODEL_KEYS = {"model", "name", "parameters", "lora"}
 
 
 def read_distmerge(raw: dict[str, Any]) -> MergeConfig:
-    unknown = set(raw) - TOP_LEVEL_KEYS
-    if unknown:
-        key = sorted(unknown)[0]
-        raise ConfigError(f"{key}: unknown key (allowed: {', '.join(sorted(TOP_LEVEL_KEYS))})")
+    validate.no_unknown("", raw, TOP_LEVEL_KEYS)
     if "method" not in raw:
         raise ConfigError(f"method: missing (one of {', '.join(sorted(METHODS))})")
     models_raw = raw.get("models")

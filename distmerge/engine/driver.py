@@ -23,7 +23,7 @@ import ray
 import torch
 from tqdm import tqdm
 
-from distmerge import telemetry
+from distmerge import telemetry, validate
 from distmerge.config import MergeConfig, load_config
 from distmerge.engine import faults
 from distmerge.engine.pool import WorkerPool, WorkItem
@@ -32,7 +32,7 @@ from distmerge.engine.resume import RunFolder, run_key
 from distmerge.engine.worker import WorkerSpec
 from distmerge.methods import execute
 from distmerge.methods.execute import add_partials
-from distmerge.errors import ConfigError, OutputError
+from distmerge.errors import OutputError
 from distmerge.io import model_files, writer
 from distmerge.io.checkpoint import Checkpoint
 from distmerge.io.lora import open_checkpoint
@@ -93,8 +93,7 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
     began = time.perf_counter()
     if not isinstance(config, MergeConfig):
         config = load_config(config)
-    if placement not in PLACEMENTS:
-        raise ConfigError(f"placement: {placement!r} is not one of {', '.join(PLACEMENTS)}")
+    validate.choice("placement", placement, PLACEMENTS)
     method = config.build_method()
     out = Path(out).expanduser().resolve()
     writer.check_target(out, force)
@@ -107,7 +106,7 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
     injected = faults.parse()
     models = ([base] if base is not None else []) + experts
 
-    with ray_session(address):
+    with ray_session(address, keeps_warm_workers=True) as session:
         total_cpus = cluster_cpus()
         plan = make_plan(outputs, config.out_shard_size, workers or max(1, int(total_cpus)), len(models))
         run = RunFolder(out, run_key(config.to_yaml_dict(), models, plan))
@@ -136,7 +135,8 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
             except BaseException:
                 pool.shutdown(graceful=False)  # the others may still be busy: stop them now
                 raise
-            pool.shutdown()
+            # Workers wait for the next merge only where Ray outlives this one and nothing else needs the CPUs.
+            pool.shutdown(keep_warm=session.borrowed and session.outermost)
             state = _resolve_deferred(method, state, results, run.path)
             seconds = time.perf_counter() - began
             summary = _finish_folder(run.path, config, method, state, base, experts, vocab_plan, results, reports,

@@ -13,6 +13,7 @@ import socket
 import subprocess
 import sys
 from collections.abc import Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -25,27 +26,54 @@ from distmerge.errors import DistmergeError
 CONNECT_TIMEOUT_S = 5.0
 
 
+@dataclass(frozen=True)
+class Session:
+    """What a workload may know of the session it runs in."""
+
+    borrowed: bool  # Ray was running before this workload and keeps running after it
+    outermost: bool  # no other distmerge workload of this process encloses this one
+
+
+_active_workloads = 0  # distmerge workloads of this process inside a ray_session now
+
+
 @contextlib.contextmanager
-def ray_session(address: str | None = None, num_cpus: int | None = None) -> Iterator[None]:
+def ray_session(address: str | None = None, num_cpus: int | None = None, *,
+                keeps_warm_workers: bool = False) -> Iterator[Session]:
     """Use the running Ray session if there is one; otherwise connect to ``address`` (else RAY_ADDRESS), or start
-    an embedded instance (no address, or ``local``) and stop it afterwards."""
-    if ray.is_initialized():
-        yield
-        return
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    address = address or os.environ.get("RAY_ADDRESS")
+    an embedded instance (no address, or ``local``) and stop it afterwards.
+
+    Idle merge workers kept warm by an earlier merge hold their CPUs: any workload but a merge
+    (``keeps_warm_workers``) releases them as it enters, so FDA, sweeps and evaluation never wait for them."""
+    global _active_workloads
+    if not keeps_warm_workers:
+        from distmerge.engine.pool import release_warm_workers
+
+        release_warm_workers()
+    borrowed = ray.is_initialized()
+    _active_workloads += 1
     watchdog = None
-    if address and address != "local":
-        connect(address)
-    else:
-        start_embedded(num_cpus or os.cpu_count() or 1)
-        watchdog = Watchdog.start()
     try:
-        yield
+        if not borrowed:
+            os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+            address = address or os.environ.get("RAY_ADDRESS")
+            if address and address != "local":
+                connect(address)
+            else:
+                start_embedded(num_cpus or os.cpu_count() or 1)
+                watchdog = Watchdog.start()
+        try:
+            yield Session(borrowed=borrowed, outermost=_active_workloads == 1)
+        finally:
+            if not borrowed:
+                from distmerge.engine.pool import release_warm_workers
+
+                release_warm_workers()
+                ray.shutdown()
+                if watchdog is not None:
+                    watchdog.stop()
     finally:
-        ray.shutdown()
-        if watchdog is not None:
-            watchdog.stop()
+        _active_workloads -= 1
 
 
 # --------------------------------------------------------------------------------------------- embedded

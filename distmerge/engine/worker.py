@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from distmerge import telemetry
+from distmerge import dtypes, telemetry
 from distmerge.engine import faults
 from distmerge.engine.allocator import keep_freed_memory, rss_anon_bytes
 from distmerge.errors import InputError, OutputError, where
@@ -52,7 +52,7 @@ class WorkerSpec:
 class MergeWorker:
     def __init__(self, spec: WorkerSpec):
         self.spec = spec
-        self.dtype = getattr(torch, spec.dtype)
+        self.dtype = dtypes.torch_dtype(spec.dtype)
         self.device = torch.device(spec.device)
         torch.set_num_threads(max(1, spec.num_threads))
         keep_freed_memory()
@@ -70,6 +70,11 @@ class MergeWorker:
         # Deferred decisions of the shard being merged: its share of the model-wide vote and the elements to
         # rewrite should the method say so once every shard is in; written beside the shard.
         self.deferred = execute.DeferredLog()
+
+    def reset(self, spec: WorkerSpec) -> bool:
+        """Start over for another merge (a warm worker, see ``engine.pool``): nothing of the last one is kept."""
+        self.__init__(spec)
+        return True
 
     # --- reading --------------------------------------------------------------------------------
     def _read(self, model: Checkpoint, source: TensorSource, start: int | None, stop: int | None) -> torch.Tensor:

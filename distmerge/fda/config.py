@@ -13,7 +13,6 @@ from distmerge import validate
 from distmerge.config import read_yaml
 from distmerge.errors import ConfigError
 from distmerge.fda.schema import DTYPES, AdaptSettings, AnchorSettings, FdaConfig, Resources, engine_merge_config
-from distmerge.fda.schema import content_fingerprint  # noqa: F401  (re-exported: tests/test_fda_ops.py reads it here)
 
 TOP_KEYS = {"base", "experts", "initial", "modules", "layers", "anchors", "adapt", "resources", "seed", "dtype"}
 ANCHOR_KEYS = {"count", "tokens", "init", "sigma", "steps", "lr", "weight_decay", "loss"}

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from distmerge import dtypes
 from distmerge.engine.worker import check_finite, peak_rss_bytes
 from distmerge.methods import execute
 from distmerge.io import vocab
@@ -49,7 +50,7 @@ def from_wire(array: np.ndarray, dtype: str) -> torch.Tensor:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", UserWarning)  # "non-writable array": the model only reads it
         tensor = torch.from_numpy(array)
-    return tensor.view(getattr(torch, dtype)) if dtype == "bfloat16" else tensor
+    return tensor.view(dtypes.torch_dtype(dtype)) if dtype == "bfloat16" else tensor
 
 
 class TaskVectorHolder:
@@ -61,7 +62,7 @@ class TaskVectorHolder:
         self.base, self.experts = base, experts
         self.tensors = {t.name: t for t in tensors}
         self.needs_base = needs_base
-        self.dtype = getattr(torch, dtype)
+        self.dtype = dtypes.torch_dtype(dtype)
         self.inputs: dict[str, tuple[torch.Tensor | None, list[torch.Tensor]]] = {}
         self.copies: dict[str, torch.Tensor] = {}
         self.reads: Counter = Counter()  # (model, stored tensor) -> times read from disk
