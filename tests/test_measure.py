@@ -142,3 +142,28 @@ def test_regmean_check_models_compares_fingerprints(llama_family, tmp_path):
     other.tensors.popitem()  # a different tensor listing
     with pytest.raises(InputError, match=f"{tmp_path / 'e0' / 'manifest.json'}.*not on model 'e0'"):
         method.check_models({"e0": other})
+
+
+def test_encoder_model_class_names_the_layers_as_a_bare_encoder_checkpoint_does(tmp_path):
+    """Experts that are bare encoders (heads kept apart, as sentence-transformers ships them): `model_class:
+    encoder` loads them without a head, so every Linear of the checkpoint is measured under its stored name."""
+    import torch
+    from transformers import BertConfig, BertModel
+
+    from distmerge.evaluate import models
+    from distmerge.io.checkpoint import Checkpoint
+    from distmerge.measure.config import MODEL_CLASSES
+    from distmerge.measure.regmean import MODEL_KINDS, linear_modules
+
+    torch.manual_seed(0)
+    BertModel(BertConfig(vocab_size=50, hidden_size=16, num_hidden_layers=2, num_attention_heads=2,
+                         intermediate_size=32, max_position_embeddings=32)).save_pretrained(str(tmp_path / "enc"))
+    stored = set(Checkpoint(str(tmp_path / "enc"), "enc").tensors)
+    assert "encoder" in MODEL_CLASSES
+    model = models.load_model(models.ModelSource(path=str(tmp_path / "enc")), MODEL_KINDS["encoder"])
+    found = linear_modules(model, stored)
+    linear_weights = {n for n in stored if n.endswith(".weight") and ("dense" in n or "self." in n)}
+    assert {f"{name}.weight" for name in found} == linear_weights and len(found) == 2 * 6 + 1  # + the pooler
+    # The sequence-classification class prefixes every name ("bert."): none would match the stored tensors.
+    classifier = models.load_model(models.ModelSource(path=str(tmp_path / "enc")), MODEL_KINDS["sequence_classification"])
+    assert linear_modules(classifier, stored) == {}

@@ -1,4 +1,4 @@
-"""The methods of issue 17 on the encoder track, as ``table.py`` runs the others: each method's parameters
+"""The methods of issue 17 on the encoder track (RegMean with its statistics measured here), as ``table.py`` runs the others: each method's parameters
 chosen on the validation split (mean normalized accuracy), reported on test, for one seed's cached build.
 The rows of ``table.py`` (TA, TIES, EMR, FDA) for the same build are in results/realbench_encoder.json; merges
 are deterministic, so the two tables compare row for row.
@@ -30,7 +30,28 @@ CANDIDATES = [
     ("tsv", "tsv", [(f"tsv-alpha{a:g}", {"alpha": a}) for a in ALPHAS]),
     ("iso_c", "iso_c", [(f"iso-c-alpha{a:g}", {"alpha": a}) for a in ALPHAS]),
     ("iso_cts", "iso_cts", [(f"iso-cts-alpha{a:g}", {"alpha": a}) for a in ALPHAS]),
+    # RegMean's statistics: each expert's Grams on its own training texts (regmean_statistics below)
+    ("regmean", "regmean", [(f"regmean-alpha{a:g}", {"alpha": a}) for a in (0.5, 0.9)]),
 ]
+MEASURE_ROWS = 200  # training texts per expert for RegMean's Grams (of the 800 each was fine-tuned on)
+
+
+def regmean_statistics(experts: dict[str, Path], work: Path, max_tokens: int) -> Path:
+    """``distmerge measure regmean`` on each expert's own training texts (labels unused), as a user would."""
+    from distmerge.measure.regmean import measure
+
+    folder = work / "regmean-data"
+    folder.mkdir(parents=True, exist_ok=True)
+    splits = data.load_all()
+    tasks = []
+    for task, path in experts.items():
+        rows = splits[task]["train"][:MEASURE_ROWS]
+        (folder / f"{task}.jsonl").write_text("".join(json.dumps({"text": e.text}) + "\n" for e in rows))
+        tasks.append({"name": task, "model": str(path), "data": str(folder / f"{task}.jsonl")})
+    out = work / "regmean-stats"
+    measure({"tasks": tasks, "model_class": "encoder", "max_length": max_tokens, "batch_size": 32}, out,
+            progress=False)
+    return out
 
 
 def run(seed: int, work: Path, log) -> dict:
@@ -53,6 +74,9 @@ def run(seed: int, work: Path, log) -> dict:
         for name, method, candidates in CANDIDATES:
             log(f"[seed {seed}] {name}")
             started = time.perf_counter()
+            if method == "regmean":
+                statistics = regmean_statistics(experts, merges, scorer.max_tokens)
+                candidates = [(label, {**params, "statistics": str(statistics)}) for label, params in candidates]
             best, folder, grid = choose(candidates, method, base, experts, scorer, own_validation, merges, log)
             rows[name] = report.score_record(scorer.score_merge(folder, "test"), own_test)
             chosen[name], grids[name] = best, grid

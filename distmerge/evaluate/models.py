@@ -118,11 +118,12 @@ def load_tokenizer(source: ModelSource, padding_side: str):
 
 
 def load_model(source: ModelSource, kind: str, num_labels: int = 0, device: str = "cpu"):
-    """The model for ``kind`` (generate/perplexity: causal LM; classify: sequence classifier), in eval mode."""
+    """The model for ``kind`` (generate/perplexity: causal LM; classify: sequence classifier; encoder: the bare
+    model, no head, named as a checkpoint of a bare encoder names its tensors), in eval mode."""
     import torch
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    auto = AutoModelForSequenceClassification if kind == "classify" else AutoModelForCausalLM
+    auto = {"classify": AutoModelForSequenceClassification, "encoder": AutoModel}.get(kind, AutoModelForCausalLM)
     dtype = torch_dtype(source.dtype, device)
     if source.path is not None and source.head_from is None:
         from distmerge.twin.folder import is_twin_folder

@@ -13,7 +13,8 @@ workers: 1                     # model actors per task
 device: auto                   # auto: cuda when the cluster has GPUs
 dtype: auto                    # the model's dtype in the actors (auto: float32 on CPU, the checkpoint's on GPU)
 stats_dtype: float64           # the stored Gram sums: float64 or float32 (half the size)
-model_class: causal_lm         # causal_lm | sequence_classification: the transformers class that names the layers
+model_class: causal_lm         # causal_lm | sequence_classification | encoder (a bare encoder, heads apart):
+                               # the transformers class that names the layers as the checkpoint does
 ```
 """
 
@@ -34,7 +35,7 @@ from distmerge.errors import ConfigError
 DEVICES = ("auto", "cpu", "cuda")
 MODEL_DTYPES = ("auto", *dtypes.STORAGE)
 STATS_DTYPES = dtypes.FULL_PRECISION
-MODEL_CLASSES = ("causal_lm", "sequence_classification")
+MODEL_CLASSES = ("causal_lm", "sequence_classification", "encoder")
 TOP_KEYS = ("tasks", "max_length", "batch_size", "workers", "device", "dtype", "stats_dtype", "model_class")
 TASK_KEYS = ("name", "model", "data", "text_field", "limit")
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a folder name under stats/

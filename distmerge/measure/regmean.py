@@ -31,7 +31,7 @@ from distmerge.measure.config import MeasureConfig, MeasureTask, load_measure_co
 LOG = logging.getLogger(__name__)
 KIND = "regmean"
 IN_FLIGHT_PER_ACTOR = 2  # one batch computing, one waiting: the actor never idles, the driver holds little
-MODEL_KINDS = {"causal_lm": "perplexity", "sequence_classification": "classify"}  # evaluate.models' kinds
+MODEL_KINDS = {"causal_lm": "perplexity", "sequence_classification": "classify", "encoder": "encoder"}  # evaluate.models
 
 
 @dataclass

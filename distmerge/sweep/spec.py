@@ -13,7 +13,7 @@ sweep:
   tasks:                     # built-in: perplexity (nll) | classification (accuracy); or any task of
     - {name: val, type: perplexity, data: val.jsonl}          # distmerge.evaluate with type: eval
     - {name: gsm8k, type: eval, task: gsm8k, data: gsm8k_val.jsonl, limit: 200}
-    # a method with one model per task (emr) scores each task on its expert's model: {..., expert: math}
+    # a method with one model per task (EMR) scores each task on its expert's model: {..., expert: math}
   metric: val/nll            # default: the first task's main metric; mode follows the metric (nll: min)
   search: grid               # grid | random | optuna
   num_samples: 1             # grid: repeats of the whole grid; random, optuna: trials
@@ -231,8 +231,11 @@ def _check_experts(config: MergeConfig, tasks: tuple[TaskSpec, ...]) -> None:
         where = f"sweep.tasks[{i}].expert"
         if not method.builds_task_models:
             if task.expert is not None:
+                from distmerge.methods import METHODS
+
+                per_task = ", ".join(sorted(n for n, cls in METHODS.items() if cls.builds_task_models))
                 raise ConfigError(f"{where}: method '{config.method}' builds one model for every task; only a "
-                                  "method with one model per task (emr) scores a task with an expert's model")
+                                  f"method with one model per task ({per_task}) scores a task with an expert's model")
         elif task.expert is None:
             raise ConfigError(f"{where}: missing; method '{config.method}' builds one model per task, so each task "
                               f"names the model it is scored with (one of {', '.join(names)})")
