@@ -167,3 +167,15 @@ def test_encoder_model_class_names_the_layers_as_a_bare_encoder_checkpoint_does(
     # The sequence-classification class prefixes every name ("bert."): none would match the stored tensors.
     classifier = models.load_model(models.ModelSource(path=str(tmp_path / "enc")), MODEL_KINDS["sequence_classification"])
     assert linear_modules(classifier, stored) == {}
+
+
+def test_the_next_experts_actors_load_early_only_where_the_reads_still_find_a_cpu():
+    """On 2 CPUs with one 1-CPU actor per task, loading the next task's actor early took the CPU the current
+    task's Ray Data reads needed: the measurement hung. It prefetches only where both pools and the reads fit."""
+    from distmerge.measure.regmean import room_for_two_pools
+
+    assert not room_for_two_pools(1, 1.0, 0.0, cpus=2, gpus=0)  # the hang above
+    assert room_for_two_pools(1, 0.8, 0.0, cpus=4, gpus=0)  # the test cluster: 1.6 + 0.5 <= 4
+    assert not room_for_two_pools(2, 1.0, 0.0, cpus=4, gpus=0)
+    assert not room_for_two_pools(1, 1.0, 1.0, cpus=16, gpus=1)  # one GPU: the next model must wait for it
+    assert room_for_two_pools(1, 1.0, 1.0, cpus=16, gpus=2)

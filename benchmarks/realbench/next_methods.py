@@ -17,7 +17,7 @@ from pathlib import Path
 from benchmarks.realbench import data, encoder, report
 from benchmarks.realbench.table import RESULTS, choose
 
-ALPHAS = (0.5, 1.0, 1.5)
+ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0)  # 1.5 was the edge of a first grid for TSV and Iso-C/CTS
 # (row name, method, candidates): grids as small as table.py's, around each paper's or mergekit's default
 CANDIDATES = [
     ("breadcrumbs", "breadcrumbs", [(f"breadcrumbs-lambda{x:g}", {"lambda": x, "density": 0.9, "gamma": 0.01})

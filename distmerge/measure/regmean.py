@@ -159,6 +159,16 @@ class GramActor:
         return {name: value.cpu() for name, value in self.sums.totals.items()}, dict(self.sums.tokens)
 
 
+LIGHT_TASK_CPUS = 0.5  # Ray Data's read tasks beside the actors
+
+
+def room_for_two_pools(workers: int, actor_cpus: float, actor_gpus: float, cpus: float, gpus: float) -> bool:
+    """Whether the next task's actors can load while this task's run, and Ray Data's reads still find a CPU. Where
+    they cannot, the next task's actors would take the CPUs this task's reads wait for, and nothing would move."""
+    fits_cpus = 2 * workers * actor_cpus + LIGHT_TASK_CPUS <= cpus + 1e-9
+    return fits_cpus and 2 * workers * actor_gpus <= gpus + 1e-9
+
+
 def start_actors(task: MeasureTask, config: MeasureConfig, checkpoint) -> list:
     """The task's model actors, loading its expert (they load while earlier tasks are measured)."""
     import ray
@@ -264,17 +274,33 @@ def measure(config: MeasureConfig | str | Path | dict, out: str | Path, *, worke
 
         with ray_session(address), user_errors():
             quiet_ray_data()
-            pools = [start_actors(task, config, checkpoint) for task, _, _, checkpoint in todo]
+            pools: dict[int, list] = {}
+
+            def pool(index: int) -> list:
+                if index not in pools:
+                    task, _, _, checkpoint = todo[index]
+                    pools[index] = start_actors(task, config, checkpoint)
+                return pools[index]
+
+            from distmerge.engine.ray_session import cluster_cpus, cluster_gpus
+            from distmerge.evaluate.options import EvalOptions
+            from distmerge.evaluate.workers import actor_resources
+
+            _, actor_cpus, actor_gpus = actor_resources(EvalOptions(workers=config.workers, device=config.device))
+            prefetch = room_for_two_pools(config.workers, actor_cpus, actor_gpus, cluster_cpus(), cluster_gpus())
             try:
-                for (task, key, fingerprint, checkpoint), actors in zip(todo, pools):
+                for index, (task, key, fingerprint, checkpoint) in enumerate(todo):
+                    actors = pool(index)
+                    if prefetch and index + 1 < len(todo):
+                        pool(index + 1)  # the next expert loads while this one is measured
                     tokens[task.name] = measure_task(task, config, key, fingerprint, checkpoint, out, actors,
                                                      progress)
-                    for actor in actors:  # its resources go to the tasks still waiting
+                    for actor in pools.pop(index):  # its resources go to the tasks still waiting
                         ray.kill(actor)
                     if on_task is not None:
                         on_task(task.name, tokens[task.name])
             finally:
-                for actor in (a for pool in pools for a in pool):
+                for actor in (a for actors in pools.values() for a in actors):
                     ray.kill(actor)
     writer.fsync_dir(out)
     return MeasureResult(out, len(config.tasks), len(config.tasks) - len(todo), tokens, time.perf_counter() - began)
