@@ -74,29 +74,33 @@ def _session_key() -> str:
     return ray.get_runtime_context().get_node_id() + ":" + str(ray.get_runtime_context().get_job_id())
 
 
-def release_warm_workers() -> None:
-    """Stop the idle workers a finished merge left warm, if any (their CPUs are free again on return)."""
+def _swap_warm(new: _WarmWorkers | None) -> _WarmWorkers | None:
+    """Put ``new`` in the warm slot; the set it held, its timer cancelled."""
     global _warm
     with _warm_lock:
-        warm, _warm = _warm, None
-    if warm is not None:
-        warm.timer.cancel()
-        try:
-            if ray.is_initialized():
-                _stop(warm.group, warm.actors, graceful=True)
-        except Exception as exc:  # noqa: BLE001 - the timer's thread may race a shutdown; the actors go with it
-            LOG.debug("releasing warm merge workers: %s", exc)
+        old, _warm = _warm, new
+    if old is not None:
+        old.timer.cancel()
+    return old
+
+
+def _stop_warm(warm: _WarmWorkers | None) -> None:
+    try:
+        if warm is not None and ray.is_initialized():
+            _stop(warm.group, warm.actors, graceful=True)
+    except Exception as exc:  # noqa: BLE001 - the timer's thread may race a shutdown; the actors go with it
+        LOG.debug("releasing warm merge workers: %s", exc)
+
+
+def release_warm_workers() -> None:
+    """Stop the idle workers a finished merge left warm, if any (their CPUs are free again on return)."""
+    _stop_warm(_swap_warm(None))
 
 
 def _take_warm(key: tuple) -> _WarmWorkers | None:
-    global _warm
-    with _warm_lock:
-        warm, _warm = _warm, None
-    if warm is None:
-        return None
-    warm.timer.cancel()
-    if warm.key != key:
-        _stop(warm.group, warm.actors, graceful=True)
+    warm = _swap_warm(None)
+    if warm is not None and warm.key != key:
+        _stop_warm(warm)
         return None
     return warm
 
@@ -127,8 +131,7 @@ class WorkerPool:
         self.incarnation_bytes = [0] * len(specs)  # input bytes of the calls each live actor returned
         self.retired_bytes_read = 0  # input bytes read by actors that died and were replaced
         self.key = (_session_key(), len(specs), num_cpus, num_gpus, placement)
-        self.reused = self._reuse(_take_warm(self.key))
-        if self.reused:
+        if self._reuse(_take_warm(self.key)):
             return
         self.run_id = uuid.uuid4().hex[:6]
         bundle = {"CPU": num_cpus} | ({"GPU": num_gpus} if num_gpus else {})
@@ -234,15 +237,11 @@ class WorkerPool:
         leave both idle for the next merge (see the module's docstring)."""
         seconds = warm_seconds()
         if graceful and keep_warm and seconds > 0:
-            global _warm
             timer = threading.Timer(seconds, release_warm_workers)
             timer.daemon = True
-            with _warm_lock:
-                previous, _warm = _warm, _WarmWorkers(self.key, self.run_id, self.group, self.actors, timer)
+            previous = _swap_warm(_WarmWorkers(self.key, self.run_id, self.group, self.actors, timer))
             timer.start()
-            if previous is not None:
-                previous.timer.cancel()
-                _stop(previous.group, previous.actors, graceful=True)
+            _stop_warm(previous)
             return
         _stop(self.group, self.actors, graceful)
 
