@@ -9,6 +9,11 @@ data:                                                   # unlabelled inputs per 
 granularity: layer        # task: one coefficient per task | layer: one per (tensor, task), as the reference
 plus: false               # AdaMerging++: TIES-trimmed (global, density 0.2), sign-elected task vectors
 objective: entropy        # entropy (classifier heads, or next-token for causal LMs) | sft (targets given)
+kind: auto                # classify (*ForSequenceClassification) | causal | encoder (bare encoders, heads apart)
+heads:                    # kind encoder only: each task's head, a torch.nn.Linear state dict (weight, bias)
+  cola: /m/heads/cola.safetensors   # weight [labels, hidden], bias [labels], on the pooled last hidden states
+  rte: /m/heads/rte.safetensors
+pooling: mean             # kind encoder: mean over the attended tokens | cls (the first token)
 lambda_init: 0.3
 lr: 0.001
 steps: 500
@@ -16,7 +21,8 @@ batches: 2                # batches per task per step
 batch_size: 16
 seed: 0
 freeze: []                # regexes: tensors kept at lambda_init
-exclude: [".*classifier.*"]   # not merged (default for classifiers: the heads; each task scores with its own)
+exclude: [".*classifier.*"]   # not merged (default for classifiers: the heads; each task scores with its own;
+                              # nothing for causal LMs and encoders)
 strategy: fsdp            # fsdp (torch FSDP2); deepspeed (ZeRO-3) is reserved, not wired in yet
 resources: {num_cpus: 1, num_gpus: 0}
 ```
@@ -39,13 +45,16 @@ from distmerge.errors import ConfigError
 TOP_KEYS = {
     "base", "experts", "data", "granularity", "plus", "density", "objective", "lambda_init", "lr", "steps",
     "batches", "batch_size", "seed", "freeze", "exclude", "kind", "max_length", "strategy", "resources",
-    "checkpoint_every", "dtype", "shuffle",
+    "checkpoint_every", "dtype", "shuffle", "heads", "pooling",
 }
 DATA_KEYS = {"path", "fields", "target"}
 RESOURCE_KEYS = {"num_cpus", "num_gpus"}
 GRANULARITIES = ("task", "layer")
 OBJECTIVES = ("entropy", "sft")
-KINDS = ("auto", "classify", "causal")
+KINDS = ("auto", "classify", "causal", "encoder")
+POOLINGS = ("mean", "cls")
+HEAD_SUFFIX = ".safetensors"
+HEAD_TENSORS = ("bias", "weight")
 STRATEGIES = ("fsdp", "deepspeed")
 DTYPES = dtypes.FULL_PRECISION
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
@@ -67,7 +76,7 @@ class AdaConfig:
     plus: bool = False
     density: float = 0.2  # AdaMerging++: the fraction of each task vector kept by the global trim (K=20)
     objective: str = "entropy"
-    kind: str = "auto"  # classify | causal, resolved from the base's config when auto
+    kind: str = "auto"  # classify | causal | encoder, resolved when auto (heads given: encoder; else the base's config)
     lambda_init: float = 0.3
     lr: float = 1e-3
     steps: int = 500
@@ -83,6 +92,8 @@ class AdaConfig:
     checkpoint_every: int = 10
     dtype: str = "float32"
     shuffle: bool = False  # one seeded shuffle of each task's rows before streaming
+    heads: dict[str, str] | None = None  # kind encoder: task -> .safetensors of its Linear head (weight, bias)
+    pooling: str = "mean"  # kind encoder: how a text's last hidden states become the head's input
 
     @property
     def tasks(self) -> tuple[str, ...]:
@@ -100,6 +111,8 @@ class AdaConfig:
         out["freeze"] = list(self.freeze)
         out["exclude"] = list(self.excluded())
         out["resources"] = {"num_cpus": out.pop("num_cpus"), "num_gpus": out.pop("num_gpus")}
+        if self.heads is None:  # the keys of configs without heads, so their run keys stay what they were
+            del out["heads"], out["pooling"]
         return out
 
     def run_key(self, workers: int) -> str:
@@ -144,6 +157,8 @@ def load_ada_config(source: str | Path | dict[str, Any]) -> AdaConfig:
         checkpoint_every=_integer(raw, "checkpoint_every", 10, 1),
         dtype=validate.choice("dtype", raw.get("dtype", "float32"), DTYPES),
         shuffle=validate.flag("shuffle", raw.get("shuffle", False)),
+        heads=_heads(raw.get("heads"), experts),
+        pooling=validate.choice("pooling", raw.get("pooling", "mean"), POOLINGS),
     )
     if config.strategy == "deepspeed":  # ZeRO-3 runs here (probed: CPU, gloo, no op build) but is not wired in yet
         raise ConfigError("strategy: 'deepspeed' is not available yet; use 'fsdp' (torch FSDP2)")
@@ -151,21 +166,69 @@ def load_ada_config(source: str | Path | dict[str, Any]) -> AdaConfig:
         missing = [t for t, d in data.items() if d.target is None]
         if missing:
             raise ConfigError(f"data.{missing[0]}.target: objective 'sft' needs the column holding the targets")
+    if config.kind != "auto":
+        check_kind_fields(config)
     return config
 
 
 def resolve_kind(config: AdaConfig, base_config: dict[str, Any]) -> AdaConfig:
-    """``kind: auto`` from the base's architectures (a *ForSequenceClassification is a classifier)."""
+    """``kind: auto`` resolved (heads given: an encoder; else a *ForSequenceClassification base is a classifier,
+    any other a causal LM), then the kind's own fields checked, the heads' files against the base's width."""
     from dataclasses import replace
 
     if config.kind != "auto":
         kind = config.kind
+    elif config.heads is not None:
+        kind = "encoder"
     else:
         architectures = base_config.get("architectures") or []
         kind = "classify" if any(a.endswith("ForSequenceClassification") for a in architectures) else "causal"
-    if kind == "classify" and config.objective == "sft":
-        raise ConfigError("objective: 'sft' trains on target text; a classifier's objective is 'entropy'")
-    return replace(config, kind=kind)
+    if kind in ("classify", "encoder") and config.objective == "sft":
+        raise ConfigError(f"objective: 'sft' trains on target text; a{'n' if kind == 'encoder' else ''} {kind} "
+                          f"model's objective is 'entropy'")
+    config = replace(config, kind=kind)
+    check_kind_fields(config)
+    if kind == "encoder":
+        check_head_files(config, base_config.get("hidden_size"))
+    return config
+
+
+def check_kind_fields(config: AdaConfig) -> None:
+    """``heads`` and ``pooling`` belong to kind encoder: required there, refused elsewhere."""
+    if config.kind == "encoder" and config.heads is None:
+        raise ConfigError("heads: kind 'encoder' needs each task's head ({task: a .safetensors of weight and bias})")
+    if config.kind != "encoder" and config.heads is not None:
+        raise ConfigError(f"heads: only for kind 'encoder' (this config is kind '{config.kind}', whose heads, if "
+                          f"any, come from the experts)")
+    if config.kind != "encoder" and config.pooling != "mean":
+        raise ConfigError(f"pooling: only for kind 'encoder' (this config is kind '{config.kind}')")
+
+
+def check_head_files(config: AdaConfig, hidden: int | None) -> None:
+    """Each head file exists and holds a Linear's state dict whose input width is the encoder's (headers only)."""
+    from safetensors import safe_open
+
+    for task, path in (config.heads or {}).items():
+        key = f"heads.{task}"
+        file = Path(path).expanduser()
+        if not file.is_file():
+            raise ConfigError(f"{key}: '{path}' does not exist")
+        try:
+            with safe_open(str(file), framework="pt") as handle:
+                shapes = {name: tuple(handle.get_slice(name).get_shape()) for name in handle.keys()}
+        except Exception as exc:  # safetensors raises its own error types for a damaged header
+            raise ConfigError(f"{key}: '{path}' is not a readable safetensors file "
+                              f"({' '.join(str(exc).split())[:200]})") from None
+        if tuple(sorted(shapes)) != HEAD_TENSORS:
+            held = ", ".join(sorted(shapes)[:3]) + (f" and {len(shapes) - 3} more" if len(shapes) > 3 else "")
+            raise ConfigError(f"{key}: '{path}' holds {held or 'no tensor'}; a head is a torch.nn.Linear state "
+                              f"dict: weight [labels, hidden] and bias [labels]")
+        weight, bias = shapes["weight"], shapes["bias"]
+        if len(weight) != 2 or bias != weight[:1]:
+            raise ConfigError(f"{key}: '{path}' has weight {list(weight)} and bias {list(bias)}; expected weight "
+                              f"[labels, hidden] and bias [labels]")
+        if hidden is not None and weight[1] != hidden:
+            raise ConfigError(f"{key}: '{path}' takes inputs of width {weight[1]}; the base's hidden size is {hidden}")
 
 
 def _experts(value: Any) -> dict[str, str]:
@@ -185,6 +248,23 @@ def _experts(value: Any) -> dict[str, str]:
         if not isinstance(path, str) or not path:
             raise ConfigError(f"experts.{task}: expected the path of a model folder")
     return dict(value)
+
+
+def _heads(value: Any, experts: dict[str, str]) -> dict[str, str] | None:
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ConfigError("heads: expected a mapping of task name to the .safetensors file of its head")
+    extra = sorted(set(value) - set(experts), key=str)
+    if extra:
+        raise ConfigError(f"heads.{extra[0]}: no expert has this task name ({', '.join(experts)})")
+    for task in experts:
+        path = value.get(task)
+        if path is None:
+            raise ConfigError(f"heads.{task}: missing (every task is scored with its own head)")
+        if not isinstance(path, str) or not path.endswith(HEAD_SUFFIX):
+            raise ConfigError(f"heads.{task}: expected the path of a {HEAD_SUFFIX} file, got {path!r}")
+    return {task: value[task] for task in experts}
 
 
 def _data(value: Any, experts: dict[str, str]) -> dict[str, TaskData]:

@@ -1,5 +1,9 @@
 """The objectives AdaMerging minimizes, and the real HF model run with the merged weights.
 
+A bare encoder (kind ``encoder``) gets its task's head in ``params`` under ``ENCODER_HEAD_PREFIX``: a
+torch.nn.Linear on the pooled last hidden states, kept apart from the encoder as sentence encoders and the
+paper's CLIP/ViT setting keep it.
+
 Every objective is a sum over samples divided by the *global* batch size, so the sum over ranks of each
 rank's loss (and of its gradients) is exactly the single-process loss whatever the split of the rows.
 """
@@ -15,6 +19,8 @@ import torch
 from distmerge.errors import InputError
 
 GLUE_FIELDS_FALLBACK = ("text",)
+ENCODER_HEAD_PREFIX = "head."  # the head's weight and bias in a bare encoder's params (no encoder tensor is named so)
+POOLER_PREFIX = "pooler."
 
 
 def softmax_entropy(logits: torch.Tensor) -> torch.Tensor:
@@ -75,10 +81,32 @@ def encode(tokenizer, rows: Mapping[str, np.ndarray], fields: tuple[str, ...], t
     return encoded
 
 
+def pool(hidden: torch.Tensor, attention_mask: torch.Tensor, pooling: str) -> torch.Tensor:
+    """[batch, tokens, hidden] -> [batch, hidden]: the mean over attended tokens (sentence-transformers' mean
+    pooling), or the first token (cls)."""
+    if pooling == "cls":
+        return hidden[:, 0]
+    mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+    return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def encoder_logits(model, params: Mapping[str, torch.Tensor], inputs: Mapping[str, torch.Tensor],
+                   pooling: str) -> torch.Tensor:
+    """The head (``ENCODER_HEAD_PREFIX`` entries of ``params``) on the pooled output of the bare encoder."""
+    head = {k[len(ENCODER_HEAD_PREFIX):]: v for k, v in params.items() if k.startswith(ENCODER_HEAD_PREFIX)}
+    body = {k: v for k, v in params.items() if not k.startswith(ENCODER_HEAD_PREFIX)}
+    hidden = torch.func.functional_call(model, body, args=(), kwargs=dict(inputs), strict=False).last_hidden_state
+    pooled = pool(hidden, inputs["attention_mask"], pooling)
+    return torch.nn.functional.linear(pooled.to(head["weight"].dtype), head["weight"], head["bias"])
+
+
 def batch_objective(model, params: Mapping[str, torch.Tensor], encoded: Mapping[str, torch.Tensor], kind: str,
-                    objective: str, global_batch: int) -> torch.Tensor:
-    """The loss of one batch through ``model`` with ``params`` in place of its parameters."""
+                    objective: str, global_batch: int, pooling: str = "mean") -> torch.Tensor:
+    """The loss of one batch through ``model`` with ``params`` in place of its parameters (``pooling``: kind
+    encoder's, see ``pool``)."""
     inputs = {k: v for k, v in encoded.items() if k != "labels"}
+    if kind == "encoder":
+        return classifier_entropy(encoder_logits(model, params, inputs, pooling), global_batch)
     logits = torch.func.functional_call(model, dict(params), args=(), kwargs=inputs, strict=False).logits
     if kind == "classify":
         return classifier_entropy(logits, global_batch)
@@ -91,16 +119,37 @@ def skeleton(base_folder: str, kind: str):
     """The base's architecture with parameters on the meta device (buffers real): the forward gets every
     parameter from ``functional_call``, so no weights are allocated or initialized here."""
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     config = AutoConfig.from_pretrained(base_folder)
-    auto = AutoModelForSequenceClassification if kind == "classify" else AutoModelForCausalLM
+    auto = {"classify": AutoModelForSequenceClassification, "encoder": AutoModel}.get(kind, AutoModelForCausalLM)
+    extra = encoder_options(base_folder, config) if kind == "encoder" else {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         with init_empty_weights(include_buffers=False):
-            model = auto.from_config(config, dtype=torch.float32)
+            model = auto.from_config(config, dtype=torch.float32, **extra)
     model.eval()  # dropout off: the reference adapts with the model in eval mode
     return model
+
+
+def encoder_options(base_folder: str, config) -> dict[str, Any]:
+    """A bare encoder saved without its pooler (BERT-likes whose heads pool the hidden states themselves) is
+    built without one, else its pooler's parameters would be in no checkpoint."""
+    import inspect
+
+    from transformers import AutoModel
+
+    from distmerge.io.checkpoint import Checkpoint
+
+    model_class = AutoModel._model_mapping[type(config)]
+    if "add_pooling_layer" not in inspect.signature(model_class.__init__).parameters:
+        return {}
+    checkpoint = Checkpoint(base_folder, "base")
+    try:
+        has_pooler = any(name.startswith(POOLER_PREFIX) for name in checkpoint.tensors)
+    finally:
+        checkpoint.close()
+    return {} if has_pooler else {"add_pooling_layer": False}
 
 
 def check_parameters(model, provided: set[str], where: str) -> None:
