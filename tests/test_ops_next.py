@@ -277,6 +277,136 @@ def test_della_rescales_hand_and_recorded():
 
 
 # =====================================================================================================
+# Breadcrumbs and DELLA without full sorts (issue 18): the fast paths against the sort-based formulation
+# =====================================================================================================
+
+
+def sort_outlier_mask(values: torch.Tensor, density: float, gamma: float) -> torch.Tensor:
+    """The native cut as it was computed before issue 18: a stable sort of |x| in float32, sliced."""
+    numel = values.numel()
+    keep, top = int(density * numel), int(gamma * numel)
+    order = torch.sort(values.abs().float().reshape(-1), stable=True).indices
+    mask = torch.zeros(numel, dtype=torch.bool)
+    mask[order[max(0, numel - top - keep):numel - top]] = True
+    return mask.reshape(values.shape)
+
+
+def sort_della_probabilities(values: torch.Tensor, density: float, epsilon: float) -> torch.Tensor:
+    """MagPrune's probabilities as computed before issue 18: stable row sort in float32, arange scattered."""
+    if density >= 1 or density <= 0:
+        return torch.full(values.shape, 1.0 if density >= 1 else 0.0, dtype=torch.float64)
+    rows = values.unsqueeze(0) if values.dim() < 2 else values
+    length = rows.shape[1]
+    if length < 2:
+        return torch.full(values.shape, float(density), dtype=torch.float64)
+    order = torch.sort(rows.abs().float(), dim=1, stable=True).indices
+    shape = [1] * rows.dim()
+    shape[1] = length
+    rank_norm = torch.empty(rows.shape, dtype=torch.float64)
+    rank_norm.scatter_(1, order, torch.arange(length, dtype=torch.float64).reshape(shape).expand(rows.shape))
+    rank_norm /= length - 1
+    return ((density - epsilon) + rank_norm * (2 * epsilon)).reshape(values.shape)
+
+
+def sort_della_prune(values, density, epsilon, rescale, seed, model, tensor):
+    """DELLA's stage before issue 18: per-element probabilities, the stream's mask, the rescale."""
+    probability = sort_della_probabilities(values, density, epsilon)
+    keep = torch.from_numpy(dare.stream_words(seed, model, tensor, values.numel(), 0, values.numel())
+                            >= sparsify.drop_thresholds(probability)).reshape(values.shape)
+    if rescale == "inverse":
+        kept = values.to(torch.float64) / probability.clamp(min=1e-300)
+        return torch.where(keep, kept, torch.zeros((), dtype=torch.float64)).to(values.dtype)
+    if rescale == "l1":
+        return sparsify.masked_l1_rescale(values, keep)
+    return values * keep.to(values.dtype)
+
+
+def same_bits(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Equal bytes (signed zeros and NaN payloads included), same dtype and shape."""
+    return a.dtype == b.dtype and a.shape == b.shape and digest(a) == digest(b)
+
+
+def few_levels(seed: int, shape, dtype, levels: int = 7) -> torch.Tensor:
+    """Seeded values on a few magnitudes with both signs (ties everywhere), plus zeros of both signs."""
+    generator = torch.Generator().manual_seed(seed)
+    level = torch.randint(0, levels, shape, generator=generator).to(torch.float64) / 4
+    sign = torch.randint(0, 2, shape, generator=generator).to(torch.float64) * 2 - 1
+    return (level * sign).to(dtype)
+
+
+DTYPES = (torch.bfloat16, torch.float16, torch.float32, torch.float64)
+
+
+def test_magnitude_keys_order_and_tie_as_the_float32_sort():
+    specials = [0.0, -0.0, 1e-45, -1e-40, 6e-8, 1.0, -1.0, 65504.0, 3e38, float("inf"), -float("inf"),
+                float("nan"), -float("nan"), 1e300, -1e-300]
+    for dtype in DTYPES:
+        values = torch.cat([T(specials, dtype=torch.float64).to(dtype), seeded(12, 200, dtype=dtype),
+                            few_levels(13, (100,), dtype)])
+        if dtype != torch.float64:  # NaNs of other payloads (torch ties them all): built from bit patterns
+            bits = torch.int16 if values.element_size() == 2 else torch.int32
+            patterns = [0x7C01, -0x0201, 0x7F81, 0x7E00] if bits == torch.int16 else [0x7F800001, -0x00400001]
+            values = torch.cat([values, T(patterns, dtype=bits).view(dtype), values[:20]])
+        keys = sparsify.magnitude_keys(values)
+        assert keys.dtype == (torch.int16 if dtype in (torch.bfloat16, torch.float16) else torch.int32)
+        expected = torch.sort(values.abs().float(), stable=True).indices
+        assert torch.equal(torch.sort(keys, stable=True).indices, expected), dtype
+        assert torch.equal(sparsify.ascending_magnitude_order(values), expected), dtype
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_outlier_mask_equals_the_stable_sort_cut(dtype):
+    cuts = [(0.9, 0.01), (0.5, 0.1), (0.3, 0.0), (0.0, 0.0), (0.0, 1.0), (1.0, 0.0), (0.5, 0.5), (0.02, 0.97),
+            (0.37, 0.2)]
+    tensors = [few_levels(14, (61, 53), dtype), few_levels(15, (997,), dtype, levels=2),
+               seeded(16, 40, 37, dtype=dtype), torch.zeros(50, dtype=dtype), few_levels(17, (3, 5, 7), dtype)]
+    for values in tensors:
+        for density, gamma in cuts:
+            assert torch.equal(sparsify.outlier_mask(values, density, gamma),
+                               sort_outlier_mask(values, density, gamma)), (values.shape, density, gamma)
+
+
+def test_outlier_mask_ties_inside_one_key_and_the_int32_radix():
+    # both cuts inside one run of equal keys: ascending ranks are i9 (0), i1..i8 (the 1s, by index), i0 (5);
+    # keep 3 below the top 2 = ranks 5, 6, 7 = occurrences 4..6 of the run of 1s
+    values = T([5.0, 1, 1, 1, 1, 1, 1, 1, 1, 0])
+    assert kept(sparsify.outlier_mask(values, 0.3, 0.2)) == [5, 6, 7]
+    # float32 keys far apart in their high 16 bits, ties straddling both cuts
+    values = T([3e-30, 1.0, 3e-30, 1e20, 1.0, 3e-30, 1e20, 1.0, 2.0, 1e20])
+    for density, gamma in [(0.3, 0.2), (0.5, 0.1), (0.2, 0.0), (0.6, 0.3)]:
+        assert torch.equal(sparsify.outlier_mask(values, density, gamma), sort_outlier_mask(values, density, gamma))
+    assert sparsify.keys_at_ranks(sparsify.magnitude_keys(values), (0, 2, 3, 9)) == [
+        (int(T(3e-30).view(torch.int32)), 0), (int(T(3e-30).view(torch.int32)), 0),
+        (int(T(1.0).view(torch.int32)), 3), (int(T(1e20).view(torch.int32)), 7)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_della_prune_equals_the_sort_formulation(dtype, monkeypatch):
+    monkeypatch.setattr(sparsify, "BLOCK_ELEMENTS", 150)  # several blocks of rows, and a ragged last one
+    tensors = [few_levels(18, (23, 41), dtype), few_levels(19, (300,), dtype, levels=3),
+               seeded(20, 9, 64, dtype=dtype), few_levels(21, (4, 6, 5), dtype), few_levels(22, (5, 1), dtype)]
+    settings = [(0.7, 0.15), (0.5, 0.0), (0.2, 0.19), (1.0, 0.3), (0.0, 0.3)]
+    for values in tensors:
+        for density, epsilon in settings:
+            for rescale in ("inverse", "l1", "none"):
+                fast = sparsify.della_prune(values, density, epsilon, rescale, 4, "m", "w", values.numel())
+                slow = sort_della_prune(values, density, epsilon, rescale, 4, "m", "w")
+                assert same_bits(fast, slow), (values.shape, density, epsilon, rescale)
+        assert torch.equal(sparsify.della_keep_probabilities(values, 0.6, 0.2),
+                           sort_della_probabilities(values, 0.6, 0.2))
+
+
+def test_della_prune_refuses_the_window_and_keeps_the_chunk_offset():
+    with pytest.raises(ValueError, match="della needs"):
+        sparsify.della_prune(R2, 0.5, 0.5, "inverse", 0, "m", "w", R2.numel())
+    # a chunk of whole rows at flat offset 5 of a 10-element tensor draws the words [5, 10)
+    probability = sparsify.della_keep_probabilities(R2[1:], 0.5, 0.1)
+    keep = sparsify.della_keep_mask(probability, 3, "m", "w", 10, start=5)
+    assert same_bits(sparsify.della_prune(R2[1:], 0.5, 0.1, "none", 3, "m", "w", 10, start=5),
+                     R2[1:] * keep.to(R2.dtype))
+
+
+# =====================================================================================================
 # Model stock
 # =====================================================================================================
 

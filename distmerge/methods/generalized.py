@@ -294,16 +294,10 @@ def _della(method, stage: Sparsifier, task_vector, job, offset, state):
     out = []
     for t, model in enumerate(job.model_names):
         try:
-            probability = sparsify_ops.della_keep_probabilities(task_vector[t], density[t], epsilon[t])
+            out.append(sparsify_ops.della_prune(task_vector[t], density[t], epsilon[t], stage.rescale, seed, model,
+                                                job.name, job.numel, offset))
         except ValueError as exc:
             raise ConfigError(f"tensor '{job.name}', model '{model}': {exc}") from None
-        keep = sparsify_ops.della_keep_mask(probability, seed, model, job.name, job.numel, offset)
-        if stage.rescale == "inverse":
-            out.append(sparsify_ops.inverse_probability_rescale(task_vector[t], keep, probability))
-        elif stage.rescale == "l1":
-            out.append(sparsify_ops.masked_l1_rescale(task_vector[t], keep))
-        else:
-            out.append(task_vector[t] * keep.to(task_vector.dtype))
     return torch.stack(out)
 
 
