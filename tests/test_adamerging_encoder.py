@@ -5,7 +5,6 @@ computation, and the coefficient gradients of ``build_setup`` + ``step_objective
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -81,10 +80,13 @@ def prepared(family, **overrides):
 
 
 def state(folder: str) -> dict[str, torch.Tensor]:
-    out = {}
-    for file in sorted(Path(folder).glob("*.safetensors")):
-        out.update(load_file(str(file)))
-    return out
+    from distmerge.io.checkpoint import Checkpoint
+
+    checkpoint = Checkpoint(folder, folder)
+    try:
+        return {name: checkpoint.read(name) for name in checkpoint.tensors}
+    finally:
+        checkpoint.close()
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:
