@@ -126,20 +126,23 @@ class Bank(torch.nn.Module):
         self.plan = plan
         self.groups = torch.nn.ModuleList(GroupBank(g, plan, dtype) for g in plan.groups)
 
-    def forward(self, coefficients: Coefficients) -> dict[str, torch.Tensor]:
-        """Every merged tensor, flat; called as a module so FSDP's root hooks run. Flat because FSDP2 hooks
-        the backward on a module's outputs, and a reshaped output would be a view (which FSDP2 warns about)."""
+    def forward(self, coefficients: Coefficients, skip: frozenset[int] = frozenset()) -> dict[str, torch.Tensor]:
+        """Every merged tensor outside the groups in ``skip`` (merged inside their layers: ``layerwise``), flat;
+        called as a module so FSDP's root hooks run. Flat because FSDP2 hooks the backward on a module's
+        outputs, and a reshaped output would be a view (which FSDP2 warns about)."""
         out = {}
-        for group in self.groups:
+        for g, group in enumerate(self.groups):
+            if g in skip:
+                continue
             flats = group(coefficients.per_tensor(group.indices))
             for i, flat in zip(group.indices, flats):
                 out[self.plan.names[i]] = flat
         return out
 
-    def merged(self, coefficients: Coefficients) -> dict[str, torch.Tensor]:
-        """Every merged tensor in its shape."""
+    def merged(self, coefficients: Coefficients, skip: frozenset[int] = frozenset()) -> dict[str, torch.Tensor]:
+        """Every merged tensor outside the groups in ``skip``, in its shape."""
         shapes = dict(zip(self.plan.names, self.plan.shapes))
-        return {name: flat.reshape(shapes[name]) for name, flat in self(coefficients).items()}
+        return {name: flat.reshape(shapes[name]) for name, flat in self(coefficients, skip).items()}
 
 
 # --- filling a (sharded) bank from the checkpoints ----------------------------------------------

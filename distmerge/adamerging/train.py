@@ -20,12 +20,15 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors.torch import load_file
 
 from distmerge import telemetry
+from distmerge.adamerging import layerwise
 from distmerge.adamerging.bank import (AllReduce, Bank, Coefficients, PlusMasks, TensorPlan, apply_plus, fill_bank,
                                        local_tensor, no_reduce, plan_tensors)
 from distmerge.adamerging.config import AdaConfig, load_ada_config
-from distmerge.adamerging.objective import batch_objective, check_parameters, encode, skeleton, text_fields
+from distmerge.adamerging.objective import (ENCODER_HEAD_PREFIX, batch_objective, check_parameters, encode, skeleton,
+                                            text_fields)
 from distmerge.architectures import CLASSIFIER_HEAD
 from distmerge.dtypes import torch_dtype
 from distmerge.errors import InputError
@@ -51,6 +54,7 @@ class Setup:
     tokenizer: Any
     world: int
     rank: int
+    in_layers: frozenset[int] = frozenset()  # bank groups merged inside their layer's forward (layerwise)
 
 
 def build_setup(config: AdaConfig, world: int = 1, rank: int = 0, shard: Callable[[Bank], None] | None = None,
@@ -77,6 +81,9 @@ def build_setup(config: AdaConfig, world: int = 1, rank: int = 0, shard: Callabl
     merged = set(plan.names)
     heads: dict[str, dict[str, torch.Tensor]] = {t: {} for t in experts}
     fixed = {}
+    if config.kind == "encoder":  # heads kept apart from the encoders, one file per task
+        heads = {task: {ENCODER_HEAD_PREFIX + k: v.to(device=device, dtype=dtype)
+                        for k, v in load_file(config.heads[task]).items()} for task in experts}
     for name in base.tensors:
         if name in merged:
             continue
@@ -90,7 +97,11 @@ def build_setup(config: AdaConfig, world: int = 1, rank: int = 0, shard: Callabl
     coefficients = Coefficients(plan, config.lambda_init).to(device)
     for checkpoint in (base, *experts.values()):
         checkpoint.close()
-    return Setup(config, plan, model, bank, coefficients, fixed, heads, masks, tokenizer, world, rank)
+    model.config.use_cache = False  # a layer's forward runs twice (recomputation): no cache may grow
+    # the benchmarks' comparison: every tensor merged before the forward, one whole merged copy per rank
+    upfront = os.environ.get("DISTMERGE_ADAMERGING_MERGE_UPFRONT") == "1"
+    in_layers = frozenset() if upfront else layerwise.install(model, bank, coefficients)
+    return Setup(config, plan, model, bank, coefficients, fixed, heads, masks, tokenizer, world, rank, in_layers)
 
 
 def _read(checkpoint: Checkpoint, name: str, device: str, dtype: torch.dtype) -> torch.Tensor:
@@ -100,7 +111,7 @@ def _read(checkpoint: Checkpoint, name: str, device: str, dtype: torch.dtype) ->
 
 def step_objective(setup: Setup, batches: dict[str, list[dict[str, torch.Tensor]]], global_batch: int) -> torch.Tensor:
     """This rank's part of one step's objective: every task's batches through the merged model and its head."""
-    merged = setup.bank.merged(setup.coefficients)
+    merged = setup.bank.merged(setup.coefficients, setup.in_layers)
     total = torch.zeros((), dtype=torch.float32)
     for task, encoded_batches in batches.items():
         params = {**setup.fixed, **merged, **setup.heads.get(task, {})}
@@ -149,8 +160,6 @@ def save_state(folder: Path, setup: Setup, optimizer: torch.optim.Optimizer, sta
 
 
 def load_state(folder: Path, setup: Setup, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    from safetensors.torch import load_file
-
     tensors = load_file(str(folder / TENSORS_FILE))
     state = json.loads((folder / STATE_FILE).read_text())
     with torch.no_grad():
@@ -163,6 +172,13 @@ def load_state(folder: Path, setup: Setup, optimizer: torch.optim.Optimizer) -> 
 
 
 # --- data -------------------------------------------------------------------------------------
+
+
+def joined(batches: list[dict]) -> dict:
+    """Numpy batches of the same columns as one."""
+    import numpy as np
+
+    return {key: np.concatenate([b[key] for b in batches]) for key in batches[0]}
 
 
 class TaskStream:
@@ -258,6 +274,7 @@ def _train_variant(setup: Setup, index: int, datasets: str, result_dir: Path, st
     if start_from is not None:
         state = load_state(start_from, setup, optimizer)
         step, history = int(state["step"]), list(state["history"])
+    resumed_from = step
     local_batch = config.batch_size // setup.world
     streams = {t: TaskStream(t, ray.train.get_dataset_shard(f"{datasets}:{t}"), local_batch) for t in config.tasks}
     for stream in streams.values():  # the batches the interrupted run consumed: the data continues where it was
@@ -270,7 +287,10 @@ def _train_variant(setup: Setup, index: int, datasets: str, result_dir: Path, st
     began = time.perf_counter()
     while step < config.steps:
         step_began = time.perf_counter()
-        batches = {t: [encode_rows(setup, t, streams[t].next()) for _ in range(config.batches)] for t in config.tasks}
+        # a task's batches of the step go through the model as one: each layer is then gathered (and, merged
+        # per layer, recomputed) once per task and step; the losses are per-sample sums, so nothing else changes
+        batches = {t: [encode_rows(setup, t, joined([streams[t].next() for _ in range(config.batches)]))]
+                   for t in config.tasks}
         optimizer.zero_grad(set_to_none=True)
         loss = step_objective(setup, batches, config.batch_size)
         loss.backward()
@@ -294,9 +314,9 @@ def _train_variant(setup: Setup, index: int, datasets: str, result_dir: Path, st
         if step % config.checkpoint_every == 0 or step == config.steps:
             _report(setup, optimizer, {"variant": index, "step": step, "history": history}, gradient, objective)
         if exit_after and step == exit_after and setup.rank == 0:
-            os._exit(17)  # fault injection: the whole run dies here, as a killed driver's would
+            os._exit(17)  # fault injection: a worker dies here (a restarted group, or run again, resumes)
     _finish(setup, optimizer, result_dir, step, history, gradient, first_gradient,
-            {"step_seconds": step_seconds, **worker_memory(setup, reduce)})
+            {"step_seconds": step_seconds, "resumed_from": resumed_from, **worker_memory(setup, reduce)})
 
 
 def exit_after_steps(faults: dict, variant: int) -> int:
