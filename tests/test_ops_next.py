@@ -387,11 +387,13 @@ def test_della_prune_equals_the_sort_formulation(dtype, monkeypatch):
                seeded(20, 9, 64, dtype=dtype), few_levels(21, (4, 6, 5), dtype), few_levels(22, (5, 1), dtype)]
     settings = [(0.7, 0.15), (0.5, 0.0), (0.2, 0.19), (1.0, 0.3), (0.0, 0.3)]
     for values in tensors:
+        before = values.clone()
         for density, epsilon in settings:
             for rescale in ("inverse", "l1", "none"):
                 fast = sparsify.della_prune(values, density, epsilon, rescale, 4, "m", "w", values.numel())
                 slow = sort_della_prune(values, density, epsilon, rescale, 4, "m", "w")
                 assert same_bits(fast, slow), (values.shape, density, epsilon, rescale)
+        assert same_bits(values, before)  # the input is not worked on in place (float64 blocks are no copies)
         assert torch.equal(sparsify.della_keep_probabilities(values, 0.6, 0.2),
                            sort_della_probabilities(values, 0.6, 0.2))
 

@@ -23,6 +23,8 @@ from distmerge.ops import dare
 from distmerge.ops.ties import HIGH_BINS, l1_rescale, locate_rank
 
 WORD_RANGE = 65536.0  # 2**16 values of one stream word
+# the key of every NaN (one above inf's bit pattern) by the dtype whose bits are the keys
+NAN_KEYS = {torch.bfloat16: 0x7F81, torch.float16: 0x7C01, torch.float32: 0x7F800001}
 BLOCK_ELEMENTS = 1 << 16  # DELLA works on blocks of whole rows about this size (float64 temporaries in cache)
 
 
@@ -75,10 +77,19 @@ def ascending_magnitude_order(values: torch.Tensor, dim: int = -1) -> torch.Tens
     The order of a stable sort of ``values.abs().float()``, taken on integer keys (``magnitude_keys``).
     """
     keys = magnitude_keys(values)
-    if keys.dtype == torch.int16 and keys.device.type == "cpu":
-        # numpy's stable sort of 16-bit integers is a radix sort: about 5x torch's stable sort on a bf16 tensor
-        return torch.from_numpy(np.argsort(keys.numpy(), axis=dim, kind="stable"))
-    return torch.sort(keys, dim=dim, descending=False, stable=True).indices
+    if keys.device.type != "cpu":
+        return torch.sort(keys, dim=dim, descending=False, stable=True).indices
+    return torch.from_numpy(_stable_argsort(keys.numpy(), dim))
+
+
+def _stable_argsort(keys: np.ndarray, axis: int) -> np.ndarray:
+    """Stable argsort of non-negative int16/int32 keys by numpy's radix sort of 16-bit words (about 5x torch's
+    stable sort for one word; int32 keys take two passes, low word then high, still under torch's)."""
+    if keys.dtype == np.int16:
+        return np.argsort(keys.view(np.uint16), axis=axis, kind="stable")
+    order = np.argsort((keys & 0xFFFF).astype(np.uint16), axis=axis, kind="stable")
+    high = np.take_along_axis((keys >> 16).astype(np.uint16), order, axis=axis)
+    return np.take_along_axis(order, np.argsort(high, axis=axis, kind="stable"), axis=axis)
 
 
 # --- order without sorting: integer keys, order statistics by histogram, ties by index -------------------
@@ -93,12 +104,9 @@ def magnitude_keys(values: torch.Tensor) -> torch.Tensor:
     the other NaNs, so all NaN patterns become one key, one above inf.
     """
     if values.dtype in (torch.bfloat16, torch.float16):
-        keys = values.view(torch.int16) & 0x7FFF
-    else:
-        wide = values if values.dtype == torch.float32 else values.abs().float()
-        keys = wide.view(torch.int32) & 0x7FFFFFFF
-    infinity = torch.tensor(float("inf"), dtype=values.dtype if keys.dtype == torch.int16 else torch.float32)
-    return keys.clamp_(max=int(infinity.view(keys.dtype)) + 1)
+        return (values.view(torch.int16) & 0x7FFF).clamp_(max=NAN_KEYS[values.dtype])
+    wide = values if values.dtype == torch.float32 else values.abs().float()
+    return (wide.view(torch.int32) & 0x7FFFFFFF).clamp_(max=NAN_KEYS[torch.float32])
 
 
 def stable_rank_window(keys: torch.Tensor, start: int, stop: int) -> torch.Tensor:
@@ -244,20 +252,27 @@ def della_prune(task_vector: torch.Tensor, density: float, epsilon: float, resca
     words = dare.stream_words(seed, model, tensor, numel, start, start + task_vector.numel())
     row_numel = rows[0].numel()
     step = max(1, BLOCK_ELEMENTS // row_numel)
-    keep = torch.empty(rows.shape, dtype=torch.bool, device=rows.device)
-    out = torch.empty_like(rows) if rescale == "inverse" else None
+    if rescale == "inverse":
+        divisor = per_rank.clamp(min=1e-300)  # inverse_probability_rescale's clamp, once per rank
+        out = torch.empty_like(rows)
+    else:
+        keep = torch.empty(rows.shape, dtype=torch.bool)
     for first in range(0, rows.shape[0], step):
         block = rows[first:first + step]
         order = ascending_magnitude_order(block, dim=1)
         drop_at = by_rank(order, thresholds).cpu().numpy().reshape(-1)
-        block_words = words[first * row_numel:first * row_numel + drop_at.size]
-        keep[first:first + step] = torch.from_numpy((block_words >= drop_at).reshape(block.shape))
-        if out is not None:
-            out[first:first + step] = inverse_probability_rescale(block, keep[first:first + step],
-                                                                  by_rank(order, per_rank))
-    if out is not None:
+        offset = first * row_numel
+        dropped = torch.from_numpy(words[offset:offset + drop_at.size] < drop_at).reshape(block.shape)
+        if rescale == "inverse":  # inverse_probability_rescale's values: tau / p in float64, +0 where dropped
+            wide = block.to(torch.float64, copy=True)  # a float64 block must not be divided in place
+            wide /= by_rank(order, divisor)
+            out[first:first + step] = wide
+            out[first:first + step].masked_fill_(dropped.to(wide.device), 0.0)  # after the cast: fewer bytes
+        else:
+            keep[first:first + step] = dropped.logical_not_()
+    if rescale == "inverse":
         return out.reshape(task_vector.shape)
-    return della_rescaled(task_vector, keep.reshape(task_vector.shape), None, rescale)
+    return della_rescaled(task_vector, keep.reshape(task_vector.shape).to(task_vector.device), None, rescale)
 
 
 def della_rescaled(task_vector: torch.Tensor, keep: torch.Tensor, keep_probability: torch.Tensor | None,
