@@ -268,12 +268,14 @@ def _breadcrumbs(method, stage: Sparsifier, task_vector, job, offset, state):
     """Drop the gamma largest |tau| and the smallest, keep density (per tensor)."""
     density, gamma = job.per_model["density"], job.per_model["gamma"]
     outlier_mask = _mergekit_outlier_mask if stage.convention == "mergekit" else _native_outlier_mask
+    count = task_vector.shape[0]
+
     def keep(t):
         return outlier_mask(task_vector[t], density[t], gamma[t], job.name, job.model_names[t])
 
     if stage.rescale == "l1":
-        return torch.stack([sparsify_ops.masked_l1_rescale(task_vector[t], keep(t)) for t in range(task_vector.shape[0])])
-    for t in range(task_vector.shape[0]):  # in place on the fresh stack (x * False: -0 for negative x, as before)
+        return torch.stack([sparsify_ops.masked_l1_rescale(task_vector[t], keep(t)) for t in range(count)])
+    for t in range(count):  # in place on the fresh stack (x * False: -0 for negative x, as before)
         task_vector[t].mul_(keep(t))
     return task_vector
 
