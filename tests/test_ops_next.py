@@ -384,7 +384,7 @@ def test_outlier_mask_ties_inside_one_key_and_the_int32_radix():
 def test_della_prune_equals_the_sort_formulation(dtype, monkeypatch):
     monkeypatch.setattr(sparsify, "BLOCK_ELEMENTS", 150)  # several blocks of rows, and a ragged last one
     tensors = [few_levels(18, (23, 41), dtype), few_levels(19, (300,), dtype, levels=3),
-               seeded(20, 9, 64, dtype=dtype), few_levels(21, (4, 6, 5), dtype), few_levels(22, (5, 1), dtype)]
+               seeded(20, 9, 64, dtype=dtype), few_levels(21, (9, 6, 5), dtype), few_levels(22, (5, 1), dtype)]
     settings = [(0.7, 0.15), (0.5, 0.0), (0.2, 0.19), (1.0, 0.3), (0.0, 0.3)]
     for values in tensors:
         before = values.clone()
@@ -857,6 +857,19 @@ def test_ops_run_on_the_inputs_device_and_agree_with_cpu():
     rescaled = sparsify.inverse_probability_rescale(on_gpu, keep, probability)
     assert rescaled.device.type == "cuda"
     assert sparsify.mergekit_outlier_mask(on_gpu, 0.3, 0.05).device.type == "cuda"
+    # issue 18's sort-free paths on the device (torch's stable sort and bincount there): the CPU's bits
+    for tied_values in (few_levels(62, (64, 96), torch.bfloat16), few_levels(63, (48, 40), torch.float32)):
+        on_device = tied_values.to(cuda)
+        cut = sparsify.outlier_mask(on_device, 0.5, 0.1)
+        assert torch.equal(cut.cpu(), sparsify.outlier_mask(tied_values, 0.5, 0.1))
+        for rescale in ("inverse", "none", "l1"):
+            pruned = sparsify.della_prune(on_device, 0.6, 0.2, rescale, 5, "m", "t", tied_values.numel())
+            expected = sparsify.della_prune(tied_values, 0.6, 0.2, rescale, 5, "m", "t", tied_values.numel())
+            assert pruned.device.type == "cuda"
+            if rescale == "l1":  # a norm: the device's summation order
+                close(pruned.cpu().float(), expected.float(), atol=1e-2)
+            else:
+                assert same_bits(pruned.cpu(), expected), rescale
     # model stock, slerp, nuslerp
     experts = [seeded(61 + i, 64, 96) for i in range(3)]
     close(model_stock.model_stock(on_gpu, [e.to(cuda) for e in experts]).cpu(),

@@ -8,6 +8,11 @@ Both come in two dialects where they differ:
 * ``native``: the papers' intent, with ties broken by a stable sort (lower flat index ranks lower), so the mask is
   the same on any device and under any chunking.
 
+Neither native path sorts whole tensors of floats: |x| becomes integer keys (its float bits, ``magnitude_keys``);
+Breadcrumbs' cut takes its two order statistics from histograms and resolves ties at them by flat index, which
+is the stable sort's result without the sort (``stable_rank_window``); DELLA's row ranks come from numpy's
+radix sort of 16-bit keys and its float64 work is done per rank, in cache-sized blocks of rows (``della_prune``).
+
 DELLA's Bernoulli draw never uses a global generator: element i of a tensor is kept iff the i-th 16-bit word of
 distmerge's counter-based stream (``dare.stream_words``) is >= round((1 - p_i) * 2**16). With a constant p that
 is DARE's mask for drop rate 1 - p, bit for bit. mergekit's masks come from ``torch.bernoulli`` and cannot be
