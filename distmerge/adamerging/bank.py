@@ -15,6 +15,7 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
+from typing import ContextManager
 from dataclasses import dataclass
 
 import torch
@@ -87,44 +88,73 @@ class Coefficients(torch.nn.Module):
         self.lambda_init = lambda_init
         self.raw = torch.nn.Parameter(torch.full((max(plan.num_rows, 1), len(plan.tasks)), float(lambda_init)))
 
-    def clamped(self) -> torch.Tensor:
-        return self.raw.clamp(0.0, 1.0)  # the reference's lambdas(): zero gradient outside [0, 1]
-
-    def per_tensor(self, indices: tuple[int, ...] | None = None) -> torch.Tensor:
-        """[len(indices), T]: each tensor's coefficients (lambda_init for frozen ones)."""
+    def per_tensor(self, indices: tuple[int, ...] | None = None, raw: torch.Tensor | None = None) -> torch.Tensor:
+        """[len(indices), T]: each tensor's coefficients (lambda_init for frozen ones), from ``raw`` if given."""
         indices = range(len(self.plan.names)) if indices is None else indices
-        clamped = self.clamped()
+        clamped = (self.raw if raw is None else raw).clamp(0.0, 1.0)  # the reference's lambdas(): zero gradient
+        # outside [0, 1]
         fixed = torch.full((len(self.plan.tasks),), float(self.lambda_init), dtype=clamped.dtype)
         return torch.stack([fixed if self.plan.rows[i] is None else clamped[self.plan.rows[i]] for i in indices])
 
 
-class GroupBank(torch.nn.Module):
-    """theta0 and tau of one layer group's tensors, frozen."""
+def compute_dtype(storage: torch.dtype) -> torch.dtype:
+    """What a bank stored in ``storage`` merges in: float64 stays, anything else is float32."""
+    return torch.float64 if storage == torch.float64 else torch.float32
 
-    def __init__(self, indices: tuple[int, ...], plan: TensorPlan, dtype: torch.dtype):
+
+class GroupBank(torch.nn.Module):
+    """theta0 and tau of one layer group's tensors, frozen. With ``rows_multiple`` W > 1 each tensor gets zero
+    rows up to a multiple of W, so that ZeRO-3's even split of the flattened [rows, T] lands on row boundaries
+    and gives rank r the rows ``shard_range`` gives it (FSDP2 splits unpadded rows the same way)."""
+
+    def __init__(self, indices: tuple[int, ...], plan: TensorPlan, dtype: torch.dtype, rows_multiple: int = 1):
         super().__init__()
         self.indices = indices
+        self.storage_dtype = dtype
+        self.numels = tuple(plan.numel(i) for i in indices)
         tasks = len(plan.tasks)
-        for j, i in enumerate(indices):
-            numel = plan.numel(i)
-            self.register_parameter(f"theta{j}", torch.nn.Parameter(torch.empty(numel, dtype=dtype), requires_grad=False))
-            self.register_parameter(f"tau{j}", torch.nn.Parameter(torch.empty(numel, tasks, dtype=dtype),
+        for j, numel in enumerate(self.numels):
+            rows = -(-numel // rows_multiple) * rows_multiple
+            self.register_parameter(f"theta{j}", torch.nn.Parameter(torch.empty(rows, dtype=dtype), requires_grad=False))
+            self.register_parameter(f"tau{j}", torch.nn.Parameter(torch.empty(rows, tasks, dtype=dtype),
                                                                   requires_grad=False))
 
     def pairs(self):
         for j, i in enumerate(self.indices):
             yield i, getattr(self, f"theta{j}"), getattr(self, f"tau{j}")
 
+    gather: Callable[[], ContextManager] | None = None  # ZeRO-3 (zero3.py): gathers this group's partitions
+
     def forward(self, lambdas: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The merged flat tensors of this group; ``lambdas`` is [len(indices), T]."""
-        return tuple(theta + tau @ lambdas[j].to(tau.dtype) for j, (_, theta, tau) in enumerate(self.pairs()))
+        """The merged flat tensors of this group in ``compute_dtype`` (a half-precision bank is only storage:
+        the products and the coefficients' gradients are float32); ``lambdas`` is [len(indices), T]. Under
+        ZeRO-3 the group is gathered and copied (the backward needs tau after the gather is released)."""
+        if self.gather is None:
+            return self._merge(list(self.pairs()), lambdas)
+        with self.gather():
+            pairs = [(i, theta.detach().clone(), tau.detach().clone()) for i, theta, tau in self.pairs()]
+        return self._merge(pairs, lambdas)
+
+    def _merge(self, pairs, lambdas: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        dtype = compute_dtype(self.storage_dtype)
+        out = []
+        for j, (_, theta, tau) in enumerate(pairs):
+            merged = theta.to(dtype) + tau.to(dtype) @ lambdas[j].to(dtype)
+            out.append(merged if merged.shape[0] == self.numels[j] else merged[:self.numels[j]])
+        return tuple(out)
+
+    def local_pairs(self, world: int, rank: int):
+        """(index, theta, tau) of this rank's rows (``shard_range``), as views of the rank's own storage."""
+        for j, (i, theta, tau) in enumerate(self.pairs()):
+            start, stop = shard_range(self.numels[j], world, rank)
+            yield i, local_tensor(theta, stop - start), local_tensor(tau, stop - start)
 
 
 class Bank(torch.nn.Module):
-    def __init__(self, plan: TensorPlan, dtype: torch.dtype = torch.float32):
+    def __init__(self, plan: TensorPlan, dtype: torch.dtype = torch.float32, rows_multiple: int = 1):
         super().__init__()
         self.plan = plan
-        self.groups = torch.nn.ModuleList(GroupBank(g, plan, dtype) for g in plan.groups)
+        self.groups = torch.nn.ModuleList(GroupBank(g, plan, dtype, rows_multiple) for g in plan.groups)
 
     def forward(self, coefficients: Coefficients, skip: frozenset[int] = frozenset()) -> dict[str, torch.Tensor]:
         """Every merged tensor outside the groups in ``skip`` (merged inside their layers: ``layerwise``), flat;
@@ -148,8 +178,12 @@ class Bank(torch.nn.Module):
 # --- filling a (sharded) bank from the checkpoints ----------------------------------------------
 
 
-def local_tensor(param: torch.Tensor) -> torch.Tensor:
-    """This rank's shard of a parameter (the whole tensor when it is not a DTensor)."""
+def local_tensor(param: torch.Tensor, rows: int | None = None) -> torch.Tensor:
+    """This rank's shard of a parameter: FSDP2's local DTensor part, ZeRO-3's partition in the parameter's
+    row shape (cut to ``rows``, the real ones), or the whole tensor in one process."""
+    if hasattr(param, "ds_tensor"):
+        local = param.ds_tensor.view(-1, *param.ds_shape[1:])
+        return local if rows is None else local[:rows]
     return param.to_local() if hasattr(param, "to_local") else param.data
 
 
@@ -177,17 +211,17 @@ def fill_bank(bank: Bank, base: Checkpoint, experts: list[Checkpoint], world: in
     """Each rank reads its own element range of every tensor: no process holds a whole task vector."""
     with torch.no_grad():
         for group in bank.groups:
-            for i, theta, tau in group.pairs():
+            for i, local_theta, local_tau in group.local_pairs(world, rank):
                 name = bank.plan.names[i]
                 start, stop = shard_range(bank.plan.numel(i), world, rank)
-                local_theta, local_tau = local_tensor(theta), local_tensor(tau)
                 if local_theta.shape[0] != stop - start:
                     raise RuntimeError(f"shard of '{name}' holds {local_theta.shape[0]} elements, expected "
-                                       f"{stop - start}: FSDP's dim-0 split differs from torch.chunk's")
-                base_values = read_flat(base, name, start, stop, local_theta.dtype)
+                                       f"{stop - start}: the strategy's dim-0 split differs from torch.chunk's")
+                exact = compute_dtype(local_theta.dtype)  # tau = theta_t - theta0 before any rounding to storage
+                base_values = read_flat(base, name, start, stop, exact)
                 local_theta.copy_(base_values)
                 for t, expert in enumerate(experts):
-                    local_tau[:, t].copy_(read_flat(expert, name, start, stop, local_tau.dtype) - base_values)
+                    local_tau[:, t].copy_(read_flat(expert, name, start, stop, exact) - base_values)
 
 
 # --- AdaMerging++: TIES trim (global) and sign election on the task vectors ------------------------
@@ -240,9 +274,9 @@ def plus_masks(taus: list[torch.Tensor], total_numel: int, density: float, reduc
     return PlusMasks(tuple(float(x) for x in thresholds), zero_sign)
 
 
-def apply_plus(bank: Bank, density: float, reduce: AllReduce) -> PlusMasks:
+def apply_plus(bank: Bank, density: float, reduce: AllReduce, world: int = 1, rank: int = 0) -> PlusMasks:
     """Replace every local tau by its AdaMerging++ selection, in place; the masks are the same on every rank."""
-    taus = [local_tensor(tau) for group in bank.groups for _, _, tau in group.pairs()]
+    taus = [tau for group in bank.groups for _, _, tau in group.local_pairs(world, rank)]
     total = sum(bank.plan.numel(i) for i in range(len(bank.plan.names)))
     masks = plus_masks(taus, total, density, reduce)
     with torch.no_grad():

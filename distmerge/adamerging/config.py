@@ -23,7 +23,7 @@ seed: 0
 freeze: []                # regexes: tensors kept at lambda_init
 exclude: [".*classifier.*"]   # not merged (default for classifiers: the heads; each task scores with its own;
                               # nothing for causal LMs and encoders)
-strategy: fsdp            # fsdp (torch FSDP2); deepspeed (ZeRO-3) is reserved, not wired in yet
+strategy: fsdp            # fsdp (torch FSDP2) | deepspeed (ZeRO-3; pip install deepspeed)
 resources: {num_cpus: 1, num_gpus: 0}
 ```
 """
@@ -56,7 +56,7 @@ POOLINGS = ("mean", "cls")
 HEAD_SUFFIX = ".safetensors"
 HEAD_TENSORS = ("bias", "weight")
 STRATEGIES = ("fsdp", "deepspeed")
-DTYPES = dtypes.FULL_PRECISION
+DTYPES = dtypes.NAMES  # what theta0 and the task vectors are stored in; merged weights are float32 (float64 if named)
 DATA_SUFFIXES = (".jsonl", ".json", ".parquet")
 
 
@@ -160,8 +160,6 @@ def load_ada_config(source: str | Path | dict[str, Any]) -> AdaConfig:
         heads=_heads(raw.get("heads"), experts),
         pooling=validate.choice("pooling", raw.get("pooling", "mean"), POOLINGS),
     )
-    if config.strategy == "deepspeed":  # ZeRO-3 runs here (probed: CPU, gloo, no op build) but is not wired in yet
-        raise ConfigError("strategy: 'deepspeed' is not available yet; use 'fsdp' (torch FSDP2)")
     if config.objective == "sft":
         missing = [t for t, d in data.items() if d.target is None]
         if missing:

@@ -24,8 +24,8 @@ from safetensors.torch import load_file
 
 from distmerge import telemetry
 from distmerge.adamerging import layerwise
-from distmerge.adamerging.bank import (AllReduce, Bank, Coefficients, PlusMasks, TensorPlan, apply_plus, fill_bank,
-                                       local_tensor, no_reduce, plan_tensors)
+from distmerge.adamerging.bank import (AllReduce, Bank, Coefficients, PlusMasks, TensorPlan, apply_plus,
+                                       compute_dtype, fill_bank, local_tensor, no_reduce, plan_tensors)
 from distmerge.adamerging.config import AdaConfig, load_ada_config
 from distmerge.adamerging.objective import (ENCODER_HEAD_PREFIX, batch_objective, check_parameters, encode, skeleton,
                                             text_fields)
@@ -59,20 +59,28 @@ class Setup:
 
 def build_setup(config: AdaConfig, world: int = 1, rank: int = 0, shard: Callable[[Bank], None] | None = None,
                 reduce: AllReduce = no_reduce, device: str = "cpu") -> Setup:
-    """Everything one rank needs; ``shard`` splits the bank across ranks (FSDP2) before its shard is read."""
+    """Everything one rank needs; ``shard`` splits the bank across ranks (FSDP2) before its shard is read;
+    ``strategy: deepspeed`` (world > 1) partitions it with ZeRO-3 instead."""
     from distmerge.evaluate.models import ModelSource, load_tokenizer
 
     base = Checkpoint(config.base, "base")
     experts = {t: Checkpoint(p, t) for t, p in config.experts.items()}
     plan = plan_tensors(base, experts, config.excluded(), config.freeze, config.granularity)
-    dtype = torch_dtype(config.dtype)
-    with torch.device("meta"):
-        bank = Bank(plan, dtype)
-    if shard is not None:
-        shard(bank)
-    bank.to_empty(device=device)
+    storage = torch_dtype(config.dtype)
+    dtype = compute_dtype(storage)  # of the merged weights, so of every tensor the forward meets
+    zero3 = config.strategy == "deepspeed" and world > 1
+    if zero3:
+        from distmerge.adamerging import zero3 as zero3_strategy
+
+        bank = zero3_strategy.partitioned_bank(plan, storage, world)
+    else:
+        with torch.device("meta"):
+            bank = Bank(plan, storage)
+        if shard is not None:
+            shard(bank)
+        bank.to_empty(device=device)
     fill_bank(bank, base, list(experts.values()), world, rank)
-    masks = apply_plus(bank, config.density, reduce) if config.plus else None
+    masks = apply_plus(bank, config.density, reduce, world, rank) if config.plus else None
     model = skeleton(str(base.folder), config.kind)
     for module in model.modules():
         for key, buffer in module._buffers.items():
@@ -117,7 +125,7 @@ def step_objective(setup: Setup, batches: dict[str, list[dict[str, torch.Tensor]
         params = {**setup.fixed, **merged, **setup.heads.get(task, {})}
         for encoded in encoded_batches:
             total = total + batch_objective(setup.model, params, encoded, setup.config.kind, setup.config.objective,
-                                            global_batch)
+                                            global_batch, setup.config.pooling)
     return total
 
 
@@ -128,46 +136,71 @@ def encode_rows(setup: Setup, task: str, rows: dict) -> dict[str, torch.Tensor]:
     return encode(setup.tokenizer, rows, text_fields(task, data.fields), target, setup.config.max_length, one_segment)
 
 
-def make_optimizer(setup: Setup) -> torch.optim.Optimizer:
-    return torch.optim.Adam([setup.coefficients.raw], lr=setup.config.lr, betas=(0.9, 0.999), weight_decay=0.0)
+class TorchCoefficients:
+    """The coefficients, replicated on every rank whatever shards the bank, trained by torch's Adam on gradients
+    summed over ranks; their state is what the checkpoints hold."""
+
+    def __init__(self, coefficients: Coefficients, lr: float, reduce: AllReduce):
+        self.param, self.reduce = coefficients.raw, reduce
+        self.optimizer = torch.optim.Adam([self.param], lr=lr, betas=(0.9, 0.999), weight_decay=0.0)
+
+    def step(self, loss: torch.Tensor) -> torch.Tensor:
+        """Back-propagates ``loss`` (this rank's part of a sum), steps Adam; returns the summed gradient."""
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        gradient = self.reduce(self.param.grad)
+        self.param.grad = gradient.clone()
+        self.optimizer.step()
+        return gradient
+
+    def raw(self) -> torch.Tensor:
+        return self.param.detach().clone()
+
+    def adam_state(self) -> dict[str, torch.Tensor]:
+        adam = self.optimizer.state.get(self.param, {})
+        state = {key: adam[key].detach().clone() for key in ("exp_avg", "exp_avg_sq") if key in adam}
+        if "step" in adam:
+            state["step"] = torch.as_tensor(adam["step"], dtype=torch.float32).reshape(1)
+        return state
+
+    def load(self, raw: torch.Tensor, adam: dict[str, torch.Tensor]) -> None:
+        with torch.no_grad():
+            self.param.copy_(raw)
+        if "step" in adam:
+            self.optimizer.state[self.param] = {"step": torch.tensor(float(adam["step"][0])),
+                                                "exp_avg": adam["exp_avg"].clone(),
+                                                "exp_avg_sq": adam["exp_avg_sq"].clone()}
 
 
-def summary(setup: Setup) -> dict[str, float]:
-    values = setup.coefficients.per_tensor().detach()
+def summary(setup: Setup, trainer) -> dict[str, float]:
+    values = setup.coefficients.per_tensor(raw=trainer.raw())
     return {"lambda_mean": float(values.mean()), "lambda_min": float(values.min()), "lambda_max": float(values.max())}
 
 
 # --- checkpoints: safetensors + JSON (no pickle) -------------------------------------------------
 
 
-def save_state(folder: Path, setup: Setup, optimizer: torch.optim.Optimizer, state: dict[str, Any],
-               gradient: torch.Tensor | None, first_gradient: torch.Tensor | None = None) -> None:
+def save_state(folder: Path, setup: Setup, trainer, state: dict[str, Any], gradient: torch.Tensor | None,
+               first_gradient: torch.Tensor | None = None) -> None:
+    """Every rank takes part (ZeRO-3 gathers the full values); only rank 0 writes."""
+    raw, adam = trainer.raw(), trainer.adam_state()
+    if setup.rank != 0:
+        return
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {"raw": setup.coefficients.raw.detach().cpu().contiguous()}
-    adam = optimizer.state.get(setup.coefficients.raw, {})
-    for key in ("exp_avg", "exp_avg_sq"):
-        if key in adam:
-            tensors[f"adam.{key}"] = adam[key].detach().cpu().contiguous()
-    if "step" in adam:
-        tensors["adam.step"] = torch.as_tensor(adam["step"], dtype=torch.float32).reshape(1).cpu()
+    tensors = {"raw": raw.cpu().contiguous(), **{f"adam.{k}": v.cpu().contiguous() for k, v in adam.items()}}
     if gradient is not None:
         tensors["last_gradient"] = gradient.detach().cpu().contiguous()
     if first_gradient is not None:  # the gradient of the run's first step (a resumed run has none)
         tensors["first_gradient"] = first_gradient.detach().cpu().contiguous()
-    tensors["lambdas"] = setup.coefficients.per_tensor().detach().cpu().contiguous()
+    tensors["lambdas"] = setup.coefficients.per_tensor(raw=raw).detach().cpu().contiguous()
     write_safetensors(tensors, folder / TENSORS_FILE)
     write_json(folder / STATE_FILE, state)
 
 
-def load_state(folder: Path, setup: Setup, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+def load_state(folder: Path, trainer) -> dict[str, Any]:
     tensors = load_file(str(folder / TENSORS_FILE))
     state = json.loads((folder / STATE_FILE).read_text())
-    with torch.no_grad():
-        setup.coefficients.raw.copy_(tensors["raw"])
-    if "adam.step" in tensors:
-        optimizer.state[setup.coefficients.raw] = {
-            "step": torch.tensor(float(tensors["adam.step"][0])),
-            "exp_avg": tensors["adam.exp_avg"].clone(), "exp_avg_sq": tensors["adam.exp_avg_sq"].clone()}
+    trainer.load(tensors["raw"], {k[len("adam."):]: v for k, v in tensors.items() if k.startswith("adam.")})
     return state
 
 
@@ -268,11 +301,11 @@ def _train_variant(setup: Setup, index: int, datasets: str, result_dir: Path, st
 
     config = setup.config
     reduce = all_reduce_sum if setup.world > 1 else no_reduce
-    optimizer = make_optimizer(setup)
+    trainer = TorchCoefficients(setup.coefficients, config.lr, reduce)
     history: list[float] = []
     step = 0
     if start_from is not None:
-        state = load_state(start_from, setup, optimizer)
+        state = load_state(start_from, trainer)
         step, history = int(state["step"]), list(state["history"])
     resumed_from = step
     local_batch = config.batch_size // setup.world
@@ -291,31 +324,28 @@ def _train_variant(setup: Setup, index: int, datasets: str, result_dir: Path, st
         # per layer, recomputed) once per task and step; the losses are per-sample sums, so nothing else changes
         batches = {t: [encode_rows(setup, t, joined([streams[t].next() for _ in range(config.batches)]))]
                    for t in config.tasks}
-        optimizer.zero_grad(set_to_none=True)
         loss = step_objective(setup, batches, config.batch_size)
-        loss.backward()
-        gradient = reduce(setup.coefficients.raw.grad)
-        setup.coefficients.raw.grad = gradient.clone()
+        objective = float(reduce(loss.detach()))
+        gradient = trainer.step(loss)
         if step == 0:
             first_gradient = gradient.clone()
-        objective = float(reduce(loss.detach()))
-        optimizer.step()
         history.append(objective)
         step_seconds.append(time.perf_counter() - step_began)
         step += 1
         if setup.rank == 0:
             telemetry.gauge("distmerge_adamerging_objective", objective, run=run_name)
             telemetry.gauge("distmerge_adamerging_step", float(step), run=run_name)
-            if step % every == 0 or step == config.steps:
-                s = summary(setup)
+        if step % every == 0 or step == config.steps:
+            if setup.rank == 0:
+                s = summary(setup, trainer)
                 print(f"adamerging {run_name}: step {step}/{config.steps} objective {objective:.6f} lambda mean "
                       f"{s['lambda_mean']:.4f} [{s['lambda_min']:.4f}, {s['lambda_max']:.4f}] "
                       f"({time.perf_counter() - began:.1f}s)", flush=True)
         if step % config.checkpoint_every == 0 or step == config.steps:
-            _report(setup, optimizer, {"variant": index, "step": step, "history": history}, gradient, objective)
+            _report(setup, trainer, {"variant": index, "step": step, "history": history}, gradient, objective)
         if exit_after and step == exit_after and setup.rank == 0:
             os._exit(17)  # fault injection: a worker dies here (a restarted group, or run again, resumes)
-    _finish(setup, optimizer, result_dir, step, history, gradient, first_gradient,
+    _finish(setup, trainer, result_dir, step, history, gradient, first_gradient,
             {"step_seconds": step_seconds, "resumed_from": resumed_from, **worker_memory(setup, reduce)})
 
 
@@ -329,15 +359,15 @@ def exit_after_steps(faults: dict, variant: int) -> int:
     return int(count) if int(target or 0) == variant else 0
 
 
-def _report(setup: Setup, optimizer, state: dict, gradient, objective: float) -> None:
+def _report(setup: Setup, trainer, state: dict, gradient, objective: float) -> None:
     import ray.train
 
-    metrics = {"step": state["step"], "objective": objective, **summary(setup)}
-    if setup.rank != 0:
-        ray.train.report(metrics)
-        return
+    metrics = {"step": state["step"], "objective": objective, **summary(setup, trainer)}
     with tempfile.TemporaryDirectory() as folder:
-        save_state(Path(folder), setup, optimizer, state, gradient)
+        save_state(Path(folder), setup, trainer, state, gradient)
+        if setup.rank != 0:
+            ray.train.report(metrics)
+            return
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -353,13 +383,13 @@ def worker_memory(setup: Setup, reduce: AllReduce) -> dict[str, Any]:
             "parameters": sum(setup.plan.numel(i) for i in range(len(setup.plan.names)))}
 
 
-def _finish(setup: Setup, optimizer, result_dir: Path, step: int, history: list[float], gradient,
+def _finish(setup: Setup, trainer, result_dir: Path, step: int, history: list[float], gradient,
             first_gradient, stats: dict[str, Any]) -> None:
     """Rank 0 writes the variant's learned coefficients; result.json last, as the variant's commit mark."""
+    state = {"step": step, "history": history}
+    save_state(result_dir, setup, trainer, state, gradient, first_gradient)
     if setup.rank != 0:
         return
-    state = {"step": step, "history": history}
-    save_state(result_dir, setup, optimizer, state, gradient, first_gradient)
     result = {"names": list(setup.plan.names), "tasks": list(setup.plan.tasks), "rows": list(setup.plan.rows),
               "granularity": setup.plan.granularity, "steps": step, "history": history, **stats,
               "plus": None if setup.masks is None else {"thresholds": list(setup.masks.thresholds),
