@@ -131,9 +131,10 @@ class GroupBank(torch.nn.Module):
         ZeRO-3 the group is gathered and copied (the backward needs tau after the gather is released)."""
         if self.gather is None:
             return self._merge(list(self.pairs()), lambdas)
-        with self.gather():
-            pairs = [(i, theta.detach().clone(), tau.detach().clone()) for i, theta, tau in self.pairs()]
-        return self._merge(pairs, lambdas)
+        dtype = compute_dtype(self.storage_dtype)
+        with self.gather():  # only tau is saved for the backward: it alone is copied (once, in the compute dtype)
+            return self._merge([(i, theta, tau.detach().to(dtype, copy=True)) for i, theta, tau in self.pairs()],
+                               lambdas)
 
     def _merge(self, pairs, lambdas: torch.Tensor) -> tuple[torch.Tensor, ...]:
         dtype = compute_dtype(self.storage_dtype)

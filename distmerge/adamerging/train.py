@@ -182,10 +182,7 @@ def summary(setup: Setup, trainer) -> dict[str, float]:
 
 def save_state(folder: Path, setup: Setup, trainer, state: dict[str, Any], gradient: torch.Tensor | None,
                first_gradient: torch.Tensor | None = None) -> None:
-    """Every rank takes part (ZeRO-3 gathers the full values); only rank 0 writes."""
     raw, adam = trainer.raw(), trainer.adam_state()
-    if setup.rank != 0:
-        return
     folder.mkdir(parents=True, exist_ok=True)
     tensors = {"raw": raw.cpu().contiguous(), **{f"adam.{k}": v.cpu().contiguous() for k, v in adam.items()}}
     if gradient is not None:
@@ -363,11 +360,11 @@ def _report(setup: Setup, trainer, state: dict, gradient, objective: float) -> N
     import ray.train
 
     metrics = {"step": state["step"], "objective": objective, **summary(setup, trainer)}
+    if setup.rank != 0:
+        ray.train.report(metrics)
+        return
     with tempfile.TemporaryDirectory() as folder:
         save_state(Path(folder), setup, trainer, state, gradient)
-        if setup.rank != 0:
-            ray.train.report(metrics)
-            return
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(folder))
 
 
@@ -386,10 +383,10 @@ def worker_memory(setup: Setup, reduce: AllReduce) -> dict[str, Any]:
 def _finish(setup: Setup, trainer, result_dir: Path, step: int, history: list[float], gradient,
             first_gradient, stats: dict[str, Any]) -> None:
     """Rank 0 writes the variant's learned coefficients; result.json last, as the variant's commit mark."""
-    state = {"step": step, "history": history}
-    save_state(result_dir, setup, trainer, state, gradient, first_gradient)
     if setup.rank != 0:
         return
+    state = {"step": step, "history": history}
+    save_state(result_dir, setup, trainer, state, gradient, first_gradient)
     result = {"names": list(setup.plan.names), "tasks": list(setup.plan.tasks), "rows": list(setup.plan.rows),
               "granularity": setup.plan.granularity, "steps": step, "history": history, **stats,
               "plus": None if setup.masks is None else {"thresholds": list(setup.masks.thresholds),
