@@ -320,3 +320,12 @@ def test_user_errors_are_found_behind_ray_wrapping():
     with pytest.raises(ValueError, match="plain"):
         with user_errors():
             raise ValueError("plain")
+
+
+def test_rows_in_memory_go_in_a_few_blocks_not_one_per_row():
+    """Ray's from_items makes a block (a task, often a new worker process) per row; a sweep's 65 validation texts
+    at batch 32 are one prepare task per 128 rows instead."""
+    from distmerge.evaluate.data import in_memory_blocks
+
+    assert [in_memory_blocks(n, 128) for n in (0, 1, 65, 128, 129, 1000)] == [1, 1, 1, 1, 2, 8]
+    assert in_memory_blocks(10, 0) == 10

@@ -48,7 +48,13 @@ def check_data(data: Any, task: Task) -> None:
     task.check_columns(columns, f"data '{path}'")
 
 
-def open_dataset(data: Any, task: Task):
+def in_memory_blocks(rows: int, rows_per_block: int) -> int:
+    """Blocks for rows held in memory: Ray's default is a block per row (its parallelism of 200), and every block
+    is a task; a few batches a block keeps the actors fed without a task and a worker process per row."""
+    return max(1, -(-rows // max(1, rows_per_block)))
+
+
+def open_dataset(data: Any, task: Task, rows_per_block: int = 64):
     """A Ray Dataset of the task's input rows (checked by ``check_data``), and a name for it."""
     import ray.data
 
@@ -59,7 +65,9 @@ def open_dataset(data: Any, task: Task):
     if isinstance(data, ray.data.Dataset):
         return data, "dataset"
     if isinstance(data, (list, tuple)):
-        return ray.data.from_items(list(data)), f"{len(data)} rows"
+        rows = list(data)
+        return ray.data.from_items(rows, override_num_blocks=in_memory_blocks(len(rows), rows_per_block)), \
+            f"{len(rows)} rows"
     path = Path(data).expanduser()
     suffix = _suffix(path)
     if suffix == ".parquet":
@@ -67,7 +75,8 @@ def open_dataset(data: Any, task: Task):
     if suffix in (".txt", ".text"):
         return ray.data.read_text(str(path), **read), str(path)
     if path.is_file() and _starts_with_array(path):  # one JSON array: small reference files (human-eval style)
-        return ray.data.from_items(_json_array(path)), str(path)
+        rows = _json_array(path)
+        return ray.data.from_items(rows, override_num_blocks=in_memory_blocks(len(rows), rows_per_block)), str(path)
     return ray.data.read_json(str(path), file_extensions=["json", "jsonl"], **read), str(path)
 
 

@@ -118,7 +118,7 @@ def run(source: ModelSource, task: Task, data: Any, options: EvalOptions, out: P
     # On the driver, before any row is generated: a machine that refuses the sandbox's namespaces says so now.
     sandbox_mode = isolation(options.sandbox.allow_unsandboxed) if task.runs_code else None
     device, num_cpus, num_gpus = actor_resources(options)
-    dataset, data_name = open_dataset(data, task)
+    dataset, data_name = open_dataset(data, task, rows_per_block=4 * options.batch_size)
     ctx = dataset.context
     ctx.execution_options.preserve_order = True
     if options.progress is not None:
