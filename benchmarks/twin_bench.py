@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -124,6 +125,18 @@ def bench_inference(folder: Path, batches: list[int], seq: int, device: str, rep
     return rows
 
 
+def context() -> dict:
+    """Where and under what load the figures were taken (the machine may be shared: the load says how much)."""
+    import importlib.metadata as md
+
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from common import machine_info
+
+    return {"machine": machine_info(), "load_before": [round(x, 2) for x in os.getloadavg()],
+            "torch_threads": torch.get_num_threads(),
+            "versions": {p: md.version(p) for p in ("torch", "ray", "transformers", "distmerge")}}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=("cpu", "cuda"))
@@ -140,10 +153,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
-    result = {"compression": bench_compression(shapes, args.rank, args.device, args.repeat)}
+    result = {"command": "python benchmarks/twin_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
+              **context(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+              "compression": bench_compression(shapes, args.rank, args.device, args.repeat)}
     if not args.skip_inference:
         folder = build_twin(args.root, args.hidden, args.layers, args.tasks, args.rank)
         result["inference"] = bench_inference(folder, args.batches, args.seq, args.device, args.repeat)
+    result["load_after"] = [round(x, 2) for x in os.getloadavg()]
     text = json.dumps(result, indent=2)
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)

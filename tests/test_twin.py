@@ -161,6 +161,27 @@ def test_compressed_parts_are_factors_of_the_stated_rank(tmp_path, llama_family)
     assert report["ranks"][f"t1::{name}"] == 8
 
 
+def test_routed_embedding_broadcasts_shared_position_ids():
+    """BERT looks up position ids as one [1, seq] row for a batch of 3: each sample still gets its own routed term,
+    E(w) = sum_t w_t US_t V_t^T looked up at those positions (hand-built factors, two tasks of rank 1)."""
+    from distmerge.twin.routed import RoutedEmbedding, Routing
+
+    table = torch.nn.Embedding(5, 2)
+    us = torch.tensor([[1.0, 0.0], [2.0, 1.0], [0.0, 3.0], [1.0, 1.0], [0.0, 0.0]])  # [rows, T r]: task 0, task 1
+    v = torch.tensor([[1.0, 0.0], [0.0, 2.0]])  # [dim, T r]
+    routing = Routing(None, ["a", "b"])
+    routing.weights = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.5, 0.5]])
+    routed = RoutedEmbedding(table, routing, us, v, torch.tensor([0, 1]))
+    positions = torch.tensor([[1, 2]])
+    with torch.no_grad():
+        out = routed(positions)
+    base = table.weight[positions[0]].detach()
+    task_a = torch.tensor([[2.0, 0.0], [0.0, 0.0]])  # us[:, 0] at rows 1, 2 times v[:, 0]^T
+    task_b = torch.tensor([[0.0, 2.0], [0.0, 6.0]])
+    expected = torch.stack([base + task_a, base + task_b, base + 0.5 * (task_a + task_b)])
+    torch.testing.assert_close(out, expected)
+
+
 def test_randomized_svd_error_within_stated_tolerance():
     """README: randomized SVD (oversample 10, 4 power iterations) has a relative Frobenius error at most 0.1% above
     the exact truncated SVD's, on spectra that decay as fine-tuning deltas do (singular values ~ i^-0.7 here)."""

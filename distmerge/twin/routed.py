@@ -87,7 +87,11 @@ class RoutedEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         y = self.base(ids)
-        w = self.routing.per_sample(ids.shape[0], ids.dim() + 1, y.device, y.dtype)
+        held = self.routing.weights
+        # BERT and RoBERTa look up position ids as one [1, seq] row for the whole batch: each sample's routed
+        # term then broadcasts from that row
+        batch = held.shape[0] if held is not None and ids.shape[0] == 1 else ids.shape[0]
+        w = self.routing.per_sample(batch, ids.dim() + 1, y.device, y.dtype)
         if w is None:
             return y
         return y + (nn.functional.embedding(ids, self.rows) * _expand(w, self.owner)) @ self.v.T
@@ -170,6 +174,9 @@ def attach_parts(model: nn.Module, store: ExclusiveStore, tasks: list[str], rout
     modules: dict[str, dict[str, list]] = {}
     for tensor, parts in by_tensor.items():
         module_name, _, param = tensor.rpartition(".")
+        prefixed = f"{getattr(model, 'base_model_prefix', '')}.{module_name}"
+        if module_name not in names and prefixed in names:  # a bare encoder's folder loaded with a head on top
+            module_name = prefixed
         if module_name not in names:
             raise InputError(f"tensor '{tensor}': its exclusive part names no module of the "
                              f"{type(model).__name__}")
@@ -244,18 +251,19 @@ def load(folder: str | Path, kind: str = "causal", device: str = "cpu", dtype: t
          rank: int | None = None):
     """A transformers model of the twin folder with routed exclusive parts (see the module docstring).
 
-    ``kind``: causal (AutoModelForCausalLM) or classify (AutoModelForSequenceClassification); the evaluator's
-    generate and perplexity kinds are causal. ``rank``: use only the first ``rank`` directions of each part (a
+    ``kind``: causal (AutoModelForCausalLM), classify (AutoModelForSequenceClassification) or model (AutoModel:
+    the bare encoder or decoder, for callers that bring their own heads); the evaluator's generate and perplexity
+    kinds are causal. ``rank``: use only the first ``rank`` directions of each part (a
     rank sweep over one build). ``model.twin`` is its ``Routing`` (``fixed`` for oracle routing)."""
     import warnings
 
-    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+    from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
         raise InputError(f"rank: must be a positive integer, got {rank!r}")
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
-    auto = AutoModelForSequenceClassification if kind == "classify" else AutoModelForCausalLM
+    auto = {"classify": AutoModelForSequenceClassification, "model": AutoModel}.get(kind, AutoModelForCausalLM)
     kwargs = {"dtype": dtype if dtype is not None else "auto"}
     try:
         with warnings.catch_warnings():
