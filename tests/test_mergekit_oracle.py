@@ -4,8 +4,8 @@ Runs only when ``DISTMERGE_MERGEKIT_PYTHON`` names a Python interpreter that has
 venv: mergekit pins its own transformers/torch, so it is never installed into distmerge's venv). Create one
 with ``export DISTMERGE_MERGEKIT_PYTHON=$(bash benchmarks/mergekit_env.sh /tmp/mkvenv)``.
 
-Each case writes one mergekit YAML, merges it with ``mergekit-yaml`` (subprocess, CPU) and with
-``distmerge.merge``, then compares every output tensor. Only deterministic settings are covered: DARE runs
+Each case writes one mergekit YAML, merges it with the real mergekit (every case in one subprocess, CPU) and
+with ``distmerge.merge``, then compares every output tensor. Only deterministic settings are covered: DARE runs
 at density 1, where mergekit's random drop is a no-op.
 """
 
@@ -93,15 +93,34 @@ CASES = ["linear", "task_arithmetic", "ties", "ties_normalize_false", "dare_line
 
 # --- helpers ------------------------------------------------------------------------------------------------
 
-def _run_mergekit(config_path: Path, out: Path) -> None:
-    # The venv's python may be a symlink to the system one: keep the venv path (no resolve()).
-    script = Path(os.path.abspath(MERGEKIT_PYTHON)).parent / "mergekit-yaml"
-    command = [str(script)] if script.is_file() else [MERGEKIT_PYTHON, "-m", "mergekit.scripts.run_yaml"]
+# Every case's merge in one mergekit process: its imports (torch, transformers, mergekit: 10-20 s on 2 cores) cost
+# more than these tiny merges.
+RUN_ALL = """
+import sys, yaml
+from mergekit.config import MergeConfiguration
+from mergekit.merge import run_merge
+from mergekit.options import MergeOptions
+for config_path, out in zip(sys.argv[1::2], sys.argv[2::2]):
+    text = open(config_path).read()
+    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), out, MergeOptions(quiet=True),
+              config_source=text)
+"""
+
+
+def run_mergekit(configs: dict[str, dict], root: Path) -> Path:
+    """Merge each ``{case: mergekit config}`` with the real mergekit into ``root/case`` (``root/case.yaml`` kept)."""
+    arguments = []
+    for case, config in configs.items():
+        path = root / f"{case}.yaml"
+        path.write_text(yaml.safe_dump(config, sort_keys=False))
+        arguments += [str(path), str(root / case)]
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
     env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run([*command, str(config_path), str(out), "--quiet"], capture_output=True, text=True,
-                            env=env, timeout=600)
-    assert result.returncode == 0, f"mergekit-yaml failed ({result.returncode}):\n{result.stderr[-4000:]}"
+    # The venv's python may be a symlink to the system one: keep the venv path (no resolve()).
+    result = subprocess.run([MERGEKIT_PYTHON, "-c", RUN_ALL, *arguments], capture_output=True, text=True, env=env,
+                            timeout=900)
+    assert result.returncode == 0, f"mergekit failed ({result.returncode}):\n{result.stderr[-4000:]}"
+    return root
 
 
 def _tensors(folder: Path) -> dict[str, torch.Tensor]:
@@ -137,26 +156,28 @@ def family_bf16(tmp_path_factory) -> dict[str, str]:
     return {"base": str(base), **{p.name: str(p) for p in experts}}
 
 
+@pytest.fixture(scope="module")
+def mergekit_outputs(family, family_bf16, tmp_path_factory) -> Path:
+    configs = {case: _config(family_bf16 if case.endswith("_bf16") else family, case) for case in CASES}
+    return run_mergekit(configs, tmp_path_factory.mktemp("mergekit_runs"))
+
+
 # --- the test -----------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize(
     "case", [pytest.param(c, marks=pytest.mark.xfail(strict=True, reason=KNOWN_GAPS[c])) if c in KNOWN_GAPS else c
              for c in CASES]
 )
-def test_matches_mergekit(case, request, tmp_path, ray_cluster):
+def test_matches_mergekit(case, request, mergekit_outputs, tmp_path, ray_cluster):
     from distmerge import merge
 
     family = request.getfixturevalue("family_bf16" if case.endswith("_bf16") else "family")
     # bf16 arithmetic may round the last bit differently; a wrong trim or sign moves values by a whole delta.
     rtol, atol = (8e-3, 1e-3) if case.endswith("_bf16") else (1e-5, 1e-6)
 
-    config_path = tmp_path / f"{case}.yaml"
-    config_path.write_text(yaml.safe_dump(_config(family, case), sort_keys=False))
+    merge(str(mergekit_outputs / f"{case}.yaml"), str(tmp_path / "distmerge"), workers=2, force=True, progress=False)
 
-    _run_mergekit(config_path, tmp_path / "mergekit")
-    merge(str(config_path), str(tmp_path / "distmerge"), workers=2, force=True, progress=False)
-
-    expected, actual = _tensors(tmp_path / "mergekit"), _tensors(tmp_path / "distmerge")
+    expected, actual = _tensors(mergekit_outputs / case), _tensors(tmp_path / "distmerge")
     assert sorted(actual) == sorted(expected)
     base = _tensors(Path(family["base"]))
     mismatched, moved = [], 0

@@ -8,16 +8,13 @@ where the mergekit dialect knows the method, distmerge also runs the mergekit YA
 
 from __future__ import annotations
 
-import os
-import subprocess
 from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from distmerge.config.mergekit import read_mergekit
-from test_mergekit_oracle import MERGEKIT_PYTHON, _UNAVAILABLE, _model, _tensors, family  # noqa: F401 (fixture)
+from test_mergekit_oracle import _UNAVAILABLE, _model, _tensors, family, run_mergekit  # noqa: F401 (fixture)
 
 pytestmark = [pytest.mark.ray, pytest.mark.skipif(_UNAVAILABLE is not None, reason=str(_UNAVAILABLE))]
 
@@ -76,33 +73,9 @@ def _dialect_knows(mergekit: dict) -> bool:
     return True
 
 
-# Every case's merge in one mergekit process: its imports cost more than these tiny merges.
-RUN_ALL = """
-import sys, yaml
-from mergekit.config import MergeConfiguration
-from mergekit.merge import run_merge
-from mergekit.options import MergeOptions
-for config_path, out in zip(sys.argv[1::2], sys.argv[2::2]):
-    text = open(config_path).read()
-    run_merge(MergeConfiguration.model_validate(yaml.safe_load(text)), out, MergeOptions(quiet=True),
-              config_source=text)
-"""
-
-
 @pytest.fixture(scope="module")
 def mergekit_outputs(family, tmp_path_factory) -> Path:  # noqa: F811 (the shared fixture)
-    root = tmp_path_factory.mktemp("mergekit_next")
-    arguments = []
-    for case in CASES:
-        path = root / f"{case}.yaml"
-        path.write_text(yaml.safe_dump(_cases(family, case)[0], sort_keys=False))
-        arguments += [str(path), str(root / case)]
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV")}
-    env.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", CUDA_VISIBLE_DEVICES="")
-    result = subprocess.run([MERGEKIT_PYTHON, "-c", RUN_ALL, *arguments], capture_output=True, text=True, env=env,
-                            timeout=900)
-    assert result.returncode == 0, f"mergekit failed ({result.returncode}):\n{result.stderr[-4000:]}"
-    return root
+    return run_mergekit({case: _cases(family, case)[0] for case in CASES}, tmp_path_factory.mktemp("mergekit_next"))
 
 
 @pytest.mark.parametrize("case", CASES)
