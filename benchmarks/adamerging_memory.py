@@ -53,13 +53,13 @@ def main() -> None:
     if args.models is None and not (models / f"expert_{args.experts - 1}" / "config.json").exists():
         build_family(root / "models", "llama", experts=args.experts, vocab_size=args.vocab, hidden=args.hidden,
                      layers=args.layers, shard_size="50MB")
+    root.mkdir(parents=True, exist_ok=True)
     rng = random.Random(0)
     tasks = [f"t{i}" for i in range(args.experts)]
     for task in tasks:
         rows = [{"text": " ".join(f"w{rng.randrange(4, args.vocab)}" for _ in range(args.max_length))}
                 for _ in range(64)]
         (root / f"{task}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    root.mkdir(parents=True, exist_ok=True)
     config = {"base": str(models / "base"),
               "experts": {t: str(models / f"expert_{i}") for i, t in enumerate(tasks)},
               "data": {t: str(root / f"{t}.jsonl") for t in tasks}, "granularity": "layer", "steps": args.steps,
