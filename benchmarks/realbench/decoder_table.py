@@ -1,0 +1,227 @@
+"""The method table of the decoder track, for the full and the LoRA experts: every method merged with distmerge
+(LoRA experts as ``BASE+ADAPTER``), its lambda / density / drop rate chosen on the validation split (mean
+normalized exact match), reported on test. FDA (the paper's NLG setting: MLP units, TA 0.5 as the initial
+model, alpha elementwise from 1.0 on the merged delta, cos loss) runs only with ``--fda``; its anchors are
+built for the trained layers only (the others carry no task vector). One JSON record per run in
+benchmarks/results/realbench_decoder.json."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import statistics
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from benchmarks.realbench import decoder, decoder_data, report, table
+
+DEFAULT_JSON = table.RESULTS / "realbench_decoder.json"
+KINDS = ("full", "lora")
+
+
+@dataclass(frozen=True)
+class FdaSettings:
+    """The FDA paper's NLG (Llama-2-13B) setting, with fewer anchors (8192 there, for hidden 5120)."""
+    count: int = 512
+    tokens: int = 1
+    sigma: float = 0.01
+    steps: int = 200
+    lr: float = 1e-2
+    start_lambda: float = 0.5  # initial model TA(0.5), alpha elementwise from 1.0 on its delta
+    adapt_epochs: int = 50
+    adapt_lr: float = 1e-2
+    adapt_batch: int = 1536  # all of a layer's anchors (3 tasks x 512): one step an epoch, as the paper's 2
+    loss: str = "cos"
+
+
+@dataclass(frozen=True)
+class Grids:
+    ta_lambdas: tuple[float, ...] = (0.5, 1.0)
+    ties_densities: tuple[float, ...] = (0.2, 0.5)
+    ties_lambdas: tuple[float, ...] = (1.0,)
+    dare_drop_rates: tuple[float, ...] = (0.9,)
+    dare_lambdas: tuple[float, ...] = (0.5, 1.0)
+    fda: FdaSettings = field(default_factory=FdaSettings)
+    run_fda: bool = False
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    grids: Grids
+    train: decoder.TrainSettings
+    kinds: tuple[str, ...]
+
+
+QUICK = Grids(ta_lambdas=(1.0,), ties_densities=(0.2,), dare_lambdas=(1.0,), fda=FdaSettings(count=32, steps=5,
+                                                                                               adapt_epochs=2))
+QUICK_TRAIN = decoder.TrainSettings(steps=4)
+
+LABELS = {"base": "base model", "weight_average": "weight average",
+          "task_arithmetic": "task arithmetic (lambda on validation)", "ta_0.5": "task arithmetic 0.5 (FDA's start)",
+          "ties_global": "TIES, global trim", "ties_tensor": "TIES, per-tensor trim", "dare": "DARE + TA", "emr": "EMR",
+          "fda_gauss": "FDA from TA 0.5, gauss anchors", "fda_weights": "FDA from TA 0.5, weight-row anchors"}
+
+
+def fda_config(fda: FdaSettings, seed: int, base: Path, experts: dict[str, str], initial: Path, init: str,
+               layers: list[int]) -> dict:
+    return {"base": str(base), "experts": dict(experts), "initial": str(initial), "modules": "mlp",
+            "layers": layers,
+            "anchors": {"count": fda.count, "tokens": fda.tokens, "init": init, "sigma": fda.sigma,
+                        "steps": fda.steps, "lr": fda.lr},
+            "adapt": {"param": "elementwise", "sources": "initial", "alpha_init": 1.0, "loss": fda.loss,
+                      "lr": fda.adapt_lr, "batch_size": fda.adapt_batch, "epochs": fda.adapt_epochs},
+            "resources": {"num_cpus": 1}, "seed": seed}
+
+
+def run_kind(kind: str, seed: int, build_dir: Path, base: Path, scorer: decoder.Scorer, base_test: dict,
+             grids: Grids, layers: list[int], work: Path, log) -> dict:
+    """Every row for the ``kind`` experts of one build."""
+    experts = decoder.experts(build_dir, kind)
+    merges = work / f"merges-decoder-seed{seed}-{kind}"
+    shutil.rmtree(merges, ignore_errors=True)
+    merges.mkdir(parents=True)
+    tasks = list(decoder_data.TASKS)
+    own_validation = {t: scorer.score(p, "validation", tasks=(t,))[t] for t, p in experts.items()}
+    every = {t: scorer.score(p, "test") for t, p in experts.items()}
+    own_test = {t: every[t][t] for t in tasks}
+    rows = {"base": report.score_record(base_test, own_test)}
+    expert_rows = {t: report.score_record(every[t], own_test) for t in tasks}
+    log(f"[seed {seed} {kind}] experts on their own task (test): "
+        + ", ".join(f"{t} {v:.3f}" for t, v in own_test.items()) + f"; validation: "
+        + ", ".join(f"{t} {v:.3f}" for t, v in own_validation.items()))
+    chosen, grids_run, folders = {}, {}, {}
+
+    def one(name: str, method: str, candidates: list[tuple[str, dict]]) -> None:
+        log(f"[seed {seed} {kind}] {LABELS.get(name, name)}")
+        best, folder, grid = table.choose(candidates, method, base, experts, scorer, own_validation, merges, log)
+        rows[name] = report.score_record(scorer.score_merge(folder, "test"), own_test)
+        chosen[name], grids_run[name], folders[name] = best, grid, folder
+        log(f"    chosen {best['label']}: test normalized {rows[name]['mean_normalized']:.4f}, "
+            f"exact match {rows[name]['mean_accuracy']:.4f}")
+
+    one("weight_average", "weight_average", [("weight-average", {})])
+    one("task_arithmetic", "task_arithmetic", [(f"ta-lambda{x:g}", {"lambda": x}) for x in grids.ta_lambdas])
+    for scope in ("global", "tensor"):
+        one(f"ties_{scope}", "ties", [(f"ties-{scope}-density{d:g}-lambda{x:g}",
+                                       {"density": d, "lambda": x, "trim_scope": scope})
+                                      for d in grids.ties_densities for x in grids.ties_lambdas])
+    one("dare", "dare", [(f"dare-drop{p:g}-lambda{x:g}", {"drop_rate": p, "lambda": x, "seed": seed})
+                         for p in grids.dare_drop_rates for x in grids.dare_lambdas])
+    one("emr", "emr", [("emr", {})])
+
+    fda_runs = {}
+    if grids.run_fda:
+        start = grids.fda.start_lambda
+        initial = merges / f"ta-lambda{start:g}"
+        if not initial.is_dir():
+            table.merge(base, experts, "task_arithmetic", {"lambda": start}, initial)
+        rows["ta_0.5"] = report.score_record(scorer.score(initial, "test"), own_test)
+        for init in ("gauss", "weights"):
+            name = f"fda_{init}"
+            log(f"[seed {seed} {kind}] {LABELS[name]}")
+            folder, record = table.run_fda(fda_config(grids.fda, seed, base, experts, initial, init, layers),
+                                           merges, name)
+            rows[name] = report.score_record(scorer.score(folder, "test"), own_test)
+            fda_runs[name] = record
+            log(f"    test normalized {rows[name]['mean_normalized']:.4f}; construction {record['construct_seconds']}s "
+                f"({record['job_seconds']:.1f}s per (layer, task) job), adaptation loss "
+                f"x{record['adapt_loss_ratio']:.3f}")
+    shutil.rmtree(merges, ignore_errors=True)
+    return {"rows": rows, "experts": expert_rows, "own_validation": own_validation, "chosen": chosen,
+            "grids": grids_run, "fda": fda_runs}
+
+
+def run_seed(seed: int, work: Path, grids: Grids, train: decoder.TrainSettings, kinds: tuple[str, ...], log,
+             limit: int | None = None) -> dict:
+    began = time.perf_counter()
+    build_dir = decoder.build(work, seed, train, log=log)
+    manifest = decoder.read_build(build_dir)
+    base = Path(manifest["base"])
+    scorer = decoder.Scorer(build_dir, limit=limit)
+    base_test = scorer.score(base, "test")
+    layers = decoder.trained_layers(decoder.load_model(base).config, train)
+    out = {"seed": seed, "build": build_dir.name, "training": manifest["training"], "data": manifest["data"],
+           "kinds": {}}
+    for kind in kinds:
+        out["kinds"][kind] = run_kind(kind, seed, build_dir, base, scorer, base_test, grids, layers, work, log)
+    out["seconds"] = round(time.perf_counter() - began, 1)
+    return out
+
+
+def summarize(runs: list[dict]) -> dict:
+    tasks = list(decoder_data.TASKS)
+    out = {}
+    for kind in runs[0]["kinds"]:
+        of_kind = [r["kinds"][kind] for r in runs]
+        experts = {f"{t} expert": {c: report.spread([r["experts"][t]["accuracy"][c] for r in of_kind]) for c in tasks}
+                   for t in tasks}
+        for row in experts.values():
+            row["mean"] = report.spread([statistics.fmean(row[t]["per_seed"][i] for t in tasks)
+                                         for i in range(len(of_kind))])
+        fda = {name: {k: report.spread([r["fda"][name][k] for r in of_kind])
+                      for k in ("construct_seconds", "job_seconds", "adapt_loss_ratio", "seconds")}
+               for name in of_kind[0]["fda"] if all(name in r["fda"] for r in of_kind)}
+        out[kind] = {"normalized": report.summarize_rows(of_kind, tasks, "normalized"),
+                     "exact_match": report.summarize_rows(of_kind, tasks, "accuracy"), "experts_exact_match": experts,
+                     "fda": fda, "chosen": {r["seed"]: {k: v["label"] for k, v in k_run["chosen"].items()}
+                                            for r, k_run in zip(runs, of_kind)}}
+    return out
+
+
+def print_tables(summary: dict, seeds: int) -> None:
+    tasks = list(decoder_data.TASKS)
+    for kind, part in summary.items():
+        title = "full fine-tunes of the last layers" if kind == "full" else "LoRA experts"
+        print(f"\n## {title}\n\nNormalized exact match (merged / expert on its own task), test split:\n")
+        print(report.markdown(part["normalized"], tasks, LABELS, seeds))
+        print("\nExact match, test split:\n")
+        print(report.markdown(part["exact_match"], tasks, LABELS, seeds))
+        print("\nEach expert on every task (exact match):\n")
+        print(report.markdown(part["experts_exact_match"], tasks, {}, seeds))
+        for name, record in part["fda"].items():
+            print(f"{LABELS[name]}: construction {record['construct_seconds']['mean']:.0f}s "
+                  f"({record['job_seconds']['mean']:.1f}s per (layer, task) job); adaptation loss final/initial "
+                  f"{record['adapt_loss_ratio']['mean']:.3f}; {record['seconds']['mean']:.0f}s in all")
+        print("\nChosen on validation: " + "; ".join(f"seed {s}: " + ", ".join(f"{k} {v}" for k, v in c.items())
+                                                    for s, c in part["chosen"].items()))
+
+
+def main(work: Path, seeds: list[int], json_path: Path | None, quick: bool, kinds: tuple[str, ...], run_fda: bool,
+         log) -> int:
+    import sys
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from fda_quality import run_seeds, write_result  # the shared Ray runner and JSON record
+
+    grids = QUICK if quick else Grids()
+    grids = Grids(**{**grids.__dict__, "run_fda": run_fda})
+    train = QUICK_TRAIN if quick else decoder.TrainSettings()
+    json_path = json_path or (table.RESULTS / "realbench_decoder_quick.json" if quick else DEFAULT_JSON)
+    runs, seconds = run_seeds(seeds, train.threads, work,
+                              lambda seed: run_seed(seed, work, grids, train, kinds, log, 10 if quick else None))
+    summary = summarize(runs)
+    result = write_result(json_path, None, RunSettings(grids, train, kinds), seeds, seconds, summary, runs)
+    print_tables(summary, len(seeds))
+    print(f"\n{result['seconds']:.0f}s in all; results in {json_path}")
+    return 0
+
+
+def combine(files: list[Path], json_path: Path) -> int:
+    """One record from the runs of several decoder ``table`` results (seeds run as separate processes)."""
+    records = [json.loads(Path(f).read_text()) for f in files]
+    runs = sorted((run for record in records for run in record["runs"]), key=lambda r: r["seed"])
+    seeds = [r["seed"] for r in runs]
+    if len(set(seeds)) != len(seeds):
+        raise SystemExit(f"realbench combine: seeds {seeds} appear more than once in {', '.join(map(str, files))}")
+    if any(r["settings"] != records[0]["settings"] for r in records):
+        raise SystemExit("realbench combine: the files were run with different settings")
+    summary = summarize(runs)
+    result = {**records[0], "command": "realbench combine --track decoder " + " ".join(map(str, files)),
+              "seeds": seeds, "seconds": round(sum(r["seconds"] for r in records), 1), "summary": summary,
+              "runs": runs}
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    json_path.write_text(json.dumps(result, indent=1))
+    print_tables(summary, len(seeds))
+    print(f"\nresults in {json_path}")
+    return 0
