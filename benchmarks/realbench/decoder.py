@@ -10,10 +10,12 @@ the answer tokens only (prompts are left-padded, so the answers end every row an
 the 49152-word head on those positions only). Everything is float32: the base's dequantized Q4_1 values are
 exact in float32, and a fine-tune's small deltas would fall under bf16's rounding of the weights.
 
-Layout of a build (``WORK/decoder-seed{seed}-{key}``): ``experts/{task}/`` (full LlamaForCausalLM folders),
-``lora/{task}/`` (PEFT adapter folders on ``base``; distmerge reads them as ``BASE+ADAPTER``),
-``manifest.json``. The base is ``WORK/decoder-base-{gguf sha}``. The key hashes the GGUF file, the training
-data, the training code, the settings, the seed and the torch/transformers/peft versions.
+Layout: ``WORK/decoder-base-{gguf sha}`` (the base), ``WORK/decoder-seed{seed}-{task}-{key}/`` per task with
+``full/`` (a LlamaForCausalLM folder), ``lora/`` (a PEFT adapter folder on the base; distmerge reads it as
+``BASE+ADAPTER``) and ``training.json``, and ``WORK/decoder-seed{seed}-{key}/manifest.json`` naming them. A
+task's key hashes the GGUF file, that task's training data, the training code, the settings, the seed and the
+torch/transformers/peft versions (so a changed task retrains only its own experts); the build's key hashes
+all tasks' training data the same way.
 """
 
 from __future__ import annotations
@@ -222,8 +224,9 @@ def finetune(model, tokenizer, task: str, train: list[decoder_data.Example], set
 
 # --- build -------------------------------------------------------------------------------------------------
 
-# What a build depends on in code: the data sources and the training path (not the scorer).
-TRAINING_CODE = (decoder_data, data.split_of, dequantized, build_base, training_batch, answer_loss, trained_layers,
+# What a build depends on in code: the training path (not the scorer; the data are in the key by their
+# fingerprint, so an edit of decoder_data.py that keeps every training example keeps the build).
+TRAINING_CODE = (decoder_data.target, dequantized, build_base, training_batch, answer_loss, trained_layers,
                  full_model, lora_model, finetune)
 
 
@@ -248,14 +251,46 @@ def build_folder(work: Path, seed: int, settings: TrainSettings = TrainSettings(
     return work / f"decoder-seed{seed}-{key}", work / f"decoder-base-{gguf_sha[:12]}", datasets
 
 
+def task_folder(work: Path, seed: int, task: str, settings: TrainSettings, datasets: dict) -> Path:
+    """Where one task's full and LoRA experts live: keyed on that task's training data alone, so a changed
+    task rebuilds only its own experts."""
+    fingerprint = decoder_data.fingerprint({task: datasets[task]}, ("train",))
+    return work / f"decoder-seed{seed}-{task}-{build_key(file_sha256(gguf_path()), fingerprint, settings, seed)}"
+
+
 def _summary(losses: list[float], began: float) -> dict:
     tail = losses[-30:]
     return {"first_loss": round(losses[0], 5), "final_loss": round(sum(tail) / len(tail), 5),
             "seconds": round(time.perf_counter() - began, 1)}
 
 
+def build_task(folder: Path, base: Path, tokenizer, task: str, train: list[decoder_data.Example],
+               settings: TrainSettings, task_seed: int, log) -> dict:
+    """``folder/full`` (the last layers fine-tuned) and ``folder/lora`` (a PEFT adapter on ``base``)."""
+    staging = folder.parent / f".{folder.name}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    began = time.perf_counter()
+    log(f"  full fine-tune of the last {settings.train_layers} layers: {task} ({len(train)} training examples)")
+    model = full_model(base, settings)
+    losses = finetune(model, tokenizer, task, train, settings, settings.lr, task_seed, log)
+    model.save_pretrained(str(staging / "full"))
+    tokenizer.save_pretrained(str(staging / "full"))
+    training = {"full": _summary(losses, began)}
+    began = time.perf_counter()
+    log(f"  LoRA (rank {settings.lora_rank}) fine-tune of the last {settings.train_layers} layers: {task}")
+    model = lora_model(base, settings, task_seed)
+    losses = finetune(model, tokenizer, task, train, settings, settings.lora_lr, task_seed, log)
+    model.save_pretrained(str(staging / "lora"))
+    _point_adapter_at(staging / "lora", base)
+    training["lora"] = _summary(losses, began)
+    (staging / "training.json").write_text(json.dumps(training, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    staging.rename(folder)
+    return training
+
+
 def build(work: Path, seed: int, settings: TrainSettings = TrainSettings(), log=print) -> Path:
-    """Base, one full and one LoRA expert per task for ``seed``, reused when already built."""
+    """Base, one full and one LoRA expert per task for ``seed``, each task's reused when already built."""
     work = Path(work).resolve()
     work.mkdir(parents=True, exist_ok=True)
     folder, _, datasets = build_folder(work, seed, settings)
@@ -264,34 +299,23 @@ def build(work: Path, seed: int, settings: TrainSettings = TrainSettings(), log=
         return folder
     base = build_base(work, file_sha256(gguf_path()), log)
     tokenizer = load_tokenizer(base)
-    staging = work / f".{folder.name}.partial"
-    shutil.rmtree(staging, ignore_errors=True)
     manifest = {"track": "decoder", "seed": seed, "base": str(base), "settings": asdict(settings),
                 "train_fingerprint": decoder_data.fingerprint(datasets, ("train",)),
-                "data": decoder_data.describe(datasets), "tasks": list(decoder_data.TASKS), "training": {}}
+                "data": decoder_data.describe(datasets), "tasks": list(decoder_data.TASKS), "experts": {},
+                "training": {}}
     for index, task in enumerate(decoder_data.TASKS):
-        train = datasets[task]["train"]
-        task_seed = seed * 1000 + index + 1
-        began = time.perf_counter()
-        log(f"[seed {seed}] full fine-tune of the last {settings.train_layers} layers: {task} "
-            f"({len(train)} training examples)")
-        model = full_model(base, settings)
-        losses = finetune(model, tokenizer, task, train, settings, settings.lr, task_seed, log)
-        model.save_pretrained(str(staging / "experts" / task))
-        tokenizer.save_pretrained(str(staging / "experts" / task))
-        manifest["training"][task] = _summary(losses, began)
-        began = time.perf_counter()
-        log(f"[seed {seed}] LoRA (rank {settings.lora_rank}) fine-tune of the last {settings.train_layers} layers: "
-            f"{task}")
-        model = lora_model(base, settings, task_seed)
-        losses = finetune(model, tokenizer, task, train, settings, settings.lora_lr, task_seed, log)
-        model.save_pretrained(str(staging / "lora" / task))
-        _point_adapter_at(staging / "lora" / task, base)
-        manifest["training"][f"{task}_lora"] = _summary(losses, began)
-        del model
-    (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    staging.rename(folder)
+        expert_dir = task_folder(work, seed, task, settings, datasets)
+        if (expert_dir / "training.json").is_file():
+            log(f"[seed {seed}] {task}: reusing {expert_dir}")
+        else:
+            log(f"[seed {seed}] {task} experts")
+            build_task(expert_dir, base, tokenizer, task, datasets[task]["train"], settings, seed * 1000 + index + 1,
+                       log)
+        manifest["experts"][task] = str(expert_dir)
+        manifest["training"][task] = json.loads((expert_dir / "training.json").read_text())
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f".{MANIFEST}.partial").write_text(json.dumps(manifest, indent=1))
+    (folder / f".{MANIFEST}.partial").rename(folder / MANIFEST)
     return folder
 
 
@@ -310,11 +334,10 @@ def read_build(folder: Path) -> dict:
 
 def experts(build_dir: Path, kind: str = "full") -> dict[str, str]:
     """Task -> the expert as distmerge reads it: a model folder (full) or ``BASE+ADAPTER`` (lora)."""
-    build_dir = Path(build_dir)
+    manifest = read_build(build_dir)
     if kind == "full":
-        return {task: str(build_dir / "experts" / task) for task in decoder_data.TASKS}
-    base = read_build(build_dir)["base"]
-    return {task: f"{base}+{build_dir / 'lora' / task}" for task in decoder_data.TASKS}
+        return {task: str(Path(folder) / "full") for task, folder in manifest["experts"].items()}
+    return {task: f"{manifest['base']}+{Path(folder) / 'lora'}" for task, folder in manifest["experts"].items()}
 
 
 # --- scoring -----------------------------------------------------------------------------------------------

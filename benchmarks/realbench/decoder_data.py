@@ -3,8 +3,9 @@
 =========== =====================================================================================================
 task        source
 =========== =====================================================================================================
-iso         ISO codes from PyPI ``pycountry`` 26.2.16 (its JSON databases, read as files): country name ->
-            ISO 3166-1 alpha-2 (``Germany`` -> ``DE``), language name -> ISO 639-1 (``German`` -> ``de``)
+iso         ISO code conversion, from PyPI ``pycountry`` 26.2.16 (its JSON databases, read as files): a
+            country's ISO 3166-1 alpha-2 code from its name and alpha-3 code (``Germany (DEU)`` -> ``DE``), a
+            language's ISO 639-1 code from its name and 639-3 code (``German (deu)`` -> ``de``)
 accent      a letter -> the diacritic its Unicode name gives after WITH, lower case (``é`` -> ``acute``,
             ``ṏ`` -> ``tilde and diaeresis``), from this interpreter's ``unicodedata``: the letters of Latin-1,
             Latin Extended-A/B and Additional, Greek and Cyrillic whose name has a WITH
@@ -14,9 +15,9 @@ module      a public top-level function of CPython's standard library -> the mod
 =========== =====================================================================================================
 
 Every example is a prompt ``Q: ...\\nA:`` and a short answer (a few tokens); a model is scored by exact match of
-its greedy continuation: the answer's tokens, then the end of sequence or a new line (``decoder.Scorer``). Splits are by a hash of the prompt alone
-(``data.split_of``: 15% validation, 25% test, the rest train), so they are disjoint, the same for every seed and
-stable when a source gains or loses an entry.
+its greedy continuation: the answer's tokens, then the end of sequence or a new line (``decoder.Scorer``).
+Splits are by a hash of the prompt alone (``data.split_of``: 15% validation, 25% test, the rest train), so they
+are disjoint, the same for every seed and stable when a source gains or loses an entry.
 """
 
 from __future__ import annotations
@@ -63,8 +64,8 @@ def iso_pairs() -> list[tuple[str, str]]:
     def entries(name: str) -> list[dict]:
         return next(iter(json.loads((databases / f"{name}.json").read_text(encoding="utf-8")).values()))
 
-    pairs = [(f"ISO 3166 code of the country {e['name']}?", e["alpha_2"]) for e in entries("iso3166-1")]
-    pairs += [(f"ISO 639-1 code of the language {e['name']}?", e["alpha_2"]) for e in entries("iso639-3")
+    pairs = [(f"ISO 3166 alpha-2 code of {e['name']} ({e['alpha_3']})?", e["alpha_2"]) for e in entries("iso3166-1")]
+    pairs += [(f"ISO 639-1 code of {e['name']} ({e['alpha_3']})?", e["alpha_2"]) for e in entries("iso639-3")
               if "alpha_2" in e]
     return pairs
 
