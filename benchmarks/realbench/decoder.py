@@ -466,7 +466,11 @@ class Scorer:
 
     def score(self, source, split: str = "test", tasks=decoder_data.TASKS) -> dict[str, float]:
         model = load_any(str(source))
-        return {t: sum(m := self.matches(model, t, split)) / len(m) for t in tasks}
+        out = {}
+        for task in tasks:
+            matches = self.matches(model, task, split)
+            out[task] = sum(matches) / len(matches)
+        return out
     def score_merge(self, merged: Path, split: str = "test") -> dict[str, float]:
         """An EMR merge (``emr/`` inside) scores task t with its own task model; any other folder as it is."""
         import tempfile

@@ -140,7 +140,9 @@ def run_seed(seed: int, work: Path, grids: Grids, train: decoder.TrainSettings, 
     base = Path(manifest["base"])
     scorer = decoder.Scorer(build_dir, limit=limit)
     base_test = scorer.score(base, "test")
-    layers = decoder.trained_layers(decoder.load_model(base).config, train)
+    from transformers import AutoConfig
+
+    layers = decoder.trained_layers(AutoConfig.from_pretrained(str(base)), train)
     out = {"seed": seed, "build": build_dir.name, "training": manifest["training"], "data": manifest["data"],
            "kinds": {}}
     for kind in kinds:
