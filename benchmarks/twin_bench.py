@@ -6,7 +6,7 @@ memory against the shared expert alone, at batch 1 and 32.
 
 Compression: one random delta per shape with a decaying spectrum (singular values ~ 1/i^0.7), rank r; the time of
 ``compress_delta`` with svd=exact and svd=randomized (oversample 10, 4 power iterations), and the relative
-Frobenius errors of both. Inference: a Qwen2 of ``--hidden``/``--layers`` built here (random weights) with
+Frobenius errors of both. Inference: a Llama of ``--hidden``/``--layers`` built here (random weights) with
 ``--tasks`` LoRA-free experts (base + seeded deltas), a twin folder written by ``distmerge twin build`` (rank r),
 then forward passes over random prompts of ``--seq`` tokens: theta* alone, the twin model with fixed weights (the
 factors' cost only) and the twin model routing (the router pass over the prompt included).
@@ -73,7 +73,8 @@ def build_twin(root: Path, hidden: int, layers: int, tasks: int, rank: int) -> P
     from distmerge.tiny_models import build_family
     from distmerge.twin import build
 
-    base, experts = build_family(root / "family", "qwen2", experts=tasks, vocab_size=512, hidden=hidden,
+    # llama: transformers 5 reloads a qwen2 folder's word-level test tokenizer as BPE, which encodes nothing
+    base, experts = build_family(root / "family", "llama", experts=tasks, vocab_size=512, hidden=hidden,
                                  layers=layers, shard_size="200MB")
     data = {}
     for t in range(tasks):
@@ -150,12 +151,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--root", type=Path, default=Path("/tmp/distmerge-twin-bench"))
     parser.add_argument("--skip-inference", action="store_true")
+    parser.add_argument("--skip-compression", action="store_true")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args(argv)
     shapes = [tuple(int(x) for x in s.split("x")) for s in args.shapes]
     result = {"command": "python benchmarks/twin_bench.py " + " ".join(sys.argv[1:] if argv is None else argv),
               **context(), "settings": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "compression": bench_compression(shapes, args.rank, args.device, args.repeat)}
+              "compression": [] if args.skip_compression else bench_compression(shapes, args.rank, args.device,
+                                                                                 args.repeat)}
     if not args.skip_inference:
         folder = build_twin(args.root, args.hidden, args.layers, args.tasks, args.rank)
         result["inference"] = bench_inference(folder, args.batches, args.seq, args.device, args.repeat)
