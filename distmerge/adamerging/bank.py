@@ -4,10 +4,10 @@ Each merged tensor n is stored as theta0_n, flat [numel], and its task vectors t
 FSDP2 (which shards dim 0) gives each rank a contiguous element range of every tensor for all tasks at once:
 ranks stay balanced whatever T is, AdaMerging++'s sign election (across tasks, per element) is local, and a
 rank's shard is read from the checkpoints as a row range. One ``GroupBank`` per layer group is one FSDP unit,
-so only one group's full tensors are ever gathered at a time.
+so only one group's merged tensors are ever gathered at a time.
 
-The merged weights are theta0_n + tau_n @ clamp(lambda_n, 0, 1), computed in the bank's forward, so the
-gradients reach only the coefficients (spec algorithms.md section 6).
+The merged weights are theta0_n + tau_n @ clamp(lambda_n, 0, 1), computed by each rank on its own rows and
+then gathered (``gather.py``), so the gradients reach only the coefficients (spec algorithms.md section 6).
 """
 
 from __future__ import annotations
@@ -15,12 +15,12 @@ from __future__ import annotations
 import math
 import re
 from collections.abc import Callable
-from typing import ContextManager
 from dataclasses import dataclass
 
 import torch
 
 from distmerge.architectures import group_by_layer
+from distmerge.adamerging.gather import GroupRows, gather_merged
 from distmerge.errors import InputError, where
 from distmerge.io.checkpoint import Checkpoint, check_same_tensors
 from distmerge.ops import ties as ties_ops
@@ -105,7 +105,12 @@ def compute_dtype(storage: torch.dtype) -> torch.dtype:
 class GroupBank(torch.nn.Module):
     """theta0 and tau of one layer group's tensors, frozen. With ``rows_multiple`` W > 1 each tensor gets zero
     rows up to a multiple of W, so that ZeRO-3's even split of the flattened [rows, T] lands on row boundaries
-    and gives rank r the rows ``shard_range`` gives it (FSDP2 splits unpadded rows the same way)."""
+    and gives rank r the rows ``shard_range`` gives it (FSDP2 splits unpadded rows the same way).
+
+    ``merge`` is a method, not the module's forward: the strategies' module hooks would gather theta0 and
+    every tau, where the merged-rows gather (``gather.py``) moves one copy."""
+
+    world, rank = 1, 0  # which rows this rank holds and how many ranks gather them (``Bank.place``)
 
     def __init__(self, indices: tuple[int, ...], plan: TensorPlan, dtype: torch.dtype, rows_multiple: int = 1):
         super().__init__()
@@ -123,26 +128,12 @@ class GroupBank(torch.nn.Module):
         for j, i in enumerate(self.indices):
             yield i, getattr(self, f"theta{j}"), getattr(self, f"tau{j}")
 
-    gather: Callable[[], ContextManager] | None = None  # ZeRO-3 (zero3.py): gathers this group's partitions
-
-    def forward(self, lambdas: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        """The merged flat tensors of this group in ``compute_dtype`` (a half-precision bank is only storage:
-        the products and the coefficients' gradients are float32); ``lambdas`` is [len(indices), T]. Under
-        ZeRO-3 the group is gathered and copied (the backward needs tau after the gather is released)."""
-        if self.gather is None:
-            return self._merge(list(self.pairs()), lambdas)
-        dtype = compute_dtype(self.storage_dtype)
-        with self.gather():  # only tau is saved for the backward: it alone is copied (once, in the compute dtype)
-            return self._merge([(i, theta, tau.detach().to(dtype, copy=True)) for i, theta, tau in self.pairs()],
-                               lambdas)
-
-    def _merge(self, pairs, lambdas: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        dtype = compute_dtype(self.storage_dtype)
-        out = []
-        for j, (_, theta, tau) in enumerate(pairs):
-            merged = theta.to(dtype) + tau.to(dtype) @ lambdas[j].to(dtype)
-            out.append(merged if merged.shape[0] == self.numels[j] else merged[:self.numels[j]])
-        return tuple(out)
+    def merge(self, lambdas: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """The merged flat tensors of this group, whole, in ``compute_dtype`` (a half-precision bank is only
+        storage: the products and the coefficients' gradients are float32); ``lambdas`` is [len(indices), T]."""
+        rows = GroupRows(tuple((theta, tau) for _, theta, tau in self.local_pairs(self.world, self.rank)),
+                         self.numels, self.world, compute_dtype(self.storage_dtype))
+        return gather_merged(lambdas, rows)
 
     def local_pairs(self, world: int, rank: int):
         """(index, theta, tau) of this rank's rows (``shard_range``), as views of the rank's own storage."""
@@ -157,15 +148,18 @@ class Bank(torch.nn.Module):
         self.plan = plan
         self.groups = torch.nn.ModuleList(GroupBank(g, plan, dtype, rows_multiple) for g in plan.groups)
 
+    def place(self, world: int, rank: int) -> None:
+        """This rank holds ``shard_range(numel, world, rank)`` of every tensor (the strategy placed them so)."""
+        for group in self.groups:
+            group.world, group.rank = world, rank
+
     def forward(self, coefficients: Coefficients, skip: frozenset[int] = frozenset()) -> dict[str, torch.Tensor]:
-        """Every merged tensor outside the groups in ``skip`` (merged inside their layers: ``layerwise``), flat;
-        called as a module so FSDP's root hooks run. Flat because FSDP2 hooks the backward on a module's
-        outputs, and a reshaped output would be a view (which FSDP2 warns about)."""
+        """Every merged tensor outside the groups in ``skip`` (merged inside their layers: ``layerwise``), flat."""
         out = {}
         for g, group in enumerate(self.groups):
             if g in skip:
                 continue
-            flats = group(coefficients.per_tensor(group.indices))
+            flats = group.merge(coefficients.per_tensor(group.indices))
             for i, flat in zip(group.indices, flats):
                 out[self.plan.names[i]] = flat
         return out

@@ -3,7 +3,7 @@
 Merging every tensor before the forward (``Bank.merged``) keeps one whole merged copy of the model alive
 until the backward has used it (autograd saves each weight for the input's gradient). Here each transformer
 layer computes its own merged weights when the forward reaches it, inside a non-reentrant activation
-checkpoint, so they are dropped when the layer returns and computed again (with FSDP2 gathering that layer's
+checkpoint, so they are dropped when the layer returns and computed again (gathering that layer's merged
 unit again) when the backward reaches the layer. A rank then holds its shard of theta0 and the task vectors,
 one layer's gathered unit and merged weights, and the activations at layer boundaries. The tensors outside
 the layers (embeddings, final norm, output head) are merged once per batch, as before.
@@ -44,7 +44,7 @@ class LayerMerge:
         return checkpoint(self._merged_forward, *args, use_reentrant=False, **kwargs)
 
     def _merged_forward(self, *args: Any, **kwargs: Any):
-        flats = self.bank.groups[self.group](self.coefficients.per_tensor(self.indices))
+        flats = self.bank.groups[self.group].merge(self.coefficients.per_tensor(self.indices))
         params = {name: flat.reshape(shape) for name, flat, shape in zip(self.local_names, flats, self.shapes)}
         self.inside = True
         try:

@@ -79,6 +79,7 @@ def build_setup(config: AdaConfig, world: int = 1, rank: int = 0, shard: Callabl
         if shard is not None:
             shard(bank)
         bank.to_empty(device=device)
+    bank.place(world, rank)
     fill_bank(bank, base, list(experts.values()), world, rank)
     masks = apply_plus(bank, config.density, reduce, world, rank) if config.plus else None
     model = skeleton(str(base.folder), config.kind)
@@ -235,11 +236,12 @@ class TaskStream:
 
 
 def fsdp_shard(bank: Bank) -> None:
+    """FSDP2 places each group's rows (dim-0 DTensor shards); its hooks never run: ``GroupBank.merge`` is no
+    forward, and the merged-rows gather replaces FSDP2's gather of theta0 and every task vector."""
     from torch.distributed.fsdp import fully_shard
 
     for group in bank.groups:
         fully_shard(group)
-    fully_shard(bank)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:

@@ -1,10 +1,9 @@
 """DeepSpeed ZeRO-3, AdaMerging's other sharding strategy (``strategy: deepspeed``).
 
 theta0 and the task vectors are built under ``deepspeed.zero.Init``, so each rank only ever allocates its
-partition (the bank pads rows so that partitions fall on row boundaries: ``GroupBank``), and a layer group is
-gathered (``GatheredParameters``) where it is merged, then copied for its backward: ZeRO-3's module hooks do
-not gather on an activation checkpoint's recomputation, which is where the layers are merged
-(``layerwise``). The coefficients are a few thousand numbers: they stay replicated and are trained by torch's
+partition (the bank pads rows so that partitions fall on row boundaries: ``GroupBank``). ZeRO-3 places them and
+nothing more: a layer group is not gathered with ``GatheredParameters`` (theta0 and every task vector, T + 1
+copies) but merged on each rank's partition and gathered merged (``gather.py``), as under FSDP2. The coefficients are a few thousand numbers: they stay replicated and are trained by torch's
 Adam on gradients summed over ranks, exactly as under FSDP2, so both strategies write the same checkpoints
 (safetensors + JSON; DeepSpeed's own ``save_checkpoint`` pickles) and resume from each other's state.
 
@@ -55,11 +54,4 @@ def partitioned_bank(plan: TensorPlan, storage: torch.dtype, world: int) -> Bank
     config = {**ZERO3_CONFIG, **{key: {"enabled": storage == dtype} for dtype, key in HALF_SWITCH.items() if key}}
     with ds.zero.Init(config_dict_or_path=config, mem_efficient_linear=False):  # keep torch's F.linear: its own
         # linear saves tensors that activation checkpointing cannot match on recomputation
-        bank = Bank(plan, storage, rows_multiple=world)
-    for group in bank.groups:
-        group.gather = _gatherer(ds, list(group.parameters()))
-    return bank
-
-
-def _gatherer(ds, params: list[torch.nn.Parameter]):
-    return lambda: ds.zero.GatheredParameters(params)
+        return Bank(plan, storage, rows_multiple=world)
