@@ -12,12 +12,14 @@ from distmerge.errors import DistmergeError
 
 
 def sweep_cmd(
-    config: Path = typer.Argument(..., help="sweep.yaml: a merge config whose parameters may be search spaces, "
-                                            "plus a 'sweep:' section (tasks, metric, search, scheduler)"),
+    config: Path = typer.Argument(..., help="sweep.yaml: a merge config (or a twin.yaml) whose parameters may be "
+                                            "search spaces, plus a 'sweep:' section (tasks, metric, search, "
+                                            "scheduler)"),
     out: Path = typer.Option(..., "--out", "-o", help="folder for results.csv, best.yaml, plots and Tune's logs"),
     address: Optional[str] = typer.Option(None, "--address", help="Ray cluster address, or 'auto'; default: embedded"),
     materialize_best: bool = typer.Option(False, "--materialize-best",
-                                          help="merge the best config in full into OUT/best_model"),
+                                          help="merge the best config in full into OUT/best_model (a Twin "
+                                               "sweep: its build at the best rank)"),
     resume: bool = typer.Option(False, "--resume", help="continue an interrupted sweep in OUT (its remaining trials)"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="no live table of the best trials"),
 ) -> None:

@@ -8,6 +8,7 @@ sweep.yaml -> spec (spaces, tasks, search) -> every space's end values checked a
   -> results.csv/.parquet, best.yaml, metric_vs_<param>.png, summary.json, tune/ (TensorBoard logs)
   -> --materialize-best: the engine merges best.yaml into best_model/
 ```
+A Twin-Merging sweep (a twin.yaml with a sweep: section) builds first and has no holders: ``distmerge.sweep.twin``.
 """
 
 from __future__ import annotations
@@ -83,6 +84,11 @@ def run_sweep(source: str | Path | dict, out: str | Path, *, address: str | None
     """
     spec = load_sweep(source)
     out = Path(out).expanduser().resolve()
+    if spec.is_twin:  # one twin build per shared value, then Tune trials over (shared values, rank)
+        from distmerge.sweep.twin import run_twin_sweep
+
+        return run_twin_sweep(spec, out, address=address, resume=resume, materialize_best=materialize_best,
+                              progress=progress, callbacks=list(callbacks or []))
     experiment = out / TUNE_FOLDER / EXPERIMENT
     _check_out(spec, out, experiment, resume)
     base = Checkpoint(spec.merge["base_model"], "base") if spec.merge.get("base_model") else None

@@ -80,11 +80,12 @@ def write_table(rows: list[dict[str, Any]], out: Path) -> Path:
 
 
 def write_best_yaml(spec: SweepSpec, best: dict[str, Any], out: Path) -> Path:
-    config = spec.trial_config({name: best[name] for name in spec.param_names})
+    config = spec.best_dict({name: best[name] for name in spec.param_names})
+    command = "distmerge twin build" if spec.is_twin else "distmerge merge"
     header = (f"# The best trial of the sweep in this folder ({best['trial']}): {spec.metric} = "
-              f"{best[spec.metric]:.6g} ({spec.mode}).\n# distmerge merge best.yaml --out DIR\n")
+              f"{best[spec.metric]:.6g} ({spec.mode}).\n# {command} best.yaml --out DIR\n")
     path = out / "best.yaml"
-    path.write_text(header + yaml.safe_dump(config.to_yaml_dict(), sort_keys=False))
+    path.write_text(header + yaml.safe_dump(config, sort_keys=False))
     return path
 
 

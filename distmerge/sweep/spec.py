@@ -27,6 +27,18 @@ layers). Spaces may stand for method parameters (``parameters.X``) and per-model
 (``models[i].parameters.X`` or the inline ``models[i].X``); in results they are named ``X`` and
 ``<model name>.X``. Everything is checked here, before any Ray work: every value a space can take at its
 ends is run through the merge config's own validation.
+
+A Twin-Merging sweep is a ``twin.yaml`` (``shared:``, ``exclusive:``, ``router:``) with the same ``sweep:`` section;
+its spaces stand for the shared merge's parameters (``shared.parameters.X``, ``models[i].parameters.X``: one twin
+build per combination, so only ``grid`` and ``choice``) and the exclusive parts' rank (``exclusive.rank``: ``grid``,
+``choice`` or ``randint``, read from the build at the largest rank; ``distmerge.sweep.twin``):
+
+```yaml
+shared: {method: task_arithmetic, parameters: {lambda: {grid: [0.2, 0.3, 0.5]}}}
+exclusive: {rank: {grid: [4, 8, 16]}, svd: exact}
+router: {data: {math: math_train.jsonl, code: code_train.jsonl}}
+sweep: {tasks: [{name: val, type: perplexity, data: val.jsonl}]}
+```
 """
 
 from __future__ import annotations
@@ -49,6 +61,9 @@ SCHEDULERS = ("none", "asha")
 SWEEP_KEYS = {"tasks", "metric", "mode", "search", "num_samples", "seed", "scheduler", "eval_chunks",
               "max_concurrent_trials", "resources_per_trial", "holders", "holder_cpus"}
 LOWER_IS_BETTER = ("nll", "perplexity", "loss")
+TWIN_SECTIONS = ("shared", "exclusive", "router")  # a sweep file with any of them is a Twin-Merging sweep
+TWIN_BUILD_KINDS = ("grid", "choice")  # a shared-merge value needs a twin build of its own: a finite list
+TWIN_RANK_KINDS = ("grid", "choice", "randint")
 
 
 @dataclass(frozen=True)
@@ -59,9 +74,12 @@ class Space:
     path: tuple  # into the normalized merge dict: ('parameters', 'lambda') or ('models', 0, 'parameters', 'weight')
     kind: str
     args: tuple
+    label: str | None = None  # where the space sits in the user's file, if not where ``path`` says
 
     @property
     def where(self) -> str:
+        if self.label is not None:
+            return self.label
         if self.path[0] == "parameters":
             return f"parameters.{self.path[1]}"
         return f"models[{self.path[1]}].parameters.{self.path[3]}"
@@ -106,22 +124,41 @@ class SweepSpec:
     resources_per_trial: dict[str, float]
     holders: int
     holder_cpus: float
+    twin: dict[str, Any] | None = None  # a Twin sweep: its exclusive and router sections (spaces in place)
+
+    @property
+    def is_twin(self) -> bool:
+        return self.twin is not None
 
     @property
     def param_names(self) -> tuple[str, ...]:
         return tuple(s.name for s in self.spaces)
 
-    def trial_config(self, values: dict[str, Any]) -> MergeConfig:
-        """The merge config of one trial: every space replaced by its value."""
+    def trial_config(self, values: dict[str, Any]):
+        """The merge config of one trial (a ``TwinConfig`` for a Twin sweep): every space replaced by its value."""
+        if self.is_twin:
+            from distmerge.twin.config import load_twin_config
+
+            return load_twin_config(self.trial_dict(values))
         return load_config(self.trial_dict(values))
 
     def trial_dict(self, values: dict[str, Any]) -> dict[str, Any]:
         merged = copy.deepcopy(self.merge)
+        twin = copy.deepcopy(self.twin)
         for space in self.spaces:
             if space.name not in values:
                 raise ConfigError(f"sweep: no value for searched parameter '{space.name}'")
-            _set_path(merged, space.path, plain_value(values[space.name]))
-        return merged
+            _set_path(twin if space.path[0] in TWIN_SECTIONS else merged, space.path, plain_value(values[space.name]))
+        if twin is None:
+            return merged
+        shared = {"method": merged.pop("method"), "parameters": merged.pop("parameters", None) or {}}
+        return {**merged, "shared": shared, **twin}
+
+    def best_dict(self, values: dict[str, Any]) -> dict[str, Any]:
+        """What best.yaml holds: the resolved merge config, or for a Twin sweep the twin.yaml of that trial."""
+        if self.is_twin:
+            return self.trial_dict(values)
+        return self.trial_config(values).to_yaml_dict()
 
     @property
     def total_trials(self) -> int:
@@ -145,7 +182,7 @@ class SweepSpec:
             "merge": self.merge, "metric": self.metric, "mode": self.mode, "search": self.search,
             "num_samples": self.num_samples, "seed": self.seed, "scheduler": self.scheduler,
             "grace_period": self.grace_period, "reduction_factor": self.reduction_factor,
-            "eval_chunks": self.eval_chunks,
+            "eval_chunks": self.eval_chunks, **({"twin": self.twin} if self.is_twin else {}),
             "tasks": [{"name": t.name, "type": t.type, "task": t.task, "data": t.data, "examples": len(t.examples),
                        "max_length": t.max_length, **({"expert": t.expert} if t.expert else {})} for t in self.tasks],
         }, default=str))
@@ -185,10 +222,14 @@ def load_sweep(source: str | Path | dict[str, Any]) -> SweepSpec:
     unknown = set(sweep_raw) - SWEEP_KEYS
     if unknown:
         raise ConfigError(f"sweep.{sorted(unknown)[0]}: unknown key (allowed: {', '.join(sorted(SWEEP_KEYS))})")
-    merge, spaces = _extract_spaces({k: v for k, v in raw.items() if k != "sweep"})
-    if not spaces and _has_parameters(load_config(merge)):
-        raise ConfigError("parameters: nothing to search; give at least one parameter a search space such as "
-                          "{grid: [0.5, 1.0]} or {uniform: [0.1, 0.9]}")
+    twin = None
+    if any(key in raw for key in TWIN_SECTIONS):
+        merge, spaces, twin = _extract_twin_spaces({k: v for k, v in raw.items() if k != "sweep"})
+    else:
+        merge, spaces = _extract_spaces({k: v for k, v in raw.items() if k != "sweep"})
+        if not spaces and _has_parameters(load_config(merge)):
+            raise ConfigError("parameters: nothing to search; give at least one parameter a search space such as "
+                              "{grid: [0.5, 1.0]} or {uniform: [0.1, 0.9]}")
     tasks = load_tasks(sweep_raw.get("tasks"))
     metric, mode = _metric(sweep_raw, tasks)
     search = sweep_raw.get("search", "grid")
@@ -210,9 +251,88 @@ def load_sweep(source: str | Path | dict[str, Any]) -> SweepSpec:
         reduction_factor=factor, eval_chunks=eval_chunks, max_concurrent_trials=max_concurrent,
         resources_per_trial=_resources(sweep_raw.get("resources_per_trial")),
         holders=_int(sweep_raw, "holders", 2, lo=1), holder_cpus=_number(sweep_raw, "holder_cpus", 0.5, lo=0.0),
+        twin=twin,
     )
-    _check_experts(spec.trial_config(spec.corner_values()), tasks)  # the merge part itself is valid
+    if spec.is_twin:
+        _check_twin(spec)
+    else:
+        _check_experts(spec.trial_config(spec.corner_values()), tasks)  # the merge part itself is valid
     return spec
+
+
+# --- Twin-Merging sweeps --------------------------------------------------------------------------
+
+
+def _extract_twin_spaces(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Space], dict[str, Any]]:
+    """A twin.yaml with spaces: the shared merge as a merge dict (its spaces found as any merge's), and the
+    exclusive and router sections, paths made absolute, with ``exclusive.rank``'s space."""
+    for key in ("method", "merge_method", "parameters"):
+        if key in raw:
+            raise ConfigError(f"{key}: a Twin sweep's shared merge goes under 'shared:' (method, parameters)")
+    sections = {}
+    for key in TWIN_SECTIONS:
+        value = raw.get(key) or {}
+        if not isinstance(value, dict):
+            raise ConfigError(f"{key}: expected a mapping")
+        sections[key] = copy.deepcopy(value)
+    shared = sections.pop("shared")
+    unknown = set(shared) - {"method", "parameters"}
+    if unknown:
+        raise ConfigError(f"shared.{sorted(unknown)[0]}: unknown key (allowed: method, parameters)")
+    from distmerge.twin.config import DEFAULT_SHARED
+
+    merge_raw = {k: v for k, v in raw.items() if k not in TWIN_SECTIONS}
+    merge_raw["method"] = shared.get("method", DEFAULT_SHARED["method"])
+    merge_raw["parameters"] = shared.get("parameters") if "parameters" in shared else DEFAULT_SHARED["parameters"]
+    merge, spaces = _extract_spaces(merge_raw)
+    spaces = [Space(s.name, s.path, s.kind, s.args, label=f"shared.{s.where}" if s.path[0] == "parameters"
+                    else s.where) for s in spaces]
+    for space in spaces:
+        if space.kind not in TWIN_BUILD_KINDS:
+            raise ConfigError(f"{space.where}: a Twin sweep builds the shared expert once per value of the shared "
+                              f"merge, so its spaces are lists: {{grid: [...]}} or {{choice: [...]}}, not "
+                              f"{{{space.kind}: ...}}")
+    exclusive = sections["exclusive"]
+    for key, value in exclusive.items():
+        where = f"exclusive.{key}"
+        if _is_space(value, where):
+            if key != "rank":
+                raise ConfigError(f"{where}: only exclusive.rank can be searched (one build serves every rank)")
+            space = _space("rank", ("exclusive", "rank"), value, where)
+            if space.kind not in TWIN_RANK_KINDS:
+                raise ConfigError(f"{where}: a rank is searched with {{grid: [...]}}, {{choice: [...]}} or "
+                                  f"{{randint: [low, high]}}, not {{{space.kind}: ...}}")
+            spaces.append(Space(space.name, space.path, space.kind, space.args, label=where))
+    router = sections["router"]
+    if isinstance(router.get("data"), dict):
+        router["data"] = {k: _absolute(v) if isinstance(v, str) else v for k, v in router["data"].items()}
+    if isinstance(router.get("tokenizer"), str):
+        router["tokenizer"] = _absolute(router["tokenizer"])
+    if not spaces:
+        raise ConfigError("shared.parameters: nothing to search; give the shared merge's lambda or exclusive.rank "
+                          "a search space such as {grid: [0.2, 0.3, 0.5]}")
+    names = [s.name for s in spaces]
+    if len(set(names)) != len(names):
+        raise ConfigError("sweep: two searched parameters are both named 'rank'; rename the shared merge's model "
+                          "parameter")
+    return merge, spaces, {"exclusive": exclusive, "router": router}
+
+
+def _check_twin(spec: SweepSpec) -> None:
+    """Every end value of every space through the twin config's own validation (the others at their first),
+    and the tasks: a Twin model routes every example itself."""
+    for i, task in enumerate(spec.tasks):
+        if task.expert is not None:
+            raise ConfigError(f"sweep.tasks[{i}].expert: a Twin model routes each example to its tasks' parts; "
+                              "leave expert out (it is for methods with one model per task)")
+    for space in spec.spaces:
+        for value in space.corners():
+            try:
+                spec.trial_config({**spec.corner_values(), space.name: value})
+            except ConfigError as exc:
+                raise ConfigError(f"{space.where}: the search space allows {value!r}, which the twin config "
+                                  f"rejects: {exc}") from None
+    spec.trial_config(spec.corner_values()).merge.build_method()
 
 
 def _has_parameters(config: MergeConfig) -> bool:
@@ -269,8 +389,10 @@ def _extract_spaces(merge_raw: dict[str, Any]) -> tuple[dict[str, Any], list[Spa
             entry = dict(entry)
             entry.setdefault("name", default_name(str(entry["model"])))
             entry["model"] = _absolute(str(entry["model"]))
+            if isinstance(entry.get("lora"), str):  # a LoRA expert beside its base: a path, not a parameter
+                entry["lora"] = _absolute(entry["lora"])
             per_model = dict(entry.pop("parameters", None) or {})
-            for k in [k for k in entry if k not in ("model", "name")]:
+            for k in [k for k in entry if k not in ("model", "name", "lora")]:
                 per_model[k] = entry.pop(k)  # inline per-model parameters (weight: 0.5) join parameters
             for k, v in per_model.items():
                 where = f"models[{i}].parameters.{k}"

@@ -5,7 +5,8 @@ part as safetensors factors with an index) and ``router/`` (the router's weights
 ```
 twin/
   config.json  model.safetensors.index.json  model-*.safetensors  tokenizer*   theta* (the engine's merge)
-  twin.json                          tasks, how theta* was merged, the compression settings
+  twin.json                          tasks, how theta* was merged, the compression settings (a sweep's rank
+                                     view of a build adds exclusive.load_rank: the rank load() uses)
   exclusive/index.json               key -> file; keys TASK::TENSOR::us, TASK::TENSOR::v, TASK::TENSOR::delta
   exclusive/group-00000.safetensors  one file per layer group, written by the Ray task that compressed it
   router/model.safetensors  router/config.json

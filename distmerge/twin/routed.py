@@ -254,7 +254,7 @@ def load(folder: str | Path, kind: str = "causal", device: str = "cpu", dtype: t
     ``kind``: causal (AutoModelForCausalLM), classify (AutoModelForSequenceClassification) or model (AutoModel:
     the bare encoder or decoder, for callers that bring their own heads); the evaluator's generate and perplexity
     kinds are causal. ``rank``: use only the first ``rank`` directions of each part (a
-    rank sweep over one build). ``model.twin`` is its ``Routing`` (``fixed`` for oracle routing)."""
+    rank sweep over one build; default: twin.json's ``exclusive.load_rank``, else every stored direction). ``model.twin`` is its ``Routing`` (``fixed`` for oracle routing)."""
     import warnings
 
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
@@ -263,6 +263,8 @@ def load(folder: str | Path, kind: str = "causal", device: str = "cpu", dtype: t
         raise InputError(f"rank: must be a positive integer, got {rank!r}")
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
+    if rank is None:  # a Twin sweep's view of a build at one of its ranks (distmerge.sweep.twin)
+        rank = manifest.get("exclusive", {}).get("load_rank")
     auto = {"classify": AutoModelForSequenceClassification, "model": AutoModel}.get(kind, AutoModelForCausalLM)
     kwargs = {"dtype": dtype if dtype is not None else "auto"}
     try:
