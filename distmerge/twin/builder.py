@@ -1,7 +1,9 @@
 """``distmerge twin build``: shared expert, exclusive parts and router, written as one twin folder, atomically.
 
 1. theta* = the engine's merge of the experts (``shared:``; task arithmetic 0.3 by default), written by
-   ``distmerge.engine.driver.merge`` into a hidden staging folder beside the target.
+   ``distmerge.engine.driver.merge`` into a hidden staging folder beside the target. With ``exclusive.lora:
+   factors`` the experts' LoRA factors are merged first (A* = lambda sum A_t, B* = lambda sum B_t, one adapter
+   written beside the staging folder) and theta* is the engine's merge of that adapter on the base.
 2. E_t = compress(theta_t - theta*) for every task and tensor, one Ray task per layer group (``compress``).
 3. Router features of every task's samples under theta* (Ray Data on the evaluator's actors, ``features``), the
    MLP trained on the driver (``router``).
@@ -20,6 +22,7 @@ from typing import Any
 from distmerge.io import writer
 from distmerge.io.checkpoint import Checkpoint
 from distmerge.io.lora import open_checkpoint
+from distmerge.errors import ConfigError
 from distmerge.io.vocab import INPUT_EMBEDDING
 from distmerge.twin.config import TwinConfig, load_twin_config
 from distmerge.twin.folder import EXCLUSIVE, EXCLUSIVE_INDEX, FORMAT, REPORT, TWIN_JSON
@@ -79,7 +82,72 @@ def compress_calls(config: TwinConfig, staging: Path, experts: list[Checkpoint])
     for expert in experts:
         check_expert(expert, shared, names)
     tasks = list(zip(config.tasks, experts))
-    return [(i, group, shared, tasks, config.exclusive, str(staging)) for i, group in enumerate(layer_groups(names))]
+    # exclusive.lora: factors adds the shared lambda the factors are merged with
+    extra = (config.merge.parameters["lambda"],) if config.exclusive.lora == "factors" else ()
+    return [(i, group, shared, tasks, config.exclusive, str(staging), *extra)
+            for i, group in enumerate(layer_groups(names))]
+
+
+def check_factor_experts(config: TwinConfig, experts: list[Checkpoint]) -> None:
+    """``exclusive.lora: factors``: every expert a LoRA adapter of linear layers on the base, all with the same
+    adapted weights, factor keys, ranks and scales, and nothing stored whole (the factors are what is merged)."""
+    from distmerge.io.lora import LoraCheckpoint
+
+    base = Checkpoint(config.merge.base_model, "base")
+    first = None
+    for i, (spec, expert) in enumerate(zip(config.merge.models, experts)):
+        where = f"models[{i}] ('{spec.name}')"
+        if not isinstance(expert, LoraCheckpoint):
+            raise ConfigError(f"{where}: exclusive.lora: factors needs every expert to be a LoRA adapter; "
+                              f"'{spec.model}' is a full model (or use exclusive.lora: product)")
+        if Path(expert.base.source).resolve() != Path(base.source).resolve():
+            raise ConfigError(f"{where}: the adapter's base '{expert.base.source}' is not base_model "
+                              f"'{config.merge.base_model}'")
+        if expert.full:
+            raise ConfigError(f"{where}: the adapter stores {sorted(expert.full)[0]} whole (modules_to_save); "
+                              "exclusive.lora: factors routes LoRA factors only (use exclusive.lora: product)")
+        if expert.settings.fan_in_fan_out or any(f.kind != "linear" for f in expert.factors.values()):
+            raise ConfigError(f"{where}: exclusive.lora: factors takes LoRA on linear layers (no embedding or "
+                              "fan_in_fan_out adapters; use exclusive.lora: product)")
+        plan = {t: (f.a_key, f.b_key, f.rank, f.scale) for t, f in expert.factors.items()}
+        if first is None:
+            first = (spec.name, plan)
+        elif plan != first[1]:
+            raise ConfigError(f"{where}: its adapted modules, ranks or scales differ from '{first[0]}''s; "
+                              "exclusive.lora: factors averages the factors, so every adapter must have the same")
+
+
+def write_merged_adapter(experts: list[Checkpoint], coefficient: float, out: Path) -> Path:
+    """One adapter with A* = c sum A_t and B* = c sum B_t under the first expert's keys and adapter config."""
+    import shutil
+
+    from distmerge.io.lora import ADAPTER_CONFIG
+    from distmerge.twin.compress import merged_factors
+
+    out.mkdir(parents=True)
+    shutil.copyfile(experts[0].path / ADAPTER_CONFIG, out / ADAPTER_CONFIG)
+    named = [(e.name, e) for e in experts]
+    tensors = {}
+    for target, factors in experts[0].factors.items():
+        merged = merged_factors(named, target, coefficient)
+        tensors[factors.a_key], tensors[factors.b_key] = merged.lora_a, merged.lora_b
+    writer.write_safetensors(tensors, out / "adapter_model.safetensors")
+    return out
+
+
+def shared_merge_config(config: TwinConfig, experts: list[Checkpoint], staging: Path):
+    """The merge that writes theta*: the shared section's, or for exclusive.lora: factors, base + the merged
+    adapter (task arithmetic at lambda 1 of that one adapter: theta* = base + scale B* A*)."""
+    import dataclasses
+
+    from distmerge.config.schema import ModelSpec
+
+    if config.exclusive.lora != "factors":
+        return config.merge
+    adapter = write_merged_adapter(experts, config.merge.parameters["lambda"], staging.with_name(
+        staging.name + "-adapter"))
+    return dataclasses.replace(config.merge, models=(ModelSpec(f"{config.merge.base_model}+{adapter}", "shared"),),
+                               parameters={**config.merge.parameters, "lambda": 1.0})
 
 
 def write_exclusive_index(staging: Path, config: TwinConfig, results: list[dict[str, Any]]) -> None:
@@ -116,12 +184,15 @@ def build(config_source: str | Path | dict, out: str | Path, *, workers: int | N
     out = Path(out).expanduser().resolve()
     writer.check_target(out, force)
     experts = [open_checkpoint(spec.model, spec.name) for spec in config.merge.models]  # headers checked now
+    if config.exclusive.lora == "factors":
+        check_factor_experts(config, experts)
     for task in config.tasks:
         check_field(Path(config.router.data[task]).expanduser(), config.router.field, task)
     staging = out.parent / f".{out.name}{writer.STAGING_MARK}twin-{uuid.uuid4().hex[:12]}"
     with ray_session(address, num_cpus=workers):
         try:
-            merged = merge(config.merge, staging, workers=workers, progress=progress, resume=False)
+            merged = merge(shared_merge_config(config, experts, staging), staging, workers=workers,
+                           progress=progress, resume=False)
             results = compress_all(config, staging, experts, workers, progress)
             features, labels = compute_features(staging, config.tasks, config.router, device)
             options = config.router
@@ -133,6 +204,8 @@ def build(config_source: str | Path | dict, out: str | Path, *, workers: int | N
         except BaseException:
             writer.discard(staging)
             raise
+        finally:
+            writer.discard(staging.with_name(staging.name + "-adapter"))  # exclusive.lora: factors' merged adapter
     return BuildResult(out, list(config.tasks), errors, sum(r["bytes"] for r in results), trained.report(),
                        merged.summary())
 

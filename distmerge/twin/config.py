@@ -10,7 +10,18 @@ router:
   field: text                   # the prompt column
 ```
 
-Everything is validated here, before Ray starts or a tensor is read; errors name the key.
+``exclusive.lora`` says how a LoRA expert's exclusive part is taken:
+
+* ``product`` (default): the rank-r SVD of the product delta theta_t - theta* (B_t A_t * scale on the base, minus
+  theta*), whatever merge theta* is: the best rank-r approximation of what the expert adds.
+* ``factors``: the reference's generative variant. theta* is the merge of the LoRA factors (A* = lambda sum_t A_t,
+  B* = lambda sum_t B_t, theta* = base + scale B* A*), each factor's difference (A_t - A*, B_t - B*) gets its own
+  rank-r SVD, and a routed layer computes base + scale (B* + sum_t w_t dB_t)(A* + sum_t w_t dA_t). Every expert
+  must then be a LoRA adapter of linear layers on ``base_model`` with the same modules, ranks and scales, no
+  ``modules_to_save``, and ``shared`` task arithmetic without per-model weights.
+
+Everything is validated here, before Ray starts or a tensor is read (the adapters' own checks for ``factors``
+run in ``twin build`` before Ray starts); errors name the key.
 """
 
 from __future__ import annotations
@@ -28,7 +39,7 @@ from distmerge.lora_extract import FACTOR_DTYPES, SVD_MODES
 SECTIONS = ("shared", "exclusive", "router")
 DEFAULT_SHARED = {"method": "task_arithmetic", "parameters": {"lambda": 0.3}}
 DEFAULT_RANK = 8  # the generative reference's new_rank
-LORA_MODES = ("product",)  # the reference's per-factor SVD of A and B ("factors") is not built yet
+LORA_MODES = ("product", "factors")  # product: the SVD of B @ A * scale - theta*; factors: of A and B each
 TASK_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # names become tensor keys and file names
 
 
@@ -39,7 +50,7 @@ class ExclusiveConfig:
     svd: str = "auto"  # auto: exact when the smaller side is <= 1024, randomized above
     oversample: int = 10
     niter: int = 4
-    lora: str = "product"  # LoRA experts: the SVD of the product delta B @ A * scale - theta*
+    lora: str = "product"  # LoRA experts: product (the SVD of B @ A * scale - theta*) | factors (see above)
     dtype: str = "float32"
     seed: int = 0
 
@@ -154,7 +165,24 @@ def load_twin_config(source: str | Path | dict) -> TwinConfig:
         exclusive_raw["rank"] = DEFAULT_RANK
     exclusive = _build(ExclusiveConfig, exclusive_raw, "exclusive")
     exclusive.validate()
+    if exclusive.lora == "factors":
+        check_factor_merge(merge)
     router = _build(RouterConfig, sections["router"], "router")
     router.validate(merge.names)
     return TwinConfig(merge=merge, exclusive=exclusive, router=router,
                       raw_shared={"method": merge.method, "parameters": merge.parameters})
+
+
+def check_factor_merge(merge: MergeConfig) -> None:
+    """``exclusive.lora: factors`` merges the LoRA factors themselves, as the reference does: task arithmetic,
+    one lambda for every expert."""
+    if merge.method != "task_arithmetic":
+        raise ConfigError(f"shared.method: exclusive.lora: factors merges the LoRA factors (A* = lambda sum A_t, "
+                          f"B* = lambda sum B_t), so the shared merge is task_arithmetic, not '{merge.method}' "
+                          "(or use exclusive.lora: product)")
+    if merge.parameters.get("normalize"):
+        raise ConfigError("shared.parameters.normalize: exclusive.lora: factors takes lambda sum A_t unnormalized")
+    for i, spec in enumerate(merge.models):
+        if spec.parameters:
+            raise ConfigError(f"models[{i}].parameters: exclusive.lora: factors merges every adapter's factors with "
+                              f"the one shared lambda; per-model {', '.join(sorted(spec.parameters))} are not taken")

@@ -14,7 +14,10 @@ twin/
 ```
 
 A 2-D exclusive part is E = US @ V^T in the tensor's stored orientation (US: [rows, r], V: [cols, r]); a 1-D one
-is kept whole (``delta``). Nothing here is pickle.
+is kept whole (``delta``). With ``exclusive.lora: factors`` a LoRA-adapted weight's part is kept in LoRA space:
+TASK::TENSOR::a_us, a_v (A_t - A* = a_us a_v^T, [r, in]) and b_us, b_v (B_t - B* = b_us b_v^T, [out, r]), beside
+the shared factors __shared__::TENSOR::lora_a, lora_b and scale, so E = scale ((B* + dB)(A* + dA) - B* A*).
+Nothing here is pickle.
 """
 
 from __future__ import annotations
@@ -35,6 +38,9 @@ EXCLUSIVE_INDEX = f"{EXCLUSIVE}/index.json"
 ROUTER = "router"
 REPORT = "twin_report.json"
 SEPARATOR = "::"
+SHARED = "__shared__"  # the key prefix of the shared LoRA factors (not a task name: those start alphanumeric)
+FACTOR_KINDS = ("a_us", "a_v", "b_us", "b_v")
+LOW_RANK_KINDS = ("us", "v", *FACTOR_KINDS)  # stored [n, rank]: a rank view keeps their first columns
 HF_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
             "special_tokens_map.json", "tokenizer.model", "vocab.json", "merges.txt", "added_tokens.json",
             "chat_template.jinja")
@@ -72,18 +78,45 @@ def check_task(manifest: dict[str, Any], task: str, folder: str | Path) -> None:
 
 
 @dataclass(frozen=True)
+class LoraShared:
+    """A* [r, in], B* [out, r] and the scale of one LoRA-adapted weight (``exclusive.lora: factors``)."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scale: float
+
+
+@dataclass(frozen=True)
 class Part:
-    """One task's exclusive part of one tensor: factors (us, v) or a whole delta."""
+    """One task's exclusive part of one tensor: factors (us, v), a whole delta, or LoRA-space factors."""
 
     us: torch.Tensor | None = None
     v: torch.Tensor | None = None
     delta: torch.Tensor | None = None
+    a_us: torch.Tensor | None = None  # A_t - A* ~ a_us a_v^T
+    a_v: torch.Tensor | None = None
+    b_us: torch.Tensor | None = None  # B_t - B* ~ b_us b_v^T
+    b_v: torch.Tensor | None = None
+    shared: LoraShared | None = None
+
+    @property
+    def in_lora_space(self) -> bool:
+        return self.a_us is not None
 
     def dense(self) -> torch.Tensor:
-        return self.delta.float() if self.delta is not None else self.us.float() @ self.v.float().T
+        if self.delta is not None:
+            return self.delta.float()
+        if self.in_lora_space:
+            a_star, b_star = self.shared.lora_a.float(), self.shared.lora_b.float()
+            a = a_star + self.a_us.float() @ self.a_v.float().T
+            b = b_star + self.b_us.float() @ self.b_v.float().T
+            return self.shared.scale * (b @ a - b_star @ a_star)
+        return self.us.float() @ self.v.float().T
 
     @property
     def rank(self) -> int:
+        if self.in_lora_space:
+            return max(self.a_us.shape[1], self.b_us.shape[1])
         return 0 if self.us is None else self.us.shape[1]
 
 
@@ -125,6 +158,11 @@ class ExclusiveStore:
             return None
         if "delta" in keys:
             return Part(delta=self.read_key(keys["delta"]))
+        if "a_us" in keys:
+            shared = self.parts[SHARED][tensor]
+            lora = LoraShared(self.read_key(shared["lora_a"]), self.read_key(shared["lora_b"]),
+                              float(self.read_key(shared["scale"]).item()))
+            return Part(shared=lora, **{kind: self.read_key(keys[kind]) for kind in FACTOR_KINDS})
         return Part(us=self.read_key(keys["us"]), v=self.read_key(keys["v"]))
 
     def close(self) -> None:

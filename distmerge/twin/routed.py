@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from distmerge.errors import InputError
-from distmerge.twin.folder import ExclusiveStore, Part, read_manifest
+from distmerge.twin.folder import FACTOR_KINDS, ExclusiveStore, Part, read_manifest
 from distmerge.twin.router import load_router, prompt_features
 
 
@@ -67,6 +67,37 @@ class RoutedLinear(nn.Module):
             return y
         if self.left is not None:
             y = y + ((x @ self.left) * _expand(w, self.owner)) @ self.right.T
+        if self.bias_delta is not None:
+            y = y + w @ self.bias_delta
+        return y
+
+
+class RoutedLoraLinear(nn.Module):
+    """nn.Linear of a LoRA-space part (``exclusive.lora: factors``): theta* = base + s B* A*, and the routed weight
+    base + s (B* + sum_t w_t dB_t)(A* + sum_t w_t dA_t), dA_t = a_us a_v^T, dB_t = b_us b_v^T. With
+    h = x (A* + sum w dA)^T, the output is x theta*^T + s (sum_t w_t x dA_t^T) B*^T + s sum_t w_t h dB_t^T: four thin
+    matmuls over the tasks' concatenated factors, no per-sample weight."""
+
+    def __init__(self, base: nn.Module, routing: Routing, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                 factors: dict[str, torch.Tensor], owners: dict[str, torch.Tensor], bias_delta: torch.Tensor | None):
+        super().__init__()
+        self.base, self.routing, self.scale = base, routing, scale
+        self.register_buffer("lora_a", lora_a, persistent=False)  # A* [r, in]
+        self.register_buffer("lora_b", lora_b, persistent=False)  # B* [out, r]
+        for kind, value in factors.items():  # a_us [r, R], a_v [in, R], b_us [out, R], b_v [r, R]
+            self.register_buffer(kind, value, persistent=False)
+        self.register_buffer("a_owner", owners["a"], persistent=False)
+        self.register_buffer("b_owner", owners["b"], persistent=False)
+        self.register_buffer("bias_delta", bias_delta, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.base(x)
+        w = self.routing.per_sample(x.shape[0], x.dim(), x.device, x.dtype)
+        if w is None:
+            return y
+        d_a = ((x @ self.a_v) * _expand(w, self.a_owner)) @ self.a_us.T  # sum_t w_t x dA_t^T: [..., r]
+        h = x @ self.lora_a.T + d_a
+        y = y + self.scale * (d_a @ self.lora_b.T + ((h @ self.b_v) * _expand(w, self.b_owner)) @ self.b_us.T)
         if self.bias_delta is not None:
             y = y + w @ self.bias_delta
         return y
@@ -140,7 +171,7 @@ def _is_norm(module: nn.Module) -> bool:
 def _stack(parts: list[tuple[int, Any]], which: str) -> tuple[torch.Tensor, torch.Tensor]:
     """Factors of every task concatenated along the rank, and the task owning each rank column."""
     blocks = [getattr(part, which).float() for _, part in parts]
-    owner = torch.cat([torch.full((part.rank,), task, dtype=torch.long) for task, part in parts])
+    owner = torch.cat([torch.full((block.shape[1],), task, dtype=torch.long) for (task, _), block in zip(parts, blocks)])
     return torch.cat(blocks, dim=1), owner
 
 
@@ -154,8 +185,10 @@ def _per_task(parts: list[tuple[int, Any]], tasks: int, size: int) -> torch.Tens
 def truncate(part: Part, rank: int | None) -> Part:
     """The first ``rank`` singular directions of a factored part (the SVD orders them by singular value, so this
     is the part a build at that rank stores, exactly so for an exact SVD)."""
-    if rank is None or part.us is None or part.rank <= rank:
+    if rank is None or part.rank <= rank:
         return part
+    if part.in_lora_space:
+        return Part(shared=part.shared, **{kind: getattr(part, kind)[:, :rank] for kind in FACTOR_KINDS})
     return Part(us=part.us[:, :rank], v=part.v[:, :rank])
 
 
@@ -189,7 +222,20 @@ def attach_parts(model: nn.Module, store: ExclusiveStore, tasks: list[str], rout
             raise InputError(f"tensor '{module_name}.{sorted(unknown)[0]}': no routed form for this parameter")
         weight, bias = params.get("weight"), params.get("bias")
         cast = (lambda t: None if t is None else t.to(dtype))
-        if isinstance(module, (nn.Linear, Conv1D)):
+        lora_space = weight is not None and any(part.in_lora_space for _, part in weight)
+        if lora_space:
+            if not isinstance(module, nn.Linear) or not all(part.in_lora_space for _, part in weight):
+                raise InputError(f"tensor '{module_name}.weight': LoRA-space parts route nn.Linear layers only, "
+                                 "and every task's part of one weight must be in LoRA space")
+            shared = weight[0][1].shared
+            factors, owners = {}, {}
+            for kind in FACTOR_KINDS:
+                factors[kind], owners[kind[0]] = _stack(weight, kind)
+            bias_delta = _per_task(bias, len(tasks), module.weight.shape[0]) if bias is not None else None
+            routed = RoutedLoraLinear(module, routing, cast(shared.lora_a.float()), cast(shared.lora_b.float()),
+                                      shared.scale, {k: cast(v) for k, v in factors.items()}, owners,
+                                      cast(bias_delta))
+        elif isinstance(module, (nn.Linear, Conv1D)):
             left = right = owner = None
             if weight is not None:
                 if any(part.delta is not None for _, part in weight):

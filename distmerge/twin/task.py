@@ -76,7 +76,7 @@ def copy_at_rank(folder: str | Path, rank: int | None, out: str | Path, force: b
 
     from safetensors.torch import load_file
 
-    from distmerge.twin.folder import SEPARATOR
+    from distmerge.twin.folder import LOW_RANK_KINDS, SEPARATOR
 
     folder = Path(folder).expanduser().resolve()
     manifest = read_manifest(folder)
@@ -95,7 +95,7 @@ def copy_at_rank(folder: str | Path, rank: int | None, out: str | Path, force: b
                 continue
             tensors = load_file(str(file))
             for key, value in tensors.items():
-                if key.rsplit(SEPARATOR, 1)[-1] in ("us", "v") and value.shape[1] > rank:
+                if key.rsplit(SEPARATOR, 1)[-1] in LOW_RANK_KINDS and value.shape[1] > rank:
                     tensors[key] = value[:, :rank].contiguous()
             writer.write_safetensors(tensors, staging / EXCLUSIVE / file.name)
         if rank is not None:  # the index's byte total follows the smaller files
