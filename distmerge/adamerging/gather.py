@@ -28,7 +28,7 @@ CHUNK_ELEMENTS = 1 << 22  # task-vector elements converted to the compute dtype 
 def merge_rows(theta: torch.Tensor, tau: torch.Tensor, lambdas: torch.Tensor, dtype: torch.dtype,
                out: torch.Tensor | None = None) -> torch.Tensor:
     """theta + tau @ lambdas for rows theta [n], tau [n, T], in ``dtype``, converting tau a chunk at a time."""
-    out = torch.empty(theta.shape[0], dtype=dtype) if out is None else out
+    out = torch.empty(theta.shape[0], dtype=dtype, device=theta.device) if out is None else out
     rows = max(1, CHUNK_ELEMENTS // max(1, tau.shape[1]))
     weights = lambdas.to(dtype)
     for start in range(0, theta.shape[0], rows):
@@ -39,7 +39,7 @@ def merge_rows(theta: torch.Tensor, tau: torch.Tensor, lambdas: torch.Tensor, dt
 
 def tau_dot(tau: torch.Tensor, gradient: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """tau^T @ gradient ([T]) for rows tau [n, T], gradient [n], a chunk of tau at a time."""
-    total = torch.zeros(tau.shape[1], dtype=dtype)
+    total = torch.zeros(tau.shape[1], dtype=dtype, device=tau.device)
     rows = max(1, CHUNK_ELEMENTS // max(1, tau.shape[1]))
     for start in range(0, tau.shape[0], rows):
         stop = min(tau.shape[0], start + rows)
@@ -56,6 +56,10 @@ class GroupRows:
     numels: tuple[int, ...]
     world: int
     dtype: torch.dtype
+
+    @property
+    def device(self) -> torch.device:  # where the shard lives: the gathered tensors and gradients go there too
+        return self.pairs[0][0].device if self.pairs else torch.device("cpu")
 
     def piece(self, j: int) -> int:
         """Elements per rank of tensor j in the gathered buffer: torch.chunk's ceil-sized pieces, the last
@@ -82,10 +86,10 @@ class GatherMerged(torch.autograd.Function):
         import torch.distributed as dist
 
         offsets = rows.offsets()
-        local = torch.zeros(offsets[-1], dtype=rows.dtype)
+        local = torch.zeros(offsets[-1], dtype=rows.dtype, device=rows.device)
         for j, (theta, tau) in enumerate(rows.pairs):
             merge_rows(theta, tau, weights[j], rows.dtype, out=local[offsets[j]:offsets[j] + theta.shape[0]])
-        gathered = torch.empty(rows.world * offsets[-1], dtype=rows.dtype)
+        gathered = torch.empty(rows.world * offsets[-1], dtype=rows.dtype, device=rows.device)
         dist.all_gather_single(gathered, local)
         gathered = gathered.view(rows.world, offsets[-1])
         del local
@@ -97,7 +101,7 @@ class GatherMerged(torch.autograd.Function):
     def backward(ctx, *gradients: torch.Tensor | None):
         rows: GroupRows = ctx.rows
         tasks = rows.pairs[0][1].shape[1] if rows.pairs else 0
-        out = torch.zeros(len(rows.pairs), tasks, dtype=rows.dtype)
+        out = torch.zeros(len(rows.pairs), tasks, dtype=rows.dtype, device=rows.device)
         if rows.world == 1:
             for j, ((_, tau), gradient) in enumerate(zip(rows.pairs, gradients)):
                 if gradient is not None:
@@ -106,14 +110,14 @@ class GatherMerged(torch.autograd.Function):
         import torch.distributed as dist
 
         offsets = rows.offsets()
-        padded = torch.zeros(rows.world, offsets[-1], dtype=rows.dtype)
+        padded = torch.zeros(rows.world, offsets[-1], dtype=rows.dtype, device=rows.device)
         for j, gradient in enumerate(gradients):
             if gradient is not None:  # an unused output's gradient is zero (None), the same on every rank
                 piece = rows.piece(j)
-                full = torch.zeros(rows.world * piece, dtype=rows.dtype)
+                full = torch.zeros(rows.world * piece, dtype=rows.dtype, device=rows.device)
                 full[:rows.numels[j]] = gradient.reshape(-1)
                 padded[:, offsets[j]:offsets[j + 1]] = full.view(rows.world, piece)
-        local = torch.empty(offsets[-1], dtype=rows.dtype)
+        local = torch.empty(offsets[-1], dtype=rows.dtype, device=rows.device)
         dist.reduce_scatter_single(local, padded.reshape(-1), op=dist.ReduceOp.SUM)
         del padded
         for j, (theta, tau) in enumerate(rows.pairs):
