@@ -27,6 +27,17 @@ TIES_VARIANTS = {
     "ties_tensor_l1": {"trim_scope": "tensor", "convention": "mergekit", "trim_rescale": "l1"},
 }
 
+SPARSIFY_VARIANTS = {  # name (method, then "-variant") -> parameters
+    "breadcrumbs": {"density": 0.8, "gamma": 0.05},
+    "breadcrumbs-mergekit": {"density": 0.8, "gamma": 0.05, "convention": "mergekit"},
+    "breadcrumbs-l1": {"density": 0.7, "gamma": 0.1, "rescale": "l1"},
+    "breadcrumbs_ties": {"density": 0.8, "gamma": 0.05},
+    "della": {"density": 0.6, "epsilon": 0.2, "seed": 3},
+    "della-l1": {"density": 0.6, "epsilon": 0.2, "rescale": "l1", "seed": 3},
+    "della-none": {"density": 0.5, "epsilon": 0.1, "rescale": "none", "lambda": 0.8},
+    "della_linear": {"density": 0.6, "epsilon": 0.1, "seed": 4},
+}
+
 
 def cases(base: str, experts: list[str]) -> dict[str, dict]:
     """name -> config dict (either dialect)."""
@@ -56,13 +67,20 @@ def cases(base: str, experts: list[str]) -> dict[str, dict]:
     out["dare_ties_tensor"] = {"method": "dare", "base_model": base, "models": models,
                                "parameters": {"then": "ties", "trim_scope": "tensor", "density": 0.5}}
     out["dare_graded"] = {"method": "dare", "base_model": base, "models": graded, "parameters": {"then": "ties", "trim_scope": "tensor"}}
+    for name, params in SPARSIFY_VARIANTS.items():  # the sort-free cuts (issue 18) must stay the sorts' results
+        method = name.split("-")[0]
+        out[name] = {"method": method, "base_model": base, "models": models, "parameters": params}
     mk_models = [{"model": base}] + [{"model": e, "parameters": {"weight": 0.5 + i, "density": [0.4, 0.8]}} for i, e in enumerate(experts)]
-    for mk in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties"):
+    for mk in ("linear", "task_arithmetic", "ties", "dare_linear", "dare_ties", "breadcrumbs", "breadcrumbs_ties", "della",
+               "della_linear"):
         models_mk = mk_models if mk != "linear" else [{"model": e, "parameters": {"weight": 1 + i}} for i, e in enumerate(experts)]
         if mk in ("linear", "task_arithmetic"):
             models_mk = [{"model": m["model"], "parameters": {"weight": m.get("parameters", {}).get("weight", 1.0)}} for m in models_mk]
+        parameters = {"normalize": True} if mk != "linear" else {}
+        if mk.startswith(("breadcrumbs", "della")):  # mergekit's own cut and ranks, with their defaults moved
+            parameters.update({"gamma": 0.05} if mk.startswith("breadcrumbs") else {"epsilon": 0.1})
         out[f"mergekit_{mk}"] = {"merge_method": mk, "base_model": base, "models": models_mk,
-                                 "parameters": {"normalize": True} if mk != "linear" else {}, "dtype": "float32"}
+                                 "parameters": parameters, "dtype": "float32"}
     return out
 
 
