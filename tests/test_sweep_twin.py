@@ -150,3 +150,30 @@ def test_bad_twin_sweep_files_name_the_key(family, tmp_path):
     trial = spec.trial_dict({"lambda": 1.0, "rank": 2})
     assert trial["shared"] == {"method": "task_arithmetic", "parameters": {"lambda": 1.0}}
     assert trial["exclusive"] == {"rank": 2, "svd": "exact"} and "sweep" not in trial and "method" not in trial
+
+
+def test_rank_view_loads_the_build_at_that_rank_and_copy_at_rank_writes_it(tmp_path, llama_family):
+    """What a Twin trial hands the evaluator's actors (a view of the build with exclusive.load_rank) and what
+    --materialize-best writes: both the build's routed model at the trial's rank."""
+    from distmerge.sweep.twin import rank_view
+    from distmerge.twin import load
+    from distmerge.twin.folder import read_manifest
+    from distmerge.twin.task import copy_at_rank
+    from test_twin import batch_ids, local_twin
+
+    base, experts = llama_family
+    folder = local_twin(tmp_path / "build", base, experts, {"rank": 6, "svd": "exact"})
+    view = rank_view(folder, 3)
+    assert rank_view(folder, 3) == view and rank_view(folder, None) == str(folder)
+    assert read_manifest(view)["exclusive"]["load_rank"] == 3 and "load_rank" not in read_manifest(folder)["exclusive"]
+    copied = copy_at_rank(folder, 3, tmp_path / "best")
+    assert read_manifest(copied)["exclusive"]["rank"] == 3
+    ids, weights = batch_ids(2), torch.tensor([[0.3, 0.7], [1.0, 0.0]])
+    outputs = []
+    for model in (load(folder, rank=3), load(view), load(copied), load(folder)):
+        model.twin.fixed = weights
+        with torch.no_grad():
+            outputs.append(model(input_ids=ids).logits)
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
+    torch.testing.assert_close(outputs[2], outputs[0], rtol=0, atol=1e-6)
+    assert not torch.allclose(outputs[3], outputs[0], atol=1e-5)  # rank 6 differs: the view really truncates
