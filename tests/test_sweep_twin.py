@@ -33,7 +33,7 @@ def twin_sweep(root, base, experts, data, **sweep) -> dict:
                          {"epochs": 5, "batch_size": 32, "holdout": 0.0, "max_samples": 16})
     config["shared"] = {"method": "task_arithmetic", "parameters": {"lambda": {"grid": LAMBDAS}}}
     config["sweep"] = {"tasks": [{"name": "val", "type": "perplexity", "data": str(data), "batch_size": 16}],
-                       "max_concurrent_trials": 2, **sweep}
+                       "max_concurrent_trials": 2, "build_workers": 1, **sweep}
     return config
 
 
@@ -136,6 +136,10 @@ def test_bad_twin_sweep_files_name_the_key(family, tmp_path):
     config["exclusive"] = {"rank": 4}
     config["shared"]["parameters"]["lambda"] = 0.3
     with pytest.raises(ConfigError, match=r"nothing to search"):
+        load_sweep(config)
+    config = twin_sweep(root, base, experts, data)
+    config["sweep"]["build_workers"] = 0
+    with pytest.raises(ConfigError, match=r"sweep.build_workers"):
         load_sweep(config)
     config = twin_sweep(root, base, experts, data)
     config["sweep"]["tasks"][0]["expert"] = "t0"

@@ -37,7 +37,7 @@ build per combination, so only ``grid`` and ``choice``) and the exclusive parts'
 shared: {method: task_arithmetic, parameters: {lambda: {grid: [0.2, 0.3, 0.5]}}}
 exclusive: {rank: {grid: [4, 8, 16]}, svd: exact}
 router: {data: {math: math_train.jsonl, code: code_train.jsonl}}
-sweep: {tasks: [{name: val, type: perplexity, data: val.jsonl}]}
+sweep: {tasks: [{name: val, type: perplexity, data: val.jsonl}], build_workers: 4}   # Ray workers per build
 ```
 """
 
@@ -59,7 +59,7 @@ SPACE_KINDS = ("grid", "choice", "uniform", "quniform", "loguniform", "randint")
 SEARCHES = ("grid", "random", "optuna")
 SCHEDULERS = ("none", "asha")
 SWEEP_KEYS = {"tasks", "metric", "mode", "search", "num_samples", "seed", "scheduler", "eval_chunks",
-              "max_concurrent_trials", "resources_per_trial", "holders", "holder_cpus"}
+              "max_concurrent_trials", "resources_per_trial", "holders", "holder_cpus", "build_workers"}
 LOWER_IS_BETTER = ("nll", "perplexity", "loss")
 TWIN_SECTIONS = ("shared", "exclusive", "router")  # a sweep file with any of them is a Twin-Merging sweep
 TWIN_BUILD_KINDS = ("grid", "choice")  # a shared-merge value needs a twin build of its own: a finite list
@@ -125,6 +125,7 @@ class SweepSpec:
     holders: int
     holder_cpus: float
     twin: dict[str, Any] | None = None  # a Twin sweep: its exclusive and router sections (spaces in place)
+    build_workers: int | None = None  # a Twin sweep: Ray workers of each twin build (None: the cluster's CPUs)
 
     @property
     def is_twin(self) -> bool:
@@ -251,7 +252,7 @@ def load_sweep(source: str | Path | dict[str, Any]) -> SweepSpec:
         reduction_factor=factor, eval_chunks=eval_chunks, max_concurrent_trials=max_concurrent,
         resources_per_trial=_resources(sweep_raw.get("resources_per_trial")),
         holders=_int(sweep_raw, "holders", 2, lo=1), holder_cpus=_number(sweep_raw, "holder_cpus", 0.5, lo=0.0),
-        twin=twin,
+        twin=twin, build_workers=_build_workers(sweep_raw, twin is not None),
     )
     if spec.is_twin:
         _check_twin(spec)
@@ -316,6 +317,15 @@ def _extract_twin_spaces(raw: dict[str, Any]) -> tuple[dict[str, Any], list[Spac
         raise ConfigError("sweep: two searched parameters are both named 'rank'; rename the shared merge's model "
                           "parameter")
     return merge, spaces, {"exclusive": exclusive, "router": router}
+
+
+def _build_workers(sweep_raw: dict, twin: bool) -> int | None:
+    if sweep_raw.get("build_workers") is None:
+        return None
+    if not twin:
+        raise ConfigError("sweep.build_workers: only a Twin sweep builds (a twin.yaml with shared/exclusive/router); "
+                          "a merge sweep's trials merge on its holders (sweep.holders)")
+    return _int(sweep_raw, "build_workers", None, lo=1)
 
 
 def _check_twin(spec: SweepSpec) -> None:

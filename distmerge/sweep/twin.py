@@ -112,7 +112,7 @@ def make_builds(spec: SweepSpec, out: Path, resume: bool, progress: bool) -> dic
         if not (resume and is_twin_folder(folder)):
             began = time.perf_counter()
             config = spec.trial_dict({**values, **({RANK: rank} if rank is not None else {})})
-            built = build(config, folder, force=True, progress=progress)
+            built = build(config, folder, workers=spec.build_workers, force=True, progress=progress)
             record.update(seconds=round(time.perf_counter() - began, 3), factor_bytes=built.factor_bytes,
                           router=built.router)
         records.append(record)
