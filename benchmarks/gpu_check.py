@@ -227,8 +227,7 @@ def check_adamerging(device: str, records: list, root: Path) -> None:
     try:
         for where in ("cpu", device):
             setup = build_setup(config, device=where)
-            batches = {t: [{k: v.to(where) for k, v in encode_rows(setup, t, {"text": np.array(texts[:4])}).items()}]
-                       for t, texts in rows.items()}
+            batches = {t: [encode_rows(setup, t, {"text": np.array(texts[:4])})] for t, texts in rows.items()}
 
             def step():
                 setup.coefficients.raw.grad = None

@@ -3,8 +3,9 @@
 Each merged tensor n is stored as theta0_n, flat [numel], and its task vectors tau_n, flat [numel, T], so that
 FSDP2 (which shards dim 0) gives each rank a contiguous element range of every tensor for all tasks at once:
 ranks stay balanced whatever T is, AdaMerging++'s sign election (across tasks, per element) is local, and a
-rank's shard is read from the checkpoints as a row range. One ``GroupBank`` per layer group is one FSDP unit,
-so only one group's merged tensors are ever gathered at a time.
+rank's shard is read from the checkpoints as a row range. One ``GroupBank`` per layer group is one FSDP unit
+and one gather of merged tensors: a layer's group is gathered inside that layer's forward (``layerwise``), the
+groups outside the layers (embeddings, final norm, head) before the forward, and kept for its backward.
 
 The merged weights are theta0_n + tau_n @ clamp(lambda_n, 0, 1), computed by each rank on its own rows and
 then gathered (``gather.py``), so the gradients reach only the coefficients (spec algorithms.md section 6).
@@ -93,7 +94,7 @@ class Coefficients(torch.nn.Module):
         indices = range(len(self.plan.names)) if indices is None else indices
         clamped = (self.raw if raw is None else raw).clamp(0.0, 1.0)  # the reference's lambdas(): zero gradient
         # outside [0, 1]
-        fixed = torch.full((len(self.plan.tasks),), float(self.lambda_init), dtype=clamped.dtype)
+        fixed = torch.full((len(self.plan.tasks),), float(self.lambda_init), dtype=clamped.dtype, device=clamped.device)
         return torch.stack([fixed if self.plan.rows[i] is None else clamped[self.plan.rows[i]] for i in indices])
 
 
@@ -107,8 +108,8 @@ class GroupBank(torch.nn.Module):
     rows up to a multiple of W, so that ZeRO-3's even split of the flattened [rows, T] lands on row boundaries
     and gives rank r the rows ``shard_range`` gives it (FSDP2 splits unpadded rows the same way).
 
-    ``merge`` is a method, not the module's forward: the strategies' module hooks would gather theta0 and
-    every tau, where the merged-rows gather (``gather.py``) moves one copy."""
+    ``merge`` is a method, not the module's forward: FSDP2's module hooks would gather theta0 and every tau,
+    where the merged-rows gather (``gather.py``) moves one copy."""
 
     world, rank = 1, 0  # which rows this rank holds and how many ranks gather them (``Bank.place``)
 
@@ -130,7 +131,8 @@ class GroupBank(torch.nn.Module):
 
     def merge(self, lambdas: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """The merged flat tensors of this group, whole, in ``compute_dtype`` (a half-precision bank is only
-        storage: the products and the coefficients' gradients are float32); ``lambdas`` is [len(indices), T]."""
+        storage: the products and the coefficients' gradients are float32, float64 for a float64 bank);
+        ``lambdas`` is [len(indices), T]."""
         rows = GroupRows(tuple((theta, tau) for _, theta, tau in self.local_pairs(self.world, self.rank)),
                          self.numels, self.world, compute_dtype(self.storage_dtype))
         return gather_merged(lambdas, rows)

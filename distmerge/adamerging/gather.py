@@ -11,8 +11,9 @@ coefficients' gradient is that rank's local dot product tau_rows^T grad_rows, su
 rest of the coefficients' gradient (``TorchCoefficients``). A group is one collective each way, whatever its
 number of tensors.
 
-Memory per rank: its shard, one gathered group, and row chunks of the task vectors in the compute dtype
-(``CHUNK_ELEMENTS``), never a whole task vector in float32. In one process the same code runs without the
+Memory per rank: its shard, and per group in flight about two copies of the group's merged tensors (the gathered
+buffer and the tensors cut from it; in the backward the incoming gradients and the reduce-scatter's buffer), plus
+row chunks of the task vectors in the compute dtype (``CHUNK_ELEMENTS``): never a whole task vector in float32. In one process the same code runs without the
 collectives, so the chunked backward is what the one-process tests exercise too.
 """
 
@@ -21,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+from torch.autograd.function import once_differentiable
 
 CHUNK_ELEMENTS = 1 << 22  # task-vector elements converted to the compute dtype at a time (16 MiB in float32)
 
@@ -79,8 +81,9 @@ class GatherMerged(torch.autograd.Function):
     @staticmethod
     def forward(ctx, lambdas: torch.Tensor, rows: GroupRows) -> tuple[torch.Tensor, ...]:
         ctx.rows = rows
-        ctx.lambdas_dtype = lambdas.dtype
-        weights = lambdas.detach()
+        ctx.lambdas_like = (lambdas.dtype, lambdas.device)  # the coefficients may live apart from the shard
+        ctx.set_materialize_grads(False)  # an unused output's gradient stays None: no zeros of its size
+        weights = lambdas.detach().to(rows.device)
         if rows.world == 1:
             return tuple(merge_rows(theta, tau, weights[j], rows.dtype) for j, (theta, tau) in enumerate(rows.pairs))
         import torch.distributed as dist
@@ -98,6 +101,7 @@ class GatherMerged(torch.autograd.Function):
                      for j in range(len(rows.numels)))
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, *gradients: torch.Tensor | None):
         rows: GroupRows = ctx.rows
         tasks = rows.pairs[0][1].shape[1] if rows.pairs else 0
@@ -106,23 +110,24 @@ class GatherMerged(torch.autograd.Function):
             for j, ((_, tau), gradient) in enumerate(zip(rows.pairs, gradients)):
                 if gradient is not None:
                     out[j] = tau_dot(tau, gradient, rows.dtype)
-            return out.to(ctx.lambdas_dtype), None
+            return out.to(ctx.lambdas_like[1], ctx.lambdas_like[0]), None
         import torch.distributed as dist
 
         offsets = rows.offsets()
         padded = torch.zeros(rows.world, offsets[-1], dtype=rows.dtype, device=rows.device)
         for j, gradient in enumerate(gradients):
-            if gradient is not None:  # an unused output's gradient is zero (None), the same on every rank
-                piece = rows.piece(j)
-                full = torch.zeros(rows.world * piece, dtype=rows.dtype, device=rows.device)
-                full[:rows.numels[j]] = gradient.reshape(-1)
-                padded[:, offsets[j]:offsets[j + 1]] = full.view(rows.world, piece)
+            if gradient is None:  # an unused output (the same on every rank): its rows of the buffer stay zero
+                continue
+            flat, piece = gradient.reshape(-1), rows.piece(j)
+            for rank in range(rows.world):  # rank r's piece of tensor j, the last ones short or empty
+                start, stop = min(rows.numels[j], rank * piece), min(rows.numels[j], (rank + 1) * piece)
+                padded[rank, offsets[j]:offsets[j] + stop - start] = flat[start:stop]
         local = torch.empty(offsets[-1], dtype=rows.dtype, device=rows.device)
         dist.reduce_scatter_single(local, padded.reshape(-1), op=dist.ReduceOp.SUM)
         del padded
         for j, (theta, tau) in enumerate(rows.pairs):
             out[j] = tau_dot(tau, local[offsets[j]:offsets[j] + theta.shape[0]], rows.dtype)
-        return out.to(ctx.lambdas_dtype), None
+        return out.to(ctx.lambdas_like[1], ctx.lambdas_like[0]), None
 
 
 def gather_merged(lambdas: torch.Tensor, rows: GroupRows) -> tuple[torch.Tensor, ...]:

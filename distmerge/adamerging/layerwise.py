@@ -5,7 +5,7 @@ until the backward has used it (autograd saves each weight for the input's gradi
 layer computes its own merged weights when the forward reaches it, inside a non-reentrant activation
 checkpoint, so they are dropped when the layer returns and computed again (gathering that layer's merged
 unit again) when the backward reaches the layer. A rank then holds its shard of theta0 and the task vectors,
-one layer's gathered unit and merged weights, and the activations at layer boundaries. The tensors outside
+one layer's gathered merged weights, and the activations at layer boundaries. The tensors outside
 the layers (embeddings, final norm, output head) are merged once per batch, as before.
 
 The math is unchanged: merged_n = theta0_n + tau_n @ clamp(lambda_n, 0, 1), the gradient reaching only the

@@ -1,7 +1,7 @@
 """The AdaMerging train loop: a Ray Train worker function, and the Ray-free pieces it is made of.
 
 A worker builds the functional model (``setup``): the base's architecture on the meta device, a ``Bank`` of
-theta0 and the task vectors sharded by FSDP2 (or replicated in one process), the replicated coefficients,
+theta0 and the task vectors sharded (placed by FSDP2 or ZeRO-3; whole in one process), the replicated coefficients,
 and the tensors that are not merged (each task's classifier head from its expert, the rest from the base).
 Each step sums the objective over ``batches`` batches of every task, back-propagates into the coefficients
 only, sums their gradients over ranks, and takes one Adam step. Rank 0 writes the checkpoints (safetensors +
@@ -55,6 +55,7 @@ class Setup:
     world: int
     rank: int
     in_layers: frozenset[int] = frozenset()  # bank groups merged inside their layer's forward (layerwise)
+    device: str = "cpu"  # of the bank's shard, the coefficients, the model's buffers and every batch
 
 
 def build_setup(config: AdaConfig, world: int = 1, rank: int = 0, shard: Callable[[Bank], None] | None = None,
@@ -110,7 +111,8 @@ def build_setup(config: AdaConfig, world: int = 1, rank: int = 0, shard: Callabl
     # the benchmarks' comparison: every tensor merged before the forward, one whole merged copy per rank
     upfront = os.environ.get("DISTMERGE_ADAMERGING_MERGE_UPFRONT") == "1"
     in_layers = frozenset() if upfront else layerwise.install(model, bank, coefficients)
-    return Setup(config, plan, model, bank, coefficients, fixed, heads, masks, tokenizer, world, rank, in_layers)
+    return Setup(config, plan, model, bank, coefficients, fixed, heads, masks, tokenizer, world, rank, in_layers,
+                 str(device))
 
 
 def _read(checkpoint: Checkpoint, name: str, device: str, dtype: torch.dtype) -> torch.Tensor:
@@ -134,7 +136,8 @@ def encode_rows(setup: Setup, task: str, rows: dict) -> dict[str, torch.Tensor]:
     data = setup.config.data[task]
     one_segment = getattr(setup.model.config, "type_vocab_size", 2) <= 1
     target = data.target if setup.config.objective == "sft" else None
-    return encode(setup.tokenizer, rows, text_fields(task, data.fields), target, setup.config.max_length, one_segment)
+    encoded = encode(setup.tokenizer, rows, text_fields(task, data.fields), target, setup.config.max_length, one_segment)
+    return {key: value.to(setup.device) for key, value in encoded.items()}
 
 
 class TorchCoefficients:
@@ -169,8 +172,8 @@ class TorchCoefficients:
             self.param.copy_(raw)
         if "step" in adam:
             self.optimizer.state[self.param] = {"step": torch.tensor(float(adam["step"][0])),
-                                                "exp_avg": adam["exp_avg"].clone(),
-                                                "exp_avg_sq": adam["exp_avg_sq"].clone()}
+                                                "exp_avg": adam["exp_avg"].to(self.param.device, copy=True),
+                                                "exp_avg_sq": adam["exp_avg_sq"].to(self.param.device, copy=True)}
 
 
 def summary(setup: Setup, trainer) -> dict[str, float]:
@@ -245,17 +248,20 @@ def fsdp_shard(bank: Bank) -> None:
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """The sum over ranks, on the tensor's device; NCCL (GPU workers) reduces only CUDA tensors."""
     import torch.distributed as dist
 
-    out = tensor.clone()
+    device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else tensor.device
+    out = tensor.to(device, copy=True)
     dist.all_reduce(out, op=dist.ReduceOp.SUM)
-    return out
+    return out.to(tensor.device)
 
 
 def train_worker(loop_config: dict[str, Any]) -> None:
     """Runs each variant of ``loop_config["variants"]`` in turn (the driver passes one; tests pass several to
     share one Train run); a variant whose result is written is skipped, so a restarted run resumes."""
     import ray.train
+    import ray.train.torch
 
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
@@ -269,7 +275,8 @@ def train_worker(loop_config: dict[str, Any]) -> None:
         config = load_ada_config(variant["config"])
         strategy_shard = fsdp_shard if world > 1 and config.strategy == "fsdp" else None
         began = time.perf_counter()
-        setup = build_setup(config, world, rank, strategy_shard, all_reduce_sum if world > 1 else no_reduce)
+        device = str(ray.train.torch.get_device()) if config.num_gpus else "cpu"  # the GPU Ray Train gave it
+        setup = build_setup(config, world, rank, strategy_shard, all_reduce_sum if world > 1 else no_reduce, device)
         held = sum(local_tensor(p).numel() * local_tensor(p).element_size() for p in setup.bank.parameters())
         print(f"adamerging {loop_config.get('run', 'adamerging')}: rank {rank}/{world} holds {held / 2**20:.1f} MiB "
               f"of theta0 and {len(config.tasks)} task vectors ({len(setup.plan.names)} tensors), ready in "

@@ -1,11 +1,14 @@
 """DeepSpeed ZeRO-3, AdaMerging's other sharding strategy (``strategy: deepspeed``).
 
-theta0 and the task vectors are built under ``deepspeed.zero.Init``, so each rank only ever allocates its
-partition (the bank pads rows so that partitions fall on row boundaries: ``GroupBank``). ZeRO-3 places them and
-nothing more: a layer group is not gathered with ``GatheredParameters`` (theta0 and every task vector, T + 1
-copies) but merged on each rank's partition and gathered merged (``gather.py``), as under FSDP2. The coefficients are a few thousand numbers: they stay replicated and are trained by torch's
-Adam on gradients summed over ranks, exactly as under FSDP2, so both strategies write the same checkpoints
-(safetensors + JSON; DeepSpeed's own ``save_checkpoint`` pickles) and resume from each other's state.
+theta0 and the task vectors are built under ``deepspeed.zero.Init``, which partitions them as each layer group
+is created (the bank pads rows so that partitions fall on row boundaries: ``GroupBank``). zero.Init still holds a
+group whole on every rank for a moment at setup and broadcasts rank 0's copy before cutting it (the values are
+then overwritten by ``fill_bank``). ZeRO-3 places the rows and nothing more: a layer group is not gathered with
+``GatheredParameters`` (theta0 and every task vector, T + 1 copies) but merged on each rank's partition and
+gathered merged (``gather.py``), as under FSDP2. The coefficients are a few thousand numbers: they stay
+replicated and are trained by torch's Adam on gradients summed over ranks, exactly as under FSDP2, so both
+strategies write the same checkpoints (safetensors + JSON; DeepSpeed's own ``save_checkpoint`` pickles) and
+resume from each other's state.
 
 DeepSpeed builds C++ ops (CPU Adam, shared-memory collectives) the first time it meets them; none is used
 here, and ``deepspeed.ops.__compatible_ops__ = {}`` keeps ``init_distributed`` from compiling one.
