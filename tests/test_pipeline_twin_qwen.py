@@ -19,7 +19,7 @@ def test_twin_qwen_tiny_preset_runs_end_to_end(tmp_path, ray_cluster, capsys):
     pipeline = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(pipeline)
     out = tmp_path / "run"
-    assert pipeline.main(["--preset", "tiny", "--out", str(out), "--quiet", "--workers", "2"]) == 0
+    assert pipeline.main(["--preset", "tiny", "--out", str(out), "--quiet", "--workers", "1"]) == 0
     line = capsys.readouterr().out.strip().splitlines()[-1]
     assert line.startswith("twin_qwen: 3 LoRA experts, router held-out accuracy")
 
