@@ -181,3 +181,45 @@ def test_rank_view_loads_the_build_at_that_rank_and_copy_at_rank_writes_it(tmp_p
     torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=0)
     torch.testing.assert_close(outputs[2], outputs[0], rtol=0, atol=1e-6)
     assert not torch.allclose(outputs[3], outputs[0], atol=1e-5)  # rank 6 differs: the view really truncates
+
+
+def test_best_yaml_of_a_randomized_rank_sweep_rebuilds_the_scored_factors(family, tmp_path):
+    """The trials read rank r from a build at the largest rank R; with a randomized SVD best.yaml's twin build at
+    rank r must draw that build's sketch (width R + oversample), or it stores other directions."""
+    import yaml
+
+    from distmerge.sweep import load_sweep
+    from distmerge.sweep.outputs import write_best_yaml
+    from distmerge.twin.folder import ExclusiveStore
+    from distmerge.twin.routed import truncate
+    from test_twin import local_twin
+
+    root, base, experts = family[:3]
+    randomized = {"svd": "randomized", "oversample": 4}  # 6 + 4 < 16, the smallest side: the sketch path
+    config = twin_sweep(*family)
+    config["exclusive"] = {"rank": {"grid": RANKS}, **randomized}
+    spec = load_sweep(config)
+    assert spec.best_dict({"lambda": 0.3, "rank": max(RANKS)})["exclusive"]["oversample"] == 4
+    best = spec.best_dict({"lambda": 0.3, "rank": 2})["exclusive"]
+    assert best == {"rank": 2, "svd": "randomized", "oversample": 4 + max(RANKS) - 2}
+    written = write_best_yaml(spec, {"trial": "t", spec.metric: 1.0, "lambda": 0.3, "rank": 2}, tmp_path)
+    text = written.read_text()
+    assert "rebuilds the scored factors" in text.split("\n", 3)[2]
+    assert yaml.safe_load(text)["exclusive"] == best
+
+    built = ExclusiveStore(local_twin(tmp_path / "R", base, experts, {"rank": max(RANKS), **randomized}))
+    rebuilt = ExclusiveStore(local_twin(tmp_path / "r", base, experts, best))
+    narrow = ExclusiveStore(local_twin(tmp_path / "n", base, experts, {"rank": 2, **randomized}))
+    compared, narrow_gap = 0, 0.0
+    for task in ("t0", "t1"):
+        for tensor in built.tensors(task):
+            scored = truncate(built.part(task, tensor), 2)
+            if scored.us is None:
+                continue
+            again = rebuilt.part(task, tensor)
+            torch.testing.assert_close(again.us, scored.us, rtol=0, atol=1e-6)
+            torch.testing.assert_close(again.v, scored.v, rtol=0, atol=1e-6)
+            narrow_gap = max(narrow_gap, float((narrow.part(task, tensor).dense() - scored.dense()).abs().max()))
+            compared += 1
+    assert compared >= 10
+    assert narrow_gap > 1e-4  # the sweep's own oversampling at rank 2 is another sketch: the test can fail

@@ -84,6 +84,10 @@ def write_best_yaml(spec: SweepSpec, best: dict[str, Any], out: Path) -> Path:
     command = "distmerge twin build" if spec.is_twin else "distmerge merge"
     header = (f"# The best trial of the sweep in this folder ({best['trial']}): {spec.metric} = "
               f"{best[spec.metric]:.6g} ({spec.mode}).\n# {command} best.yaml --out DIR\n")
+    if spec.is_twin and spec.best_oversample(best) is not None:
+        header += (f"# exclusive.oversample is {config['exclusive']['oversample']}, not the sweep's: the trials read "
+                   "their rank from builds at the largest rank, and at this oversampling the randomized SVD draws "
+                   "those builds' sketch, so this file rebuilds the scored factors.\n")
     path = out / "best.yaml"
     path.write_text(header + yaml.safe_dump(config, sort_keys=False))
     return path

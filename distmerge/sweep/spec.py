@@ -158,8 +158,26 @@ class SweepSpec:
     def best_dict(self, values: dict[str, Any]) -> dict[str, Any]:
         """What best.yaml holds: the resolved merge config, or for a Twin sweep the twin.yaml of that trial."""
         if self.is_twin:
-            return self.trial_dict(values)
+            config = self.trial_dict(values)
+            oversample = self.best_oversample(values)
+            if oversample is not None:
+                config["exclusive"]["oversample"] = oversample
+            return config
         return self.trial_config(values).to_yaml_dict()
+
+    def best_oversample(self, values: dict[str, Any]) -> int | None:
+        """A Twin sweep whose rank is searched with a randomized (or auto) SVD: the exclusive.oversample at which
+        ``twin build`` of the trial at rank r rebuilds the factors it was scored with (the first r directions of a
+        build at the largest rank R, whose sketch is R + oversample wide); None where nothing needs changing."""
+        from distmerge.sweep.twin import RANK, largest_rank
+        from distmerge.twin.config import ExclusiveConfig, reproducing_oversample
+
+        largest, rank = largest_rank(self), values.get(RANK)
+        exclusive = self.twin.get("exclusive") or {}
+        if largest is None or exclusive.get("svd", ExclusiveConfig.svd) == "exact" or plain_value(rank) >= largest:
+            return None
+        return reproducing_oversample(exclusive.get("oversample", ExclusiveConfig.oversample), largest,
+                                      plain_value(rank))
 
     @property
     def total_trials(self) -> int:

@@ -75,6 +75,14 @@ class ExclusiveConfig:
         return min(wanted, side)
 
 
+def reproducing_oversample(oversample: int, built_rank: int, rank: int) -> int:
+    """The oversampling at which a rank-``rank`` build draws the randomized SVD sketch of a build at ``built_rank``
+    (width built_rank + oversample, the same seed), so its factors are the first ``rank`` directions of that
+    build's: a narrower sketch (rank + oversample) finds slightly different directions. Exact SVDs, and tensors
+    small enough that ``truncated_svd`` takes the exact path at one width, take it at the other as well."""
+    return oversample + max(0, built_rank - rank)
+
+
 @dataclass(frozen=True)
 class RouterConfig:
     data: dict[str, str] = field(default_factory=dict)  # task name -> jsonl/json/parquet file or folder

@@ -17,6 +17,7 @@ import torch
 
 from distmerge.io import writer
 from distmerge.io.checkpoint import Checkpoint
+from distmerge.twin.config import reproducing_oversample
 from distmerge.twin.folder import EXCLUSIVE, EXCLUSIVE_INDEX, HF_FILES, TWIN_JSON, ExclusiveStore, check_task, \
     read_manifest
 
@@ -105,6 +106,9 @@ def copy_at_rank(folder: str | Path, rank: int | None, out: str | Path, force: b
             exclusive = manifest["exclusive"]
             exclusive.pop("load_rank", None)
             if exclusive.get("rank") is None or exclusive["rank"] > rank:
+                if exclusive.get("rank") is not None and exclusive.get("svd") != "exact":
+                    # the settings at which a build at this rank stores these factors (the build's sketch)
+                    exclusive["oversample"] = reproducing_oversample(exclusive["oversample"], exclusive["rank"], rank)
                 exclusive.update(rank=rank, rank_fraction=None)
         writer.write_json(staging / TWIN_JSON, manifest)
         writer.finalize(staging, out, force)
