@@ -4,6 +4,7 @@ sweep's, the best trial's twin folder materialized at its rank; bad twin sweep f
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -223,3 +224,40 @@ def test_best_yaml_of_a_randomized_rank_sweep_rebuilds_the_scored_factors(family
             compared += 1
     assert compared >= 10
     assert narrow_gap > 1e-4  # the sweep's own oversampling at rank 2 is another sketch: the test can fail
+
+
+def test_copy_at_rank_and_rank_views_report_the_rank_they_hold(tmp_path, llama_family):
+    """twin_report.json of best_model/ and of a rank view describes rank r, as a build at rank r reports it
+    (exact SVD: the same directions), not the rank-R build it was read from; bad ranks are refused by name."""
+    from distmerge.errors import InputError
+    from distmerge.sweep.twin import rank_view
+    from distmerge.twin import load
+    from distmerge.twin.folder import REPORT, TWIN_JSON
+    from distmerge.twin.task import copy_at_rank
+    from test_twin import local_twin
+
+    base, experts = llama_family
+    folder = local_twin(tmp_path / "build", base, experts, {"rank": 6, "svd": "exact"})
+    direct = json.loads((local_twin(tmp_path / "direct", base, experts, {"rank": 2, "svd": "exact"}) / REPORT)
+                        .read_text())
+    built = json.loads((folder / REPORT).read_text())
+    view = Path(rank_view(folder, 2))
+    for report in (copy_at_rank(folder, 2, tmp_path / "best") / REPORT, view / REPORT):
+        assert not report.is_symlink()
+        report = json.loads(report.read_text())
+        assert report["ranks"] == direct["ranks"] and report["read_at_rank"] == 2 and report["build_rank"] == 6
+        assert sorted(report["relative_error"]) == sorted(direct["relative_error"])
+        for key, error in direct["relative_error"].items():
+            assert report["relative_error"][key] == pytest.approx(error, rel=1e-4, abs=1e-6), key
+        assert any(report["relative_error"][k] > built["relative_error"][k] + 1e-3 for k in direct["ranks"])
+    assert json.loads((folder / REPORT).read_text()) == built  # the build's own report is untouched
+
+    with pytest.raises(InputError, match=r"copy_at_rank: rank: must be a positive integer, got 0"):
+        copy_at_rank(folder, 0, tmp_path / "zero")
+    assert not (tmp_path / "zero").exists()
+    manifest = json.loads((view / TWIN_JSON).read_text())
+    for bad in ("3", 0, 2.5):
+        manifest["exclusive"]["load_rank"] = bad
+        (view / TWIN_JSON).write_text(json.dumps(manifest))
+        with pytest.raises(InputError, match=rf"'{view / TWIN_JSON}': exclusive.load_rank: must be a positive integer"):
+            load(view)

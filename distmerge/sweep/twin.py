@@ -10,8 +10,8 @@ sweeps'.
 
 ```
 OUT/builds/build-N/        one twin folder per combination of shared values (builds.json says which)
-OUT/builds/views/          rank views of a build for ``type: eval`` tasks (twin.json with exclusive.load_rank,
-                           every other entry a link into the build)
+OUT/builds/views/          rank views of a build for ``type: eval`` tasks (twin.json with exclusive.load_rank and
+                           twin_report.json at that rank, every other entry a link into the build)
 OUT/best_model/            --materialize-best: the best build at the best rank (``twin.task.copy_at_rank``)
 ```
 
@@ -190,15 +190,19 @@ def rank_view(folder: str | Path, rank: int | None) -> str:
     view = folder.parent / VIEWS / f"{folder.name}-rank-{rank}"
     if view.is_dir():
         return str(view)
-    from distmerge.twin.folder import TWIN_JSON
+    from distmerge.twin.folder import REPORT, TWIN_JSON
+    from distmerge.twin.task import report_at_rank
 
     view.parent.mkdir(exist_ok=True)
     staging = view.parent / f".{view.name}-{uuid.uuid4().hex[:8]}"
     staging.mkdir()
     try:
+        report = report_at_rank(folder, int(rank))  # the view's own: the build's describes its own rank
         for entry in folder.iterdir():
-            if entry.name != TWIN_JSON:
+            if entry.name != TWIN_JSON and not (entry.name == REPORT and report is not None):
                 os.symlink(entry.resolve(), staging / entry.name)
+        if report is not None:
+            writer.write_json(staging / REPORT, report)
         manifest = json.loads((folder / TWIN_JSON).read_text())
         manifest["exclusive"]["load_rank"] = int(rank)
         writer.write_json(staging / TWIN_JSON, manifest)

@@ -71,6 +71,13 @@ def read_manifest(folder: str | Path) -> dict[str, Any]:
     return manifest
 
 
+def check_rank(rank: Any, where: str) -> int | None:
+    """A rank to read parts at (None: every stored direction); anything but a positive integer is refused."""
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
+        raise InputError(f"{where}: must be a positive integer, got {rank!r}")
+    return rank
+
+
 def check_task(manifest: dict[str, Any], task: str, folder: str | Path) -> None:
     if task not in manifest["tasks"]:
         raise InputError(f"--task: '{task}' is not a task of twin folder '{folder}' "

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from distmerge.errors import InputError
-from distmerge.twin.folder import FACTOR_KINDS, ExclusiveStore, Part, read_manifest
+from distmerge.twin.folder import FACTOR_KINDS, TWIN_JSON, ExclusiveStore, Part, check_rank, read_manifest
 from distmerge.twin.router import load_router, prompt_features
 
 
@@ -305,12 +305,12 @@ def load(folder: str | Path, kind: str = "causal", device: str = "cpu", dtype: t
 
     from transformers import AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank <= 0):
-        raise InputError(f"rank: must be a positive integer, got {rank!r}")
+    check_rank(rank, "rank")
     folder = Path(folder).expanduser()
     manifest = read_manifest(folder)
     if rank is None:  # a Twin sweep's view of a build at one of its ranks (distmerge.sweep.twin)
-        rank = manifest.get("exclusive", {}).get("load_rank")
+        rank = check_rank(manifest.get("exclusive", {}).get("load_rank"),
+                          f"'{folder / TWIN_JSON}': exclusive.load_rank")
     auto = {"classify": AutoModelForSequenceClassification, "model": AutoModel}.get(kind, AutoModelForCausalLM)
     kwargs = {"dtype": dtype if dtype is not None else "auto"}
     try:

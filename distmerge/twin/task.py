@@ -10,16 +10,19 @@ best trial, read from a build at a larger rank).
 
 from __future__ import annotations
 
+import json
+import math
 import shutil
 from pathlib import Path
+from typing import Any
 
 import torch
 
 from distmerge.io import writer
 from distmerge.io.checkpoint import Checkpoint
 from distmerge.twin.config import reproducing_oversample
-from distmerge.twin.folder import EXCLUSIVE, EXCLUSIVE_INDEX, HF_FILES, TWIN_JSON, ExclusiveStore, check_task, \
-    read_manifest
+from distmerge.twin.folder import EXCLUSIVE, EXCLUSIVE_INDEX, HF_FILES, LOW_RANK_KINDS, REPORT, SEPARATOR, TWIN_JSON, \
+    ExclusiveStore, check_rank, check_task, read_manifest
 
 
 def task_tensor(shared: torch.Tensor, part) -> torch.Tensor:
@@ -69,16 +72,58 @@ def write_task_model(folder: str | Path, task: str | None, out: str | Path, forc
     return out
 
 
+def error_at_rank(error: float, us: torch.Tensor, rank: int) -> float:
+    """The relative error of a factored part's first ``rank`` directions, from its error at every stored direction
+    and the stored singular values (the column norms of US). Exact for a truncated SVD, exact or randomized: the
+    residual E - D_R is orthogonal to the stored directions, so |E|^2 = |E - D_R|^2 + sum s^2 and dropping
+    directions r+1..R adds their s^2 to the residual."""
+    squares = us.float().square().sum(dim=0)
+    total = float(squares.sum())
+    if total == 0.0 or us.shape[1] <= rank:
+        return error
+    return math.sqrt(error**2 + (1.0 - error**2) * float(squares[rank:].sum()) / total)
+
+
+def report_at_rank(folder: Path, rank: int) -> dict[str, Any] | None:
+    """``twin_report.json`` of ``folder`` read at ``rank`` (None: the folder has none): ranks capped at ``rank``,
+    factored parts' errors recomputed (``error_at_rank``). A LoRA-space part's error is of its recomposed product
+    (scale ((B* + dB)(A* + dA) - B* A*) against the expert), which the stored factors alone do not give: those
+    truncated are listed apart, as the build's."""
+    path = folder / REPORT
+    if not path.is_file():
+        return None
+    report = json.loads(path.read_text())
+    store = ExclusiveStore(folder)
+    errors, at_build = {}, {}
+    try:
+        for key, error in report.get("relative_error", {}).items():
+            task, tensor = key.split(SEPARATOR, 1)
+            part = store.part(task, tensor)
+            if part is None or part.delta is not None or part.rank <= rank:
+                errors[key] = error
+            elif part.in_lora_space:
+                at_build[key] = error
+            else:
+                errors[key] = error_at_rank(error, part.us, rank)
+    finally:
+        store.close()
+    report.update(relative_error=errors, ranks={k: min(v, rank) for k, v in report.get("ranks", {}).items()},
+                  read_at_rank=rank, build_rank=read_manifest(folder)["exclusive"].get("rank"))
+    if at_build:
+        report["relative_error_at_build_rank"] = at_build
+        report["note"] = ("relative_error_at_build_rank: LoRA-space parts truncated to read_at_rank; their errors "
+                          "are the build's, at build_rank (the product's error at the lower rank needs the experts)")
+    return report
+
+
 def copy_at_rank(folder: str | Path, rank: int | None, out: str | Path, force: bool = False) -> Path:
     """A copy of a twin folder whose factored parts keep their first ``rank`` directions (``routed.truncate``:
-    for an exact SVD, what a build at that rank stores); ``None`` or a rank at least the stored one: a plain
-    copy. Factor files are read with safetensors, staged and renamed into place."""
-    import json
-
+    what a build at that rank stores, with an exact SVD, or a randomized one at the oversampling twin.json then
+    records), and ``twin_report.json`` at that rank (``report_at_rank``); ``None`` or a rank at least the stored
+    one: a plain copy. Factor files are read with safetensors, staged and renamed into place."""
     from safetensors.torch import load_file
 
-    from distmerge.twin.folder import LOW_RANK_KINDS, SEPARATOR
-
+    check_rank(rank, "copy_at_rank: rank")
     folder = Path(folder).expanduser().resolve()
     manifest = read_manifest(folder)
     out = Path(out).expanduser().resolve()
@@ -110,6 +155,9 @@ def copy_at_rank(folder: str | Path, rank: int | None, out: str | Path, force: b
                     # the settings at which a build at this rank stores these factors (the build's sketch)
                     exclusive["oversample"] = reproducing_oversample(exclusive["oversample"], exclusive["rank"], rank)
                 exclusive.update(rank=rank, rank_fraction=None)
+            report = report_at_rank(folder, rank)
+            if report is not None:
+                writer.write_json(staging / REPORT, report)
         writer.write_json(staging / TWIN_JSON, manifest)
         writer.finalize(staging, out, force)
     except BaseException:
