@@ -3,7 +3,14 @@ Qwen-14B with LoRA experts, shared expert = task arithmetic 0.3, exclusive parts
 shared model's mean last hidden state, routed batched inference; every task scored routed, oracle-routed
 (theta* + E_task) and as the shared expert alone.
 
-    python pipelines/twin_qwen.py --base /m/Qwen-14B --adapter bbq=/m/lora-bbq --adapter mmlu=/m/lora-mmlu \\
+The reference used Qwen-14B (v1, ``Qwen/Qwen-14B``), whose modeling code ships with the checkpoint and loads only
+with ``trust_remote_code``; distmerge never runs a checkpoint's own code, so the default base is
+``Qwen/Qwen1.5-14B``: the same family and size in transformers' native Qwen2 architecture (modules q_proj ...
+down_proj, which the experts' adapters must target). ``--lora-variant factors`` takes the exclusive parts the
+reference's generative way (``exclusive.lora: factors``: A_t - A* and B_t - B* each compressed); the default,
+``product``, compresses the product delta.
+
+    python pipelines/twin_qwen.py --base /m/Qwen1.5-14B --adapter bbq=/m/lora-bbq --adapter mmlu=/m/lora-mmlu \\
         --router-data bbq=/d/bbq_train.jsonl --router-data mmlu=/d/mmlu_train.jsonl \\
         --eval bbq=perplexity:/d/bbq_test.jsonl --out /shared/runs/twin-qwen
     python pipelines/twin_qwen.py --preset tiny --out /tmp/twin-qwen     # tiny Qwen2 + peft LoRA experts, CPU
@@ -26,7 +33,8 @@ from pathlib import Path
 # pip packages beyond distmerge's own dependencies; `distmerge submit` installs them for the job.
 REQUIREMENTS: list[str] = ["peft"]
 
-PAPER = {"base": "Qwen/Qwen-14B", "rank": 8, "lambda": 0.3, "lora_rank": 32}
+# the reference's Qwen-14B is v1 (remote code, never run here): its native-architecture counterpart (docstring)
+PAPER = {"base": "Qwen/Qwen1.5-14B", "rank": 8, "lambda": 0.3, "lora_rank": 32}
 TINY = {"hidden": 32, "layers": 2, "lora_rank": 8, "train_steps": 20, "samples": 60, "eval_samples": 12}
 TINY_TASKS = ("count", "repeat", "scatter")  # three tiny "skills" with distinct token statistics
 QWEN2_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -37,9 +45,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         prog="pipelines/twin_qwen.py", formatter_class=argparse.RawDescriptionHelpFormatter,
         description="Twin-Merging of LoRA experts on Qwen (the reference's generative setting): build the twin "
                     "folder, write each task's oracle model, score routed / oracle / shared.",
-        epilog="Defaults are the reference's (TA 0.3, rank 8); --preset tiny runs everything on small local models.")
+        epilog="Defaults are the reference's (TA 0.3, rank 8), on Qwen1.5-14B: the reference's Qwen-14B v1 loads only "
+               "with trust_remote_code, which distmerge never runs; --preset tiny runs everything on small local "
+               "models.")
     parser.add_argument("--preset", choices=("tiny",), help="tiny: a small Qwen2 and peft LoRA experts built here")
-    parser.add_argument("--base", help=f"base model folder (default: {PAPER['base']})")
+    parser.add_argument("--base", help=f"base model folder or hub id (default: {PAPER['base']}, Qwen-14B's family and "
+                                       "size in transformers' Qwen2 architecture: the reference's Qwen-14B v1 needs "
+                                       "trust_remote_code, which distmerge never runs)")
     parser.add_argument("--adapter", action="append", default=[], metavar="TASK=ADAPTER",
                         help="a PEFT LoRA adapter folder per task (repeat)")
     parser.add_argument("--router-data", action="append", default=[], metavar="TASK=FILE",
@@ -50,6 +62,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--lambda", dest="lam", type=float, default=PAPER["lambda"], help="shared TA scale")
     parser.add_argument("--rank", type=int, default=PAPER["rank"], help="exclusive parts' rank (default: 8)")
     parser.add_argument("--svd", default="auto", choices=("auto", "exact", "randomized"))
+    parser.add_argument("--lora-variant", default="product", choices=("product", "factors"),
+                        help="exclusive.lora: product (the SVD of each expert's product delta, default) or factors "
+                             "(the reference's: theta* from the merged LoRA factors, A_t - A* and B_t - B* each SVD'd)")
     parser.add_argument("--workers", type=int, help="Ray workers (default: CPUs)")
     parser.add_argument("--address", help="Ray address (default: RAY_ADDRESS, else an embedded Ray)")
     parser.add_argument("--out", type=Path, default=Path.home() / "distmerge-runs" / "twin-qwen")
@@ -161,7 +176,7 @@ def twin_config(args: argparse.Namespace, base: str, adapters: dict[str, str], r
     return {"base_model": base,
             "models": [{"model": base, "lora": path, "name": task} for task, path in adapters.items()],
             "shared": {"method": "task_arithmetic", "parameters": {"lambda": args.lam}},
-            "exclusive": {"rank": args.rank, "svd": args.svd},
+            "exclusive": {"rank": args.rank, "svd": args.svd, "lora": args.lora_variant},
             "router": router_options}
 
 
