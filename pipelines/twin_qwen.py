@@ -35,7 +35,8 @@ REQUIREMENTS: list[str] = ["peft"]
 
 # the reference's Qwen-14B is v1 (remote code, never run here): its native-architecture counterpart (docstring)
 PAPER = {"base": "Qwen/Qwen1.5-14B", "rank": 8, "lambda": 0.3, "lora_rank": 32}
-TINY = {"hidden": 32, "layers": 2, "lora_rank": 8, "train_steps": 20, "samples": 60, "eval_samples": 12}
+TINY = {"hidden": 32, "layers": 2, "lora_rank": 8, "train_steps": 20}
+TINY_SPLITS = {"train": 24, "router": 28, "eval": 12}  # distinct texts per task, disjoint (tiny_splits)
 TINY_TASKS = ("count", "repeat", "scatter")  # three tiny "skills" with distinct token statistics
 QWEN2_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -91,24 +92,40 @@ def pairs(values: list[str], flag: str) -> dict[str, str]:
 # --------------------------------------------------------------------------------------------- tiny preset
 
 
-def tiny_texts(task: str, count: int, seed: int) -> list[str]:
+def tiny_text(task: str, generator) -> str:
+    length = int(generator.integers(8, 16))
+    # Small disjoint token pools: a random tiny model's mean hidden state tells tasks apart only when the
+    # pools are narrow (wider ones gave the router 0.56 held-out accuracy, one task at 0)
+    if task == "count":  # runs of consecutive tokens (8 starts x 8 lengths: 64 texts in all)
+        start = int(generator.integers(4, 12))
+        tokens = [start + i for i in range(length)]
+    elif task == "repeat":  # every token twice
+        tokens = [int(t) for t in generator.integers(50, 62, size=length // 2) for _ in range(2)]
+    else:  # a small vocabulary at random
+        tokens = [int(t) for t in generator.integers(100, 112, size=length)]
+    return " ".join(f"w{t}" for t in tokens)
+
+
+def tiny_splits(task: str, seed: int) -> dict[str, list[str]]:
+    """The task's LoRA-training, router and eval texts, disjoint: distinct texts drawn, then a seeded permutation
+    split by TINY_SPLITS (the count task has only 64 texts, so drawing each split on its own repeated texts
+    across them, and within the router's samples across its held-out cut)."""
     import numpy as np
 
     generator = np.random.default_rng(seed)
-    texts = []
-    for _ in range(count):
-        length = int(generator.integers(8, 16))
-        # Small disjoint token pools: a random tiny model's mean hidden state tells tasks apart only when the
-        # pools are narrow (wider ones gave the router 0.56 held-out accuracy, one task at 0)
-        if task == "count":  # runs of consecutive tokens
-            start = int(generator.integers(4, 12))
-            tokens = [start + i for i in range(length)]
-        elif task == "repeat":  # every token twice
-            tokens = [int(t) for t in generator.integers(50, 62, size=length // 2) for _ in range(2)]
-        else:  # a small vocabulary at random
-            tokens = [int(t) for t in generator.integers(100, 112, size=length)]
-        texts.append(" ".join(f"w{t}" for t in tokens))
-    return texts
+    wanted = sum(TINY_SPLITS.values())
+    distinct: dict[str, None] = {}
+    for _ in range(200 * wanted):
+        if len(distinct) == wanted:
+            break
+        distinct.setdefault(tiny_text(task, generator))
+    if len(distinct) < wanted:
+        raise RuntimeError(f"tiny task '{task}': {len(distinct)} distinct texts, the splits need {wanted}")
+    texts = [list(distinct)[i] for i in generator.permutation(wanted)]
+    splits, start = {}, 0
+    for name, size in TINY_SPLITS.items():
+        splits[name], start = texts[start:start + size], start + size
+    return splits
 
 
 def train_lora(base: Path, texts: list[str], out: Path, rank: int, steps: int, seed: int) -> Path:
@@ -146,11 +163,12 @@ def build_tiny(root: Path, steps: int) -> tuple[str, dict[str, str], dict[str, s
         build_tokenizer(128).save_pretrained(str(root / "tokenizer"))
     adapters, router, evals = {}, {}, {}
     for i, task in enumerate(TINY_TASKS):
-        router[task] = str(write_jsonl(root / f"{task}_router.jsonl", tiny_texts(task, TINY["samples"], 10 + i)))
-        evals[task] = str(write_jsonl(root / f"{task}_eval.jsonl", tiny_texts(task, TINY["eval_samples"], 20 + i)))
+        splits = tiny_splits(task, 10 + i)
+        router[task] = str(write_jsonl(root / f"{task}_router.jsonl", splits["router"]))
+        evals[task] = str(write_jsonl(root / f"{task}_eval.jsonl", splits["eval"]))
         adapter = root / f"lora_{task}"
         if not (adapter / "adapter_config.json").is_file():
-            train_lora(base, tiny_texts(task, 32, 30 + i), adapter, TINY["lora_rank"], steps, seed=i)
+            train_lora(base, splits["train"], adapter, TINY["lora_rank"], steps, seed=i)
         adapters[task] = str(adapter)
     return str(base), adapters, router, {task: f"perplexity:{path}" for task, path in evals.items()}
 

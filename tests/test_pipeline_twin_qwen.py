@@ -31,6 +31,18 @@ def test_lora_variant_reaches_the_twin_config():
         pipeline.parse_args(["--preset", "tiny", "--lora-variant", "dense"])
 
 
+def test_tiny_preset_texts_are_disjoint_across_lora_training_router_and_eval():
+    """The count task has 64 possible texts: splits drawn on their own shared half of the eval texts with the
+    experts' training texts, and the router's held-out cut repeated its training samples."""
+    pipeline = load_pipeline()
+    for i, task in enumerate(pipeline.TINY_TASKS):
+        splits = pipeline.tiny_splits(task, 10 + i)
+        assert {name: len(texts) for name, texts in splits.items()} == pipeline.TINY_SPLITS, task
+        every = [text for texts in splits.values() for text in texts]
+        assert len(set(every)) == len(every), task  # no text twice, within a split or across splits
+        assert splits == pipeline.tiny_splits(task, 10 + i)  # seeded: the run folder's data is reproducible
+
+
 def check_scores(pipeline, results: dict) -> list[str]:
     """The tasks whose expert learned its skill, after the checks every variant passes."""
     assert results["router"]["holdout_accuracy"] >= 0.8  # narrow task pools: the tasks are separable
