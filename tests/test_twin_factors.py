@@ -206,9 +206,14 @@ def test_factor_parts_at_the_lora_rank_give_each_expert_back(lora_family, tmp_pa
 @pytest.mark.timeout(300)
 def test_build_merges_the_factors_for_theta_star(ray_cluster, lora_family, tmp_path):
     """twin build with exclusive.lora: factors: theta* is base + s B* A* (the merged adapter, by the engine), and
-    the stored parts are the ones compressed in process against it."""
+    the stored parts (and shared factors) are the ones compressed in process against it."""
+    import json
+
+    from distmerge.io.lora import open_checkpoint
     from distmerge.twin import build
-    from distmerge.twin.folder import ExclusiveStore, read_manifest
+    from distmerge.twin.compress import compress_factors, merged_factors, tensor_seed
+    from distmerge.twin.folder import FACTOR_KINDS, REPORT, ExclusiveStore, read_manifest
+    from distmerge.twin.task import copy_at_rank
 
     root, base, adapters = lora_family
     config = factors_config(tmp_path, base, adapters, {"rank": 2, "svd": "exact", "lora": "factors"})
@@ -219,6 +224,33 @@ def test_build_merges_the_factors_for_theta_star(ray_cluster, lora_family, tmp_p
     for name, value in want.items():
         torch.testing.assert_close(got[name], value, rtol=0, atol=1e-5, msg=name)
     assert not list(tmp_path.glob(".*adapter*")), "the merged adapter was left behind"
-    store = ExclusiveStore(folder)
-    part = store.part("t1", "model.layers.1.mlp.down_proj.weight")
-    assert part.in_lora_space and part.rank == 2
+    # every stored part is compress_factors' (the builder's function) of that expert's factors against the
+    # in-process merged factors, at the same seed
+    twin = load_twin_config(config)
+    experts = [(spec.name, open_checkpoint(spec.model, spec.name)) for spec in twin.merge.models]
+    store, compared = ExclusiveStore(folder), 0
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the builder's Ray tasks compute
+    try:
+        for tensor in experts[0][1].factors:
+            shared = merged_factors(experts, tensor, LAMBDA)
+            for task, expert in experts:
+                stored = store.part(task, tensor)
+                assert stored.in_lora_space and stored.rank == 2, (task, tensor)
+                torch.testing.assert_close(stored.shared.lora_a, shared.lora_a, rtol=0, atol=1e-6)
+                torch.testing.assert_close(stored.shared.lora_b, shared.lora_b, rtol=0, atol=1e-6)
+                assert stored.shared.scale == shared.scale
+                a, b = expert.factor_tensors(expert.factors[tensor])
+                again = compress_factors(a, b, shared, twin.exclusive, tensor_seed(twin.exclusive, task, tensor))
+                for kind in FACTOR_KINDS:
+                    torch.testing.assert_close(getattr(stored, kind), getattr(again, kind), rtol=0, atol=1e-5,
+                                               msg=f"{task} {tensor} {kind}")
+                compared += 1
+    finally:
+        torch.set_num_threads(threads)
+    assert compared == 2 * len(TARGETS) * 2  # two tasks, two layers of each target module
+
+    # read at rank 1, the report keeps the build's product errors apart (the factors alone do not give them)
+    report = json.loads((copy_at_rank(folder, 1, tmp_path / "rank1") / REPORT).read_text())
+    assert report["read_at_rank"] == 1 and set(report["ranks"].values()) == {1}
+    assert set(report["relative_error_at_build_rank"]) == set(report["ranks"])
