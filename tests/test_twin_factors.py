@@ -19,11 +19,11 @@ LAMBDA = 0.3
 TARGETS = ["q_proj", "down_proj"]
 
 
-def make_lora(base: Path, out: Path, seed: int) -> Path:
+def make_lora(base: Path, out: Path, seed: int, rank: int = 4, alpha: int = 8, targets=None) -> Path:
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(seed)
-    model = get_peft_model(load_plain(base), LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS,
+    model = get_peft_model(load_plain(base), LoraConfig(r=rank, lora_alpha=alpha, target_modules=targets or TARGETS,
                                                         init_lora_weights=False))
     with torch.no_grad():
         for name, param in model.named_parameters():
@@ -100,6 +100,28 @@ def test_factor_experts_are_checked_before_ray(lora_family):
     with pytest.raises(ConfigError, match=r"models\[1\] \('t1'\): exclusive.lora: factors needs every expert to be "
                                           r"a LoRA adapter"):
         check_factor_experts(config, experts)
+
+
+def test_mismatched_factor_experts_name_the_module_and_what_differs(lora_family, tmp_path):
+    from distmerge.io.lora import open_checkpoint
+    from distmerge.twin.builder import check_factor_experts
+
+    root, base, adapters = lora_family
+    module = "model.layers.0.mlp.down_proj.weight"  # the first adapted module in name order
+    cases = [({"rank": 2, "alpha": 4}, rf"{module}: its rank 2 against 4 in 't0'"),  # same scale, another rank
+             ({"alpha": 4}, rf"{module}: its scale 1.0 against 2.0 in 't0'"),
+             ({"targets": ["q_proj"]}, r"it does not adapt model.layers.0.mlp.down_proj.weight, which 't0' does"),
+             ({"targets": [*TARGETS, "v_proj"]}, r"it adapts model.layers.0.self_attn.v_proj.weight, which 't0' "
+                                                 r"does not")]
+    for i, (options, message) in enumerate(cases):
+        other = make_lora(base, tmp_path / f"other{i}", seed=20 + i, **options)
+        config = load_twin_config(twin_config(root, base, [("t0", {"model": str(base), "lora": str(adapters[0])}),
+                                                           ("t1", {"model": str(base), "lora": str(other)})],
+                                              {"rank": 4, "lora": "factors"}))
+        experts = [open_checkpoint(s.model, s.name) for s in config.merge.models]
+        with pytest.raises(ConfigError, match=rf"^models\[1\] \('t1'\): {message}; exclusive.lora: factors "
+                                              r"averages the factors"):
+            check_factor_experts(config, experts)
 
 
 def hand_shared(base: Path, adapters: list[Path]) -> dict[str, torch.Tensor]:

@@ -109,12 +109,29 @@ def check_factor_experts(config: TwinConfig, experts: list[Checkpoint]) -> None:
         if expert.settings.fan_in_fan_out or any(f.kind != "linear" for f in expert.factors.values()):
             raise ConfigError(f"{where}: exclusive.lora: factors takes LoRA on linear layers (no embedding or "
                               "fan_in_fan_out adapters; use exclusive.lora: product)")
-        plan = {t: (f.a_key, f.b_key, f.rank, f.scale) for t, f in expert.factors.items()}
+        plan = {t: {"rank": f.rank, "scale": f.scale, "factor keys": (f.a_key, f.b_key)}
+                for t, f in expert.factors.items()}
         if first is None:
             first = (spec.name, plan)
-        elif plan != first[1]:
-            raise ConfigError(f"{where}: its adapted modules, ranks or scales differ from '{first[0]}''s; "
-                              "exclusive.lora: factors averages the factors, so every adapter must have the same")
+            continue
+        difference = plan_difference(plan, *first)
+        if difference:
+            raise ConfigError(f"{where}: {difference}; exclusive.lora: factors averages the factors, so every "
+                              "adapter must adapt the same modules with the same ranks and scales")
+
+
+def plan_difference(plan: dict[str, dict], first_name: str, first: dict[str, dict]) -> str | None:
+    """The first way one adapter's factors differ from the first adapter's: a module only one of them adapts, or
+    a module's rank, scale or factor keys (None: the same)."""
+    for module in sorted(set(plan) ^ set(first)):
+        if module in plan:
+            return f"it adapts {module}, which '{first_name}' does not"
+        return f"it does not adapt {module}, which '{first_name}' does"
+    for module in sorted(plan):
+        for field, value in plan[module].items():
+            if value != first[module][field]:
+                return f"{module}: its {field} {value} against {first[module][field]} in '{first_name}'"
+    return None
 
 
 def write_merged_adapter(experts: list[Checkpoint], coefficient: float, out: Path) -> Path:
