@@ -3,8 +3,9 @@
 θ* changes with the shared merge's parameters, and with it every exclusive part θ_t − θ* and the router's
 features, so each combination of shared values is one twin build (``distmerge.twin.build``, on the sweep's Ray),
 made on the driver before the search, at the largest rank the search can ask for. A rank is then read from
-that build (``twin.load(folder, rank=r)``: the first r directions of each stored part, which for an exact SVD is
-what a build at rank r stores). The trials are Tune trials over (shared values, rank), scored by the sweep's own
+that build (``twin.load(folder, rank=r)``: the first r directions of each stored part, which is what a build at
+rank r stores with an exact SVD, and with a randomized one at exclusive.oversample + R - r: the same sketch, so
+best.yaml holds that oversampling). The trials are Tune trials over (shared values, rank), scored by the sweep's own
 objectives on the routed model, so the results table, best.yaml (a twin.yaml), ASHA and --resume are the merge
 sweeps'.
 
