@@ -86,8 +86,9 @@ def write_best_yaml(spec: SweepSpec, best: dict[str, Any], out: Path) -> Path:
               f"{best[spec.metric]:.6g} ({spec.mode}).\n# {command} best.yaml --out DIR\n")
     if spec.is_twin and spec.best_oversample(best) is not None:
         header += (f"# exclusive.oversample is {config['exclusive']['oversample']}, not the sweep's: the trials read "
-                   "their rank from builds at the largest rank, and at this oversampling the randomized SVD draws "
-                   "those builds' sketch, so this file rebuilds the scored factors.\n")
+                   "their rank from builds at the largest rank, and at this oversampling a randomized SVD (svd: "
+                   "randomized, or auto on a tensor whose smaller side is > 1024) draws those builds' sketch, so "
+                   "this file rebuilds the scored factors.\n")
     path = out / "best.yaml"
     path.write_text(header + yaml.safe_dump(config, sort_keys=False))
     return path
