@@ -93,6 +93,25 @@ def model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in list(model.parameters()) + list(model.buffers()))
 
 
+def status_kib(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def forward_extra_mib(function) -> float | None:
+    """Peak RSS during ``function()`` minus the RSS before it, in MiB (Linux: writing 5 to clear_refs resets the
+    peak); None where the kernel does not allow the reset."""
+    try:
+        Path("/proc/self/clear_refs").write_text("5")
+    except OSError:
+        return None
+    before = status_kib("VmRSS")
+    function()
+    return round((status_kib("VmHWM") - before) / 1024, 1)
+
+
 def bench_inference(folder: Path, batches: list[int], seq: int, device: str, repeat: int) -> list[dict]:
     from transformers import AutoModelForCausalLM
 
@@ -121,6 +140,11 @@ def bench_inference(folder: Path, batches: list[int], seq: int, device: str, rep
                 torch.cuda.reset_peak_memory_stats()
                 forward(model)
                 row[f"{name}_peak_mib"] = torch.cuda.max_memory_allocated() >> 20
+        else:  # the forward's own working memory: the process's peak RSS above what it held before the call
+            for name, model, fixed in (("shared", shared, None), ("twin_fixed", twin, "fixed"), ("twin_routed", twin, None)):
+                twin.twin.fixed = torch.softmax(torch.randn(batch, tasks), -1) if fixed else None
+                row[f"{name}_forward_extra_mib"] = forward_extra_mib(lambda: forward(model))
+            twin.twin.fixed = None
         rows.append(row)
         print(json.dumps(row), file=sys.stderr)
     return rows
