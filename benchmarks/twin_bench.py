@@ -10,6 +10,10 @@ Frobenius errors of both. Inference: a Llama of ``--hidden``/``--layers`` built 
 ``--tasks`` LoRA-free experts (base + seeded deltas), a twin folder written by ``distmerge twin build`` (rank r),
 then forward passes over random prompts of ``--seq`` tokens: theta* alone, the twin model with fixed weights (the
 factors' cost only) and the twin model routing (the router pass over the prompt included).
+
+On the CPU each forward's working memory is the peak RSS above the RSS before the call. glibc keeps freed heap
+memory, so that figure reads 0 after the warm-ups unless large blocks are mmapped and returned: run with
+``MALLOC_MMAP_THRESHOLD_=65536`` for the memory (which also slows allocation: take throughput from a run without it).
 """
 
 from __future__ import annotations
@@ -158,6 +162,7 @@ def context() -> dict:
     from common import machine_info
 
     return {"machine": machine_info(), "load_before": [round(x, 2) for x in os.getloadavg()],
+            "malloc_mmap_threshold": os.environ.get("MALLOC_MMAP_THRESHOLD_"),
             "torch_threads": torch.get_num_threads(),
             "versions": {p: md.version(p) for p in ("torch", "ray", "transformers", "distmerge")}}
 
