@@ -140,7 +140,6 @@ def test_cached_prefix_states_with_the_last_layers_give_the_whole_models_logits(
     assert len(model.model.layers) == 4  # restored
     inputs, labels, keep = decoder.training_batch(tokenizer, examples)
     with torch.no_grad():
-        whole = model(**inputs, logits_to_keep=keep).logits
         hidden = model.model(**inputs, output_hidden_states=True).hidden_states[2]
     for row, full_row, mask in zip(states, hidden, inputs["attention_mask"]):
         torch.testing.assert_close(row, full_row[mask.bool()], rtol=1e-5, atol=1e-5)
