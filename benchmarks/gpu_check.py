@@ -97,27 +97,10 @@ def layer_family(shapes: dict, seed: int = 0):
 def merge_layer(method, base: dict, experts: list, device: str) -> dict:
     """``merge_in_memory`` with the tensors on ``device`` in float32 (what a worker with ``device:`` reads)."""
     from distmerge.methods import execute
-    from distmerge.methods.base import TensorJob, resolve_job_settings
-    from distmerge.tensors import OutputTensor
 
     on = {n: t.to(device, torch.float32) for n, t in base.items()}
     experts_on = [{n: t.to(device, torch.float32) for n, t in e.items()} for e in experts]
-    given = [{} for _ in experts]
-    tensors = []
-    for n in sorted(base):
-        per_model, per_tensor = resolve_job_settings(method, n, 0.0, given)
-        weights = per_model.pop("weight")
-        job = TensorJob(name=n, numel=base[n].numel(), model_names=tuple(f"e{i}" for i in range(len(experts))),
-                        weights=weights, per_model=per_model, per_tensor=per_tensor)
-        tensors.append(OutputTensor(name=n, shape=tuple(base[n].shape), out_dtype=torch.bfloat16, merged=True,
-                                    base=None, experts=(), job=job, group=n, layer=None))
-
-    def read(tensor, start, stop):
-        cut = (lambda v: v) if start is None else (lambda v: v[start:stop])
-        return cut(on[tensor.name]), [cut(e[tensor.name]) for e in experts_on]
-
-    merged, _, _ = execute.merge_in_memory(method, tensors, read, torch.float32)
-    return merged
+    return execute.merge_tensor_dicts(method, on, experts_on, out_dtype=torch.bfloat16)[0]
 
 
 def regmean_layer(base: dict, experts: list, device: str, alpha: float = 0.9) -> dict:

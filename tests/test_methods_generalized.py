@@ -115,28 +115,11 @@ def _family(seed: int, tasks: int = 3):
 def _merge(method, base, experts, given=None, rows=None):
     """The executor without Ray, models e0, e1, ... with per-model settings ``given``; ``rows`` a chunk."""
     from distmerge.methods import execute
-    from distmerge.methods.base import TensorJob
-    from distmerge.tensors import OutputTensor
-
-    given = given or [{} for _ in experts]
-    tensors = []
-    for n in sorted(base):
-        per_model, per_tensor = resolve_job_settings(method, n, 0.0, given)
-        weights = per_model.pop("weight")
-        job = TensorJob(name=n, numel=base[n].numel(), model_names=tuple(f"e{i}" for i in range(len(experts))),
-                        weights=weights, per_model=per_model, per_tensor=per_tensor)
-        tensors.append(OutputTensor(name=n, shape=tuple(base[n].shape), out_dtype=torch.float32, merged=True, base=None,
-                                    experts=(), job=job, group=n, layer=None))
-
-    def read(tensor, start, stop):
-        cut = (lambda v: v) if start is None else (lambda v: v[start:stop])
-        return cut(base[tensor.name]), [cut(e[tensor.name]) for e in experts]
 
     def chunker(tensor, chunked):
         return execute.row_chunks(tensor, chunked, (rows or 1 << 20) * execute.row_elements(tensor))
 
-    merged, _, state = execute.merge_in_memory(method, tensors, read, torch.float32, chunker)
-    return merged, state
+    return execute.merge_tensor_dicts(method, base, experts, given, chunker=chunker)
 
 
 def _reference_gta(base, experts, masks, weights, lam, consensus, normalize):

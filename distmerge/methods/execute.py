@@ -240,3 +240,29 @@ def merge_in_memory(method, tensors, read: Reader, artifact_dtype: torch.dtype =
         merge_tensor(method, tensor, state, read, sink, deferred, artifact_dtype, chunker)
     state = settle(method, state, deferred.vote, lambda: deferred.apply(sink.outputs))
     return sink.outputs, sink.artifacts(), state
+
+
+def merge_tensor_dicts(method, base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]],
+                       given: list[dict[str, Any]] | None = None, out_dtype: torch.dtype = torch.float32,
+                       chunker: Chunker = row_chunks) -> tuple[dict[str, torch.Tensor], dict]:
+    """``merge_in_memory`` on tensors held in dicts (name -> tensor, every tensor merged, one job each); the
+    experts are models e0, e1, ... with per-model settings ``given``. Returns (merged weights, final state)."""
+    from distmerge.methods.base import TensorJob, resolve_job_settings
+    from distmerge.tensors import OutputTensor
+
+    given = given or [{} for _ in experts]
+    tensors = []
+    for name in sorted(base):
+        per_model, per_tensor = resolve_job_settings(method, name, 0.0, given)
+        weights = per_model.pop("weight")
+        job = TensorJob(name=name, numel=base[name].numel(), model_names=tuple(f"e{i}" for i in range(len(experts))),
+                        weights=weights, per_model=per_model, per_tensor=per_tensor)
+        tensors.append(OutputTensor(name=name, shape=tuple(base[name].shape), out_dtype=out_dtype, merged=True,
+                                    base=None, experts=(), job=job, group=name, layer=None))
+
+    def read(tensor, start, stop):
+        cut = (lambda v: v) if start is None else (lambda v: v[start:stop])
+        return cut(base[tensor.name]), [cut(e[tensor.name]) for e in experts]
+
+    merged, _, state = merge_in_memory(method, tensors, read, torch.float32, chunker)
+    return merged, state
