@@ -175,6 +175,29 @@ def test_unreadable_input_mid_run_names_file_and_tensor(ties_config, tmp_path, m
     assert nothing_written(tmp_path / "merged")
 
 
+def test_a_bad_read_reads_the_same_when_the_driver_hears_of_the_unwritten_shard_first(
+        llama_family, tmp_path, monkeypatch):
+    """A worker's finish_shard of a shard whose merge failed raises the merge's error, not "incomplete": the
+    driver can see that reply first. Here it always does: every call is awaited and the last one taken."""
+    from distmerge.engine import pool
+
+    real_wait = pool.ray.wait
+
+    def latest_first(refs, num_returns=1, **kwargs):
+        ready, _ = real_wait(refs, num_returns=len(refs))
+        return [ready[-1]], [r for r in refs if r != ready[-1]]
+
+    base, experts = llama_family
+    tensor = "model.layers.1.mlp.up_proj.weight"
+    monkeypatch.setenv(FAULT, f"eio_on_tensor={tensor}")
+    monkeypatch.setattr(pool.ray, "wait", latest_first)
+    config = merge_config(base, experts, "task_arithmetic", lam=0.5)
+    with pytest.raises(InputError, match="Input/output error") as info:
+        merge(config, tmp_path / "merged", workers=1, progress=False)
+    assert tensor in str(info.value)
+    assert nothing_written(tmp_path / "merged")
+
+
 def test_progress_reports_bytes_and_summary(ties_config, tmp_path, capsys):
     result = merge(ties_config, tmp_path / "merged", workers=2, progress=True)
     err = capsys.readouterr().err

@@ -20,7 +20,7 @@ import torch
 from distmerge import dtypes, telemetry
 from distmerge.engine import faults
 from distmerge.engine.allocator import keep_freed_memory, rss_anon_bytes
-from distmerge.errors import InputError, OutputError, where
+from distmerge.errors import DistmergeError, InputError, OutputError, where
 from distmerge.io import vocab
 from distmerge.io.checkpoint import Checkpoint
 from distmerge.engine.resume import file_sha256
@@ -64,6 +64,7 @@ class MergeWorker:
         self.bytes_read = 0
         self.groups_merged = 0
         self.failed_shard: int | None = None
+        self.failure: BaseException | None = None  # what failed it: its finish_shard raises the same
         self.peak_anon = rss_anon_bytes()
         self.exit_after = faults.worker_exit_after(spec.faults, spec.worker_index, spec.incarnation)
         self._reconciled: dict[tuple[str, str], torch.Tensor] = {}
@@ -131,8 +132,8 @@ class MergeWorker:
     def merge_group(self, state: dict, shard_index: int, group_index: int) -> dict[str, Any]:
         try:
             return self._merge_group(state, shard_index, group_index)
-        except BaseException:
-            self.failed_shard = shard_index  # its finish_shard must not write what is there
+        except BaseException as exc:
+            self.failed_shard, self.failure = shard_index, exc  # its finish_shard must not write what is there
             raise
 
     def _merge_group(self, state: dict, shard_index: int, group_index: int) -> dict[str, Any]:
@@ -207,6 +208,10 @@ class MergeWorker:
             for open_writer in (writer, artifacts):
                 if open_writer is not None:
                     open_writer.abort()
+            # The driver can hear of this call's failure before the merge call's (CI saw it): a user error
+            # must read the same whichever of the two it sees first.
+            if self.failed_shard == shard_index and isinstance(self.failure, DistmergeError):
+                raise self.failure
             raise RuntimeError(f"shard {shard.filename} is incomplete on this worker; not written")
         staging = Path(self.spec.staging)
         began = time.perf_counter()
