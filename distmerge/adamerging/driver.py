@@ -26,7 +26,7 @@ import torch
 from distmerge.adamerging.bank import PlusMasks, plus_keep
 from distmerge.adamerging.config import AdaConfig, load_ada_config, resolve_kind
 from distmerge.adamerging.objective import text_fields
-from distmerge.adamerging.train import RESULT_FILE, STATE_FILE, TENSORS_FILE, train_worker
+from distmerge.adamerging.train import RESULT_FILE, STATE_FILE, TENSORS_FILE, latest_checkpoint, train_worker
 from distmerge.engine import faults
 from distmerge.errors import ConfigError, InputError, OutputError
 from distmerge.io import writer
@@ -101,20 +101,6 @@ def run_folder(out: Path, key: str) -> Path:
     return out.parent / f".{out.name}.adamerging-{key}"
 
 
-def latest_checkpoint(storage: Path) -> Path | None:
-    """The newest checkpoint Ray Train persisted under ``storage`` (by the step recorded in it)."""
-    best, best_key = None, (-1, -1)
-    for state_file in storage.glob("**/checkpoint_*/" + STATE_FILE):
-        try:
-            state = json.loads(state_file.read_text())
-        except ValueError:
-            continue
-        key = (int(state.get("variant", 0)), int(state.get("step", 0)))
-        if key > best_key and (state_file.parent / TENSORS_FILE).exists():
-            best, best_key = state_file.parent, key
-    return best
-
-
 def train(variants: list[tuple[AdaConfig, Path]], storage: Path, workers: int, *, run_name: str = "adamerging",
           max_failures: int = 0) -> list[dict[str, Any]]:
     """One Ray Train job running each (config, result folder) in turn; returns each variant's result.json
@@ -162,12 +148,11 @@ def _train(variants, storage: Path, workers: int, run_name: str, max_failures: i
         print(f"adamerging: {workers} worker(s) x {first.num_cpus} CPU do not leave a CPU for the data on this "
               f"{total_cpus:g}-CPU cluster; each worker takes {num_cpus:.2f}", flush=True)
     resources = {"CPU": num_cpus, **({"GPU": first.num_gpus} if first.num_gpus else {})}
-    resume = latest_checkpoint(storage)
     loop_config = {
         "variants": [{"config": config.to_dict(), "result_dir": str(result_dir), "datasets": prefix}
                      for (config, result_dir), prefix in zip(variants, prefixes)],
         "faults": faults.parse(), "num_threads": max(1, int(num_cpus)), "run": run_name,
-        "resume_from": str(resume) if resume else None,
+        "storage": str(storage),
     }
     trainer = TorchTrainer(
         train_worker, train_loop_config=loop_config, datasets=datasets,

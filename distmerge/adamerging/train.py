@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from distmerge import telemetry
@@ -266,7 +267,10 @@ def train_worker(loop_config: dict[str, Any]) -> None:
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
     torch.set_num_threads(max(1, int(loop_config.get("num_threads", 1))))
-    resumed = latest_state([loop_config.get("resume_from"), ray.train.get_checkpoint()])
+    # Ray Train hands a restarted group only the checkpoints its controller heard of; a worker that dies right
+    # after reporting may take its last ones with it, though they are on disk (the upload is synchronous).
+    # The run's storage also holds what an earlier driver's run left: a driver run again resumes from it.
+    resumed = latest_state([latest_checkpoint(Path(loop_config["storage"])), ray.train.get_checkpoint()])
     faults = loop_config.get("faults", {})
     for index, variant in enumerate(loop_config["variants"]):
         result_dir = Path(variant["result_dir"])
@@ -286,14 +290,31 @@ def train_worker(loop_config: dict[str, Any]) -> None:
                        loop_config.get("run", "adamerging"))
 
 
+def latest_checkpoint(storage: Path) -> Path | None:
+    """The most advanced complete checkpoint persisted under ``storage`` (by variant and step); one whose files
+    do not both read back (a worker killed while uploading it) is skipped."""
+    best, best_key = None, (-1, -1)
+    for state_file in storage.glob("**/checkpoint_*/" + STATE_FILE):
+        try:
+            state = json.loads(state_file.read_text())
+            key = (int(state.get("variant", 0)), int(state.get("step", 0)))
+            if key > best_key:
+                load_file(str(state_file.parent / TENSORS_FILE))
+                best, best_key = state_file.parent, key
+        except (OSError, ValueError, TypeError, SafetensorError):
+            continue
+    return best
+
+
 def latest_state(sources: list) -> tuple[int, Path] | None:
-    """(variant, folder) of the most advanced checkpoint: the one this run's driver found on disk (a restarted
-    driver) or the one Ray Train hands a restarted worker group, whichever went further."""
+    """(variant, folder) of the most advanced checkpoint: the one found in the run's storage (a restarted
+    driver, or a worker group restarted after a death its controller did not hear the last reports of) or the
+    one Ray Train hands a restarted worker group, whichever went further."""
     best, best_key = None, (-1, -1)
     for source in sources:
         if source is None:
             continue
-        folder = Path(source) if isinstance(source, str) else Path(source.to_directory())
+        folder = Path(source) if isinstance(source, (str, Path)) else Path(source.to_directory())
         state = json.loads((folder / STATE_FILE).read_text())
         key = (int(state["variant"]), int(state["step"]))
         if key > best_key:
