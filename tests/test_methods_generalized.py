@@ -207,6 +207,18 @@ def test_della_against_flat_paper_reference():
         torch.testing.assert_close(got[n], want, rtol=1e-6, atol=1e-6)
 
 
+def test_della_merges_a_zero_dimensional_tensor_as_a_one_element_row():
+    """A 0-d parameter (CLIP's logit_scale) is a row of one element: its merge is that of the same value held
+    in a 1-element tensor (it raised an IndexError before)."""
+    g = torch.Generator().manual_seed(0)
+    values = torch.randn(3, generator=g)
+    for name in ("della", "della_linear"):
+        method = build_method(name, {"density": 0.5, "epsilon": 0.1, "seed": 1})
+        scalar, _ = _merge(method, {"s": values[0]}, [{"s": values[1]}, {"s": values[2]}])
+        row, _ = _merge(method, {"s": values[:1]}, [{"s": values[1:2]}, {"s": values[2:3]}])
+        assert scalar["s"].shape == () and torch.equal(scalar["s"].reshape(1), row["s"]), name
+
+
 def test_della_refuses_a_window_outside_zero_one_before_reading():
     base, experts = _family(5, tasks=2)
     with pytest.raises(ConfigError, match=r"models\[e1\].*tensor 'a.weight'.*epsilon"):

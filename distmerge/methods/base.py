@@ -18,6 +18,7 @@ import torch
 from distmerge import validate
 from distmerge.errors import ConfigError
 from distmerge.methods.execute import ArtifactStream, ChunkResult
+from distmerge.ops.task_vectors import task_vectors
 
 
 @dataclass(frozen=True)
@@ -315,4 +316,4 @@ def as_result(merged: torch.Tensor | ChunkResult) -> ChunkResult:
 def stack_task_vectors(base: torch.Tensor | None, experts: list[torch.Tensor]) -> torch.Tensor:
     if base is None:
         raise ConfigError("this method needs base_model: task vectors are taken against it")
-    return torch.stack([expert - base for expert in experts])
+    return task_vectors(base, experts)

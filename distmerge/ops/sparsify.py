@@ -194,7 +194,7 @@ def della_keep_probabilities(task_vector: torch.Tensor, density: float, epsilon:
         fill = 1.0 if density >= 1 else 0.0
         return torch.full(task_vector.shape, fill, dtype=torch.float64, device=task_vector.device)
     check_della_window(density, epsilon)
-    rows = task_vector.unsqueeze(0) if task_vector.dim() < 2 else task_vector
+    rows = task_vector.reshape(1, -1) if task_vector.dim() < 2 else task_vector  # a 0-d tensor: a row of one
     length = rows.shape[1]
     if length < 2:
         return torch.full(task_vector.shape, float(density), dtype=torch.float64, device=task_vector.device)
@@ -245,7 +245,7 @@ def della_prune(task_vector: torch.Tensor, density: float, epsilon: float, resca
     the elements by the row order) and the rest in blocks of rows that stay in cache: the elementwise float64
     passes over a whole tensor cost several times the sort.
     """
-    rows = task_vector.unsqueeze(0) if task_vector.dim() < 2 else task_vector
+    rows = task_vector.reshape(1, -1) if task_vector.dim() < 2 else task_vector  # a 0-d tensor: a row of one
     length = rows.shape[1]
     if density >= 1 or density <= 0 or length < 2:  # one probability for every element: no order to take
         probability = della_keep_probabilities(task_vector, density, epsilon)

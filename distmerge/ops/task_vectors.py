@@ -8,8 +8,16 @@ import torch
 
 
 def task_vectors(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> torch.Tensor:
-    """tau_t = theta_t - theta_0, stacked as [T, ...]."""
-    return torch.stack([expert - base for expert in experts])
+    """tau_t = theta_t - theta_0, stacked as [T, ...] (a fresh tensor: callers may work on it in place)."""
+    first = experts[0]
+    if any(e.shape != base.shape or e.dtype != first.dtype or e.device != first.device for e in experts):
+        return torch.stack([expert - base for expert in experts])
+    # each difference written into its row: the same values as stacking them, without a second full copy
+    stacked = torch.empty((len(experts),) + tuple(base.shape), dtype=torch.result_type(first, base),
+                          device=first.device)
+    for row, expert in zip(stacked, experts):
+        torch.sub(expert, base, out=row)
+    return stacked
 
 
 def broadcast_weights(weights: Sequence[float], like: torch.Tensor) -> torch.Tensor:
@@ -19,6 +27,8 @@ def broadcast_weights(weights: Sequence[float], like: torch.Tensor) -> torch.Ten
 
 
 def weighted_sum(stacked: torch.Tensor, weights: Sequence[float]) -> torch.Tensor:
+    if all(float(w) == 1.0 for w in weights):  # x * 1.0 is x exactly: skip a full pass and its copy
+        return stacked.sum(dim=0)
     return (stacked * broadcast_weights(weights, stacked)).sum(dim=0)
 
 
@@ -43,4 +53,7 @@ def task_arithmetic(
         if abs(total) < 1e-8:
             total = 1.0
         merged = merged / total
-    return base + lam * merged
+    # merged is this function's own tensor: scale and shift it in place (the same roundings as base + lam * merged)
+    if float(lam) != 1.0:
+        merged.mul_(lam)
+    return merged.add_(base) if merged.dtype == torch.result_type(merged, base) else base + merged
