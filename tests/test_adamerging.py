@@ -178,6 +178,54 @@ def test_objective_ignores_labels_and_gradients_match_the_reference(family):
                                atol=1e-6, rtol=0)
 
 
+def test_a_lora_expert_trains_as_its_merged_model(family, tmp_path):
+    """An expert given as a PEFT LoRA adapter on the base (each form a merge config takes) gives the same bank,
+    heads and first-step gradient as peft's merge_and_unload() of it saved as a plain folder."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForSequenceClassification
+
+    from distmerge.adamerging.train import build_setup, encode_rows, step_objective
+
+    torch.manual_seed(7)
+    model = AutoModelForSequenceClassification.from_pretrained(family["base"])
+    peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, use_rslora=True,
+                                                  target_modules=["query", "value", "dense"],
+                                                  modules_to_save=["classifier"]))
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "modules_to_save" in name:
+                param.add_(torch.randn_like(param) * 3.0)  # a confident head of its own
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(str(adapter))
+    dense = tmp_path / "dense"
+    peft_model.merge_and_unload().save_pretrained(str(dense))
+
+    def gradient_and_bank(experts):
+        setup = build_setup(prepared(family, granularity="layer", experts=experts))
+        batches = {t: [encode_rows(setup, t, {"sentence": np.array([r["sentence"] for r in family["data"][t][:4]])})]
+                   for t in TASKS}
+        step_objective(setup, batches, 4).backward()
+        bank = {k: v.detach().clone() for k, v in setup.bank.state_dict().items()}
+        return setup.coefficients.raw.grad.clone(), bank, setup.heads
+
+    want = gradient_and_bank({"alpha": str(dense), "beta": family["experts"]["beta"]})
+    assert want[1] and want[2]["alpha"]
+    untouched = gradient_and_bank({"alpha": family["base"], "beta": family["experts"]["beta"]})
+    assert not torch.allclose(untouched[0], want[0], atol=1e-4)  # the adapter's delta moves the gradient
+    forms = [{"alpha": f"{family['base']}+{adapter}", "beta": family["experts"]["beta"]},
+             [{"name": "alpha", "model": family["base"], "lora": str(adapter)},
+              {"name": "beta", "model": family["experts"]["beta"]}],
+             {"alpha": str(adapter), "beta": family["experts"]["beta"]}]  # the adapter alone, on the config's base
+    for experts in forms:
+        gradient, bank, heads = gradient_and_bank(experts)
+        torch.testing.assert_close(gradient, want[0], atol=1e-6, rtol=0)
+        assert bank.keys() == want[1].keys()
+        for key in bank:
+            torch.testing.assert_close(bank[key], want[1][key], atol=1e-6, rtol=0)
+        for key in want[2]["alpha"]:
+            torch.testing.assert_close(heads["alpha"][key], want[2]["alpha"][key], atol=1e-6, rtol=0)
+
+
 def test_weight_filters_resolve_each_tensor_to_its_own_value():
     from distmerge.adamerging.driver import weight_filters
     from distmerge.config import resolve_setting

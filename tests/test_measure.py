@@ -179,3 +179,59 @@ def test_the_next_experts_actors_load_early_only_where_the_reads_still_find_a_cp
     assert not room_for_two_pools(2, 1.0, 0.0, cpus=4, gpus=0)
     assert not room_for_two_pools(1, 1.0, 1.0, cpus=16, gpus=1)  # one GPU: the next model must wait for it
     assert room_for_two_pools(1, 1.0, 1.0, cpus=16, gpus=2)
+
+
+def test_a_lora_expert_is_measured_and_evaluated_as_its_merged_model(llama_family, tmp_path):
+    """An expert given as a PEFT adapter on its base (``BASE+ADAPTER`` or ``lora:``) loads, for the measurement's
+    actors and the evaluator, as peft's merge_and_unload() of it: the same Grams and logits as that dense folder."""
+    import shutil
+
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from distmerge.evaluate import models
+    from distmerge.io.lora import open_checkpoint
+    from distmerge.measure.regmean import GramActor
+
+    base = llama_family[0]
+    torch.manual_seed(3)
+    peft_model = get_peft_model(AutoModelForCausalLM.from_pretrained(str(base)),
+                                LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                                           target_modules=["q_proj", "v_proj", "down_proj"]))
+    adapter = tmp_path / "adapter"
+    peft_model.save_pretrained(str(adapter))
+    dense = tmp_path / "dense"
+    peft_model.merge_and_unload().save_pretrained(str(dense))
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        if (base / name).exists():
+            shutil.copy(base / name, dense / name)
+    data = write_data(tmp_path, "d", 0)
+
+    forms = [{"model": str(base), "lora": str(adapter)}, {"model": f"{base}+{adapter}"}]
+    sources = {load_measure_config({"tasks": [{**form, "data": str(data)}]}, "regmean").tasks[0] for form in forms}
+    assert len(sources) == 1
+    task = sources.pop()
+    assert task.model == f"{base.resolve()}+{adapter.resolve()}" and task.name == "adapter"
+    with pytest.raises(ConfigError, match=r"tasks\[0\].lora: .* is not a PEFT adapter folder"):
+        load_measure_config({"tasks": [{"model": str(base), "lora": str(dense), "data": str(data)}]}, "regmean")
+
+    config = load_measure_config({"tasks": [{"model": str(dense), "data": str(data)}], "max_length": 16}, "regmean")
+    texts = WORDS[:6]
+    grams = []
+    for model in (task.model, str(dense)):
+        actor = GramActor(model, sorted(open_checkpoint(model, "e").tensors), config, "cpu", 1)
+        actor.add(texts)
+        grams.append(actor.totals()[0])
+    assert grams[0].keys() == grams[1].keys() and len(grams[0]) > 5
+    for name in grams[1]:
+        close(grams[0][name], grams[1][name], 1e-9)
+    plain = GramActor(str(base), sorted(open_checkpoint(str(base), "b").tensors), config, "cpu", 1)
+    plain.add(texts)
+    layer = "model.layers.1.mlp.down_proj"  # its inputs follow the adapted layers before it
+    assert not torch.allclose(plain.totals()[0][layer], grams[0][layer], atol=1e-6)
+
+    ids = torch.tensor([[1, 5, 9, 13, 2]])
+    lora_model = models.load_model(models.ModelSource(path=task.model), "generate")
+    want = AutoModelForCausalLM.from_pretrained(str(dense)).eval()(ids).logits
+    torch.testing.assert_close(lora_model(ids).logits, want, atol=1e-5, rtol=0)
+    assert models.load_tokenizer(models.ModelSource(path=task.model), "left") is not None

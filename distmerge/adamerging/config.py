@@ -2,7 +2,7 @@
 
 ```yaml
 base: /m/roberta-base
-experts: {cola: /m/roberta-cola, rte: /m/roberta-rte}   # task name -> fine-tuned model
+experts: {cola: /m/roberta-cola, rte: /m/roberta-rte}   # task name -> fine-tuned model (or BASE+ADAPTER, LoRA)
 data:                                                   # unlabelled inputs per task (jsonl or parquet)
   cola: /data/cola.jsonl                                # GLUE tasks know their text fields
   rte: {path: /data/rte.parquet, fields: [sentence1, sentence2]}
@@ -130,7 +130,7 @@ def load_ada_config(source: str | Path | dict[str, Any]) -> AdaConfig:
     base = raw.get("base")
     if not isinstance(base, str) or not base:
         raise ConfigError("base: missing (the pretrained model folder the task vectors are taken against)")
-    experts = _experts(raw.get("experts"))
+    experts = _experts(raw.get("experts"), base)
     data = _data(raw.get("data"), experts)
     resources = raw.get("resources") or {}
     if not isinstance(resources, dict) or set(resources) - RESOURCE_KEYS:
@@ -229,14 +229,18 @@ def check_head_files(config: AdaConfig, hidden: int | None) -> None:
             raise ConfigError(f"{key}: '{path}' takes inputs of width {weight[1]}; the base's hidden size is {hidden}")
 
 
-def _experts(value: Any) -> dict[str, str]:
+def _experts(value: Any, base: str) -> dict[str, str]:
+    """Task -> model source; a LoRA expert becomes ``BASE+ADAPTER`` as in a merge config (``lora:`` beside
+    ``model:`` in the list form, ``BASE+ADAPTER`` itself, or an adapter folder alone, on ``base``)."""
+    from distmerge.config.native import model_source
+
     if isinstance(value, list):
         entries = {}
         for i, item in enumerate(value):
             if not isinstance(item, dict) or not isinstance(item.get("model"), str) or \
                     not isinstance(item.get("name"), str):
-                raise ConfigError(f"experts[{i}]: expected {{name: TASK, model: PATH}}")
-            entries[item["name"]] = item["model"]
+                raise ConfigError(f"experts[{i}]: expected {{name: TASK, model: PATH}} (and lora: ADAPTER for a LoRA expert)")
+            entries[item["name"]] = model_source(item["model"], item.get("lora"), base, f"experts[{i}]")
         value = entries
     if not isinstance(value, dict) or not value:
         raise ConfigError("experts: expected a mapping of task name to fine-tuned model folder")
@@ -245,7 +249,7 @@ def _experts(value: Any) -> dict[str, str]:
             raise ConfigError(f"experts.{task}: a task name is letters, digits, '_', '.' or '-'")
         if not isinstance(path, str) or not path:
             raise ConfigError(f"experts.{task}: expected the path of a model folder")
-    return dict(value)
+    return {task: model_source(path, None, base, f"experts.{task}") for task, path in value.items()}
 
 
 def _heads(value: Any, experts: dict[str, str]) -> dict[str, str] | None:

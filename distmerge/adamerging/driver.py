@@ -31,6 +31,7 @@ from distmerge.engine import faults
 from distmerge.errors import ConfigError, InputError, OutputError
 from distmerge.io import writer
 from distmerge.io.checkpoint import Checkpoint
+from distmerge.io.lora import open_checkpoint
 
 LOG = logging.getLogger(__name__)
 ARTIFACTS = ("lambdas.json", "lambdas.parquet", "adamerging.png", "adamerging.yaml")
@@ -68,7 +69,7 @@ def prepare(config: AdaConfig | str | Path | dict) -> AdaConfig:
     base = Checkpoint(config.base, "base")
     config = resolve_kind(config, base.config or {})
     for task, path in config.experts.items():
-        Checkpoint(path, task)  # a missing or unreadable expert fails here, naming it
+        open_checkpoint(path, task)  # a missing or unreadable expert fails here, naming it
     for task, data in config.data.items():
         if not Path(data.path).expanduser().is_file():
             raise InputError(f"data.{task}.path: '{data.path}' does not exist")
@@ -320,7 +321,7 @@ def write_plus_experts(config: AdaConfig, masks: PlusMasks, names: list[str], ro
     from distmerge.tensors import layer_of
 
     base = Checkpoint(config.base, "base")
-    experts = {t: Checkpoint(p, t) for t, p in config.experts.items()}
+    experts = {t: open_checkpoint(p, t) for t, p in config.experts.items()}
     root.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list[str]] = {}
     for name in names:

@@ -34,6 +34,7 @@ from distmerge.architectures import CLASSIFIER_HEAD
 from distmerge.dtypes import torch_dtype
 from distmerge.errors import InputError
 from distmerge.io.checkpoint import Checkpoint
+from distmerge.io.lora import open_checkpoint
 from distmerge.io.writer import write_json, write_safetensors
 
 HEAD_PATTERN = re.compile(CLASSIFIER_HEAD)  # what evaluation's head_from takes from an expert
@@ -66,7 +67,7 @@ def build_setup(config: AdaConfig, world: int = 1, rank: int = 0, shard: Callabl
     from distmerge.evaluate.models import ModelSource, load_tokenizer
 
     base = Checkpoint(config.base, "base")
-    experts = {t: Checkpoint(p, t) for t, p in config.experts.items()}
+    experts = {t: open_checkpoint(p, t) for t, p in config.experts.items()}
     plan = plan_tensors(base, experts, config.excluded(), config.freeze, config.granularity)
     storage = torch_dtype(config.dtype)
     dtype = compute_dtype(storage)  # of the merged weights, so of every tensor the forward meets

@@ -50,7 +50,7 @@ class ModelSource:
             raise InputError("a model given as tensors needs a tokenizer (a folder or a tokenizer object)")
         if self.dtype not in DTYPES:
             raise InputError(f"dtype '{self.dtype}': one of {', '.join(DTYPES)}")
-        if self.path is not None and not Path(self.path).exists():
+        if self.path is not None and not Path(self.path).exists() and lora_split(self.path) is None:
             raise InputError(f"model '{self.path}' does not exist (evaluation takes a local model folder)")
 
     @classmethod
@@ -102,6 +102,10 @@ def load_tokenizer(source: ModelSource, padding_side: str):
     from transformers import AutoTokenizer
 
     tokenizer = source.tokenizer if source.tokenizer is not None else source.path
+    if isinstance(tokenizer, str) and lora_split(tokenizer) is not None:  # a LoRA expert: its adapter's or base's
+        from distmerge.io.lora import LoraCheckpoint
+
+        tokenizer = str(LoraCheckpoint(tokenizer, tokenizer).folder)
     if isinstance(tokenizer, (str, Path)):
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
@@ -132,8 +136,14 @@ def load_model(source: ModelSource, kind: str, num_labels: int = 0, device: str 
             from distmerge.twin import load
 
             return load(source.path, kind="classify" if kind == "classify" else "causal", device=device, dtype=dtype)
+    lora, folder = None, source.path
+    if source.path is not None and lora_split(source.path) is not None:  # BASE+ADAPTER: the base, then the deltas
+        from distmerge.io.lora import LoraCheckpoint
+
+        lora = LoraCheckpoint(source.path, source.path)
+        folder = str(lora.base.folder)
     if source.path is not None:
-        config = AutoConfig.from_pretrained(source.path)
+        config = AutoConfig.from_pretrained(folder)
     else:
         config_dict = dict(source.config)
         config = AutoConfig.for_model(config_dict.pop("model_type"), **config_dict)
@@ -154,7 +164,9 @@ def load_model(source: ModelSource, kind: str, num_labels: int = 0, device: str 
                 kwargs["dtype"] = dtype
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
-                model = auto.from_pretrained(source.path, **kwargs)
+                model = auto.from_pretrained(folder, **kwargs)
+            if lora is not None:
+                _apply_lora(model, lora)
         else:
             model = _from_tensors(auto, config, _resolve(source.tensors), dtype or torch.float32)
     except InputError:
@@ -167,6 +179,34 @@ def load_model(source: ModelSource, kind: str, num_labels: int = 0, device: str 
             raise InputError(f"head tensors {sorted(missing)} of '{source.head_from}' are not in the model")
         model.load_state_dict(head, strict=False)
     return model.to(device).eval()
+
+
+def lora_split(path: str) -> tuple[str, str] | None:
+    from distmerge.io.lora import split_source
+
+    return split_source(str(path))
+
+
+def config_folder(path: str) -> str:
+    """The folder whose config.json describes the model at ``path`` (a LoRA expert's: its base's)."""
+    split = lora_split(path)
+    return split[0] if split is not None else path
+
+
+def _apply_lora(model, lora) -> None:
+    """The LoRA expert's weights (base + B A x scale for each adapted tensor, modules_to_save whole) into the
+    base model, as ``peft``'s merge_and_unload gives them; the other tensors stay the base's."""
+    import torch
+
+    own = model.state_dict()
+    changed = {}
+    for name in (*lora.factors, *lora.full):
+        if name not in own:
+            raise InputError(f"model '{lora.source}': the adapter changes '{name}', which a "
+                             f"{type(model).__name__} does not have")
+        changed[name] = lora.read(name).to(own[name].dtype)
+    with torch.no_grad():
+        model.load_state_dict(changed, strict=False)
 
 
 def _resolve(tensors: Any) -> Mapping[str, Any]:

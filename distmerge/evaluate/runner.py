@@ -83,16 +83,16 @@ def preflight(source: ModelSource, task: Task) -> None:
     the task's label count (an actor failing in ``__init__`` reports far less clearly)."""
     from transformers import AutoConfig
 
-    from distmerge.evaluate.models import load_tokenizer
+    from distmerge.evaluate.models import config_folder, load_tokenizer
 
     load_tokenizer(source, "left")
     if source.path is None:
         return
-    from distmerge.io.checkpoint import Checkpoint
+    from distmerge.io.lora import open_checkpoint
 
-    Checkpoint(source.path, source.path).close()  # every weight file's header, before an actor reads one
+    open_checkpoint(source.path, source.path).close()  # every weight file's header (an adapter's too), before an actor reads one
     try:
-        config = AutoConfig.from_pretrained(source.path)
+        config = AutoConfig.from_pretrained(config_folder(source.path))
     except Exception as exc:
         raise InputError(f"model '{source.path}': no loadable config.json ({exc})") from None
     if task.kind == "classify":

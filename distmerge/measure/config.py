@@ -3,7 +3,7 @@
 ```yaml
 tasks:
   - name: math                 # the expert's name in the merge config (its statistics folder: stats/math)
-    model: experts/math        # a local Hugging Face folder
+    model: experts/math        # a local Hugging Face folder (a LoRA expert: BASE+ADAPTER, or lora: ADAPTER)
     data: data/math.jsonl      # jsonl, json or parquet rows (or a txt file / folder of them)
     text_field: text           # the column with the text (default: text)
     limit: 1000                # rows at most (default: all)
@@ -37,7 +37,7 @@ MODEL_DTYPES = ("auto", *dtypes.STORAGE)
 STATS_DTYPES = dtypes.FULL_PRECISION
 MODEL_CLASSES = ("causal_lm", "sequence_classification", "encoder")
 TOP_KEYS = ("tasks", "max_length", "batch_size", "workers", "device", "dtype", "stats_dtype", "model_class")
-TASK_KEYS = ("name", "model", "data", "text_field", "limit")
+TASK_KEYS = ("name", "model", "lora", "data", "text_field", "limit")
 TASK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")  # a folder name under stats/
 
 
@@ -95,11 +95,10 @@ def _task(raw: Any, index: int, folder: Path) -> MeasureTask:
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise ConfigError(f"{where}.{key}: missing (a path)")
     model, data = (folder / Path(raw[k]).expanduser() for k in ("model", "data"))
-    if not model.is_dir():
-        raise ConfigError(f"{where}.model: '{model}' is not a model folder")
+    source, named = _model_source(raw, where, folder)
     if not data.exists():
         raise ConfigError(f"{where}.data: '{data}' does not exist")
-    name = raw.get("name", model.resolve().name)
+    name = raw.get("name", named)
     if not isinstance(name, str) or not TASK_NAME.match(name):
         raise ConfigError(f"{where}.name: {name!r} must be a plain name (letters, digits, '.', '_', '-'): the merge "
                           f"config's name for this expert")
@@ -109,7 +108,32 @@ def _task(raw: Any, index: int, folder: Path) -> MeasureTask:
     limit = raw.get("limit")
     if limit is not None:
         _integer(f"{where}.limit", limit)
-    return MeasureTask(name, str(model.resolve()), str(data.resolve()), text_field, limit)
+    return MeasureTask(name, source, str(data.resolve()), text_field, limit)
+
+
+def _model_source(raw: dict, where: str, folder: Path) -> tuple[str, str]:
+    """(source, default name): a model folder, or a LoRA expert as ``BASE+ADAPTER`` (mergekit's syntax, or
+    ``lora: ADAPTER`` beside ``model:``), every path relative to the config's folder."""
+    from distmerge.io.lora import is_adapter_folder
+
+    text, lora = raw["model"], raw.get("lora")
+    if lora is not None and (not isinstance(lora, str) or not lora):
+        raise ConfigError(f"{where}.lora: expected the path of a PEFT adapter folder")
+    parts = (text, lora) if lora is not None else None
+    if parts is None and "+" in text and not (folder / Path(text).expanduser()).exists():
+        parts = tuple(text.rsplit("+", 1))
+    if parts is None:
+        model = folder / Path(text).expanduser()
+        if not model.is_dir():
+            raise ConfigError(f"{where}.model: '{model}' is not a model folder")
+        return str(model.resolve()), model.resolve().name
+    base, adapter = (folder / Path(part).expanduser() for part in parts)
+    if not base.is_dir():
+        raise ConfigError(f"{where}.model: '{base}' (the LoRA expert's base) is not a model folder")
+    if not is_adapter_folder(adapter):
+        raise ConfigError(f"{where}.{'lora' if lora is not None else 'model'}: '{adapter}' is not a PEFT adapter "
+                          f"folder (no adapter_config.json)")
+    return f"{base.resolve()}+{adapter.resolve()}", adapter.resolve().name
 
 
 def parse_measure_config(raw: Any, kind: str, folder: Path = Path(".")) -> MeasureConfig:

@@ -245,7 +245,7 @@ def measure(config: MeasureConfig | str | Path | dict, out: str | Path, *, worke
     from distmerge.evaluate.data import check_data
     from distmerge.evaluate.runner import quiet_ray_data
     from distmerge.io import writer
-    from distmerge.io.checkpoint import Checkpoint
+    from distmerge.io.lora import open_checkpoint
 
     began = time.perf_counter()
     if not isinstance(config, MeasureConfig):
@@ -257,7 +257,7 @@ def measure(config: MeasureConfig | str | Path | dict, out: str | Path, *, worke
     out = writer.results_folder(out, OutputError, "statistics folder")
     todo = []
     for task in config.tasks:  # every header and data file checked before a cluster starts
-        checkpoint = Checkpoint(task.model, task.name)
+        checkpoint = open_checkpoint(task.model, task.name)  # a LoRA expert (BASE+ADAPTER) too
         fingerprint = stats.model_fingerprint(checkpoint)
         check_data(task.data, TextColumn(task))
         key = config.task_key(task, fingerprint)
