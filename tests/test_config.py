@@ -150,3 +150,38 @@ models:
 def test_mergekit_errors(text, message):
     with pytest.raises(ConfigError, match=message):
         mergekit(text)
+
+
+def _no_base_config(method: str, parameters: dict | None = None, models: int = 2) -> dict:
+    return {"models": [{"model": f"/nowhere/e{i}", "name": f"e{i}"} for i in range(models)], "method": method,
+            "parameters": parameters or {}}
+
+
+@pytest.mark.parametrize("method", ["task_arithmetic", "ties", "dare", "breadcrumbs", "breadcrumbs_ties", "della",
+                                    "della_linear", "emr", "model_stock", "tsv", "iso_c", "iso_cts"])
+def test_every_task_vector_method_without_a_base_says_it_needs_one(method):
+    with pytest.raises(ConfigError, match=rf"base_model: method '{method}' needs a base model"):
+        load_config(_no_base_config(method))
+
+
+def test_methods_without_a_base_need_none_unless_told_to_use_it():
+    for method in ("weight_average", "slerp", "nuslerp"):
+        assert not load_config(_no_base_config(method)).build_method().needs_base
+    with pytest.raises(ConfigError, match="base_model: method 'nuslerp' needs a base model"):
+        load_config(_no_base_config("nuslerp", {"use_base": True}))
+    with pytest.raises(ConfigError, match="statistics: regmean needs the folder written by `distmerge measure regmean`"):
+        load_config(_no_base_config("regmean"))
+
+
+@pytest.mark.parametrize("method,models,wanted", [("model_stock", 1, "at least 2"), ("slerp", 3, "exactly 2"),
+                                                  ("nuslerp", 1, "exactly 2")])
+def test_methods_that_need_a_number_of_experts_say_so_before_reading(method, models, wanted):
+    from distmerge.methods import TensorJob
+
+    config = _no_base_config(method, models=models) | {"base_model": "/nowhere/base"}
+    built = load_config(config).build_method()
+    job = TensorJob(name="w", numel=4, model_names=tuple(f"e{i}" for i in range(models)), weights=(1.0,) * models,
+                    per_model={}, per_tensor={})
+    with pytest.raises(ConfigError, match=rf"models: method '{method}' needs {wanted} models to merge, the config "
+                                          rf"has {models}"):
+        built.initial_state([job])

@@ -207,6 +207,29 @@ def test_della_against_flat_paper_reference():
         torch.testing.assert_close(got[n], want, rtol=1e-6, atol=1e-6)
 
 
+def test_della_linear_against_flat_paper_reference():
+    """MagPrune's rank-based keep probabilities and 1/p rescale, then a weighted sum (no consensus), lambda,
+    written flat per expert as the paper states it; normalize divides by the summed weights."""
+    from distmerge.ops import sparsify as sp
+
+    base, experts = _family(6)
+    given = [{"weight": w} for w in (0.5, 1.0, 2.0)]
+    for normalize in (False, True):
+        got, _ = _merge(build_method("della_linear", {"density": 0.4, "epsilon": 0.3, "seed": 9, "lambda": 0.8,
+                                                       "normalize": normalize}), base, experts, given)
+        for n in base:
+            pruned = []
+            for i, e in enumerate(experts):
+                tau = e[n] - base[n]
+                rows = tau.reshape(1, -1) if tau.dim() < 2 else tau
+                rank = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).double()
+                p = ((0.4 - 0.3) + 0.6 * rank / (rows.shape[1] - 1)).reshape(tau.shape)
+                keep = sp.della_keep_mask(p, 9, f"e{i}", n, tau.numel())
+                pruned.append(torch.where(keep, tau.double() / p, 0.0).float() * given[i]["weight"])
+            total = torch.stack(pruned).sum(0) / (3.5 if normalize else 1.0)
+            torch.testing.assert_close(got[n], base[n] + 0.8 * total, rtol=1e-6, atol=1e-6)
+
+
 def test_della_merges_a_zero_dimensional_tensor_as_a_one_element_row():
     """A 0-d parameter (CLIP's logit_scale) is a row of one element: its merge is that of the same value held
     in a 1-element tensor (it raised an IndexError before)."""
