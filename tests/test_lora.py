@@ -1,5 +1,5 @@
 """LoRA experts: an adapter on its base reads as the model PEFT's merge_and_unload gives, tensor by tensor and
-row chunk by row chunk, for Llama, Qwen2, RoBERTa and GPT-2 (Conv1D) modules, rsLoRA, alpha patterns,
+row chunk by row chunk, for Llama, Qwen2, Qwen v1, ViT, RoBERTa and GPT-2 (Conv1D) modules, rsLoRA, alpha patterns,
 embedding LoRA and modules_to_save; the config forms and the refusals."""
 
 from __future__ import annotations
@@ -229,3 +229,68 @@ def test_lora_and_full_experts_mix_in_one_merge(llama_lora_experts, llama_family
     got, want = merged_tensors(tmp_path / "mixed"), merged_tensors(tmp_path / "plain")
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-4, atol=1e-6)
+
+
+class _QwenV1Block(torch.nn.Module):
+    """Qwen-14B's (v1, remote-code) module names: attn.c_attn / attn.c_proj, mlp.w1 / mlp.w2 / mlp.c_proj."""
+
+    def __init__(self, hidden: int, inner: int):
+        super().__init__()
+        self.attn = torch.nn.Module()
+        self.attn.c_attn = torch.nn.Linear(hidden, 3 * hidden)
+        self.attn.c_proj = torch.nn.Linear(hidden, hidden, bias=False)
+        self.mlp = torch.nn.Module()
+        self.mlp.w1 = torch.nn.Linear(hidden, inner, bias=False)
+        self.mlp.w2 = torch.nn.Linear(hidden, inner, bias=False)
+        self.mlp.c_proj = torch.nn.Linear(inner, hidden, bias=False)
+        self.ln_1 = torch.nn.LayerNorm(hidden)
+
+
+def _qwen_v1(seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    model = torch.nn.Module()
+    model.transformer = torch.nn.Module()
+    model.transformer.wte = torch.nn.Embedding(50, 16)
+    model.transformer.h = torch.nn.ModuleList([_QwenV1Block(16, 24) for _ in range(2)])
+    model.lm_head = torch.nn.Linear(16, 50, bias=False)
+    return model
+
+
+def test_qwen_v1_and_vit_module_names_read_as_peft_merge_and_unload(tmp_path):
+    """The two settings' module names beyond the transformers-native ones: Qwen-14B v1's c_attn/c_proj/w1/w2
+    (a remote-code model: its tensors are read, its code never runs) and ViT's attention and MLP (as transformers 5
+    names them) with its classifier in modules_to_save, each against PEFT's own merge_and_unload()."""
+    from peft import LoraConfig, get_peft_model
+    from safetensors.torch import save_file
+    from transformers import ViTConfig, ViTForImageClassification
+
+    torch.manual_seed(0)
+    vit = ViTForImageClassification(ViTConfig(image_size=16, patch_size=8, hidden_size=16, num_hidden_layers=2,
+                                              num_attention_heads=2, intermediate_size=32, num_labels=3))
+    cases = {
+        "qwen": (_qwen_v1(0), {"model_type": "qwen", "architectures": ["QWenLMHeadModel"]},
+                 dict(target_modules=["c_attn", "c_proj", "w1", "w2"], use_rslora=True)),
+        "vit": (vit, vit.config.to_dict(), dict(target_modules=["q_proj", "v_proj", "fc1"], modules_to_save=["classifier"])),
+    }
+    for arch, (model, config, lora) in cases.items():
+        base = tmp_path / arch / "base"
+        base.mkdir(parents=True)
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(base / "model.safetensors"))
+        (base / "config.json").write_text(json.dumps(config))
+        torch.manual_seed(1)
+        peft_model = get_peft_model(model, LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, **lora))
+        with torch.no_grad():
+            for name, param in peft_model.named_parameters():
+                if "modules_to_save" in name:
+                    param.add_(torch.randn_like(param) * 0.05)
+        peft_model.save_pretrained(str(tmp_path / arch / "adapter"))
+        merged = {k: v.detach() for k, v in peft_model.merge_and_unload().state_dict().items()}
+        expert = open_checkpoint(f"{base}+{tmp_path / arch / 'adapter'}", arch)
+        assert isinstance(expert, LoraCheckpoint)
+        adapted = {n.rsplit(".", 2)[-2] for n in expert.factors}
+        assert adapted == set(lora["target_modules"]), (arch, adapted)
+        for name in merged:
+            torch.testing.assert_close(expert.read(name).float(), merged[name].float(), rtol=1e-5, atol=1e-6,
+                                       msg=f"{arch} {name}")
+        if arch == "vit":
+            assert {n for n in expert.full if n.startswith("classifier.")} == {"classifier.weight", "classifier.bias"}
