@@ -147,6 +147,11 @@ def test_config_forms_all_become_base_plus_adapter(lora_family, tmp_path):
     assert alone.models[0].name == "adapter"
     with pytest.raises(ConfigError, match=r"models\[0\].model: '.*' is a LoRA adapter; its base"):
         load_config({"method": "weight_average", "models": [str(adapter)]})
+    on_hub = edited_adapter(tmp_path, adapter, base_model_name_or_path="distmerge-test/not-a-real-base")
+    config = load_config({"method": "weight_average", "models": [str(on_hub)]})  # no base_model: the named hub id
+    assert config.models[0].model == f"distmerge-test/not-a-real-base+{on_hub}"
+    with pytest.raises(InputError, match="hf download distmerge-test/not-a-real-base"):
+        open_checkpoint(config.models[0].model, "a")
 
 
 def test_a_plain_model_with_a_plus_in_its_path_is_not_an_adapter(lora_family, tmp_path):

@@ -50,6 +50,7 @@ def model_source(model: str, lora: Any, base_model: Any, where: str) -> str:
     """One source string per model: a LoRA expert as ``BASE+ADAPTER`` (mergekit's syntax), whether it was given
     so, as ``lora: ADAPTER`` beside its base, or as an adapter folder alone (on the base its
     ``base_model_name_or_path`` names when that is a local folder, else on the config's ``base_model``)."""
+    from distmerge.io.checkpoint import HUB_ID
     from distmerge.io.lora import ADAPTER_CONFIG, is_adapter_folder
 
     if lora is not None:
@@ -66,6 +67,8 @@ def model_source(model: str, lora: Any, base_model: Any, where: str) -> str:
         return f"{named}+{model}"
     if isinstance(base_model, str):
         return f"{base_model}+{model}"
+    if isinstance(named, str) and HUB_ID.match(named):  # a hub id: the cache or the hub, as any model source
+        return f"{named}+{model}"
     raise ConfigError(f"{where}.model: '{model}' is a LoRA adapter; its base ({named!r}) is not a local folder and "
                       f"the config has no base_model: write model: BASE+{model}")
 
