@@ -185,21 +185,27 @@ def test_della_epsilon_zero_draws_dares_mask():
         torch.testing.assert_close(got[n], dare[n], rtol=1e-6, atol=1e-7)
 
 
-def test_della_against_flat_paper_reference():
+def _magprune_flat(base, experts, name: str, density: float, epsilon: float, seed: int) -> list[torch.Tensor]:
+    """Each expert's MagPrune of one tensor as the paper states it: keep probability density - epsilon + 2
+    epsilon x (rank of |tau| in its row) / (row length - 1), drawn by distmerge's stream, kept values / p."""
     from distmerge.ops import sparsify as sp
 
+    pruned = []
+    for i, e in enumerate(experts):
+        tau = e[name] - base[name]
+        rows = tau.reshape(1, -1) if tau.dim() < 2 else tau
+        rank = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).double()
+        p = ((density - epsilon) + 2 * epsilon * rank / (rows.shape[1] - 1)).reshape(tau.shape)
+        keep = sp.della_keep_mask(p, seed, f"e{i}", name, tau.numel())
+        pruned.append(torch.where(keep, tau.double() / p, 0.0).float())
+    return pruned
+
+
+def test_della_against_flat_paper_reference():
     base, experts = _family(4)
     got, _ = _merge(build_method("della", {"density": 0.5, "epsilon": 0.2, "seed": 3, "lambda": 1.2}), base, experts)
     for n in base:
-        pruned = []
-        for i, e in enumerate(experts):
-            tau = e[n] - base[n]
-            rows = tau.reshape(1, -1) if tau.dim() < 2 else tau
-            rank = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).double()
-            p = ((0.5 - 0.2) + 0.4 * rank / (rows.shape[1] - 1)).reshape(tau.shape)
-            keep = sp.della_keep_mask(p, 3, f"e{i}", n, tau.numel())
-            pruned.append(torch.where(keep, tau.double() / p, 0.0).float())
-        stacked = torch.stack(pruned)
+        stacked = torch.stack(_magprune_flat(base, experts, n, 0.5, 0.2, 3))
         sign = torch.sign(stacked.sum(0))
         sign[sign == 0] = torch.sign(sign.sum()) or 1.0
         agree = (stacked.sign() == sign).float()
@@ -208,25 +214,16 @@ def test_della_against_flat_paper_reference():
 
 
 def test_della_linear_against_flat_paper_reference():
-    """MagPrune's rank-based keep probabilities and 1/p rescale, then a weighted sum (no consensus), lambda,
-    written flat per expert as the paper states it; normalize divides by the summed weights."""
-    from distmerge.ops import sparsify as sp
-
+    """MagPrune, then a weighted sum (no consensus) and lambda; normalize divides by the summed weights."""
     base, experts = _family(6)
-    given = [{"weight": w} for w in (0.5, 1.0, 2.0)]
+    weights = (0.5, 1.0, 2.0)
     for normalize in (False, True):
         got, _ = _merge(build_method("della_linear", {"density": 0.4, "epsilon": 0.3, "seed": 9, "lambda": 0.8,
-                                                       "normalize": normalize}), base, experts, given)
+                                                       "normalize": normalize}), base, experts,
+                        [{"weight": w} for w in weights])
         for n in base:
-            pruned = []
-            for i, e in enumerate(experts):
-                tau = e[n] - base[n]
-                rows = tau.reshape(1, -1) if tau.dim() < 2 else tau
-                rank = rows.abs().argsort(dim=1, stable=True).argsort(dim=1).double()
-                p = ((0.4 - 0.3) + 0.6 * rank / (rows.shape[1] - 1)).reshape(tau.shape)
-                keep = sp.della_keep_mask(p, 9, f"e{i}", n, tau.numel())
-                pruned.append(torch.where(keep, tau.double() / p, 0.0).float() * given[i]["weight"])
-            total = torch.stack(pruned).sum(0) / (3.5 if normalize else 1.0)
+            pruned = _magprune_flat(base, experts, n, 0.4, 0.3, 9)
+            total = sum(w * t for w, t in zip(weights, pruned)) / (sum(weights) if normalize else 1.0)
             torch.testing.assert_close(got[n], base[n] + 0.8 * total, rtol=1e-6, atol=1e-6)
 
 
