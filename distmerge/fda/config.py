@@ -44,7 +44,7 @@ def _parse(raw: Any) -> FdaConfig:
     base = raw.get("base")
     if not isinstance(base, str) or not base:
         raise ConfigError("base: missing (a path or hub id of the pretrained model)")
-    experts = _experts(raw.get("experts"))
+    experts = _experts(raw.get("experts"), base)
     initial = _initial(raw.get("initial"), base, experts)
     modules = raw.get("modules")
     if modules is not None:
@@ -69,15 +69,22 @@ def _parse(raw: Any) -> FdaConfig:
                      adapt=adapt, resources=resources, seed=seed, dtype=dtype)
 
 
-def _experts(raw: Any) -> tuple[tuple[str, str], ...]:
+def _experts(raw: Any, base: str) -> tuple[tuple[str, str], ...]:
+    """(name, source) per expert; a LoRA expert as ``BASE+ADAPTER``, given so, as ``lora:`` beside ``model:``, or
+    as an adapter folder alone (on ``base``), as a merge config takes it."""
+    from distmerge.config.native import model_source
+
     entries: list[tuple[Any, Any]]
     if isinstance(raw, dict):
-        entries = list(raw.items())
+        entries = [(name, model_source(model, None, base, f"experts.{name}") if isinstance(model, str) and model
+                    else model) for name, model in raw.items()]
     elif isinstance(raw, list):
         entries = []
         for i, item in enumerate(raw):
-            if isinstance(item, dict) and "model" in item:
-                entries.append((item.get("name") or Path(str(item["model"]).rstrip("/")).name, item["model"]))
+            if isinstance(item, dict) and isinstance(item.get("model"), str) and item["model"]:
+                named = item.get("lora") if isinstance(item.get("lora"), str) else item["model"]
+                entries.append((item.get("name") or Path(named.rstrip("/")).name,
+                                model_source(item["model"], item.get("lora"), base, f"experts[{i}]")))
             else:
                 raise ConfigError(f"experts[{i}]: expected {{model: ..., name: ...}}")
     else:
