@@ -61,6 +61,15 @@ CASES = {
     "dare_l1": ("dare", {"drop_rate": 0.6, "then": "task_arithmetic", "rescale": "l1"}),
     "dare_ties": ("dare", {"drop_rate": 0.7, "then": "ties", "density": 0.5, "seed": 3}),
     "emr": ("emr", {}),
+    # issue 17's methods (della and iso_cts have their own 1-vs-2-worker tests; regmean needs measured statistics)
+    "breadcrumbs": ("breadcrumbs", {"density": 0.8, "gamma": 0.05}),
+    "breadcrumbs_ties": ("breadcrumbs_ties", {"density": 0.8, "gamma": 0.05, "lambda": 0.9}),
+    "della_linear": ("della_linear", {"density": 0.6, "epsilon": 0.2, "seed": 4}),
+    "model_stock": ("model_stock", {}),
+    "slerp": ("slerp", {"t": [0.2, 0.8]}),
+    "nuslerp": ("nuslerp", {"nuslerp_flatten": False}),
+    "tsv": ("tsv", {}),
+    "iso_c": ("iso_c", {}),
 }
 WORKERS = (1, 4)
 

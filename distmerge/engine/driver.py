@@ -36,7 +36,7 @@ from distmerge.errors import OutputError
 from distmerge.io import model_files, writer
 from distmerge.io.checkpoint import Checkpoint
 from distmerge.io.lora import open_checkpoint
-from distmerge.plan import MergePlan, make_plan
+from distmerge.plan import MergePlan, assign, make_plan
 from distmerge.tensors import OutputTensor, resolve_tensors
 
 LOG = logging.getLogger(__name__)
@@ -179,20 +179,29 @@ def _bar(total: int, desc: str, enabled: bool):
 
 
 def _run_passes(pool: WorkerPool, plan: MergePlan, method, state: dict, sizes: dict, progress: bool) -> dict:
+    # A pass writes nothing, so its layer groups need not follow the shards' owners: they are spread over the
+    # workers by their input bytes (whole shards would leave one worker a shard's worth behind at the pass's
+    # end). The partials are summed in (shard, group) order, not as they come back, so a float sum is the same
+    # bits whatever the worker count and timing.
+    keys = sorted(sizes)
+    slots = assign([sizes[k] for k in keys], len(plan.assignment))
+
     def partial(pass_name: str, state: dict) -> dict[str, Any] | None:
         state_ref = ray.put(state)
-        items = [[WorkItem((s, g), lambda actor, s=s, g=g: [actor.run_pass.remote(pass_name, state_ref, s, g)],
-                           [sizes[s, g]])
-                  for s in shards for g in range(len(plan.shards[s].groups))] for shards in plan.assignment]
-        totals: dict[str, Any] | None = None
+        items = [[WorkItem(keys[i], lambda actor, s=keys[i][0], g=keys[i][1]:
+                           [actor.run_pass.remote(pass_name, state_ref, s, g)], [sizes[keys[i]]])
+                  for i in slot] for slot in slots]
+        parts: dict[tuple[int, int], Any] = {}
 
         def add(item: WorkItem, part) -> None:
-            nonlocal totals
-            if part is not None:
-                totals = add_partials(totals, part)
+            parts[item.key] = part
 
-        with _bar(sum(i.sizes[0] for slot in items for i in slot), f"pass {pass_name}", progress) as bar:
+        with _bar(sum(sizes.values()), f"pass {pass_name}", progress) as bar:
             pool.run(items, add, bar.update)
+        totals: dict[str, Any] | None = None
+        for key in sorted(parts):
+            if parts[key] is not None:
+                totals = add_partials(totals, parts[key])
         return totals
 
     return execute.run_passes(method, state, partial)
