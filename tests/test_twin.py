@@ -310,8 +310,10 @@ def make_lora(base: Path, out: Path) -> Path:
     return out
 
 
-@pytest.mark.slow
 def test_build_end_to_end_with_a_lora_expert(ray_cluster, tmp_path):
+    """``twin build`` on 2 Ray workers with a full and a LoRA expert (the default ``product`` parts): the router
+    learns, the exclusive parts equal the same groups compressed in this one process (so they do not depend on
+    the number of actors), and a LoRA expert's part is the SVD of its product delta."""
     from peft import PeftModel
 
     from distmerge.io.lora import open_checkpoint
