@@ -78,6 +78,9 @@ def _config(family: dict[str, str], case: str) -> dict:
         "della_density1": {"merge_method": "della", "base_model": base,
                            "models": [_model(e0, weight=1.0, density=1.0), _model(e1, weight=0.5, density=1.0)],
                            "parameters": {"epsilon": 0.1, "lambda": 1.1}},
+        "della_linear_density1": {"merge_method": "della_linear", "base_model": base,
+                                  "models": [_model(e0, weight=1.0, density=1.0), _model(e1, weight=0.5, density=1.0)],
+                                  "parameters": {"epsilon": 0.1, "lambda": 0.9}},
         "ties_min_keep": {"merge_method": "ties", "base_model": base,
                           "models": [_model(e0, weight=1.0, density=0.02), _model(e1, weight=0.5, density=0.02)]},
     }
@@ -88,7 +91,8 @@ def _config(family: dict[str, str], case: str) -> dict:
 
 KNOWN_GAPS: dict[str, str] = {}
 CASES = ["linear", "task_arithmetic", "ties", "ties_normalize_false", "dare_linear_density1", "dare_ties_density1",
-         "ties_rescale", "ties_min_keep", "ties_bf16", "breadcrumbs", "breadcrumbs_ties", "della_density1", *KNOWN_GAPS]
+         "ties_rescale", "ties_min_keep", "ties_bf16", "breadcrumbs", "breadcrumbs_ties", "della_density1",
+         "della_linear_density1", *KNOWN_GAPS]
 
 
 # --- helpers ------------------------------------------------------------------------------------------------
