@@ -291,6 +291,15 @@ def test_bad_inputs_name_the_key_or_path(tmp_path, llama_family, full_rank_twin)
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "x").exists()
     with pytest.raises(InputError, match="not a twin folder"):
         read_manifest(base)
+    import yaml  # the build command: a bad config is one line naming the key, before Ray starts or a file is written
+
+    (tmp_path / "twin.yaml").write_text(yaml.safe_dump(twin_config(tmp_path, base, entries, {"rank": 0})))
+    result = runner.invoke(app, ["twin", "build", str(tmp_path / "twin.yaml"), "--out", str(tmp_path / "built")])
+    assert result.exit_code == 2 and "exclusive.rank: expected an integer >= 1, got 0" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "built").exists()
+    result = runner.invoke(app, ["twin", "task", str(full_rank_twin), "--task", "t1", "--out", str(tmp_path / "t1")])
+    assert result.exit_code == 0 and "exclusive part of 't1'" in result.output
+    assert load_plain(tmp_path / "t1") is not None
 
 
 # --------------------------------------------------------------------------------------------- end to end (Ray)
