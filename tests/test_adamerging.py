@@ -142,6 +142,29 @@ def test_config_errors_name_the_key(family):
             load_ada_config({**good, **change})
 
 
+def test_freeze_first_layers_keeps_the_first_fraction_of_layers_at_lambda_init(llama_family, family):
+    """``freeze_first_layers: f`` (FusionBench's Llama AdaMerging freezes the first 30%): the tensors of the first
+    int(f x layers) layers get no coefficient row; embeddings, norm and head, outside the layers, still do."""
+    from distmerge.adamerging.bank import plan_tensors
+    from distmerge.adamerging.config import load_ada_config
+    from distmerge.architectures import layer_of
+    from distmerge.io.checkpoint import Checkpoint
+
+    base, experts = llama_family  # 3 layers
+    opened = {f"t{i}": Checkpoint(str(p), f"t{i}") for i, p in enumerate(experts)}
+    for fraction, first_trained in ((0.0, 0), (0.34, 1), (0.3, 0), (0.7, 2)):
+        plan = plan_tensors(Checkpoint(str(base), "base"), opened, (), (), "layer", fraction)
+        for name, row in zip(plan.names, plan.rows):
+            layer = layer_of(name)[1]
+            assert (row is None) == (layer is not None and layer < first_trained), (fraction, name)
+    good = ada_config(family)
+    assert load_ada_config({**good, "freeze_first_layers": 0.3}).freeze_first_layers == 0.3
+    with pytest.raises(ConfigError, match=r"^freeze_first_layers"):
+        load_ada_config({**good, "freeze_first_layers": 1.0})
+    # an unset fraction leaves the run key (the resume folder's name) as it was before the key existed
+    assert "freeze_first_layers" not in load_ada_config(good).to_dict()
+
+
 def test_functional_model_matches_the_formula_and_plus_matches_the_reference(family):
     """The bank (one process) gives theta0 + sum_t lambda_t tau_t, with AdaMerging++'s selected entries as the
     reference computes them; the frozen tensors keep lambda_init."""

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from distmerge.architectures import group_by_layer
+from distmerge.architectures import group_by_layer, layer_of
 from distmerge.adamerging.gather import GroupRows, gather_merged
 from distmerge.errors import InputError, where
 from distmerge.io.checkpoint import Checkpoint, check_same_tensors
@@ -53,8 +53,10 @@ class TensorPlan:
 
 
 def plan_tensors(base: Checkpoint, experts: dict[str, Checkpoint], exclude: tuple[str, ...],
-                 freeze: tuple[str, ...], granularity: str) -> TensorPlan:
-    """Every floating-point tensor of the base not excluded is merged; each expert must have it, same shape."""
+                 freeze: tuple[str, ...], granularity: str, freeze_first_layers: float = 0.0) -> TensorPlan:
+    """Every floating-point tensor of the base not excluded is merged; each expert must have it, same shape.
+    Frozen (kept at lambda_init): tensors matching a ``freeze`` regex, and those of the first
+    int(``freeze_first_layers`` x layers) layers."""
     excluded = [re.compile(p) for p in exclude]
     frozen = [re.compile(p) for p in freeze]
     names = sorted(n for n, info in base.tensors.items()
@@ -63,10 +65,13 @@ def plan_tensors(base: Checkpoint, experts: dict[str, Checkpoint], exclude: tupl
         raise InputError(f"{where(model='base', file=str(base.folder))}: no tensor is left to merge after exclude")
     for expert in experts.values():
         check_same_tensors(expert, base, names, "base")
+    layers = {name: layer_of(name)[1] for name in names}
+    known = [layer for layer in layers.values() if layer is not None]
+    first_trained = int(freeze_first_layers * (max(known) + 1)) if known else 0
     rows: list[int | None] = []
     trainable = 0
     for name in names:
-        if any(p.search(name) for p in frozen):
+        if any(p.search(name) for p in frozen) or (layers[name] is not None and layers[name] < first_trained):
             rows.append(None)
         elif granularity == "task":
             rows.append(0)

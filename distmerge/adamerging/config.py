@@ -21,6 +21,8 @@ batches: 2                # batches per task per step
 batch_size: 16
 seed: 0
 freeze: []                # regexes: tensors kept at lambda_init
+freeze_first_layers: 0.0  # a fraction: the first int(f x layers) transformer layers kept at lambda_init too
+                          # (FusionBench's Llama AdaMerging freezes the first 30%: 0.3)
 exclude: [".*classifier.*"]   # not merged (default for classifiers: the heads; each task scores with its own;
                               # nothing for causal LMs and encoders)
 strategy: fsdp            # fsdp (torch FSDP2) | deepspeed (ZeRO-3; pip install deepspeed)
@@ -44,7 +46,7 @@ from distmerge.errors import ConfigError
 
 TOP_KEYS = {
     "base", "experts", "data", "granularity", "plus", "density", "objective", "lambda_init", "lr", "steps",
-    "batches", "batch_size", "seed", "freeze", "exclude", "kind", "max_length", "strategy", "resources",
+    "batches", "batch_size", "seed", "freeze", "freeze_first_layers", "exclude", "kind", "max_length", "strategy", "resources",
     "checkpoint_every", "dtype", "shuffle", "heads", "pooling",
 }
 DATA_KEYS = {"path", "fields", "target"}
@@ -84,6 +86,7 @@ class AdaConfig:
     batch_size: int = 16
     seed: int = 0
     freeze: tuple[str, ...] = ()
+    freeze_first_layers: float = 0.0  # the first int(f x layers) layers' tensors kept at lambda_init
     exclude: tuple[str, ...] | None = None  # None: the heads for classifiers, nothing for causal LMs
     max_length: int = 128
     strategy: str = "fsdp"
@@ -113,6 +116,8 @@ class AdaConfig:
         out["resources"] = {"num_cpus": out.pop("num_cpus"), "num_gpus": out.pop("num_gpus")}
         if self.heads is None:  # the keys of configs without heads, so their run keys stay what they were
             del out["heads"], out["pooling"]
+        if not self.freeze_first_layers:  # likewise
+            del out["freeze_first_layers"]
         return out
 
     def run_key(self, workers: int) -> str:
@@ -149,6 +154,8 @@ def load_ada_config(source: str | Path | dict[str, Any]) -> AdaConfig:
         batch_size=_integer(raw, "batch_size", 16, 1),
         seed=_integer(raw, "seed", 0, 0),
         freeze=_regexes(raw, "freeze", ()),
+        freeze_first_layers=validate.number("freeze_first_layers", raw.get("freeze_first_layers", 0.0), 0.0, 1.0,
+                                            hi_open=True),
         exclude=_regexes(raw, "exclude", None),
         max_length=_integer(raw, "max_length", 128, 2),
         strategy=validate.choice("strategy", raw.get("strategy", "fsdp"), STRATEGIES),

@@ -68,7 +68,8 @@ def build_setup(config: AdaConfig, world: int = 1, rank: int = 0, shard: Callabl
 
     base = Checkpoint(config.base, "base")
     experts = {t: open_checkpoint(p, t) for t, p in config.experts.items()}
-    plan = plan_tensors(base, experts, config.excluded(), config.freeze, config.granularity)
+    plan = plan_tensors(base, experts, config.excluded(), config.freeze, config.granularity,
+                        config.freeze_first_layers)
     storage = torch_dtype(config.dtype)
     dtype = compute_dtype(storage)  # of the merged weights, so of every tensor the forward meets
     zero3 = config.strategy == "deepspeed" and world > 1
