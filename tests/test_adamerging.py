@@ -249,6 +249,65 @@ def test_a_lora_expert_trains_as_its_merged_model(family, tmp_path):
             torch.testing.assert_close(heads["alpha"][key], want[2]["alpha"][key], atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("objective", ["entropy", "sft"])
+def test_causal_lm_objectives_match_the_formula(llama_family, tmp_path, objective):
+    """Causal LMs, one process: the step's coefficient gradient equals the formula written out, for each prompt's
+    mean next-token entropy over its attended positions (``entropy``) and for its mean cross-entropy over the
+    target's tokens only (``sft``, FusionBench's Llama variant: prompt and padding positions are not targets)."""
+    from transformers import AutoModelForCausalLM
+
+    from distmerge.adamerging.train import build_setup, encode_rows, step_objective
+
+    base, experts = llama_family
+    rows = {task: [{"prompt": " ".join(f"w{(5 * i + 3 * j + k) % 100 + 4}" for j in range(2 + i % 3)),
+                    "answer": f"w{(7 * i + k) % 100 + 4} w{(11 * i + k) % 100 + 4}"} for i in range(4)]
+            for k, task in enumerate(TASKS)}
+    for task in TASKS:
+        _write_jsonl(tmp_path / f"{task}.jsonl", rows[task])
+    sft = objective == "sft"
+    config = prepared({"base": str(base), "experts": dict(zip(TASKS, map(str, experts))), "root": tmp_path},
+                      objective=objective, batches=1, max_length=32,
+                      data={t: {"path": str(tmp_path / f"{t}.jsonl"), "fields": ["prompt"],
+                                **({"target": "answer"} if sft else {})} for t in TASKS})
+    setup = build_setup(config)
+    assert config.kind == "causal"
+    columns = ("prompt", "answer") if sft else ("prompt",)
+    batches = {t: [encode_rows(setup, t, {c: np.array([r[c] for r in rows[t]]) for c in columns})] for t in TASKS}
+    step_objective(setup, batches, 4).backward()
+
+    base_state, names = state(str(base)), list(setup.plan.names)
+    taus = [{n: state(str(p))[n].float() - base_state[n].float() for n in names} for p in experts]
+    raw = torch.full((len(names), len(TASKS)), 0.3, requires_grad=True)
+    lam = raw.clamp(0, 1)
+    merged = {n: base_state[n] + sum(lam[i, t] * taus[t][n] for t in range(len(TASKS))) for i, n in enumerate(names)}
+    model = AutoModelForCausalLM.from_pretrained(str(base)).eval()
+    params = {**{n: p.detach() for n, p in model.named_parameters()}, **merged}
+    total = 0.0
+    for task in TASKS:
+        encoded = batches[task][0]
+        logits = torch.func.functional_call(model, params, args=(), kwargs={
+            "input_ids": encoded["input_ids"], "attention_mask": encoded["attention_mask"]}).logits
+        if sft:
+            labels = encoded["labels"]
+            prompts = setup.tokenizer([r["prompt"] for r in rows[task]])["input_ids"]
+            for i, prompt in enumerate(prompts):  # no prompt token is a target; every row has target tokens
+                assert (labels[i, :len(prompt)] == -100).all() and (labels[i] >= 0).any()
+            assert (labels[encoded["attention_mask"] == 0] == -100).all()
+            per_sample = []
+            for i in range(labels.shape[0]):
+                positions = [j for j in range(1, labels.shape[1]) if labels[i, j] >= 0]
+                losses = [-logits[i, j - 1].log_softmax(-1)[labels[i, j]] for j in positions]
+                per_sample.append(sum(losses) / len(losses))
+            total = total + sum(per_sample) / 4
+        else:
+            mask = encoded["attention_mask"].float()
+            entropy = -(logits.softmax(-1) * logits.log_softmax(-1)).sum(-1)
+            total = total + ((entropy * mask).sum(-1) / mask.sum(-1)).sum() / 4
+    total.backward()
+    torch.testing.assert_close(setup.coefficients.raw.grad, raw.grad, atol=1e-6, rtol=0)
+    assert raw.grad.abs().max() > 0
+
+
 def test_weight_filters_resolve_each_tensor_to_its_own_value():
     from distmerge.adamerging.driver import weight_filters
     from distmerge.config import resolve_setting
