@@ -375,6 +375,41 @@ def test_resume_after_a_killed_worker_equals_an_uninterrupted_run(trained):
     np.testing.assert_allclose(resumed["history"], uninterrupted["history"], rtol=1e-6)
 
 
+def test_resume_after_a_killed_driver_equals_an_uninterrupted_run(trained, family, tmp_path):
+    """``distmerge adamerging`` killed (os._exit, its embedded Ray with it) once step 2's checkpoint is on disk;
+    the same command again resumes there and learns what the uninterrupted run ("layer") learned."""
+    import subprocess
+    import sys
+
+    import yaml
+
+    from distmerge.adamerging.driver import lambdas_by_tensor, run
+    from distmerge.engine import faults
+
+    path = tmp_path / "ada.yaml"
+    path.write_text(yaml.safe_dump(ada_config(family, **VARIANTS["layer"])))
+    out = tmp_path / "merged"
+    env = {k: v for k, v in os.environ.items() if k not in (faults.ENV, "RAY_ADDRESS")}
+    killed = subprocess.run([sys.executable, "-m", "distmerge.cli", "adamerging", str(path), "--out", str(out),
+                             "--workers", "2"], env={**env, faults.ENV: "adamerging_driver_exit_at_step=2"},
+                            capture_output=True, text=True, timeout=400)
+    assert killed.returncode == 3, killed.stderr[-2000:]
+    assert not out.exists()
+    result = run(path, out, workers=2)  # on this session's Ray: only the killed driver needs a process to die in
+    assert result.resumed_from == 2
+    learned = json.loads((out / "lambdas.json").read_text())["lambdas"]
+    want = lambdas_by_tensor(trained["results"]["layer"])
+    assert learned.keys() == want.keys()
+    for tensor, per_task in want.items():
+        # attention keys' bias: softmax ignores a shift shared by every key, so its gradient is rounding noise
+        # (about 1e-9), and Adam's normalized step turns different noise into ~1e-4 of difference in 3 steps
+        noise_only = tensor.endswith("attention.self.key.bias")
+        for task, value in per_task.items():
+            assert learned[tensor][task] == pytest.approx(value, abs=1e-3 if noise_only else 1e-6), (tensor, task)
+    assert result.steps == 3
+    np.testing.assert_allclose(result.history, trained["results"]["layer"]["history"], rtol=1e-6)
+
+
 @pytest.mark.parametrize("name", ["zero", "layer", "plus"])
 def test_written_merge_is_the_formula_for_lambdas_json(trained, family, name, tmp_path):
     """The engine writes theta0 + sum_t lambda_t tau_t (tau of ++ for plus) with the coefficients of

@@ -76,14 +76,21 @@ def prepare(config: AdaConfig | str | Path | dict) -> AdaConfig:
     return config
 
 
+# Ray Data's tasks (read, column projection, shuffle) asked for a whole CPU each by default: on a 2-CPU node with
+# 2 workers the half CPU left beside them never fit one, and the job waited forever. They are light; a quarter each.
+DATA_TASK_CPUS = 0.25
+
+
 def task_dataset(config: AdaConfig, task: str):
     """The task's rows as a Ray Dataset of its text columns only: labels never reach the workers."""
     import ray.data
 
     data = config.data[task]
     path = str(Path(data.path).expanduser().resolve())
+    light = {"num_cpus": DATA_TASK_CPUS}
     try:
-        ds = ray.data.read_parquet(path) if path.endswith(".parquet") else ray.data.read_json(path)
+        ds = (ray.data.read_parquet(path, ray_remote_args=light) if path.endswith(".parquet")
+              else ray.data.read_json(path, ray_remote_args=light))
         columns = ds.schema().names
     except Exception as exc:  # Ray wraps reader errors in its own types
         raise InputError(f"data.{task}.path: cannot read '{path}' ({' '.join(str(exc).split())[:200]})") from None
@@ -92,9 +99,9 @@ def task_dataset(config: AdaConfig, task: str):
     if missing:
         raise InputError(f"data.{task}: '{path}' has no column '{missing[0]}' (columns: {', '.join(columns)}); "
                          f"name the text columns with data.{task}.fields")
-    ds = ds.select_columns(wanted)
+    ds = ds.select_columns(wanted, num_cpus=DATA_TASK_CPUS)
     if config.shuffle:
-        ds = ds.random_shuffle(seed=config.seed)
+        ds = ds.random_shuffle(seed=config.seed, **light)
     return ds
 
 
@@ -144,7 +151,7 @@ def _train(variants, storage: Path, workers: int, run_name: str, max_failures: i
         prefixes.append(sources[signature])
     total_cpus = float(ray.cluster_resources().get("CPU", 1.0))
     num_cpus = first.num_cpus
-    if workers * num_cpus > total_cpus - 0.5:  # Ray Data's read tasks need a CPU beside the workers, else a hang
+    if workers * num_cpus > total_cpus - 0.5:  # Ray Data's tasks (DATA_TASK_CPUS each) need room beside the workers
         num_cpus = max(0.1, (total_cpus - 0.5) / workers)
         print(f"adamerging: {workers} worker(s) x {first.num_cpus} CPU do not leave a CPU for the data on this "
               f"{total_cpus:g}-CPU cluster; each worker takes {num_cpus:.2f}", flush=True)
@@ -164,6 +171,7 @@ def _train(variants, storage: Path, workers: int, run_name: str, max_failures: i
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
+    faults.watch_adamerging_driver_exit(loop_config["faults"], storage, latest_checkpoint)
     try:
         trainer.fit()
     except Exception as exc:

@@ -343,6 +343,8 @@ def _train_variant(setup: Setup, index: int, datasets: str, result_dir: Path, st
         for _ in range(step * config.batches):
             stream.next()
     exit_after = exit_after_steps(faults, index) if start_from is None else 0
+    # fault injection: the group waits at this step's checkpoint while the driver, watching for it, exits
+    hold_at = int(faults.get("adamerging_driver_exit_at_step") or 0) if start_from is None else 0
     every = max(1, config.steps // 20)
     gradient, first_gradient = None, None
     step_seconds: list[float] = []
@@ -374,6 +376,8 @@ def _train_variant(setup: Setup, index: int, datasets: str, result_dir: Path, st
             _report(setup, trainer, {"variant": index, "step": step, "history": history}, gradient, objective)
         if exit_after and step == exit_after and setup.rank == 0:
             os._exit(17)  # fault injection: a worker dies here (a restarted group, or run again, resumes)
+        if hold_at and step == hold_at:
+            time.sleep(600)  # until the driver's death takes the job down
     _finish(setup, trainer, result_dir, step, history, gradient, first_gradient,
             {"step_seconds": step_seconds, "resumed_from": resumed_from, **worker_memory(setup, reduce)})
 

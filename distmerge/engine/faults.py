@@ -6,7 +6,10 @@ workers in their spec:
 * ``worker_exit_after_groups=N@W``: worker W's first incarnation exits the process after merging N groups;
 * ``driver_exit_after_shards=N``: the driver exits (os._exit, no cleanup) after N shards are recorded;
 * ``enospc_on_shard=I``: writing shard I fails with "No space left on device";
-* ``eio_on_tensor=NAME``: reading tensor NAME fails with an I/O error (every model, every incarnation).
+* ``eio_on_tensor=NAME``: reading tensor NAME fails with an I/O error (every model, every incarnation);
+* ``adamerging_exit_after_steps=K[@V]``: an AdaMerging run's rank 0 exits after step K of variant V, once;
+* ``adamerging_driver_exit_at_step=K``: the AdaMerging driver exits (os._exit, no cleanup) once a checkpoint of
+  step K or later is on disk, while its Train job waits at step K (so nothing after it reaches the disk).
 
 The faults are real process exits and real OSErrors raised where the system would raise them, so the code
 under test is the production path.
@@ -50,3 +53,23 @@ def check_read(faults: dict[str, str], tensor: str, path) -> None:
 def driver_exit_after(faults: dict[str, str]) -> int | None:
     value = faults.get("driver_exit_after_shards")
     return int(value) if value else None
+
+
+def watch_adamerging_driver_exit(faults: dict[str, str], storage, latest) -> None:
+    """``adamerging_driver_exit_at_step``: a daemon thread that ends this process once ``latest(storage)`` (the
+    newest complete checkpoint folder) holds step K or later: the driver dies as a killed one does."""
+    value = faults.get("adamerging_driver_exit_at_step")
+    if not value:
+        return
+    import json
+    import threading
+    import time
+
+    def watch() -> None:
+        while True:
+            found = latest(storage)
+            if found is not None and int(json.loads((found / "state.json").read_text())["step"]) >= int(value):
+                os._exit(3)
+            time.sleep(0.02)
+
+    threading.Thread(target=watch, daemon=True, name="distmerge-fault-driver-exit").start()
