@@ -486,3 +486,23 @@ def test_cli_reports_a_bad_config_in_one_line(family, tmp_path):
     assert result.exit_code == 2
     assert "granularity: 'tensor' is not one of task, layer" in result.output
     assert not (tmp_path / "merged").exists()
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(900)
+def test_adamerging_glue_tiny_preset_runs_end_to_end(tmp_path, ray_cluster):
+    """``python pipelines/adamerging_glue.py --preset tiny``: tiny RoBERTa GLUE experts, AdaMerging (layer-wise) as
+    a Ray Train job beside task arithmetic and TIES, every merge scored per task (about 2-3 minutes on 2 cores)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("adamerging_glue", root / "pipelines" / "adamerging_glue.py")
+    pipeline = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(pipeline)
+    assert pipeline.main(["--preset", "tiny", "--out", str(tmp_path / "run")]) == 0
+    results = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert set(results["scores"]) == {"individual", "task_arithmetic", "ties", "adamerging-layer"}
+    assert all(set(scores) == set(results["tasks"]) for scores in results["scores"].values())
+    for method in ("task_arithmetic", "ties", "adamerging-layer"):
+        assert (tmp_path / "run" / f"merged-{method}" / "model.safetensors.index.json").is_file()
+    assert (tmp_path / "run" / "merged-adamerging-layer" / "lambdas.json").is_file()
