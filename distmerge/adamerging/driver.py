@@ -105,6 +105,11 @@ def task_dataset(config: AdaConfig, task: str):
     return ds
 
 
+def checkpoint_step(folder: Path | None) -> int:
+    """The step a checkpoint folder holds (0 for none)."""
+    return int(json.loads((folder / STATE_FILE).read_text())["step"]) if folder is not None else 0
+
+
 def run_folder(out: Path, key: str) -> Path:
     return out.parent / f".{out.name}.adamerging-{key}"
 
@@ -171,7 +176,7 @@ def _train(variants, storage: Path, workers: int, run_name: str, max_failures: i
             failure_config=ray.train.FailureConfig(max_failures=max_failures),
             checkpoint_config=ray.train.CheckpointConfig(num_to_keep=2)),
     )
-    faults.watch_adamerging_driver_exit(loop_config["faults"], storage, latest_checkpoint)
+    faults.watch_adamerging_driver_exit(loop_config["faults"], lambda: checkpoint_step(latest_checkpoint(storage)))
     try:
         trainer.fit()
     except Exception as exc:
@@ -222,7 +227,7 @@ def run(config: AdaConfig | str | Path | dict, out: str | Path | None, *, worker
     with ray_session(address):
         storage = folder / "ray"
         resumed = latest_checkpoint(storage)
-        resumed_from = json.loads((resumed / STATE_FILE).read_text())["step"] if resumed else 0
+        resumed_from = checkpoint_step(resumed)
         [result] = train([(config, folder / "result")], storage, workers, run_name=target.name if target else "run",
                          max_failures=max_failures)
         lambdas = lambdas_by_tensor(result)

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Callable
 
 ENV = "DISTMERGE_FAULT_INJECT"
 
@@ -55,21 +56,18 @@ def driver_exit_after(faults: dict[str, str]) -> int | None:
     return int(value) if value else None
 
 
-def watch_adamerging_driver_exit(faults: dict[str, str], storage, latest) -> None:
-    """``adamerging_driver_exit_at_step``: a daemon thread that ends this process once ``latest(storage)`` (the
-    newest complete checkpoint folder) holds step K or later: the driver dies as a killed one does."""
+def watch_adamerging_driver_exit(faults: dict[str, str], latest_step: Callable[[], int]) -> None:
+    """``adamerging_driver_exit_at_step``: a daemon thread that ends this process once ``latest_step()`` (the step
+    of the newest complete checkpoint on disk) reaches K: the driver dies as a killed one does."""
     value = faults.get("adamerging_driver_exit_at_step")
     if not value:
         return
-    import json
     import threading
     import time
 
     def watch() -> None:
-        while True:
-            found = latest(storage)
-            if found is not None and int(json.loads((found / "state.json").read_text())["step"]) >= int(value):
-                os._exit(3)
+        while latest_step() < int(value):
             time.sleep(0.02)
+        os._exit(3)
 
     threading.Thread(target=watch, daemon=True, name="distmerge-fault-driver-exit").start()
