@@ -17,7 +17,7 @@ import torch
 
 from distmerge import validate
 from distmerge.errors import ConfigError
-from distmerge.methods.execute import ArtifactStream, ChunkResult
+from distmerge.methods.execute import ArtifactStream, ChunkResult, add_partials
 from distmerge.ops.task_vectors import task_vectors
 
 
@@ -105,6 +105,12 @@ class MergeMethod:
               offset: int, state: dict) -> dict[str, Any]:
         """A summable partial (tensors or numbers) of one chunk for a reduction pass."""
         raise NotImplementedError(f"{self.name} has no pass {pass_name!r}")
+
+    def add_stats(self, totals: dict[str, Any] | None, pass_name: str, base: torch.Tensor | None,
+                  experts: list[torch.Tensor], job: TensorJob, offset: int, state: dict) -> dict[str, Any]:
+        """``totals`` (None before the first chunk) with this chunk's ``stats`` added; a method whose partials
+        are large may add into ``totals`` in place instead."""
+        return add_partials(totals, self.stats(pass_name, base, experts, job, offset, state))
 
     def finish_pass(self, pass_name: str, totals: dict[str, Any], state: dict) -> dict:
         """Turn the summed partials of a pass into state for the next pass or the merge."""

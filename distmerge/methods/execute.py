@@ -178,8 +178,7 @@ def pass_partial(method, pass_name: str, state: dict, tensors, read: Reader,
     for tensor in tensors:
         for start, stop in chunker(tensor, chunked):
             base, experts = read(tensor, start, stop)
-            part = method.stats(pass_name, base, experts, tensor.job, chunk_offset(tensor, start), state)
-            totals = add_partials(totals, part)
+            totals = method.add_stats(totals, pass_name, base, experts, tensor.job, chunk_offset(tensor, start), state)
     return totals
 
 

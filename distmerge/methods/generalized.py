@@ -32,12 +32,14 @@ from distmerge.methods.execute import ChunkResult, Deferred
 from distmerge.ops import dare as dare_ops
 from distmerge.ops import sparsify as sparsify_ops
 from distmerge.ops import ties as ties_ops
+from distmerge.ops import ties_fused
 from distmerge.ops.task_vectors import broadcast_weights, task_arithmetic
 
 SPARSIFIERS = ("random", "magnitude", "breadcrumbs", "della")
 CONSENSUS = ("none", "mass", "count")
 COMBINE = ("sum", "mean")
 CONVENTIONS = ("paper", "mergekit")
+TRIM_PASSES = ("trim_high", "trim_low")  # the whole-model trim's two histogram passes
 
 
 @dataclass(frozen=True)
@@ -146,6 +148,20 @@ class TaskVectorMerge(TaskVectorMethod):
             return {"hist": hist}
         return super().stats(pass_name, base, experts, job, offset, state)
 
+    def add_stats(self, totals, pass_name, base, experts, job, offset, state):
+        recipe = self.recipe()
+        if pass_name not in TRIM_PASSES or recipe.global_stage() != 0 or not ties_fused.available(base, *experts):
+            return super().add_stats(totals, pass_name, base, experts, job, offset, state)
+        # The trim is the first stage: the same counts in one loop over the inputs, added in place.
+        if totals is None:
+            totals = {"hist": None, "numel": 0} if pass_name == "trim_high" else {"hist": None}
+        if pass_name == "trim_high":
+            totals["hist"] = ties_fused.high_histograms(base, experts, into=totals["hist"])
+            totals["numel"] += base.numel()
+        else:
+            totals["hist"] = ties_fused.low_histograms(base, experts, state["high_bins"], into=totals["hist"])
+        return totals
+
     def finish_pass(self, pass_name, totals, state):
         state = dict(state)
         rule = self.recipe().sparsify[self.recipe().global_stage()].convention
@@ -180,9 +196,21 @@ class TaskVectorMerge(TaskVectorMethod):
     # --- the merge ------------------------------------------------------------------------------
     def merge(self, base, experts, job, offset, state):
         recipe = self.recipe()
+        if self._fused_ties(recipe, base, experts):
+            merged, vote, index, value = ties_fused.merge_deferred_sign(base, experts, state["thresholds"], job.weights,
+                                                                        recipe.combine, recipe.lam)
+            # without the paper's zero-sign rule, zero signs are +1: the merge as it stands
+            return ChunkResult(merged, deferred=Deferred(vote, index, value) if recipe.deferred_sign else None)
         # stack_task_vectors gives a fresh tensor: the stages may work on it in place
         trimmed = self.sparsified(stack_task_vectors(base, experts), job, offset, state, recipe.sparsify)
         return self.combined(recipe, base, trimmed, job.weights)
+
+    @staticmethod
+    def _fused_ties(recipe: Recipe, base, experts) -> bool:
+        """TIES over a whole-model trim alone (the paper's TIES): one compiled loop does the chunk."""
+        only_global_trim = recipe.global_stage() == 0 and len(recipe.sparsify) == 1
+        return (only_global_trim and recipe.consensus == "mass" and base is not None
+                and ties_fused.available(base, *experts))
 
     def sparsified(self, task_vector: torch.Tensor, job, offset: int, state: dict,
                    stages: tuple[Sparsifier, ...]) -> torch.Tensor:

@@ -1,0 +1,239 @@
+"""TIES' global-trim passes and merge as single loops over the inputs (numba), bit for bit ``ops.ties``.
+
+The torch formulation of a TIES chunk is about 25 full-size tensor operations per element (task vectors, trim,
+sign election, the disjoint mean, the zero-sign bookkeeping) and two 65536-bin ``bincount`` passes: on a CPU it
+spends 40+ ns per element where reading the inputs costs about 1. These loops read each input element once,
+keep the per-element work in registers and write the merged value once.
+
+They replicate ``ops.ties`` exactly: the same float32 operations in the same order (sums start from 0 and add
+task by task, as torch's reduction over the stacked dimension does; hardshrink's ``> nextafter(threshold, 0)``;
+``lambda`` rounded to float32 before it multiplies), so a merge gives the same bytes with or without numba
+(``tests/test_ties_fused.py`` checks them against each other on inputs full of ties, zeros and cancellations).
+numba is an optional dependency: without it (or off the CPU, or for anything but float32) the torch path runs.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+
+LOG = logging.getLogger(__name__)
+BLOCK = 2048  # elements per inner block: the |tau| bits of T tasks stay in L1
+
+
+@functools.lru_cache(maxsize=1)
+def _kernels():
+    """The compiled loops, or None where numba is missing (compiled once per process, cached on disk)."""
+    try:
+        import numba
+    except ImportError:
+        LOG.debug("numba is not installed: TIES runs as torch operations")
+        return None
+    # error_model numpy: a float division needs no zero check (which stops the loops vectorizing); the
+    # divisors here are never 0 anyway. No fastmath: the bits must be torch's.
+    jit = numba.njit(cache=True, nogil=True, fastmath=False, boundscheck=False, error_model="numpy")
+
+    @jit
+    def high_histogram(base, experts, hist):
+        n = base.shape[0]
+        bits = np.empty(BLOCK, dtype=np.float32)
+        keys = bits.view(np.uint32)  # |tau| as float32 bits: monotone in the value
+        for block in range((n + BLOCK - 1) // BLOCK):  # range(0, n, BLOCK) compiles to slower loops
+            start = block * BLOCK
+            size = min(BLOCK, n - start)
+            b = base[start:start + size]  # slices: the loops below then vectorize
+            for t in range(len(experts)):
+                e = experts[t][start:start + size]
+                row = hist[t]
+                for j in range(size):
+                    bits[j] = abs(e[j] - b[j])
+                for j in range(size):
+                    row[keys[j] >> 16] += 1
+
+    @jit
+    def low_histogram(base, experts, high_bins, hist):
+        n = base.shape[0]
+        bits = np.empty(BLOCK, dtype=np.float32)
+        keys = bits.view(np.uint32)
+        for block in range((n + BLOCK - 1) // BLOCK):
+            start = block * BLOCK
+            size = min(BLOCK, n - start)
+            b = base[start:start + size]
+            for t in range(len(experts)):
+                if high_bins[t] < 0:
+                    continue
+                e = experts[t][start:start + size]
+                row = hist[t]
+                first = np.uint32(high_bins[t] << 16)
+                for j in range(size):
+                    bits[j] = abs(e[j] - b[j])
+                for j in range(size):
+                    low = keys[j] - first  # wraps around below the bin: one unsigned comparison
+                    if low < 65536:
+                        row[low] += 1
+
+    @jit
+    def merge(base, experts, below, weights, mean, lam, out, index, alternative):
+        """TIES with global thresholds, zero signs taken as +1; returns (sum of elected signs, deferred count).
+
+        Block by block, task by task: the inner loops are branch-free and vectorize. Sums start from 0 and add
+        the tasks in order, as torch's sum over the stacked dimension does. Unit weights multiply exactly and
+        their counts are integers, so one formulation serves both (``below`` -1 keeps every value)."""
+        n = base.shape[0]
+        tasks = len(experts)
+        zero = np.float32(0.0)
+        one = np.float32(1.0)
+        half = np.float32(0.5)
+        tiny = np.float32(1e-30)
+        total = np.empty(BLOCK, dtype=np.float32)
+        up_sum = np.empty(BLOCK, dtype=np.float32)
+        down_sum = np.empty(BLOCK, dtype=np.float32)
+        balance = np.empty(BLOCK, dtype=np.float32)
+        voters = np.empty(BLOCK, dtype=np.float32)
+        flags = np.empty(BLOCK, dtype=np.int8)  # the elected sign, or 2 for a deferred zero-sign element
+        sign_sum = 0
+        deferred = 0
+        for block in range((n + BLOCK - 1) // BLOCK):
+            start = block * BLOCK
+            size = min(BLOCK, n - start)
+            b = base[start:start + size]
+            o = out[start:start + size]
+            total[:size] = zero
+            up_sum[:size] = zero
+            down_sum[:size] = zero
+            balance[:size] = zero
+            voters[:size] = zero
+            for t in range(tasks):
+                e = experts[t][start:start + size]  # slices: the loops below then vectorize
+                limit = below[t]
+                w = weights[t]
+                for j in range(size):
+                    x = e[j] - b[j]
+                    x = (x if abs(x) > limit else zero) * w
+                    total[j] += x
+                    up_sum[j] += x if x > zero else zero
+                    down_sum[j] += x if x < zero else zero
+                    vote = np.float32(x > zero) - np.float32(x < zero)
+                    balance[j] += vote * w
+                    voters[j] += abs(vote) * w
+            for j in range(size):
+                count_up = (voters[j] + balance[j]) * half
+                count_down = (voters[j] - balance[j]) * half
+                mu = up_sum[j]
+                md = down_sum[j]
+                if mean:
+                    mu = mu / (count_up + (zero if abs(count_up) >= tiny else one))
+                    md = md / (count_down + (zero if abs(count_down) >= tiny else one))
+                positive = total[j] > zero
+                negative = total[j] < zero
+                up = zero if negative else one  # zero signs as +1
+                down = one - up
+                o[j] = b[j] + lam * (mu * up + md * down)
+                # a zero-sign element that keeps a value depends on the majority sign: flagged
+                agreed = count_up * up + count_down * down
+                flags[j] = np.int8(positive) - np.int8(negative) + np.int8(2 * (not (positive or negative)
+                                                                              and agreed != zero))
+            for j in range(size):
+                sign_sum += flags[j] if flags[j] != 2 else 0
+            for j in range(size):
+                if flags[j] == 2:
+                    index[deferred] = start + j
+                    deferred += 1
+        for k in range(deferred):
+            i = index[k]
+            b = base[i]
+            up_value = zero
+            down_value = zero
+            balance_k = zero
+            voters_k = zero
+            for t in range(tasks):
+                x = experts[t][i] - b
+                x = (x if abs(x) > below[t] else zero) * weights[t]
+                up_value += x if x > zero else zero
+                down_value += x if x < zero else zero
+                vote = np.float32(x > zero) - np.float32(x < zero)
+                balance_k += vote * weights[t]
+                voters_k += abs(vote) * weights[t]
+            count_down = (voters_k - balance_k) * half
+            if mean:
+                down_value = down_value / (count_down + (zero if abs(count_down) >= tiny else one))
+            count_up = (voters_k + balance_k) * half
+            if mean:
+                up_value = up_value / (count_up + (zero if abs(count_up) >= tiny else one))
+            alternative[k] = b + lam * (up_value * zero + down_value * one)  # zero signs as -1
+        return sign_sum, deferred
+
+    return high_histogram, low_histogram, merge
+
+
+def available(*tensors: torch.Tensor) -> bool:
+    """Whether the loops can take these chunks: float32, on the CPU, contiguous, and numba importable."""
+    if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
+        return False
+    return _kernels() is not None
+
+
+def _flat(base: torch.Tensor, experts: Sequence[torch.Tensor]):
+    """Flat read-only numpy views: one array type for every input (a tuple the loops index needs one type;
+    inputs read from a memory map are read-only, converted ones are not)."""
+    def view(tensor: torch.Tensor) -> np.ndarray:
+        array = tensor.detach().reshape(-1).numpy().view()
+        array.flags.writeable = False
+        return array
+
+    return view(base), tuple(view(e) for e in experts)
+
+
+def high_histograms(base: torch.Tensor, experts: Sequence[torch.Tensor], into: torch.Tensor | None = None):
+    """``ops.ties.radix_high_histogram`` of each task vector, int64[T, 65536], added into ``into`` if given
+    (a pass sums thousands of chunks: adding in place spares a 65536-bin tensor per chunk and task)."""
+    hist = _histogram(len(experts), into)
+    _kernels()[0](*_flat(base, experts), hist.numpy())
+    return hist
+
+
+def low_histograms(base: torch.Tensor, experts: Sequence[torch.Tensor], high_bins: Sequence[int],
+                   into: torch.Tensor | None = None) -> torch.Tensor:
+    """``ops.ties.radix_low_histogram`` of each task vector in its bin (zeros where the bin is < 0)."""
+    hist = _histogram(len(experts), into)
+    _kernels()[1](*_flat(base, experts), np.asarray(high_bins, dtype=np.int64), hist.numpy())
+    return hist
+
+
+def _histogram(tasks: int, into: torch.Tensor | None) -> torch.Tensor:
+    from distmerge.ops.ties import HIGH_BINS
+
+    if into is None:
+        return torch.zeros((tasks, HIGH_BINS), dtype=torch.int64)
+    if into.shape != (tasks, HIGH_BINS) or into.dtype != torch.int64 or not into.is_contiguous():
+        raise ValueError(f"histogram of shape {tuple(into.shape)} ({into.dtype}); want ({tasks}, {HIGH_BINS}) int64")
+    return into
+
+
+def merge_deferred_sign(base: torch.Tensor, experts: Sequence[torch.Tensor], thresholds: Sequence[float],
+                        weights: Sequence[float], mode: str, lam: float):
+    """base + lam * ``ops.ties.merge_deferred_sign`` of the trimmed task vectors, and its deferred elements:
+    (merged, sum of elected signs, flat indices, their value with zero signs as -1, base and lambda applied)."""
+    if mode not in ("mean", "sum"):
+        raise ValueError(f"unknown disjoint mode {mode!r}")
+    flat_base, flat_experts = _flat(base, experts)
+    n = flat_base.shape[0]
+    below = np.empty(len(experts), dtype=np.float32)
+    for t, threshold in enumerate(thresholds):
+        if threshold <= 0.0:
+            below[t] = -1.0  # |x| > -1 keeps every value (and -0 as -0, as the torch path's copy)
+        elif threshold == float("inf"):
+            below[t] = np.inf  # nothing is > inf: every value is dropped
+        else:
+            below[t] = np.nextafter(np.float32(threshold), np.float32(0.0))
+    out = np.empty(n, dtype=np.float32)
+    index = np.empty(n, dtype=np.int64)
+    alternative = np.empty(n, dtype=np.float32)
+    sign_sum, deferred = _kernels()[2](flat_base, flat_experts, below, np.asarray(weights, dtype=np.float32),
+                                       mode == "mean", np.float32(lam), out, index, alternative)
+    return (torch.from_numpy(out).reshape(base.shape), int(sign_sum), torch.from_numpy(index[:deferred].copy()),
+            torch.from_numpy(alternative[:deferred].copy()))

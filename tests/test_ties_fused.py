@@ -1,0 +1,145 @@
+"""The compiled TIES loops (``ops/ties_fused.py``) give the torch formulation's bits, on inputs made to hit
+every edge: values exactly at the threshold, zeros of both signs, elements whose trimmed values cancel, unit
+and non-unit (negative included) weights, keep-all and keep-none thresholds, mean and sum, read-only inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distmerge.methods import build_method
+from distmerge.methods.base import TensorJob
+from distmerge.ops import ties as ties_ops
+from distmerge.ops import ties_fused
+from distmerge.ops.task_vectors import task_vectors
+
+pytestmark = pytest.mark.skipif(ties_fused._kernels() is None, reason="numba is not installed")
+
+
+def _bits(x: torch.Tensor) -> torch.Tensor:
+    return x.contiguous().view(torch.int32)
+
+
+def _inputs(seed: int, tasks: int, n: int):
+    """bf16-valued float32 inputs on a coarse grid: many exact ties, zero task vectors and cancellations."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randint(-8, 9, (n,), generator=g) * 0.125).float()
+    base[torch.rand(n, generator=g) < 0.1] = -0.0
+    experts = []
+    for _ in range(tasks):
+        step = torch.randint(-3, 4, (n,), generator=g) * 0.0625
+        expert = (base + step).bfloat16().float()
+        expert[torch.rand(n, generator=g) < 0.05] = -0.0
+        experts.append(expert)
+    return base, experts
+
+
+def _torch_merge(base, experts, thresholds, weights, mode, lam):
+    trimmed = ties_ops.trim(task_vectors(base, experts), thresholds)
+    merged, vote, index, alternative = ties_ops.merge_deferred_sign(trimmed, weights, mode)
+    return base + lam * merged, vote, index, base.reshape(-1)[index] + lam * alternative
+
+
+CASES = [  # tasks, weights, mode, lam, thresholds as ranks of |tau| (None: keep all, "inf": keep none)
+    (3, (1.0, 1.0, 1.0), "mean", 1.0, (0.5, 0.5, 0.5)),
+    (3, (1.0, 1.0, 1.0), "mean", 0.7, (0.2, 0.8, 0.5)),
+    (3, (1.0, 1.0, 1.0), "sum", 0.3, (0.5, 0.5, 0.5)),
+    (2, (0.5, 2.0), "mean", 1.3, (0.3, 0.6)),
+    (4, (1.0, -0.5, 0.25, 3.0), "mean", 0.9, (0.5, None, "inf", 0.4)),
+    (4, (1.0, -0.5, 0.25, 3.0), "sum", 1.0, (0.5, None, 0.9, 0.4)),
+    (1, (1.0,), "mean", 1.0, (0.5,)),
+    (3, (1.0, 1.0, 1.0), "mean", 1.0, (None, None, None)),
+]
+
+
+def _thresholds(base, experts, quantiles):
+    tv = task_vectors(base, experts)
+    out = []
+    for t, q in enumerate(quantiles):
+        if q is None:
+            out.append(ties_ops.KEEP_ALL)
+        elif q == "inf":
+            out.append(ties_ops.KEEP_NONE)
+        else:  # a value that occurs: ties at the threshold
+            out.append(float(tv[t].abs().reshape(-1).sort().values[int(q * tv[t].numel())]))
+    return out
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("case", CASES)
+def test_fused_merge_is_the_torch_merge_bit_for_bit(case, seed):
+    tasks, weights, mode, lam, quantiles = case
+    base, experts = _inputs(seed, tasks, 5003)  # not a multiple of the block
+    thresholds = _thresholds(base, experts, quantiles)
+    want = _torch_merge(base, experts, thresholds, weights, mode, lam)
+    got = ties_fused.merge_deferred_sign(base, experts, thresholds, weights, mode, lam)
+    assert torch.equal(_bits(got[0]), _bits(want[0]))
+    assert got[1] == want[1]
+    assert torch.equal(got[2], want[2])
+    assert torch.equal(_bits(got[3]), _bits(want[3]))
+    if tasks > 1 and quantiles[0] is not None:
+        assert want[2].numel() > 0  # the inputs do reach the deferred zero-sign elements
+
+
+@pytest.mark.parametrize("seed", [0, 3])
+def test_fused_histograms_are_the_radix_histograms(seed):
+    base, experts = _inputs(seed, 3, 7001)
+    tv = task_vectors(base, experts)
+    high = ties_fused.high_histograms(base, experts)
+    assert torch.equal(high, torch.stack([ties_ops.radix_high_histogram(tv[t]) for t in range(3)]))
+    bins = [ties_ops.high_bin_of(float(tv[0].abs().max())), -1, ties_ops.high_bin_of(0.0625)]
+    low = ties_fused.low_histograms(base, experts, bins)
+    assert torch.equal(low[0], ties_ops.radix_low_histogram(tv[0], bins[0]))
+    assert not low[1].any()
+    assert torch.equal(low[2], ties_ops.radix_low_histogram(tv[2], bins[2]))
+    assert int(low[2].sum()) > 0
+
+
+def test_read_only_and_writable_inputs_mix():
+    """Inputs memory-mapped from a file are read-only, converted ones are not: one call takes both."""
+    base, experts = _inputs(5, 3, 999)
+    frozen = torch.from_numpy(experts[1].numpy().copy())
+    frozen.numpy().flags.writeable = False
+    mixed = [experts[0], frozen, experts[2]]
+    thresholds = _thresholds(base, experts, (0.5, 0.5, 0.5))
+    a = ties_fused.merge_deferred_sign(base, mixed, thresholds, (1.0,) * 3, "mean", 1.0)
+    b = ties_fused.merge_deferred_sign(base, experts, thresholds, (1.0,) * 3, "mean", 1.0)
+    assert torch.equal(_bits(a[0]), _bits(b[0]))
+
+
+@pytest.mark.parametrize("params", [{}, {"convention": "mergekit"}, {"disjoint": "sum", "lambda": 0.6}])
+def test_the_method_gives_the_same_chunks_with_and_without_numba(params, monkeypatch):
+    """TIES with a global trim takes the compiled loops where they load, torch's operations elsewhere (no numba,
+    a GPU, other dtypes): the chunk, its vote and its deferred elements are the same."""
+    method = build_method("ties", {"density": 0.3, **params})
+    base, experts = _inputs(7, 3, 17 * 241)
+    base, experts = base.reshape(17, 241), [e.reshape(17, 241) for e in experts]
+    job = TensorJob(name="w", numel=base.numel(), model_names=("a", "b", "c"), weights=(1.0, 1.0, 1.0),
+                    per_model={"density": (0.3, 0.3, 0.3)})
+    state = method.initial_state([job])
+
+    def run():
+        s = dict(state)
+        while (name := method.next_pass(s)) is not None:
+            totals = None
+            for rows in ((0, 5), (5, 17)):  # two chunks: the in-place sums add up
+                totals = method.add_stats(totals, name, base[slice(*rows)], [e[slice(*rows)] for e in experts],
+                                          job, rows[0] * 241, s)
+            s = method.finish_pass(name, totals, s)
+        return s, method.merge(base, experts, job, 0, s)
+
+    calls = []
+    compiled = ties_fused.merge_deferred_sign
+    monkeypatch.setattr(ties_fused, "merge_deferred_sign", lambda *a: calls.append(1) or compiled(*a))
+    fused_state, fused = run()
+    assert calls  # the compiled loop did run
+    monkeypatch.setattr(ties_fused, "_kernels", lambda: None)
+    torch_state, plain = run()
+    assert len(calls) == 1
+    assert fused_state["thresholds"] == torch_state["thresholds"]
+    assert torch.equal(_bits(fused.merged), _bits(plain.merged))
+    assert (fused.deferred is None) == (plain.deferred is None)
+    if plain.deferred is not None:
+        assert fused.deferred.vote == plain.deferred.vote
+        assert torch.equal(fused.deferred.index, plain.deferred.index)
+        assert torch.equal(_bits(fused.deferred.value), _bits(plain.deferred.value))
