@@ -14,6 +14,7 @@ import torch
 from distmerge.methods.base import MergeMethod, stack_task_vectors
 from distmerge.methods.execute import ChunkResult
 from distmerge.ops import emr as ops
+from distmerge.ops import emr_fused
 
 
 @dataclass(frozen=True)
@@ -32,6 +33,9 @@ class Emr(MergeMethod):
         return None if "rescalers" in state else "rescale"
 
     def stats(self, pass_name, base, experts, job, offset, state):
+        if base is not None and emr_fused.available(base, *experts):
+            _, _, abs_task, abs_masked = emr_fused.elect(base, experts, with_sums=True)
+            return {"sums": ops.magnitude_sums(abs_task, abs_masked, job.numel)}
         task_vector = stack_task_vectors(base, experts)
         unified, masks = ops.elect(task_vector)
         return {"sums": ops.rescaler_sums(task_vector, unified, masks, job.numel)}
@@ -40,7 +44,10 @@ class Emr(MergeMethod):
         return {**state, "rescalers": ops.rescalers(totals["sums"])}
 
     def merge(self, base, experts, job, offset, state):
-        unified, masks = ops.elect(stack_task_vectors(base, experts))
+        if base is not None and emr_fused.available(base, *experts):
+            unified, masks = emr_fused.elect(base, experts)
+        else:
+            unified, masks = ops.elect(stack_task_vectors(base, experts))
         return ChunkResult(base, artifacts={"vector": unified, "mask": masks})
 
     def artifact_entries(self, tensor, dtype):

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import torch
 
+from distmerge.ops import emr_fused
+
 
 def elect(task_vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(unified task vector [..], masks [T, ..]) from stacked task vectors [T, ..].
@@ -24,9 +26,14 @@ def elect(task_vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def rescaler_sums(task_vector: torch.Tensor, unified: torch.Tensor, masks: torch.Tensor, numel: int) -> torch.Tensor:
     """float64 [2, T]: this chunk's share of A_t = sum_n mean|tau_t,n| and B_t = sum_n mean|M_t,n * tau_uni,n|."""
-    count = task_vector.shape[0]
-    a = task_vector.reshape(count, -1).abs().sum(dim=1, dtype=torch.float64) / numel
-    b = (unified.unsqueeze(0) * masks).reshape(count, -1).abs().sum(dim=1, dtype=torch.float64) / numel
+    return magnitude_sums(task_vector.abs(), (unified.unsqueeze(0) * masks).abs(), numel)
+
+
+def magnitude_sums(abs_task: torch.Tensor, abs_masked: torch.Tensor, numel: int) -> torch.Tensor:
+    """``rescaler_sums`` from |tau_t| and |M_t * tau_uni| [T, ..] (as the compiled election gives them)."""
+    count = abs_task.shape[0]
+    a = abs_task.reshape(count, -1).sum(dim=1, dtype=torch.float64) / numel
+    b = abs_masked.reshape(count, -1).sum(dim=1, dtype=torch.float64) / numel
     return torch.stack([a, b])
 
 
@@ -74,7 +81,8 @@ class MaskPacker:
         flat = torch.cat([self.tail, mask.reshape(self.tasks, -1)], dim=1)
         whole = flat.shape[1] // 8 * 8
         if whole:
-            self.parts.append(pack_mask(flat[:, :whole]))
+            head = flat[:, :whole]
+            self.parts.append(emr_fused.pack_mask(head) if emr_fused.available() else pack_mask(head))
         self.tail = flat[:, whole:]
 
     def finish(self) -> torch.Tensor:

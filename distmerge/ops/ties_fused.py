@@ -15,28 +15,21 @@ numba is an optional dependency: without it (or off the CPU, or for anything but
 from __future__ import annotations
 
 import functools
-import logging
 from collections.abc import Sequence
 
 import numpy as np
 import torch
 
-LOG = logging.getLogger(__name__)
-BLOCK = 2048  # elements per inner block: the |tau| bits of T tasks stay in L1
+from distmerge.ops.compiled import BLOCK, flat_views, kernels, takes
 
 
 @functools.lru_cache(maxsize=1)
 def _kernels():
-    """The compiled loops, or None where numba is missing (compiled once per process, cached on disk)."""
-    try:
-        import numba
-    except ImportError:
-        LOG.debug("numba is not installed: TIES runs as torch operations")
-        return None
-    # error_model numpy: a float division needs no zero check (which stops the loops vectorizing); the
-    # divisors here are never 0 anyway. No fastmath: the bits must be torch's.
-    jit = numba.njit(cache=True, nogil=True, fastmath=False, boundscheck=False, error_model="numpy")
+    """The compiled loops, or None where numba is missing."""
+    return kernels(_build)
 
+
+def _build(jit):
     @jit
     def high_histogram(base, experts, hist):
         n = base.shape[0]
@@ -172,27 +165,14 @@ def _kernels():
 
 def available(*tensors: torch.Tensor) -> bool:
     """Whether the loops can take these chunks: float32, on the CPU, contiguous, and numba importable."""
-    if not all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors):
-        return False
-    return _kernels() is not None
-
-
-def _flat(base: torch.Tensor, experts: Sequence[torch.Tensor]):
-    """Flat read-only numpy views: one array type for every input (a tuple the loops index needs one type;
-    inputs read from a memory map are read-only, converted ones are not)."""
-    def view(tensor: torch.Tensor) -> np.ndarray:
-        array = tensor.detach().reshape(-1).numpy().view()
-        array.flags.writeable = False
-        return array
-
-    return view(base), tuple(view(e) for e in experts)
+    return takes(*tensors) and _kernels() is not None
 
 
 def high_histograms(base: torch.Tensor, experts: Sequence[torch.Tensor], into: torch.Tensor | None = None):
     """``ops.ties.radix_high_histogram`` of each task vector, int64[T, 65536], added into ``into`` if given
     (a pass sums thousands of chunks: adding in place spares a 65536-bin tensor per chunk and task)."""
     hist = _histogram(len(experts), into)
-    _kernels()[0](*_flat(base, experts), hist.numpy())
+    _kernels()[0](*flat_views(base, experts), hist.numpy())
     return hist
 
 
@@ -200,7 +180,7 @@ def low_histograms(base: torch.Tensor, experts: Sequence[torch.Tensor], high_bin
                    into: torch.Tensor | None = None) -> torch.Tensor:
     """``ops.ties.radix_low_histogram`` of each task vector in its bin (zeros where the bin is < 0)."""
     hist = _histogram(len(experts), into)
-    _kernels()[1](*_flat(base, experts), np.asarray(high_bins, dtype=np.int64), hist.numpy())
+    _kernels()[1](*flat_views(base, experts), np.asarray(high_bins, dtype=np.int64), hist.numpy())
     return hist
 
 
@@ -220,7 +200,7 @@ def merge_deferred_sign(base: torch.Tensor, experts: Sequence[torch.Tensor], thr
     (merged, sum of elected signs, flat indices, their value with zero signs as -1, base and lambda applied)."""
     if mode not in ("mean", "sum"):
         raise ValueError(f"unknown disjoint mode {mode!r}")
-    flat_base, flat_experts = _flat(base, experts)
+    flat_base, flat_experts = flat_views(base, experts)
     n = flat_base.shape[0]
     below = np.empty(len(experts), dtype=np.float32)
     for t, threshold in enumerate(thresholds):

@@ -1,0 +1,54 @@
+"""Compiled loops (numba) for the methods whose torch formulation is many full-size passes per element.
+
+numba is optional: ``kernels(build)`` gives None where it is missing, and the caller runs its torch
+formulation, which gives the same bits (each fused module's tests compare the two).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+
+LOG = logging.getLogger(__name__)
+BLOCK = 2048  # elements per inner block: the per-block arrays of a few tasks stay in L1
+
+
+@functools.lru_cache(maxsize=1)
+def jit() -> Callable | None:
+    """numba's njit as these loops take it, or None without numba."""
+    try:
+        import numba
+    except ImportError:
+        LOG.debug("numba is not installed: the fused methods run as torch operations")
+        return None
+    # error_model numpy: a float division needs no zero check (which stops a loop vectorizing). No fastmath:
+    # the bits must be torch's. cache: compiled once per machine, not in every worker.
+    return numba.njit(cache=True, nogil=True, fastmath=False, boundscheck=False, error_model="numpy")
+
+
+def kernels(build: Callable[[Callable], Any]) -> Any:
+    """``build(jit)``'s compiled loops, or None without numba (callers cache the result)."""
+    decorator = jit()
+    return None if decorator is None else build(decorator)
+
+
+def takes(*tensors: torch.Tensor) -> bool:
+    """Whether compiled loops can take these chunks: float32, on the CPU, contiguous."""
+    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def flat_views(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
+    """Flat read-only numpy views: one array type for every input (the tuple a loop indexes needs one type;
+    inputs read from a memory map are read-only, converted ones are not)."""
+
+    def view(tensor: torch.Tensor) -> np.ndarray:
+        array = tensor.detach().reshape(-1).numpy().view()
+        array.flags.writeable = False
+        return array
+
+    return view(base), tuple(view(e) for e in experts)
