@@ -30,6 +30,7 @@ from distmerge.errors import ConfigError
 from distmerge.methods.base import TaskVectorMethod, require_number, stack_task_vectors
 from distmerge.methods.execute import ChunkResult, Deferred
 from distmerge.ops import dare as dare_ops
+from distmerge.ops import dare_fused
 from distmerge.ops import sparsify as sparsify_ops
 from distmerge.ops import ties as ties_ops
 from distmerge.ops import ties_fused
@@ -201,6 +202,8 @@ class TaskVectorMerge(TaskVectorMethod):
                                                                         recipe.combine, recipe.lam)
             # without the paper's zero-sign rule, zero signs are +1: the merge as it stands
             return ChunkResult(merged, deferred=Deferred(vote, index, value) if recipe.deferred_sign else None)
+        if self._fused_dare(recipe, base, experts):
+            return ChunkResult(self._dare_then_sum(recipe, base, experts, job, offset))
         # stack_task_vectors gives a fresh tensor: the stages may work on it in place
         trimmed = self.sparsified(stack_task_vectors(base, experts), job, offset, state, recipe.sparsify)
         return self.combined(recipe, base, trimmed, job.weights)
@@ -211,6 +214,24 @@ class TaskVectorMerge(TaskVectorMethod):
         only_global_trim = recipe.global_stage() == 0 and len(recipe.sparsify) == 1
         return (only_global_trim and recipe.consensus == "mass" and base is not None
                 and ties_fused.available(base, *experts))
+
+    @staticmethod
+    def _fused_dare(recipe: Recipe, base, experts) -> bool:
+        """DARE then a plain (weighted) sum, with a rescale that does not depend on the values."""
+        only_drop = len(recipe.sparsify) == 1 and recipe.sparsify[0].kind == "random"
+        return (only_drop and recipe.sparsify[0].rescale != "l1" and recipe.consensus == "none" and base is not None
+                and dare_fused.available(base, *experts))
+
+    @staticmethod
+    def _dare_then_sum(recipe: Recipe, base, experts, job, offset: int) -> torch.Tensor:
+        """``_random`` then ``task_arithmetic`` in one compiled loop, from the same mask words."""
+        stop = offset + base.numel()
+        rates = job.per_model["drop_rate"]
+        words = [dare_ops.stream_words(recipe.seed, model, job.name, job.numel, offset, stop)
+                 for model in job.model_names]
+        return dare_fused.drop_and_sum(base, experts, words, [dare_ops.drop_threshold(r) for r in rates],
+                                       [dare_ops.inverse_scale(r, recipe.sparsify[0].rescale) for r in rates],
+                                       job.weights, recipe.lam, recipe.combine == "mean")
 
     def sparsified(self, task_vector: torch.Tensor, job, offset: int, state: dict,
                    stages: tuple[Sparsifier, ...]) -> torch.Tensor:

@@ -1,0 +1,48 @@
+"""DARE then a sum as one compiled loop (``ops/dare_fused.py``) gives the torch path's bits: the same mask words,
+then task arithmetic or weight average, every rescale that does not read the values, per-model drop rates
+(0 and 1 included), weights and lambda; and the torch path runs where numba is missing."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from distmerge.methods import build_method
+from distmerge.methods.base import TensorJob
+from distmerge.ops import dare_fused
+
+pytestmark = pytest.mark.skipif(dare_fused._kernels() is None, reason="numba is not installed")
+
+
+def _inputs(seed: int, tasks: int, shape):
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(shape, generator=g) * 0.02).bfloat16().float()
+    base.view(-1)[::11] = -0.0
+    return base, [(base + torch.randn(shape, generator=g) * 0.002).bfloat16().float() for _ in range(tasks)]
+
+
+CASES = [
+    ({"drop_rate": 0.9, "lambda": 0.5}, (0.9, 0.9, 0.9), (1.0, 1.0, 1.0)),
+    ({"drop_rate": 0.3, "lambda": 1.0, "rescale": "none"}, (0.3, 0.0, 1.0), (1.0, 1.0, 1.0)),
+    ({"drop_rate": 0.5, "lambda": 0.7}, (0.5, 0.2, 0.8), (0.5, -1.0, 2.0)),
+    ({"drop_rate": 0.5, "then": "weight_average"}, (0.5, 0.5, 0.5), (1.0, 3.0, 0.25)),
+    ({"drop_rate": 0.5, "then": "task_arithmetic", "normalize": True, "lambda": 1.2}, (0.5, 0.6, 0.7), (1.0, 2.0, 1.0)),
+]
+
+
+@pytest.mark.parametrize("params,rates,weights", CASES)
+def test_fused_dare_gives_the_torch_bits(params, rates, weights, monkeypatch):
+    method = build_method("dare", params)
+    base, experts = _inputs(len(rates), 3, (37, 1000))
+    job = TensorJob(name="model.layers.0.mlp.up_proj.weight", numel=base.numel() * 3, model_names=("a", "b", "c"),
+                    weights=weights, per_model={"drop_rate": rates})
+    offset = base.numel()  # the tensor's second third: the words are taken from the right place of the stream
+    calls = []
+    compiled = dare_fused.drop_and_sum
+    monkeypatch.setattr(dare_fused, "drop_and_sum", lambda *a: calls.append(1) or compiled(*a))
+    fused = method.merge(base, experts, job, offset, {}).merged
+    assert calls
+    monkeypatch.setattr(dare_fused, "_kernels", lambda: None)
+    plain = method.merge(base, experts, job, offset, {}).merged
+    assert len(calls) == 1
+    assert torch.equal(fused.view(torch.int32), plain.view(torch.int32))
