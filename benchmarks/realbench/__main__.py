@@ -7,7 +7,7 @@
     python -m benchmarks.realbench combine A.json B.json C.json    # seeds run as separate processes, joined
     python -m benchmarks.realbench build --track decoder --seed 0      # SmolLM2-135M: 3 full + 3 LoRA experts
     python -m benchmarks.realbench score --track decoder --seed 0 MERGED_DIR [--experts full|lora]
-    python -m benchmarks.realbench table --track decoder --seeds 0 [--kinds full,lora] [--fda]
+    python -m benchmarks.realbench table --track decoder --seeds 0 [--kinds full,lora] [--fda | --fda-runs R,..]
 
 A method adds its row by merging the build's ``experts/*`` onto its ``base`` with ``distmerge merge`` (or
 ``distmerge fda``) and running ``score`` on the output; an EMR merge folder is scored task by task with each
@@ -95,7 +95,10 @@ def cmd_table(args) -> int:
         unknown = set(kinds) - set(decoder_table.KINDS)
         if unknown or not kinds:
             raise SystemExit(f"realbench: --kinds {args.kinds}: expected some of {','.join(decoder_table.KINDS)}")
-        return decoder_table.main(Path(args.work).resolve(), seeds, args.json, args.quick, kinds, args.fda, _log)
+        fda_runs = tuple(decoder_table.FDA_RUNS) if args.fda else ()
+        if args.fda_runs:
+            fda_runs = tuple(args.fda_runs.split(","))
+        return decoder_table.main(Path(args.work).resolve(), seeds, args.json, args.quick, kinds, fda_runs, _log)
     return table.main(Path(args.work).resolve(), seeds, args.json, quick=args.quick, log=_log)
 
 
@@ -126,7 +129,10 @@ def parse_args(argv=None) -> argparse.Namespace:
             p.add_argument("--json", type=Path, help="results file (default benchmarks/results/realbench_{track}.json)")
             p.add_argument("--quick", action="store_true", help="smaller grids and FDA runs: a smoke test")
             p.add_argument("--kinds", default="full,lora", help="decoder: which experts' table (full, lora or both)")
-            p.add_argument("--fda", action="store_true", help="decoder: FDA rows too (MLP units of the trained layers)")
+            p.add_argument("--fda", action="store_true",
+                           help="decoder: the FDA rows too (MLP units with gauss and weight-row anchors, whole layers "
+                                "with gauss anchors; only the trained layers)")
+            p.add_argument("--fda-runs", help="decoder: some of them: fda_gauss,fda_weights,fda_block_gauss")
         else:
             p.add_argument("--seed", type=int, default=0)
         if name == "score":

@@ -30,8 +30,15 @@ class FdaSettings:
     start_lambda: float = 0.5  # initial model TA(0.5), alpha elementwise from 1.0 on its delta
     adapt_epochs: int = 50
     adapt_lr: float = 1e-2
-    adapt_batch: int = 1536  # all of a layer's anchors (3 tasks x 512): one step an epoch, as the paper's 2
     loss: str = "cos"
+    # Whole decoder layers (``modules: block``) have no reference setting: distmerge's default anchors for them
+    # (64 sequences of 8 tokens), with the MLP runs' steps and optimizer.
+    block_count: int = 64
+    block_tokens: int = 8
+
+
+# name -> (FDA unit, anchor init): the rows ``--fda`` adds, in this order
+FDA_RUNS = {"fda_gauss": ("mlp", "gauss"), "fda_weights": ("mlp", "weights"), "fda_block_gauss": ("block", "gauss")}
 
 
 @dataclass(frozen=True)
@@ -42,7 +49,7 @@ class Grids:
     dare_drop_rates: tuple[float, ...] = (0.9,)
     dare_lambdas: tuple[float, ...] = (0.5, 1.0)
     fda: FdaSettings = field(default_factory=FdaSettings)
-    run_fda: bool = False
+    fda_runs: tuple[str, ...] = ()  # names of FDA_RUNS
 
 
 @dataclass(frozen=True)
@@ -59,17 +66,19 @@ QUICK_TRAIN = decoder.TrainSettings(steps=4)
 LABELS = {"base": "base model", "weight_average": "weight average",
           "task_arithmetic": "task arithmetic (lambda on validation)", "ta_0.5": "task arithmetic 0.5 (FDA's start)",
           "ties_global": "TIES, global trim", "ties_tensor": "TIES, per-tensor trim", "dare": "DARE + TA", "emr": "EMR",
-          "fda_gauss": "FDA from TA 0.5, gauss anchors", "fda_weights": "FDA from TA 0.5, weight-row anchors"}
+          "fda_gauss": "FDA from TA 0.5, gauss anchors", "fda_weights": "FDA from TA 0.5, weight-row anchors",
+          "fda_block_gauss": "FDA from TA 0.5, whole layers, gauss anchors"}
 
 
 def fda_config(fda: FdaSettings, seed: int, base: Path, experts: dict[str, str], initial: Path, init: str,
-               layers: list[int]) -> dict:
-    return {"base": str(base), "experts": dict(experts), "initial": str(initial), "modules": "mlp",
+               layers: list[int], unit: str = "mlp") -> dict:
+    count, tokens = (fda.count, fda.tokens) if unit == "mlp" else (fda.block_count, fda.block_tokens)
+    return {"base": str(base), "experts": dict(experts), "initial": str(initial), "modules": unit,
             "layers": layers,
-            "anchors": {"count": fda.count, "tokens": fda.tokens, "init": init, "sigma": fda.sigma,
+            "anchors": {"count": count, "tokens": tokens, "init": init, "sigma": fda.sigma,
                         "steps": fda.steps, "lr": fda.lr},
             "adapt": {"param": "elementwise", "sources": "initial", "alpha_init": 1.0, "loss": fda.loss,
-                      "lr": fda.adapt_lr, "batch_size": fda.adapt_batch, "epochs": fda.adapt_epochs},
+                      "lr": fda.adapt_lr, "batch_size": count * len(experts), "epochs": fda.adapt_epochs},
             "resources": {"num_cpus": 1}, "seed": seed}
 
 
@@ -110,16 +119,16 @@ def run_kind(kind: str, seed: int, build_dir: Path, base: Path, scorer: decoder.
     one("emr", "emr", [("emr", {})])
 
     fda_runs = {}
-    if grids.run_fda:
+    if grids.fda_runs:
         start = grids.fda.start_lambda
         initial = merges / f"ta-lambda{start:g}"
         if not initial.is_dir():
             table.merge(base, experts, "task_arithmetic", {"lambda": start}, initial)
         rows["ta_0.5"] = report.score_record(scorer.score(initial, "test"), own_test)
-        for init in ("gauss", "weights"):
-            name = f"fda_{init}"
+        for name in grids.fda_runs:
+            unit, init = FDA_RUNS[name]
             log(f"[seed {seed} {kind}] {LABELS[name]}")
-            folder, record = table.run_fda(fda_config(grids.fda, seed, base, experts, initial, init, layers),
+            folder, record = table.run_fda(fda_config(grids.fda, seed, base, experts, initial, init, layers, unit),
                                            merges, name)
             rows[name] = report.score_record(scorer.score(folder, "test"), own_test)
             fda_runs[name] = record
@@ -188,15 +197,18 @@ def print_tables(summary: dict, seeds: int) -> None:
                                                     for s, c in part["chosen"].items()))
 
 
-def main(work: Path, seeds: list[int], json_path: Path | None, quick: bool, kinds: tuple[str, ...], run_fda: bool,
-         log) -> int:
+def main(work: Path, seeds: list[int], json_path: Path | None, quick: bool, kinds: tuple[str, ...],
+         fda_runs: tuple[str, ...], log) -> int:
     import sys
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from fda_quality import run_seeds, write_result  # the shared Ray runner and JSON record
 
     grids = QUICK if quick else Grids()
-    grids = Grids(**{**grids.__dict__, "run_fda": run_fda})
+    unknown = sorted(set(fda_runs) - set(FDA_RUNS))
+    if unknown:
+        raise SystemExit(f"realbench: unknown FDA run(s) {unknown}; known: {', '.join(FDA_RUNS)}")
+    grids = Grids(**{**grids.__dict__, "fda_runs": tuple(fda_runs)})
     train = QUICK_TRAIN if quick else decoder.TrainSettings()
     json_path = json_path or (table.RESULTS / "realbench_decoder_quick.json" if quick else DEFAULT_JSON)
     runs, seconds = run_seeds(seeds, train.threads, work,
