@@ -143,3 +143,14 @@ def test_the_method_gives_the_same_chunks_with_and_without_numba(params, monkeyp
         assert fused.deferred.vote == plain.deferred.vote
         assert torch.equal(fused.deferred.index, plain.deferred.index)
         assert torch.equal(_bits(fused.deferred.value), _bits(plain.deferred.value))
+
+
+def test_the_loops_can_be_switched_off(monkeypatch):
+    """DISTMERGE_COMPILED=0 rules the compiled loops out (the torch formulation runs), read at every call."""
+    base, experts = _inputs(0, 2, 64)
+    assert ties_fused.available(base, *experts)
+    monkeypatch.setenv("DISTMERGE_COMPILED", "0")
+    assert not ties_fused.available(base, *experts)
+    monkeypatch.delenv("DISTMERGE_COMPILED")
+    assert ties_fused.available(base, *experts)
+    assert not ties_fused.available(base.double(), *(e.double() for e in experts))  # float32 only

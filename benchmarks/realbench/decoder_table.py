@@ -128,13 +128,16 @@ def run_kind(kind: str, seed: int, build_dir: Path, base: Path, scorer: decoder.
         for name in grids.fda_runs:
             unit, init = FDA_RUNS[name]
             log(f"[seed {seed} {kind}] {LABELS[name]}")
-            folder, record = table.run_fda(fda_config(grids.fda, seed, base, experts, initial, init, layers, unit),
-                                           merges, name)
+            config = fda_config(grids.fda, seed, base, experts, initial, init, layers, unit)
+            # anchors outside ``merges`` (cleared at every start): a rerun after a crash reuses the built jobs
+            folder, record = table.run_fda(config, merges, name, anchors_root=work / f"fda-decoder-seed{seed}-{kind}")
+            # the cos loss is -sum cos over a layer's anchors (one batch): as a mean cosine
+            record["adapt_mean_cos"] = [-loss / config["adapt"]["batch_size"] for loss in record["adapt_loss"]]
             rows[name] = report.score_record(scorer.score(folder, "test"), own_test)
             fda_runs[name] = record
             log(f"    test normalized {rows[name]['mean_normalized']:.4f}; construction {record['construct_seconds']}s "
-                f"({record['job_seconds']:.1f}s per (layer, task) job), adaptation loss "
-                f"x{record['adapt_loss_ratio']:.3f}")
+                f"({record['job_seconds']:.1f}s per (layer, task) job, {record['jobs_reused']} reused), adaptation: "
+                f"mean cos {record['adapt_mean_cos'][0]:.4f} -> {record['adapt_mean_cos'][1]:.4f}")
     shutil.rmtree(merges, ignore_errors=True)
     return {"rows": rows, "experts": expert_rows, "own_validation": own_validation, "chosen": chosen,
             "grids": grids_run, "fda": fda_runs}
@@ -170,8 +173,10 @@ def summarize(runs: list[dict]) -> dict:
             row["mean"] = report.spread([statistics.fmean(row[t]["per_seed"][i] for t in tasks)
                                          for i in range(len(of_kind))])
         fda = {name: {k: report.spread([r["fda"][name][k] for r in of_kind])
-                      for k in ("construct_seconds", "job_seconds", "adapt_loss_ratio", "seconds")}
+                      for k in ("construct_seconds", "job_seconds", "seconds")}
                for name in of_kind[0]["fda"] if all(name in r["fda"] for r in of_kind)}
+        for name, record in fda.items():
+            record["adapt_final_cos"] = report.spread([r["fda"][name]["adapt_mean_cos"][1] for r in of_kind])
         out[kind] = {"normalized": report.summarize_rows(of_kind, tasks, "normalized"),
                      "exact_match": report.summarize_rows(of_kind, tasks, "accuracy"), "experts_exact_match": experts,
                      "fda": fda, "chosen": {r["seed"]: {k: v["label"] for k, v in k_run["chosen"].items()}
@@ -191,8 +196,8 @@ def print_tables(summary: dict, seeds: int) -> None:
         print(report.markdown(part["experts_exact_match"], tasks, {}, seeds))
         for name, record in part["fda"].items():
             print(f"{LABELS[name]}: construction {record['construct_seconds']['mean']:.0f}s "
-                  f"({record['job_seconds']['mean']:.1f}s per (layer, task) job); adaptation loss final/initial "
-                  f"{record['adapt_loss_ratio']['mean']:.3f}; {record['seconds']['mean']:.0f}s in all")
+                  f"({record['job_seconds']['mean']:.1f}s per (layer, task) job); adaptation: mean cos "
+                  f"{record['adapt_final_cos']['mean']:.4f} at the end; {record['seconds']['mean']:.0f}s in all")
         print("\nChosen on validation: " + "; ".join(f"seed {s}: " + ", ".join(f"{k} {v}" for k, v in c.items())
                                                     for s, c in part["chosen"].items()))
 

@@ -3,7 +3,7 @@ chosen on the validation split (mean normalized accuracy), reported on test, for
 The rows of ``table.py`` (TA, TIES, EMR, FDA) for the same build are in results/realbench_encoder.json; merges
 are deterministic, so the two tables compare row for row.
 
-    python -m benchmarks.realbench.next_methods --seed 0 [--work /tmp/rb_work]
+    python -m benchmarks.realbench.next_methods --seed 0 [--work /tmp/rb_work] [--methods della_linear,iso_c]
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from benchmarks.realbench import data, encoder, report
 from benchmarks.realbench.table import RESULTS, choose
 
 ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0)  # 1.5 was the edge of a first grid for TSV and Iso-C/CTS
+ISO_ALPHAS = ALPHAS + (4.0, 6.0)  # Iso-C/CTS still rose at 3.0 on the first run
 # (row name, method, candidates): grids as small as table.py's, around each paper's or mergekit's default
 CANDIDATES = [
     ("breadcrumbs", "breadcrumbs", [(f"breadcrumbs-lambda{x:g}", {"lambda": x, "density": 0.9, "gamma": 0.01})
@@ -26,10 +27,13 @@ CANDIDATES = [
                                                                                   "gamma": 0.01})
                                               for d in (0.5, 0.9)]),
     ("della", "della", [(f"della-density{d:g}", {"lambda": 1.0, "density": d, "epsilon": 0.15}) for d in (0.5, 0.7)]),
+    ("della_linear", "della_linear", [(f"della-linear-density{d:g}-lambda{x:g}",
+                                       {"lambda": x, "density": d, "epsilon": 0.15})
+                                      for d in (0.5, 0.7) for x in (0.5, 1.0)]),
     ("model_stock", "model_stock", [("model-stock", {})]),
     ("tsv", "tsv", [(f"tsv-alpha{a:g}", {"alpha": a}) for a in ALPHAS]),
-    ("iso_c", "iso_c", [(f"iso-c-alpha{a:g}", {"alpha": a}) for a in ALPHAS]),
-    ("iso_cts", "iso_cts", [(f"iso-cts-alpha{a:g}", {"alpha": a}) for a in ALPHAS]),
+    ("iso_c", "iso_c", [(f"iso-c-alpha{a:g}", {"alpha": a}) for a in ISO_ALPHAS]),
+    ("iso_cts", "iso_cts", [(f"iso-cts-alpha{a:g}", {"alpha": a}) for a in ISO_ALPHAS]),
     # RegMean's statistics: each expert's Grams on its own training texts (regmean_statistics below)
     ("regmean", "regmean", [(f"regmean-alpha{a:g}", {"alpha": a}) for a in (0.5, 0.9)]),
 ]
@@ -54,7 +58,7 @@ def regmean_statistics(experts: dict[str, Path], work: Path, max_tokens: int) ->
     return out
 
 
-def run(seed: int, work: Path, log) -> dict:
+def run(seed: int, work: Path, log, names: list[str] | None = None) -> dict:
     import ray
 
     began = time.perf_counter()
@@ -72,6 +76,8 @@ def run(seed: int, work: Path, log) -> dict:
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)  # one Ray for every merge of the run
     try:
         for name, method, candidates in CANDIDATES:
+            if names is not None and name not in names:
+                continue
             log(f"[seed {seed}] {name}")
             started = time.perf_counter()
             if method == "regmean":
@@ -89,13 +95,32 @@ def run(seed: int, work: Path, log) -> dict:
             "seconds_per_method": seconds, "seconds": round(time.perf_counter() - began, 1)}
 
 
+def merged_record(old: dict, new: dict) -> dict:
+    """``old`` with ``new``'s rows replacing or joining its own: only for the same build (same experts)."""
+    if old.get("build") != new["build"] or old.get("seed") != new["seed"]:
+        raise SystemExit(f"realbench: {old.get('build')} (seed {old.get('seed')}) in the record, {new['build']} "
+                         f"(seed {new['seed']}) here: not the same build; write to another --json")
+    out = dict(old)
+    for key in ("rows", "chosen", "grids", "seconds_per_method"):
+        out[key] = {**old.get(key, {}), **new[key]}
+    out["seconds"] = round(old.get("seconds", 0) + new["seconds"], 1)
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--work", type=Path, default=Path("/tmp/rb_work"))
     parser.add_argument("--json", type=Path, default=RESULTS / "realbench_encoder_next.json")
+    parser.add_argument("--methods", help="only these rows (comma list), merged into --json's record of the same build")
     args = parser.parse_args(argv)
-    result = run(args.seed, args.work, lambda message: print(message, flush=True))
+    names = args.methods.split(",") if args.methods else None
+    known = [name for name, _, _ in CANDIDATES]
+    if names is not None and set(names) - set(known):
+        parser.error(f"--methods: unknown {sorted(set(names) - set(known))}; known: {', '.join(known)}")
+    result = run(args.seed, args.work, lambda message: print(message, flush=True), names)
+    if names is not None and args.json.is_file():
+        result = merged_record(json.loads(args.json.read_text()), result)
     args.json.write_text(json.dumps(result, indent=1) + "\n")
     print("\n| method | " + " | ".join(result["tasks"]) + " | mean | chosen |")
     print("|---|" + "---|" * (len(result["tasks"]) + 2))

@@ -1,13 +1,15 @@
 """Compiled loops (numba) for the methods whose torch formulation is many full-size passes per element.
 
-numba is optional: ``kernels(build)`` gives None where it is missing, and the caller runs its torch
-formulation, which gives the same bits (each fused module's tests compare the two).
+numba is optional: ``kernels(build)`` gives None where it is missing, or where ``DISTMERGE_COMPILED=0`` is set
+(to compare, or to rule the loops out), and the caller runs its torch formulation, which gives the same bits
+(each fused module's tests compare the two).
 """
 
 from __future__ import annotations
 
 import functools
 import logging
+import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -31,10 +33,19 @@ def jit() -> Callable | None:
     return numba.njit(cache=True, nogil=True, fastmath=False, boundscheck=False, error_model="numpy")
 
 
+_BUILT: dict[Callable, Any] = {}
+
+
 def kernels(build: Callable[[Callable], Any]) -> Any:
-    """``build(jit)``'s compiled loops, or None without numba (callers cache the result)."""
-    decorator = jit()
-    return None if decorator is None else build(decorator)
+    """``build(jit)``'s compiled loops (built once per process), or None without numba or when switched off."""
+    if os.environ.get("DISTMERGE_COMPILED", "1") == "0":
+        return None
+    if build not in _BUILT:
+        decorator = jit()
+        if decorator is None:
+            return None
+        _BUILT[build] = build(decorator)
+    return _BUILT[build]
 
 
 def takes(*tensors: torch.Tensor) -> bool:

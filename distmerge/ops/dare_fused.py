@@ -9,7 +9,6 @@ are exact, so one formulation serves every case.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -18,7 +17,6 @@ import torch
 from distmerge.ops.compiled import BLOCK, flat_views, kernels, takes
 
 
-@functools.lru_cache(maxsize=1)
 def _kernels():
     return kernels(_build)
 

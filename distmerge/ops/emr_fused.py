@@ -11,7 +11,6 @@ dimension; the rescaler sums stay torch's float64 reductions, over the very tens
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,7 +19,6 @@ import torch
 from distmerge.ops.compiled import BLOCK, flat_views, kernels, takes
 
 
-@functools.lru_cache(maxsize=1)
 def _kernels():
     return kernels(_build)
 

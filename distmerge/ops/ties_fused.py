@@ -14,7 +14,6 @@ numba is an optional dependency: without it (or off the CPU, or for anything but
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -23,9 +22,7 @@ import torch
 from distmerge.ops.compiled import BLOCK, flat_views, kernels, takes
 
 
-@functools.lru_cache(maxsize=1)
 def _kernels():
-    """The compiled loops, or None where numba is missing."""
     return kernels(_build)
 
 
