@@ -92,23 +92,45 @@ class DictSink:
         return {key: pieces[0] if len(pieces) == 1 else torch.cat(pieces) for key, pieces in self._pieces.items()}
 
 
+class GrowingBuffer:
+    """Values appended chunk by chunk into one buffer that doubles when full. A list of one small tensor per
+    chunk, kept for the whole shard, split the heap around the chunks' freed temporaries so that they could
+    not be reused: a worker's memory grew by ~5x what it kept (measured on global TIES)."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.data = torch.empty(0, dtype=dtype)
+        self.size = 0
+
+    def extend(self, values: torch.Tensor) -> None:
+        need = self.size + values.numel()
+        if need > self.data.numel():
+            grown = torch.empty(max(need, 2 * self.data.numel(), 1 << 12), dtype=self.data.dtype)
+            grown[:self.size] = self.data[:self.size]
+            self.data = grown
+        self.data[self.size:need] = values.reshape(-1)
+        self.size = need
+
+    def values(self) -> torch.Tensor:
+        return self.data[:self.size]
+
+
 @dataclass
 class DeferredLog:
     """The deferred decisions of the tensors merged so far: the summed vote and the elements to rewrite."""
 
     vote: int = 0
-    patches: dict[str, tuple[list[torch.Tensor], list[torch.Tensor]]] = field(default_factory=dict)
+    patches: dict[str, tuple[GrowingBuffer, GrowingBuffer]] = field(default_factory=dict)
 
     def add(self, name: str, offset: int, deferred: Deferred, out_dtype: torch.dtype) -> None:
         self.vote += int(deferred.vote)
         if deferred.index.numel():
-            index, value = self.patches.setdefault(name, ([], []))
-            index.append(deferred.index.cpu() + offset)
-            value.append(deferred.value.to("cpu", out_dtype))
+            index, value = self.patches.setdefault(name, (GrowingBuffer(torch.int64), GrowingBuffer(out_dtype)))
+            index.extend(deferred.index.cpu() + offset)
+            value.extend(deferred.value.to("cpu", out_dtype))
 
     def joined(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
         """{tensor: (flat indices, values)}, as ``patch_safetensors`` takes them."""
-        return {name: (torch.cat(index), torch.cat(value)) for name, (index, value) in self.patches.items()}
+        return {name: (index.values(), value.values()) for name, (index, value) in self.patches.items()}
 
     def apply(self, outputs: dict[str, torch.Tensor]) -> int:
         """Rewrite the recorded elements in whole tensors held in memory; how many."""
