@@ -57,7 +57,10 @@ def synthesize_statistics(experts: list[Path], root: Path) -> Path:
             gram = gram_of_inputs(torch.randn(GRAM_ROWS, info.shape[1], generator=generator))
             grams[module] = gram.total
             layers[module] = stats.layer_entry(checkpoint.read(name), info.shape[1], gram.count)
-        stats.commit_task(root, folder.name, grams, {"kind": "regmean", "task": folder.name, "layers": layers})
+        # the fingerprint RegMean checks against the expert it merges (distmerge measure records it the same way)
+        stats.commit_task(root, folder.name, grams, {"kind": "regmean", "task": folder.name, "model": str(folder),
+                                                     "fingerprint": stats.model_fingerprint(checkpoint),
+                                                     "layers": layers})
     return root
 
 
