@@ -21,6 +21,11 @@ ALPHAS = (0.5, 1.0, 1.5, 2.0, 3.0)  # 1.5 was the edge of a first grid for TSV a
 ISO_ALPHAS = ALPHAS + (4.0, 6.0)  # Iso-C/CTS still rose at 3.0 on the first run
 # (row name, method, candidates): grids as small as table.py's, around each paper's or mergekit's default
 CANDIDATES = [
+    # references on the same build (table.py's grids), so that the table compares within one build
+    ("task_arithmetic", "task_arithmetic", [(f"ta-lambda{x:g}", {"lambda": x}) for x in (0.3, 0.5, 0.7, 1.0)]),
+    ("ties_tensor", "ties", [(f"ties-tensor-density{d:g}-lambda{x:g}", {"density": d, "lambda": x,
+                                                                         "trim_scope": "tensor"})
+                             for d in (0.2, 0.5) for x in (1.0, 1.5)]),
     ("breadcrumbs", "breadcrumbs", [(f"breadcrumbs-lambda{x:g}", {"lambda": x, "density": 0.9, "gamma": 0.01})
                                     for x in (0.5, 1.0)]),
     ("breadcrumbs_ties", "breadcrumbs_ties", [(f"breadcrumbs-ties-density{d:g}", {"lambda": 1.0, "density": d,
