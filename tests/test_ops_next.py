@@ -890,3 +890,38 @@ def test_ops_run_on_the_inputs_device_and_agree_with_cpu():
     assert merged.device.type == "cuda"
     close(merged.cpu(), regmean.regmean_linear(experts, [regmean.gram_of_inputs(x).mean() for x in inputs], 0.9),
           atol=1e-5)
+
+
+def test_an_svd_that_does_not_converge_is_retried_in_float64_then_transposed(monkeypatch):
+    """gesdd fails to converge on some matrices (Iso-CTS on the 1.1B benchmark family): the same decomposition in
+    float64, then of the transpose, gives the factors; a matrix nothing decomposes names its tensor."""
+    from distmerge.errors import InputError
+    from distmerge.methods import build_method
+    from distmerge.methods.base import TensorJob
+
+    svd_ops = svd_merge
+    g = torch.Generator().manual_seed(0)
+    matrix = torch.randn(7, 5, generator=g)
+    real_svd = torch.linalg.svd
+    calls = []
+
+    def failing(a, full_matrices=True):
+        calls.append((a.dtype, tuple(a.shape)))
+        if a.dtype == torch.float32 or a.shape == (7, 5):
+            raise torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")
+        return real_svd(a, full_matrices=full_matrices)
+
+    monkeypatch.setattr(torch.linalg, "svd", failing)
+    left, values, right = svd_ops.thin_svd(matrix)
+    assert calls == [(torch.float32, (7, 5)), (torch.float64, (7, 5)), (torch.float64, (5, 7))]
+    assert left.dtype == values.dtype == right.dtype == torch.float32
+    assert left.shape == (7, 5) and right.shape == (5, 5)
+    assert torch.allclose(left @ torch.diag(values) @ right, matrix, atol=1e-5)
+    assert torch.allclose(left.T @ left, torch.eye(5), atol=1e-5)
+
+    monkeypatch.setattr(torch.linalg, "svd", lambda a, full_matrices=True: (_ for _ in ()).throw(
+        torch.linalg.LinAlgError("linalg.svd: The algorithm failed to converge")))
+    method = build_method("iso_c", {})
+    job = TensorJob(name="model.layers.3.mlp.down_proj.weight", numel=35, model_names=("a", "b"), weights=(1.0, 1.0))
+    with pytest.raises(InputError, match=r"tensor 'model.layers.3.mlp.down_proj.weight': iso_c's SVD did not converge"):
+        method.merge(matrix, [matrix + 1, matrix - 0.5], job, 0, {})

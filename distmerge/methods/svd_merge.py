@@ -13,7 +13,7 @@ from dataclasses import dataclass
 import torch
 
 from distmerge.dtypes import FULL_PRECISION
-from distmerge.errors import ConfigError
+from distmerge.errors import ConfigError, InputError
 from distmerge.methods.base import TaskVectorMethod, require_choice, require_number
 from distmerge.ops import svd_merge as ops
 
@@ -67,7 +67,11 @@ class SvdMerge(TaskVectorMethod):
 
     def merge_delta(self, base, task_vector, job, offset, state):
         wide = self.params.svd_dtype == "float64"
-        delta = self.delta(task_vector, wide)
+        try:
+            delta = self.delta(task_vector, wide)
+        except torch.linalg.LinAlgError as exc:
+            raise InputError(f"tensor '{job.name}': {self.name}'s SVD did not converge, in float64 and transposed "
+                             f"too ({str(exc).splitlines()[0]})") from None
         return (base.to(delta.dtype) + self.params.alpha * delta).to(base.dtype)
 
     def delta(self, task_vector: torch.Tensor, wide: bool) -> torch.Tensor:

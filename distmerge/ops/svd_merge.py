@@ -34,8 +34,23 @@ def compute_dtype(tensor: torch.Tensor, wide: bool = False) -> torch.dtype:
 
 
 def thin_svd(matrix: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """U, S, V^T with full_matrices=False (exact, the official call)."""
-    return torch.linalg.svd(matrix, full_matrices=False)
+    """U, S, V^T with full_matrices=False (exact, the official call).
+
+    LAPACK's divide and conquer (gesdd, torch's CPU driver) can fail to converge on matrices with clustered
+    singular values; Iso-CTS's stack of orthonormal rows on the 1.1B benchmark family did. Then the same
+    decomposition runs in float64, and failing that, of the transpose (A^T = V S U^T), a different path through
+    the algorithm; the factors come back in the matrix's dtype. A matrix none of these decompose raises."""
+    try:
+        return torch.linalg.svd(matrix, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        pass  # the fallbacks below
+    wide = matrix.to(torch.float64)
+    try:
+        left, values, right = torch.linalg.svd(wide, full_matrices=False)
+    except torch.linalg.LinAlgError:
+        v, values, left_t = torch.linalg.svd(wide.T, full_matrices=False)
+        left, right = left_t.T, v.T
+    return left.to(matrix.dtype), values.to(matrix.dtype), right.to(matrix.dtype)
 
 
 def orthogonal_polar(matrix: torch.Tensor) -> torch.Tensor:
