@@ -44,11 +44,20 @@ def chunk(elements: int, tasks: int, seed: int = 0):
 
 
 def run(method, base, experts, job):
-    """Every pass over the chunk, then its merge: (state, merged)."""
-    state = method.initial_state([job])
+    """Every pass over the chunk, then its merge: (final state, merged, [(pass, the state it starts from)])."""
+    state, passes = method.initial_state([job]), []
     while (name := method.next_pass(state)) is not None:
+        passes.append((name, state))
         state = method.finish_pass(name, method.add_stats(None, name, base, experts, job, 0, state), state)
-    return state, method.merge(base, experts, job, 0, state)
+    return state, method.merge(base, experts, job, 0, state), passes
+
+
+def chunk_work(method, base, experts, job, state, passes):
+    """What a worker does per chunk: each pass's partial and the merge (a pass's finish runs once per model, not
+    per chunk, so it is left out)."""
+    for name, before in passes:
+        method.add_stats(None, name, base, experts, job, 0, before)
+    method.merge(base, experts, job, 0, state)
 
 
 def seconds(fn, repeat: int, rounds: int) -> float:
@@ -81,12 +90,13 @@ def main() -> int:
         method = build_method(name, params)
         job = TensorJob(name="model.layers.0.mlp.up_proj.weight", numel=args.elements, model_names=names,
                         weights=(1.0,) * args.tasks, per_model={k: (v,) * args.tasks for k, v in per_model.items()})
-        fused_state, fused = run(method, base, experts, job)
-        fused_s = seconds(lambda: run(method, base, experts, job), args.repeat, args.rounds)
+        fused_state, fused, passes = run(method, base, experts, job)
+        fused_s = seconds(lambda: chunk_work(method, base, experts, job, fused_state, passes), args.repeat, args.rounds)
         os.environ["DISTMERGE_COMPILED"] = "0"  # the torch formulation, as without numba
         try:
-            plain_state, plain = run(method, base, experts, job)
-            plain_s = seconds(lambda: run(method, base, experts, job), args.repeat, args.rounds)
+            plain_state, plain, plain_passes = run(method, base, experts, job)
+            plain_s = seconds(lambda: chunk_work(method, base, experts, job, plain_state, plain_passes), args.repeat,
+                              args.rounds)
         finally:
             del os.environ["DISTMERGE_COMPILED"]
         same = torch.equal(fused.merged.view(torch.int32), plain.merged.view(torch.int32)) and all(
