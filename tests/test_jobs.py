@@ -237,6 +237,81 @@ def test_jobs_stop_stops_a_running_job(head, tmp_path):
     assert missing.exit_code == 2 and missing.stderr.startswith("error: job 'distmerge-no-such-job'")
 
 
+
+_PARKED_PROBE = """
+import json, sys, ray
+ray.init(address=sys.argv[1], _node_ip_address="127.0.0.1", log_to_driver=False)
+print(json.dumps(sorted(a["name"] for a in ray.util.list_named_actors(all_namespaces=True) if a["namespace"] == sys.argv[2])))
+"""
+
+
+def _parked(head: Head) -> list[str]:
+    """The merge workers parked (or held) on the head, by name."""
+    from distmerge.engine import parking
+
+    env = {**head.env, "RAY_AUTH_MODE": "token", **jobs.SINGLE_MACHINE_ENV}
+    done = subprocess.run([sys.executable, "-c", _PARKED_PROBE, jobs.read_state(head.env).gcs_address,
+                           parking.NAMESPACE], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def _wait_parked(head: Head, want, timeout: float = 60) -> list[str]:
+    deadline = time.monotonic() + timeout
+    while True:
+        names = _parked(head)
+        if want(names) or time.monotonic() > deadline:
+            return names
+        time.sleep(1)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(400)
+def test_merge_processes_reuse_workers_parked_on_the_cluster(head, llama_family, tmp_path):
+    """`distmerge merge --address` leaves its workers parked; the next process takes them (same bytes); they go
+    when nobody claims them, when a merge of another shape comes, and when the merge holding them dies."""
+    base, experts = llama_family
+    config = tmp_path / "merge.yaml"
+    config.write_text(yaml.safe_dump({"base_model": str(base), "method": "task_arithmetic",
+                                      "parameters": {"lambda": 0.5}, "out_shard_size": "40KB",
+                                      "models": [{"model": str(e), "name": f"e{i}"} for i, e in enumerate(experts)]}))
+    gcs = jobs.read_state(head.env).gcs_address
+    env = {**head.env, "DISTMERGE_WARM_WORKERS_S": "120"}
+
+    def merge(out: str, workers: int, **extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "distmerge.cli", "merge", str(config), "--out", str(tmp_path / out),
+                               "--workers", str(workers), "--address", gcs, "--quiet"], env={**env, **extra},
+                              cwd=REPO, capture_output=True, text=True, timeout=200)
+
+    try:
+        first = merge("first", 2)
+        assert first.returncode == 0, first.stdout + first.stderr
+        assert "by 2 worker(s)" in first.stdout, first.stdout
+        parked = _parked(head)
+        assert len(parked) == 2 and all(name.startswith("distmerge-merge-") for name in parked), parked
+
+        second = merge("second", 2)
+        assert second.returncode == 0, second.stdout + second.stderr
+        assert "by 2 warm worker(s)" in second.stdout, second.stdout
+        assert _parked(head) == parked  # the same actors, parked again
+        for shard in sorted((tmp_path / "first").glob("*.safetensors")):
+            assert shard.read_bytes() == (tmp_path / "second" / shard.name).read_bytes(), shard.name
+
+        # Another shape: the 2-worker set gives its CPUs up; the new set goes unclaimed after its 3 seconds.
+        third = merge("third", 1, DISTMERGE_WARM_WORKERS_S="3")
+        assert third.returncode == 0, third.stdout + third.stderr
+        assert "by 1 worker(s)" in third.stdout, third.stdout
+        assert _wait_parked(head, lambda names: not names) == []
+
+        # A merge that dies while it holds its workers: they go, they do not hold the cluster's CPUs.
+        dead = merge("dead", 2, DISTMERGE_FAULT_INJECT="driver_exit_after_shards=1")
+        assert dead.returncode != 0
+        assert _wait_parked(head, lambda names: not names) == []
+    finally:
+        if _parked(head):  # leave the head's CPUs to the other tests
+            merge("release", 1, DISTMERGE_WARM_WORKERS_S="0")
+
+
 # ------------------------------------------------------------------------------------------------ no head
 
 

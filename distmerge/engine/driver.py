@@ -58,11 +58,13 @@ class MergeResult:
     worker_reports: list[dict[str, Any]] = field(default_factory=list)
     resumed_shards: int = 0
     replaced_workers: int = 0
+    warm_workers: bool = False  # ran on the idle workers of an earlier merge (no actor start-up)
 
     def summary(self) -> str:
         memory = "+".join(f"{r['peak_anon_bytes'] / 2**20:.0f}" for r in self.worker_reports) or "0"
         rate = self.bytes_read / self.seconds if self.seconds > 0 else 0.0
-        line = (f"merged ({self.method}) into {self.out}: {self.shards} shard(s) by {self.workers} worker(s) in "
+        line = (f"merged ({self.method}) into {self.out}: {self.shards} shard(s) by {self.workers} "
+                f"{'warm ' if self.warm_workers else ''}worker(s) in "
                 f"{self.seconds:.1f}s; read {_size(self.bytes_read)} ({_size(rate)}/s), wrote "
                 f"{_size(self.bytes_written)}, peak worker memory {memory} MiB")
         if self.resumed_shards:
@@ -122,7 +124,7 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
                                 dtype=config.dtype, device=device, num_threads=max(1, int(num_cpus)),
                                 worker_index=i, faults=injected) for i in range(count)]
             sizes = _group_input_bytes(plan, base, experts, method.needs_base)
-            pool = WorkerPool(specs, num_cpus, num_gpus, placement)
+            pool = WorkerPool(specs, num_cpus, num_gpus, placement, parked=session.on_cluster)
             try:
                 state = run.load_passes() if finished else None
                 if state is None:
@@ -136,7 +138,7 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
                 pool.shutdown(graceful=False)  # the others may still be busy: stop them now
                 raise
             # Workers wait for the next merge only where Ray outlives this one and nothing else needs the CPUs.
-            pool.shutdown(keep_warm=session.borrowed and session.outermost)
+            pool.shutdown(keep_warm=(session.borrowed and session.outermost) or session.on_cluster)
             state = _resolve_deferred(method, state, results, run.path)
             seconds = time.perf_counter() - began
             summary = _finish_folder(run.path, config, method, state, base, experts, vocab_plan, results, reports,
@@ -154,7 +156,8 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
     return MergeResult(out=out, method=config.method, shards=len(plan.shards), workers=len(plan.assignment),
                        seconds=time.perf_counter() - began, bytes_written=sum(r["bytes"] for r in results),
                        bytes_read=bytes_read, method_state=summary["method_state"],
-                       worker_reports=reports, resumed_shards=resumed, replaced_workers=replaced)
+                       worker_reports=reports, resumed_shards=resumed, replaced_workers=replaced,
+                       warm_workers=pool.reused)
 
 
 def _group_input_bytes(plan: MergePlan, base, experts, needs_base: bool) -> dict[tuple[int, int], int]:

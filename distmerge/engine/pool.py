@@ -16,10 +16,15 @@ placement group idle for ``DISTMERGE_WARM_WORKERS_S`` seconds (default 10; 0: ne
 same worker count and resources takes them, re-specced (``MergeWorker.reset``). Idle workers hold their CPUs, so
 they go when that time is up, when any other distmerge workload enters ``ray_session``, and before a session
 distmerge started stops. A merge that failed never leaves its workers warm.
+
+Across processes: a merge against a cluster it connected to (``parked``) starts its workers detached and parks
+them on the cluster when it finishes; the next ``distmerge merge`` process with the same code, worker count and
+resources claims them (``engine.parking`` has the leases that end a set whose holder died or that nobody claimed).
 """
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import threading
@@ -32,6 +37,7 @@ import ray
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
+from distmerge.engine import parking
 from distmerge.engine.ray_session import get
 from distmerge.engine.worker import MergeWorker, WorkerSpec
 from distmerge.errors import DistmergeError
@@ -44,6 +50,7 @@ EXIT_WAIT_S = 10  # for actors to exit before their placement group goes
 WARM_ENV = "DISTMERGE_WARM_WORKERS_S"
 WARM_DEFAULT_S = 10.0
 RESET_TIMEOUT_S = 60
+CLAIM_TIMEOUT_S = 10
 
 
 def warm_seconds() -> float:
@@ -62,7 +69,7 @@ class _WarmWorkers:
     run_id: str
     group: Any
     actors: list
-    timer: threading.Timer
+    timer: threading.Timer | None  # None for a set parked on the cluster (its leases keep the time)
 
 
 _warm: _WarmWorkers | None = None
@@ -79,7 +86,7 @@ def _swap_warm(new: _WarmWorkers | None) -> _WarmWorkers | None:
     global _warm
     with _warm_lock:
         old, _warm = _warm, new
-    if old is not None:
+    if old is not None and old.timer is not None:
         old.timer.cancel()
     return old
 
@@ -105,6 +112,66 @@ def _take_warm(key: tuple) -> _WarmWorkers | None:
     return warm
 
 
+def _parked_sets() -> dict[tuple[str, str], dict[int, str]]:
+    """(key hash, run id) -> {slot: actor name} of every detached worker set on the cluster, parked or held."""
+    sets: dict[tuple[str, str], dict[int, tuple[int, str]]] = {}
+    for entry in ray.util.list_named_actors(all_namespaces=True):
+        parts = entry["name"].split("-")
+        if entry["namespace"] != parking.NAMESPACE or len(parts) != 6 or parts[:2] != ["distmerge", "merge"] \
+                or not parts[4][1:].isdigit() or not parts[5].isdigit():
+            continue
+        slots = sets.setdefault((parts[2], parts[3]), {})
+        slot, incarnation = int(parts[4][1:]), int(parts[5])
+        if incarnation >= slots.get(slot, (-1, ""))[0]:  # a replaced actor's name may linger while it exits
+            slots[slot] = (incarnation, entry["name"])
+    return {key: {slot: name for slot, (_, name) in slots.items()} for key, slots in sets.items()}
+
+
+def _claim_set(names: dict[int, str]) -> tuple[Any, list] | None:
+    """(placement group, actors) of a parked set, claimed for this process's job; None when another merge holds
+    it or it is going. Slot 0 is the set's lock: once it is ours, a slot that will not follow ends the set."""
+    if sorted(names) != list(range(len(names))):
+        return None  # a slot is missing: its lease ends the set
+    job = ray.get_runtime_context().get_job_id()
+    try:
+        actors = [ray.get_actor(names[slot], namespace=parking.NAMESPACE) for slot in sorted(names)]
+        group = ray.get(actors[0].claim.remote(job), timeout=CLAIM_TIMEOUT_S)
+    except Exception:  # noqa: BLE001 - gone or hung: not ours to use
+        return None
+    if group is None:
+        return None
+    try:
+        if all(g is not None for g in ray.get([a.claim.remote(job) for a in actors[1:]], timeout=CLAIM_TIMEOUT_S)):
+            return group, actors
+    except Exception:  # noqa: BLE001
+        pass
+    _stop(group, actors, graceful=False)
+    return None
+
+
+def _claim_parked(key: tuple, key_hash: str) -> _WarmWorkers | None:
+    """A parked set for this merge, claimed; every other parked set is stopped (it holds CPUs this merge may
+    need, as a warm set in this process would be)."""
+    found = None
+    for (set_hash, run_id), names in _parked_sets().items():
+        claimed = _claim_set(names)
+        if claimed is None:
+            continue
+        if found is None and set_hash == key_hash and len(names) == key[1]:
+            found = _WarmWorkers(key, run_id, claimed[0], claimed[1], timer=None)
+        else:
+            _stop(*claimed, graceful=True)
+    return found
+
+
+def release_parked_workers() -> None:
+    """Stop the worker sets parked on the connected cluster (another distmerge workload needs the CPUs)."""
+    for names in _parked_sets().values():
+        claimed = _claim_set(names)
+        if claimed is not None:
+            _stop(*claimed, graceful=True)
+
+
 def _merge_worker_class():
     """``ray.remote(MergeWorker)`` once per process: every call would export the class again (a disassembly of
     its code, a fraction of a second per merge)."""
@@ -124,27 +191,45 @@ class WorkItem:
 
 
 class WorkerPool:
-    def __init__(self, specs: list[WorkerSpec], num_cpus: float, num_gpus: float, placement: str):
+    def __init__(self, specs: list[WorkerSpec], num_cpus: float, num_gpus: float, placement: str,
+                 parked: bool = False):
+        """``parked``: Ray outlives this process (a cluster it connected to): detached workers, parked at the end."""
         self.specs = specs
         self.num_cpus, self.num_gpus = num_cpus, num_gpus
+        self.parked = parked
         self.replacements = [0] * len(specs)
         self.incarnation_bytes = [0] * len(specs)  # input bytes of the calls each live actor returned
         self.retired_bytes_read = 0  # input bytes read by actors that died and were replaced
-        self.key = (_session_key(), len(specs), num_cpus, num_gpus, placement)
-        if self._reuse(_take_warm(self.key)):
+        if self.parked:
+            self.key = (parking.code_fingerprint(), len(specs), num_cpus, num_gpus, placement)
+            self.key_hash = hashlib.sha256(repr(self.key).encode()).hexdigest()[:10]
+            warm = _claim_parked(self.key, self.key_hash)
+        else:
+            self.key = (_session_key(), len(specs), num_cpus, num_gpus, placement)
+            warm = _take_warm(self.key)
+        self.reused = self._reuse(warm)
+        if self.reused:
             return
         self.run_id = uuid.uuid4().hex[:6]
         bundle = {"CPU": num_cpus} | ({"GPU": num_gpus} if num_gpus else {})
         strategy = {"pack": "PACK", "spread": "SPREAD", "strict_spread": "STRICT_SPREAD"}[placement]
         self.group = placement_group([dict(bundle) for _ in specs], strategy=strategy,
-                                     name=f"distmerge-merge-{self.run_id}")
+                                     name=f"distmerge-merge-{self.run_id}",
+                                     lifetime="detached" if self.parked else None)
         ready, _ = ray.wait([self.group.ready()], timeout=PLACEMENT_TIMEOUT_S)
         if not ready:
             remove_placement_group(self.group)
             raise DistmergeError(f"the cluster cannot place {len(specs)} merge worker(s) of {bundle} "
                                  f"with placement '{placement}' within {PLACEMENT_TIMEOUT_S} s; "
                                  f"cluster resources: {ray.cluster_resources()}")
+        self._lease_specs()
         self.actors = [self._start(i) for i in range(len(specs))]
+
+    def _lease_specs(self) -> None:
+        """A detached worker's lease names its set and this merge's job (replacements take it too)."""
+        if self.parked:
+            lease = parking.LeaseSpec(self.group, ray.get_runtime_context().get_job_id())
+            self.specs = [replace(spec, lease=lease) for spec in self.specs]
 
     def _reuse(self, warm: _WarmWorkers | None) -> bool:
         """Take a finished merge's idle workers, given this merge's specs; any that cannot be reset (dead, hung)
@@ -159,13 +244,18 @@ class WorkerPool:
             _stop(warm.group, warm.actors, graceful=False)
             return False
         self.run_id, self.group, self.actors = warm.run_id, warm.group, warm.actors
+        self._lease_specs()
         return True
 
     def _start(self, slot: int):
         spec = replace(self.specs[slot], incarnation=self.replacements[slot])
+        if self.parked:
+            where = {"name": f"distmerge-merge-{self.key_hash}-{self.run_id}-w{slot}-{spec.incarnation}",
+                     "namespace": parking.NAMESPACE, "lifetime": "detached"}
+        else:
+            where = {"name": f"distmerge-merge-worker-{slot}-{self.run_id}-{spec.incarnation}"}
         return _merge_worker_class().options(
-            name=f"distmerge-merge-worker-{slot}-{self.run_id}-{spec.incarnation}",
-            num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0,
+            **where, num_cpus=self.num_cpus, num_gpus=self.num_gpus, max_restarts=0,
             scheduling_strategy=PlacementGroupSchedulingStrategy(self.group, placement_group_bundle_index=slot),
         ).remote(spec)
 
@@ -236,6 +326,15 @@ class WorkerPool:
         """Stop every actor and free the placement group; or, with ``keep_warm`` (a merge that finished well),
         leave both idle for the next merge (see the module's docstring)."""
         seconds = warm_seconds()
+        if self.parked:
+            if graceful and keep_warm and seconds > 0:
+                try:
+                    if all(ray.get([actor.park.remote(seconds) for actor in self.actors], timeout=RESET_TIMEOUT_S)):
+                        return
+                except Exception as exc:  # noqa: BLE001 - a worker that cannot park: stop the set
+                    LOG.info("merge workers could not be parked (%s); stopping them", type(exc).__name__)
+            _stop(self.group, self.actors, graceful)
+            return
         if graceful and keep_warm and seconds > 0:
             timer = threading.Timer(seconds, release_warm_workers)
             timer.daemon = True

@@ -7,6 +7,7 @@ The embedded instance is this machine's only: its node IP is loopback, so every 
 from __future__ import annotations
 
 import contextlib
+import ipaddress
 import os
 import re
 import socket
@@ -32,6 +33,7 @@ class Session:
 
     borrowed: bool  # Ray was running before this workload and keeps running after it
     outermost: bool  # no other distmerge workload of this process encloses this one
+    on_cluster: bool = False  # this process connected to a cluster that outlives it (--address, RAY_ADDRESS)
 
 
 _active_workloads = 0  # distmerge workloads of this process inside a ray_session now
@@ -53,17 +55,23 @@ def ray_session(address: str | None = None, num_cpus: int | None = None, *,
     borrowed = ray.is_initialized()
     _active_workloads += 1
     watchdog = None
+    on_cluster = False
     try:
         if not borrowed:
             os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
             address = address or os.environ.get("RAY_ADDRESS")
             if address and address != "local":
                 connect(address)
+                on_cluster = True
+                if not keeps_warm_workers:  # merge workers parked there by an earlier process
+                    from distmerge.engine.pool import release_parked_workers
+
+                    release_parked_workers()
             else:
                 start_embedded(num_cpus or os.cpu_count() or 1)
                 watchdog = Watchdog.start()
         try:
-            yield Session(borrowed=borrowed, outermost=_active_workloads == 1)
+            yield Session(borrowed=borrowed, outermost=_active_workloads == 1, on_cluster=on_cluster)
         finally:
             if not borrowed:
                 from distmerge.engine.pool import release_warm_workers
@@ -149,20 +157,32 @@ def connect(address: str, environ: Mapping[str, str] = os.environ) -> None:
     Ray's client sends a token only with RAY_AUTH_MODE=token, while a head started with plain ``ray start
     --head`` turns token auth on by itself when ~/.ray/auth_token exists; without the mode the driver retries for
     20 s and raises a traceback. So a token at hand turns the mode on (unless RAY_AUTH_MODE says otherwise), and
-    the GCS is asked once, before ``ray.init``, whether it accepts us."""
+    the GCS is asked once, before ``ray.init``, whether it accepts us.
+
+    A loopback address is connected to as the single-machine cluster it is: otherwise Ray swaps 127.0.0.1 for
+    this machine's address, where a head started by ``distmerge cluster up`` does not listen, and waits forever."""
     token = jobs.token_at_hand(environ)
     if token is not None and not environ.get("RAY_AUTH_MODE"):
         _enable_token_mode()
     endpoint = gcs_endpoint(address)
     if endpoint is not None:
         _check_gcs(address, endpoint, token_sent=token is not None and _token_mode())
+    loopback = endpoint is not None and _is_loopback(endpoint[0])
     try:
-        ray.init(address=address, log_to_driver=True)
+        with _single_machine() if loopback else contextlib.nullcontext():
+            ray.init(address=address, log_to_driver=True, **({"_node_ip_address": jobs.LOOPBACK} if loopback else {}))
     except ray.exceptions.AuthenticationError:
         raise DistmergeError(_auth_message(address, token is not None and _token_mode())) from None
     except ConnectionError as exc:
         raise DistmergeError(f"no Ray cluster reachable at {address}: {jobs._first_line(exc)}; start one (`ray start "
                              "--head`, `distmerge cluster up`) or fix --address/RAY_ADDRESS") from None
+
+
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
 
 
 def _token_mode() -> bool:

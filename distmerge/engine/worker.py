@@ -18,7 +18,7 @@ from typing import Any
 import torch
 
 from distmerge import dtypes, telemetry
-from distmerge.engine import faults
+from distmerge.engine import faults, parking
 from distmerge.engine.allocator import keep_freed_memory, rss_anon_bytes
 from distmerge.errors import DistmergeError, InputError, OutputError, where
 from distmerge.io import vocab
@@ -47,6 +47,7 @@ class WorkerSpec:
     worker_index: int = 0
     incarnation: int = 0  # 0 for the first actor of a worker slot, then 1, 2, ... for its replacements
     faults: dict[str, str] = field(default_factory=dict)
+    lease: parking.LeaseSpec | None = None  # a detached worker's (see engine.parking)
 
 
 class MergeWorker:
@@ -71,10 +72,23 @@ class MergeWorker:
         # Deferred decisions of the shard being merged: its share of the model-wide vote and the elements to
         # rewrite should the method say so once every shard is in; written beside the shard.
         self.deferred = execute.DeferredLog()
+        if getattr(self, "lease", None) is None:  # a reset keeps the lease of the set's first merge
+            self.lease = parking.Lease(spec.lease) if spec.lease is not None else None
 
     def reset(self, spec: WorkerSpec) -> bool:
         """Start over for another merge (a warm worker, see ``engine.pool``): nothing of the last one is kept."""
         self.__init__(spec)
+        return True
+
+    def claim(self, job_id: str):
+        """Take this parked worker for ``job_id``'s merge: its set's placement group, or None (not parked, taken)."""
+        return self.lease.group if self.lease is not None and self.lease.claim(job_id) else None
+
+    def park(self, seconds: float) -> bool:
+        """Wait ``seconds`` for the next merge's claim, then end the set."""
+        if self.lease is None:
+            return False
+        self.lease.park(seconds)
         return True
 
     # --- reading --------------------------------------------------------------------------------
