@@ -16,6 +16,17 @@ Baselines, measured in the same run:
                 shard and get_tensor, base + 0.5 * sum(tau) in float32, cast to bf16, save_file, fsync;
   mergekit      mergekit-yaml on the equivalent mergekit config, with `--async-write -j <cores>` ("best")
                 and with no flags, when --mergekit is given.
+
+Two ways distmerge is timed:
+  in-process    ``distmerge.merge`` called in this process on its embedded Ray (Ray's start not counted); every
+                merge starts its own actors;
+  whole process ``distmerge merge --workers N --address <GCS>`` as a user runs it, against a local head started
+                by ``distmerge cluster up`` before anything is timed: interpreter start, imports, connection,
+                the merge, exit. Each configuration runs twice in a row: the first process finds no workers of
+                its shape (cold: it starts actors), the second takes the ones the first parked (warm).
+
+``--compute-dtype float32,bfloat16`` times both compute precisions, distmerge's ``dtype`` and mergekit's ``dtype``
+alike (both write bf16).
 """
 
 from __future__ import annotations
@@ -63,6 +74,7 @@ METHODS = {
     "della": ("della", {"density": 0.7, "epsilon": 0.15}, True),
     "emr": ("emr", {}, True),
 }
+PHASES = ("floor", "minimal", "mergekit", "inprocess", "whole")  # the floor always runs: every ratio needs it
 # method -> (mergekit merge_method, how close it is). mergekit has no global trim and no EMR.
 MERGEKIT = {
     "weight_average": ("linear", "same"),
@@ -78,24 +90,25 @@ MERGEKIT = {
 
 # --- configs ------------------------------------------------------------------------------------------------
 
-def distmerge_config(method: str, base: Path, experts: list[Path], out_shard_size: int) -> dict:
+def distmerge_config(method: str, base: Path, experts: list[Path], out_shard_size: int,
+                     compute_dtype: str = "float32") -> dict:
     name, params, reads_base = METHODS[method]
     config = {"method": name, "models": [{"model": str(e)} for e in experts], "parameters": dict(params),
-              "out_shard_size": out_shard_size}
+              "out_shard_size": out_shard_size, "dtype": compute_dtype}
     if reads_base:
         config["base_model"] = str(base)
     return config
 
 
-def mergekit_config(mk_method: str, base: Path, experts: list[Path]) -> dict:
-    """Compute in float32 and write bfloat16, as distmerge does by default on bf16 inputs."""
+def mergekit_config(mk_method: str, base: Path, experts: list[Path], compute_dtype: str = "float32") -> dict:
+    """Compute in ``compute_dtype`` and write bfloat16, as distmerge does on bf16 inputs."""
     params = {"linear": {"weight": 1.0}, "task_arithmetic": {"weight": TA_LAMBDA},
               "ties": {"weight": 1.0, "density": 0.2}, "dare_ties": {"weight": 1.0, "density": 0.1},
               "dare_linear": {"weight": TA_LAMBDA, "density": 0.1},
               "breadcrumbs": {"weight": 1.0, "density": 0.9, "gamma": 0.01},
               "della": {"weight": 1.0, "density": 0.7, "epsilon": 0.15}}[mk_method]
     config = {"merge_method": mk_method, "models": [{"model": str(e), "parameters": params} for e in experts],
-              "dtype": "float32", "out_dtype": "bfloat16"}
+              "dtype": compute_dtype, "out_dtype": "bfloat16"}
     if mk_method != "linear":
         config["base_model"] = str(base)
     return config
@@ -176,6 +189,81 @@ def run_mergekit(command: list[str], config_path: Path, out: Path, log: Path) ->
     return {"seconds": seconds, "peak_rss_bytes": usage.ru_maxrss * 1024}
 
 
+def free_ports(count: int) -> list[int]:
+    import socket
+
+    sockets = [socket.socket() for _ in range(count)]
+    for sock in sockets:
+        sock.bind(("", 0))  # Ray binds some ports on every interface: free on all of them
+    ports = [sock.getsockname()[1] for sock in sockets]
+    for sock in sockets:
+        sock.close()
+    return ports
+
+
+class LocalHead:
+    """A head started by ``distmerge cluster up`` (loopback, token auth) in a state folder of its own."""
+
+    def __init__(self, root: Path, cores: int):
+        self.env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_AUTH_MODE")}
+        self.env.update(DISTMERGE_CLUSTER_DIR=str(root / "state"), RAY_AUTH_TOKEN_PATH=str(root / "token"),
+                        RAY_USAGE_STATS_ENABLED="0", DISTMERGE_WARM_WORKERS_S="120")
+        self.temp_dir = tempfile.mkdtemp(prefix="dm-bench-", dir="/tmp")  # short: Ray's unix sockets live here
+        port, dashboard, client, agent = free_ports(4)
+        up = self.cli("cluster", "up", "--num-cpus", str(cores), "--num-gpus", "0", "--port", str(port),
+                      "--dashboard-port", str(dashboard), "--client-port", str(client), "--agent-port", str(agent),
+                      "--temp-dir", self.temp_dir)
+        if up.returncode != 0:
+            raise RuntimeError(f"cluster up failed:\n{up.stdout}{up.stderr}")
+        self.gcs = f"127.0.0.1:{port}"
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "distmerge.cli", *args], env=self.env, capture_output=True,
+                              text=True, timeout=600)
+
+    def merge(self, config_path: Path, out: Path, workers: int) -> dict:
+        """One ``distmerge merge`` process, timed from its start to its exit."""
+        command = [sys.executable, "-m", "distmerge.cli", "merge", str(config_path), "--out", str(out), "--workers",
+                   str(workers), "--address", self.gcs, "--quiet"]
+        began = time.perf_counter()
+        proc = subprocess.Popen(command, env=self.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        stdout, stderr = proc.communicate()
+        seconds = time.perf_counter() - began
+        if proc.returncode != 0:
+            raise RuntimeError(f"distmerge merge failed ({proc.returncode}):\n{stdout}{stderr[-3000:]}")
+        summary = stdout.strip().splitlines()[-1]
+        return {"seconds": seconds, "warm": " warm worker(s) " in summary, "summary": summary}
+
+    def down(self) -> None:
+        self.cli("cluster", "down")
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+def whole_process_rows(methods: list[str], worker_counts: list[int], dtypes: list[str], base: Path,
+                       experts: list[Path], out_shard_size, out_root: Path, cores: int, floor_seconds,
+                       input_bytes, on_row) -> None:
+    log("whole process: starting a local head (`distmerge cluster up`), not timed")
+    head = LocalHead(out_root, cores)
+    try:
+        for dtype in dtypes:
+            for method in methods:
+                config_path = out_root / f"whole-{method}-{dtype}.yaml"
+                config_path.write_text(yaml.safe_dump(distmerge_config(method, base, experts, out_shard_size, dtype)))
+                for workers in worker_counts:
+                    for attempt in ("first", "second"):
+                        log(f"whole process: distmerge merge {method} ({dtype}), {workers} worker(s), {attempt}")
+                        out = out_root / f"whole-{method}-{dtype}-w{workers}"
+                        run = head.merge(config_path, out, workers)
+                        remove(out)
+                        on_row({"kind": "whole_process", "label": f"{method} whole process "
+                                f"({'warm' if run['warm'] else 'cold'} workers, {dtype})", "method": method,
+                                "compute_dtype": dtype, "workers": workers, "warm_workers": run["warm"],
+                                "input_bytes": input_bytes(method), "floor_seconds": floor_seconds(method), **run})
+                config_path.unlink()
+    finally:
+        head.down()
+
+
 # --- running ------------------------------------------------------------------------------------------------
 
 def remove(path: Path) -> None:
@@ -224,7 +312,14 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--out-shard-size", help="distmerge's out_shard_size; default: the family's shard size")
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--compute-dtype", default="float32", help="comma list of compute dtypes (float32, "
+                        "bfloat16) for distmerge and mergekit alike")
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma list of {', '.join(PHASES)}")
     args = parser.parse_args()
+    phases = set(args.phases.split(","))
+    if phases - set(PHASES):
+        parser.error(f"unknown phase(s) {sorted(phases - set(PHASES))}; choose from {', '.join(PHASES)}")
+    dtypes = [d.strip() for d in args.compute_dtype.split(",") if d.strip()]
 
     methods = [m.strip() for m in args.methods.split(",") if m.strip()]
     unknown = [m for m in methods if m not in METHODS]
@@ -286,28 +381,29 @@ def main() -> None:
 
         log("minimal loop: task arithmetic in one process")
         runs = []
-        for i in range(args.repeat):
+        for i in range(args.repeat if "minimal" in phases else 0):
             out = out_root / f"minimal-{i}"
             with concurrent.futures.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                 runs.append(pool.submit(minimal_loop, str(base), [str(e) for e in experts], str(out)).result())
             remove(out)
-        run = best_of(runs)
-        rows.append({"kind": "minimal_loop", "label": "minimal loop (TA, 1 process)", "workers": 1,
+        run = best_of(runs) if runs else None
+        rows.extend([] if run is None else [{"kind": "minimal_loop", "label": "minimal loop (TA, 1 process)", "workers": 1,
                      "input_bytes": bytes_with_base, "floor_seconds": floor_seconds(True),
-                     "worker_peak_rss_bytes": [run["peak_rss_bytes"]], **run})
+                     "worker_peak_rss_bytes": [run["peak_rss_bytes"]], **run}])
 
-        mergekit_best: dict[str, float] = {}
-        if args.mergekit:
+        mergekit_best: dict[tuple[str, str], float] = {}
+        for dtype in (dtypes if args.mergekit and "mergekit" in phases else []):
             cores_flag = ["--async-write", "-j", str(cores)]
             wanted = set(args.mergekit_methods.split(",")) if args.mergekit_methods else None
             for mk_method in dict.fromkeys(MERGEKIT[m][0] for m in methods if m in MERGEKIT):
                 if wanted is not None and mk_method not in wanted:
                     continue
                 config_path = out_root / f"mergekit-{mk_method}.yaml"
-                config_path.write_text(yaml.safe_dump(mergekit_config(mk_method, base, experts), sort_keys=False))
+                config_path.write_text(yaml.safe_dump(mergekit_config(mk_method, base, experts, dtype),
+                                                      sort_keys=False))
                 reads_base = mk_method != "linear"
                 for flags, label in ((cores_flag, " ".join(cores_flag)), ([], "no flags")):
-                    log(f"mergekit {mk_method} ({label})")
+                    log(f"mergekit {mk_method} ({label}, {dtype})")
                     runs = []
                     for i in range(args.repeat):
                         out = out_root / f"mergekit-{mk_method}-{i}"
@@ -316,30 +412,31 @@ def main() -> None:
                         remove(out)
                     run = best_of(runs)
                     if flags:
-                        mergekit_best[mk_method] = run["seconds"]
-                    rows.append({"kind": "mergekit", "label": f"mergekit {mk_method} ({label})", "workers": None,
-                                 "mergekit_method": mk_method, "flags": flags,
+                        mergekit_best[mk_method, dtype] = run["seconds"]
+                    rows.append({"kind": "mergekit", "label": f"mergekit {mk_method} ({label}, {dtype})",
+                                 "workers": None, "mergekit_method": mk_method, "flags": flags, "compute_dtype": dtype,
                                  "input_bytes": bytes_with_base if reads_base else bytes_experts,
                                  "floor_seconds": floor_seconds(reads_base),
-                                 "mergekit_best_seconds": mergekit_best.get(mk_method),
+                                 "mergekit_best_seconds": mergekit_best.get((mk_method, dtype)),
                                  "worker_peak_rss_bytes": [run["peak_rss_bytes"]], **run})
                 (out_root / f"mergekit-{mk_method}.log").unlink(missing_ok=True)
                 config_path.unlink()
 
         # Ray's first actors in a fresh session pay one-time costs (worker pool, module export): untimed warm-up.
-        log("distmerge warm-up (untimed): task_arithmetic, 1 worker")
-        began = time.perf_counter()
-        distmerge.merge(distmerge_config("task_arithmetic", base, experts, out_shard_size), out_root / "warmup",
-                        workers=1, progress=False)
-        info["warmup_seconds"] = round(time.perf_counter() - began, 2)
-        remove(out_root / "warmup")
+        if "inprocess" in phases:
+            log("distmerge warm-up (untimed): task_arithmetic, 1 worker")
+            began = time.perf_counter()
+            distmerge.merge(distmerge_config("task_arithmetic", base, experts, out_shard_size), out_root / "warmup",
+                            workers=1, progress=False)
+            info["warmup_seconds"] = round(time.perf_counter() - began, 2)
+            remove(out_root / "warmup")
 
-        ta_seconds: dict[int, float] = {}
-        for method in methods:
+        ta_seconds: dict[tuple[int, str], float] = {}
+        for dtype, method in ((d, m) for d in dtypes for m in methods if "inprocess" in phases):
             reads_base = METHODS[method][2]
-            config = distmerge_config(method, base, experts, out_shard_size)
+            config = distmerge_config(method, base, experts, out_shard_size, dtype)
             for workers in worker_counts:
-                log(f"distmerge {method}, {workers} worker(s)")
+                log(f"distmerge {method} ({dtype}), {workers} worker(s)")
                 runs = []
                 for i in range(args.repeat):
                     out = out_root / f"distmerge-{method}-w{workers}-{i}"
@@ -359,14 +456,33 @@ def main() -> None:
                     remove(out)
                 run = best_of(runs)
                 if method == "task_arithmetic":
-                    ta_seconds[workers] = run["seconds"]
+                    ta_seconds[workers, dtype] = run["seconds"]
                 mk = MERGEKIT.get(method)
-                rows.append({"kind": "distmerge", "label": method, "workers": workers, "config": config,
+                rows.append({"kind": "distmerge", "label": f"{method} ({dtype})", "method": method,
+                             "compute_dtype": dtype, "workers": workers, "config": config,
                              "input_bytes": bytes_with_base if reads_base else bytes_experts,
-                             "floor_seconds": floor_seconds(reads_base), "ta_seconds": ta_seconds.get(workers),
+                             "floor_seconds": floor_seconds(reads_base), "ta_seconds": ta_seconds.get((workers, dtype)),
                              "mergekit_method": mk and mk[0], "mergekit_equivalence": mk and mk[1],
-                             "mergekit_best_seconds": mk and mergekit_best.get(mk[0]), **run})
+                             "mergekit_best_seconds": mk and mergekit_best.get((mk[0], dtype)), **run})
                 save_partial()
+        ray.shutdown()
+
+        if "whole" in phases:
+            def add(row: dict) -> None:
+                method, dtype = row["method"], row["compute_dtype"]
+                mk = MERGEKIT.get(method)
+                rows.append({**row, "mergekit_method": mk and mk[0], "mergekit_equivalence": mk and mk[1],
+                             "mergekit_best_seconds": mk and mergekit_best.get((mk[0], dtype))})
+                save_partial()
+
+            whole_process_rows(methods, worker_counts, dtypes, base, experts, out_shard_size, out_root, cores,
+                               lambda m: floor_seconds(METHODS[m][2]),
+                               lambda m: bytes_with_base if METHODS[m][2] else bytes_experts, add)
+            # x TA of a whole process: against task arithmetic's whole process of the same workers, dtype, warmth
+            whole_ta = {(r["workers"], r["compute_dtype"], r["warm_workers"]): r["seconds"] for r in rows
+                        if r["kind"] == "whole_process" and r["method"] == "task_arithmetic"}
+            for row in (r for r in rows if r["kind"] == "whole_process"):
+                row["ta_seconds"] = whole_ta.get((row["workers"], row["compute_dtype"], row["warm_workers"]))
     finally:
         ray.shutdown()
         if created_root:
@@ -423,7 +539,7 @@ def print_report(info: dict, rows: list[dict]) -> None:
     for cells in table:
         print(line(cells))
     notes = {row["label"]: row["mergekit_equivalence"] for row in rows
-             if row["kind"] == "distmerge" and row.get("mergekit_equivalence") not in (None, "same")}
+             if row["kind"] in ("distmerge", "whole_process") and row.get("mergekit_equivalence") not in (None, "same")}
     for label, note in notes.items():
         print(f"x mk for {label}: {note}")
     print("\ndistmerge time per worker (read / merge / write s, busiest worker) vs wall:")
