@@ -159,15 +159,16 @@ def connect(address: str, environ: Mapping[str, str] = os.environ) -> None:
     20 s and raises a traceback. So a token at hand turns the mode on (unless RAY_AUTH_MODE says otherwise), and
     the GCS is asked once, before ``ray.init``, whether it accepts us.
 
-    A loopback address is connected to as the single-machine cluster it is: otherwise Ray swaps 127.0.0.1 for
-    this machine's address, where a head started by ``distmerge cluster up`` does not listen, and waits forever."""
+    A loopback head that listens on loopback only (``distmerge cluster up``) is connected to as the single-machine
+    cluster it is: otherwise Ray swaps 127.0.0.1 for this machine's address, where that head does not listen, and
+    waits forever."""
     token = jobs.token_at_hand(environ)
     if token is not None and not environ.get("RAY_AUTH_MODE"):
         _enable_token_mode()
     endpoint = gcs_endpoint(address)
     if endpoint is not None:
         _check_gcs(address, endpoint, token_sent=token is not None and _token_mode())
-    loopback = endpoint is not None and _is_loopback(endpoint[0])
+    loopback = endpoint is not None and _single_machine_head(*endpoint)
     try:
         with _single_machine() if loopback else contextlib.nullcontext():
             ray.init(address=address, log_to_driver=True, **({"_node_ip_address": jobs.LOOPBACK} if loopback else {}))
@@ -176,6 +177,26 @@ def connect(address: str, environ: Mapping[str, str] = os.environ) -> None:
     except ConnectionError as exc:
         raise DistmergeError(f"no Ray cluster reachable at {address}: {jobs._first_line(exc)}; start one (`ray start "
                              "--head`, `distmerge cluster up`) or fix --address/RAY_ADDRESS") from None
+
+
+def _single_machine_head(host: str, port: int) -> bool:
+    """A GCS on a loopback address that does not also answer on this machine's own address (a head started with
+    ``ray start --node-ip-address=127.0.0.1`` listens on every interface and is joined the usual way)."""
+    if not _is_loopback(host):
+        return False
+    from ray._private.services import node_ip_address_from_perspective
+
+    try:
+        own = node_ip_address_from_perspective()
+    except Exception:  # noqa: BLE001 - no route out: this machine is all there is
+        return True
+    if _is_loopback(own):
+        return True
+    try:
+        socket.create_connection((own, port), timeout=CONNECT_TIMEOUT_S).close()
+    except OSError:
+        return True
+    return False
 
 
 def _is_loopback(host: str) -> bool:
