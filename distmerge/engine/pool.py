@@ -149,15 +149,15 @@ def _claim_set(names: dict[int, str]) -> tuple[Any, list] | None:
     return None
 
 
-def _claim_parked(key: tuple, key_hash: str) -> _WarmWorkers | None:
-    """A parked set for this merge, claimed; every other parked set is stopped (it holds CPUs this merge may
-    need, as a warm set in this process would be)."""
+def _claim_parked(key: tuple | None, key_hash: str | None) -> _WarmWorkers | None:
+    """A parked set for this merge (the key's hash names it), claimed; every other parked set is stopped (it
+    holds CPUs this merge may need, as a warm set in this process would be). No key: stop them all."""
     found = None
     for (set_hash, run_id), names in _parked_sets().items():
         claimed = _claim_set(names)
         if claimed is None:
             continue
-        if found is None and set_hash == key_hash and len(names) == key[1]:
+        if found is None and set_hash == key_hash:
             found = _WarmWorkers(key, run_id, claimed[0], claimed[1], timer=None)
         else:
             _stop(*claimed, graceful=True)
@@ -166,10 +166,7 @@ def _claim_parked(key: tuple, key_hash: str) -> _WarmWorkers | None:
 
 def release_parked_workers() -> None:
     """Stop the worker sets parked on the connected cluster (another distmerge workload needs the CPUs)."""
-    for names in _parked_sets().values():
-        claimed = _claim_set(names)
-        if claimed is not None:
-            _stop(*claimed, graceful=True)
+    _claim_parked(None, None)
 
 
 def _merge_worker_class():
