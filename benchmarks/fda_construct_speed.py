@@ -107,7 +107,7 @@ def distmerge_construct(base: Path, experts: list[Path], layers: list[int], step
                         out: Path) -> dict:
     import ray
 
-    from distmerge.fda.construct import construct
+    from distmerge.fda.construction import construct
 
     ray.init(address="local", num_cpus=workers, include_dashboard=False, log_to_driver=False)
     try:

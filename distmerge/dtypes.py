@@ -13,20 +13,48 @@ purpose, each for one reason:
 
 from __future__ import annotations
 
-import torch
+from distmerge.deferred import torch
 
 # The order is the order messages list them in.
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float64": torch.float64,
-}
-NAMES: tuple[str, ...] = tuple(DTYPES)
+NAMES: tuple[str, ...] = ("float32", "float16", "bfloat16", "float64")
 FULL_PRECISION: tuple[str, ...] = ("float32", "float64")
 STORAGE: tuple[str, ...] = ("float32", "float16", "bfloat16")
 
+# Stored dtypes by their safetensors code, as torch names them. Plans and headers carry these names rather than
+# torch dtypes, so a merge's driver (which reads headers and plans, but never a tensor) does not import torch.
+SAFETENSORS: dict[str, str] = {
+    "F64": "float64", "F32": "float32", "F16": "float16", "BF16": "bfloat16", "F8_E4M3": "float8_e4m3fn",
+    "F8_E5M2": "float8_e5m2", "I64": "int64", "I32": "int32", "I16": "int16", "I8": "int8", "U8": "uint8",
+    "BOOL": "bool",
+}
+CODES: dict[str, str] = {name: code for code, name in SAFETENSORS.items()}
+ITEMSIZE: dict[str, int] = {"float64": 8, "float32": 4, "float16": 2, "bfloat16": 2, "float8_e4m3fn": 1,
+                            "float8_e5m2": 1, "int64": 8, "int32": 4, "int16": 2, "int8": 1, "uint8": 1, "bool": 1}
+FLOATING: frozenset[str] = frozenset({"float64", "float32", "float16", "bfloat16", "float8_e4m3fn", "float8_e5m2"})
 
-def torch_dtype(name: str) -> torch.dtype:
-    """The torch dtype of a name already checked against one of the tuples above."""
-    return DTYPES[name]
+
+def torch_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    """The torch dtype of a name (one of the tuples above, or a stored dtype's); a torch dtype is itself."""
+    return getattr(torch, name_of(dtype))
+
+
+def name_of(dtype: str | torch.dtype) -> str:
+    """A dtype's name as torch spells it (``bfloat16``), from the name itself or a torch dtype."""
+    return dtype if isinstance(dtype, str) else str(dtype).removeprefix("torch.")
+
+
+def itemsize(dtype: str | torch.dtype) -> int:
+    name = name_of(dtype)
+    return ITEMSIZE[name] if name in ITEMSIZE else torch_dtype(name).itemsize  # the rarer ones of .bin files
+
+
+def is_floating(dtype: str | torch.dtype) -> bool:
+    return name_of(dtype) in FLOATING
+
+
+def kind(dtype: str | torch.dtype) -> str:
+    """floating-point, complex, boolean or integer: tensors of two kinds are never the same tensor."""
+    name = name_of(dtype)
+    if name in FLOATING:
+        return "floating-point"
+    return "complex" if name.startswith("complex") else "boolean" if name == "bool" else "integer"

@@ -191,7 +191,7 @@ def check_models(merged: Checkpoint, base: Checkpoint) -> list[str]:
         if tuple(under.shape) != tuple(info.shape):
             raise InputError(f"{where(model=merged.name, file=info.file, tensor=name)}: shape {list(info.shape)} "
                              f"does not match the base's {list(under.shape)}")
-        if info.dtype.is_floating_point:
+        if dtypes.is_floating(info.dtype):
             names.append(name)
     return names
 

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from distmerge import dtypes
 from distmerge.config import load_config
 from distmerge.errors import ConfigError, InputError, where
 from distmerge.io.checkpoint import Checkpoint
@@ -107,7 +108,7 @@ def lora_sum(config_path: str | Path, out: str | Path, force: bool = False) -> S
     for name in [n for n in factors if module_of(n)[0] in dense_weights]:  # a module saved whole
         dense[name] = coefficients(config.method, method.params, by_name[name].job.weights, name)
         del factors[name]
-    full = {name: merged_dense(name, c, base, experts, by_name[name].out_dtype) for name, c in dense.items()}
+    full = {name: merged_dense(name, c, base, experts, dtypes.torch_dtype(by_name[name].out_dtype)) for name, c in dense.items()}
     state, adapted, saved = adapter_state(factors, full, sorted(base.tensors), base.read)
     task_types = {json.loads((e.path / ADAPTER_CONFIG).read_text()).get("task_type") for e in experts}
     task_type = task_types.pop() if len(task_types) == 1 else None

@@ -12,8 +12,6 @@ import re
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 from distmerge import dtypes
 from distmerge.architectures import TIED_HEADS, layer_of  # noqa: F401 (others import them from here)
 from distmerge.config import MergeConfig
@@ -38,7 +36,7 @@ class TensorSource:
 class OutputTensor:
     name: str
     shape: tuple[int, ...]
-    out_dtype: torch.dtype
+    out_dtype: str  # as torch names it: see ``distmerge.dtypes``
     merged: bool  # False: copied from the reference model
     base: TensorSource | None  # None without a base model
     experts: tuple[TensorSource, ...]
@@ -51,7 +49,7 @@ class OutputTensor:
         n = 1
         for s in self.shape:
             n *= s
-        return n * torch.empty((), dtype=self.out_dtype).element_size()
+        return n * dtypes.itemsize(self.out_dtype)
 
 
 @dataclass(frozen=True)
@@ -81,24 +79,16 @@ def plan_vocab(config: MergeConfig, base: Checkpoint | None, experts: list[Check
     return VocabPlan(out_rows, None, changed), rows
 
 
-def dtype_class(dtype: torch.dtype) -> str:
-    if dtype.is_floating_point:
-        return "floating-point"
-    if dtype.is_complex:
-        return "complex"
-    return "boolean" if dtype == torch.bool else "integer"
-
-
-def check_dtype_class(model: Checkpoint, stored: str, info, reference: torch.dtype) -> None:
+def check_dtype_class(model: Checkpoint, stored: str, info, reference: str) -> None:
     """An int tensor where the reference has weights (or the other way round) is not the same tensor: merging
     it as weights, or copying past it, would both make a broken model without a word."""
-    if dtype_class(info.dtype) != dtype_class(reference):
-        raise InputError(f"{where(model=model.name, file=info.file, tensor=stored)}: dtype {str(info.dtype).removeprefix('torch.')} "
-                         f"is {dtype_class(info.dtype)}, the reference model's is {str(reference).removeprefix('torch.')}")
+    if dtypes.kind(info.dtype) != dtypes.kind(reference):
+        raise InputError(f"{where(model=model.name, file=info.file, tensor=stored)}: dtype {info.dtype} "
+                         f"is {dtypes.kind(info.dtype)}, the reference model's is {reference}")
 
 
 def _source(model: Checkpoint, name: str, shape: tuple[int, ...], vocab_rows: int | None, vp: VocabPlan,
-            dtype: torch.dtype) -> TensorSource:
+            dtype: str) -> TensorSource:
     stored = name
     if name not in model.tensors and TIED_HEADS.search(name):
         tied = [n for n in model.tensors if vocab.INPUT_EMBEDDING.search(n)]
@@ -135,7 +125,7 @@ def resolve_tensors(config: MergeConfig, base: Checkpoint | None, experts: list[
     names = sorted(reference.tensors)
     layers = [layer_of(n)[1] for n in names]
     num_layers = max((l for l in layers if l is not None), default=-1) + 1
-    out_dtype_default = dtypes.torch_dtype(config.out_dtype) if config.out_dtype else None
+    out_dtype_default = config.out_dtype or None
     method = config.build_method()
     divides = method.divides_by_weight_sum()
     model_settings = [spec.parameters for spec in config.models]
@@ -145,7 +135,7 @@ def resolve_tensors(config: MergeConfig, base: Checkpoint | None, experts: list[
         group, layer = layer_of(name)
         ref_is_vocab = vp.out_rows is not None and vocab.is_vocab_tensor(name, info.shape, ref_rows)
         shape = (vp.out_rows,) + tuple(info.shape[1:]) if ref_is_vocab else tuple(info.shape)
-        floating = info.dtype.is_floating_point
+        floating = dtypes.is_floating(info.dtype)
         merged = floating and not any(p.search(name) for p in exclude) and \
             (not include or any(p.search(name) for p in include))
         out_dtype = out_dtype_default if (out_dtype_default is not None and floating) else info.dtype

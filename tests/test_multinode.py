@@ -47,11 +47,11 @@ def two_node_cluster():
     nodes = [head]
     address = f"127.0.0.1:{port}"
     try:
-        _wait_nodes(address, env, 1)
+        _wait_nodes(address, env, 1, nodes)
         nodes.append(subprocess.Popen([_ray_bin(), "start", f"--address={address}", "--num-cpus=1",
                                        '--resources={"node_b": 1}', *common], env=env, stdout=subprocess.DEVNULL,
                                       stderr=subprocess.DEVNULL, start_new_session=True))
-        _wait_nodes(address, env, 2)
+        _wait_nodes(address, env, 2, nodes)
         yield address, env
     finally:
         for node in reversed(nodes):
@@ -64,13 +64,21 @@ def two_node_cluster():
         shutil.rmtree(temp_dir, ignore_errors=True)
 
 
-def _wait_nodes(address: str, env: dict, count: int, timeout: float = 120) -> None:
+def _wait_nodes(address: str, env: dict, count: int, nodes: list, timeout: float = 300) -> None:
+    """Probe until ``count`` nodes are alive. On loaded cores a probe can outlast its own limit while the head
+    is still coming up: that is one more try, not a failure; a node process that exits is one."""
     probe = ("import ray, sys; ray.init(address=sys.argv[1], log_to_driver=False); "
              "print(sum(1 for n in ray.nodes() if n['Alive']))")
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
-        done = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True,
-                              timeout=120)
+        exited = [node.args[:3] for node in nodes if node.poll() is not None]
+        if exited:
+            raise AssertionError(f"a test cluster node exited while starting: {exited}")
+        try:
+            done = subprocess.run([sys.executable, "-c", probe, address], env=env, capture_output=True, text=True,
+                                  timeout=90)
+        except subprocess.TimeoutExpired:
+            continue
         if done.returncode == 0 and done.stdout.strip().splitlines()[-1:] == [str(count)]:
             return
         time.sleep(2)

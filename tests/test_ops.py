@@ -581,7 +581,7 @@ def row_chunks(shape: tuple[int, ...], rows: int):
             for a, b in execute.row_chunks(tensor, True, rows * row)]
 
 
-def output_tensor(name, shape, job, out_dtype=torch.float32):
+def output_tensor(name, shape, job, out_dtype="float32"):
     from distmerge.tensors import OutputTensor
 
     return OutputTensor(name=name, shape=tuple(shape), out_dtype=out_dtype, merged=True, base=None, experts=(),

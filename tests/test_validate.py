@@ -57,14 +57,21 @@ def test_choice_flag_and_unknown_keys():
 
 
 def test_dtype_names_and_safetensors_codes_agree():
-    """One table of names and one of on-disk codes: every name a config may give can be written and read back."""
+    """One table of names and one of on-disk codes: every name a config may give can be written and read back,
+    and each name's size and kind are torch's own."""
     import torch
 
     from distmerge import dtypes
-    from distmerge.io.checkpoint import SAFETENSORS_DTYPES as READ
-    from distmerge.io.writer import SAFETENSORS_DTYPES as WRITE
 
     assert dtypes.torch_dtype("bfloat16") is torch.bfloat16 and dtypes.torch_dtype("float64") is torch.float64
+    assert dtypes.torch_dtype(torch.int8) is torch.int8 and dtypes.name_of(torch.float8_e4m3fn) == "float8_e4m3fn"
     assert set(dtypes.FULL_PRECISION) | set(dtypes.STORAGE) == set(dtypes.NAMES)
-    assert all(READ[WRITE[dtype]] is dtype for dtype in WRITE) and len(WRITE) == len(READ)
-    assert all(dtype in WRITE for dtype in dtypes.DTYPES.values())
+    assert all(dtypes.SAFETENSORS[dtypes.CODES[name]] == name for name in dtypes.CODES)
+    assert len(dtypes.CODES) == len(dtypes.SAFETENSORS) and set(dtypes.NAMES) <= set(dtypes.CODES)
+    for name in dtypes.CODES:
+        dtype = dtypes.torch_dtype(name)
+        assert dtypes.itemsize(name) == dtype.itemsize, name
+        assert dtypes.is_floating(name) == dtype.is_floating_point, name
+    assert [dtypes.kind(n) for n in ("bfloat16", "int64", "bool", "complex64")] == \
+        ["floating-point", "integer", "boolean", "complex"]
+    assert dtypes.itemsize("complex64") == 8  # a .bin file's rarer dtype: torch's own size

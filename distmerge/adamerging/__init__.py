@@ -4,7 +4,17 @@
 the task vectors sharded over the workers by FSDP2 and writes the merge with the merge engine.
 """
 
-from distmerge.adamerging.config import AdaConfig, load_ada_config
-from distmerge.adamerging.driver import AdaResult, run
+from typing import TYPE_CHECKING
+
+from distmerge.deferred import exports
+
+if TYPE_CHECKING:
+    from distmerge.adamerging.config import AdaConfig, load_ada_config
+    from distmerge.adamerging.driver import AdaResult, run
 
 __all__ = ["AdaConfig", "AdaResult", "load_ada_config", "run"]
+
+__getattr__ = exports(__name__, {
+    "AdaConfig": "config", "load_ada_config": "config",
+    "AdaResult": "driver", "run": "driver",
+})

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
+from distmerge import dtypes
 from distmerge.architectures import group_by_layer, layer_of
 from distmerge.adamerging.gather import GroupRows, gather_merged
 from distmerge.errors import InputError, where
@@ -60,7 +61,7 @@ def plan_tensors(base: Checkpoint, experts: dict[str, Checkpoint], exclude: tupl
     excluded = [re.compile(p) for p in exclude]
     frozen = [re.compile(p) for p in freeze]
     names = sorted(n for n, info in base.tensors.items()
-                   if info.dtype.is_floating_point and not any(p.search(n) for p in excluded))
+                   if dtypes.is_floating(info.dtype) and not any(p.search(n) for p in excluded))
     if not names:
         raise InputError(f"{where(model='base', file=str(base.folder))}: no tensor is left to merge after exclude")
     for expert in experts.values():

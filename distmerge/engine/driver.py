@@ -20,11 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import ray
-import torch
 from tqdm import tqdm
 
 from distmerge import telemetry, validate
 from distmerge.config import MergeConfig, load_config
+from distmerge.deferred import torch
 from distmerge.engine import faults
 from distmerge.engine.pool import WorkerPool, WorkItem
 from distmerge.engine.ray_session import cluster_cpus, cluster_gpus, ray_session
@@ -257,9 +257,10 @@ def _check_visible(staging: Path, result: dict) -> None:
 def _resolve_deferred(method, state: dict, results: list[dict[str, Any]], staging: Path) -> dict:
     """Decisions only the whole merged model could make (the method settles them on the summed vote): patch
     the few elements the shards recorded."""
-    from safetensors.torch import load_file
 
     def apply_patches() -> int:
+        from safetensors.torch import load_file  # only methods that defer any element need torch in the driver
+
         patched = 0
         for result in results:
             if not result.get("patches"):

@@ -27,10 +27,10 @@ import stat
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from distmerge import __version__
+from distmerge.deferred import is_tensor, torch
 from distmerge.errors import OutputError
 from distmerge.io import writer
 from distmerge.io.writer import STAGING_MARK
@@ -58,7 +58,8 @@ def run_key(config_yaml: dict, checkpoints: list, plan) -> str:
     for shard in plan.shards:
         digest.update(shard.filename.encode())
         for tensor in shard.tensors:
-            digest.update(f"\0{tensor.name}:{tuple(tensor.shape)}:{tensor.out_dtype}".encode())
+            # "torch." as when this held a torch dtype: a run interrupted before an upgrade still resumes
+            digest.update(f"\0{tensor.name}:{tuple(tensor.shape)}:torch.{tensor.out_dtype}".encode())
     return digest.hexdigest()[:16]
 
 
@@ -233,7 +234,7 @@ def encode_state(state: dict) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
             return value
         if kind is float:
             return value if math.isfinite(value) else {"$float": repr(value)}
-        if isinstance(value, torch.Tensor):
+        if is_tensor(value):
             if value.is_sparse or value.is_complex() or value.is_quantized:
                 raise TypeError(f"pass state '{where}': a {value.layout}/{value.dtype} tensor cannot be saved "
                                 "for resume")

@@ -15,9 +15,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from distmerge import dtypes, telemetry
+from distmerge.deferred import torch
 from distmerge.engine import faults, parking
 from distmerge.engine.allocator import keep_freed_memory, rss_anon_bytes
 from distmerge.errors import DistmergeError, InputError, OutputError, where
@@ -198,7 +197,7 @@ class MergeWorker:
         spec = self.spec
         model, source = (spec.base, tensor.base) if spec.base is not None else (spec.experts[0], tensor.experts[0])
         for start, stop in row_chunks(tensor, True):
-            value = self._read(model, source, start, stop).to("cpu", tensor.out_dtype)
+            value = self._read(model, source, start, stop).to("cpu", dtypes.torch_dtype(tensor.out_dtype))
             began = time.perf_counter()
             writer.write(tensor.name, value)
             self.timings["write"] += time.perf_counter() - began

@@ -9,11 +9,24 @@ The math is in ``distmerge.ops.fda``; the config's fields in ``distmerge.fda.sch
 ``distmerge.fda.config``.
 """
 
-from distmerge.fda.adapt import AdaptResult, adapt
-from distmerge.fda.config import load_fda_config
-from distmerge.fda.construct import ConstructResult, construct
-from distmerge.fda.schema import FdaConfig
-from distmerge.fda.sigma import SigmaResult, choose_sigma
+from typing import TYPE_CHECKING
 
-__all__ = ["AdaptResult", "ConstructResult", "FdaConfig", "SigmaResult", "adapt", "choose_sigma", "construct",
-           "load_fda_config"]
+from distmerge.deferred import exports
+
+if TYPE_CHECKING:
+    from distmerge.fda.adaptation import AdaptResult, adapt
+    from distmerge.fda.config import load_fda_config
+    from distmerge.fda.construction import ConstructResult, construct
+    from distmerge.fda.schema import FdaConfig
+    from distmerge.fda.sigma import SigmaResult, choose_sigma
+
+__all__ = ["AdaptResult", "ConstructResult", "FdaConfig", "SigmaResult", "adapt",
+           "choose_sigma", "construct", "load_fda_config"]
+
+__getattr__ = exports(__name__, {
+    "AdaptResult": "adaptation", "adapt": "adaptation",
+    "load_fda_config": "config",
+    "ConstructResult": "construction", "construct": "construction",
+    "FdaConfig": "schema",
+    "SigmaResult": "sigma", "choose_sigma": "sigma",
+})

@@ -60,7 +60,7 @@ class SigmaResult:
 
 def run_sigma_job(spec: SigmaSpec, job: SigmaJob) -> dict[str, Any]:
     """Construction from the shared draw at one sigma, for one task: the loss only, no files."""
-    from distmerge.fda.construct import initial_anchors, load_unit_pair
+    from distmerge.fda.construction import initial_anchors, load_unit_pair
     from distmerge.fda.runner import job_device, torch_threads
     from distmerge.ops import fda
 

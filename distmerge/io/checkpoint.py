@@ -16,18 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from distmerge import dtypes
+from distmerge.deferred import torch
 from distmerge.errors import InputError, where
 
-SAFETENSORS_DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-for _name, _attr in (("F8_E4M3", "float8_e4m3fn"), ("F8_E5M2", "float8_e5m2")):
-    if hasattr(torch, _attr):
-        SAFETENSORS_DTYPES[_name] = getattr(torch, _attr)
 MAX_HEADER = 100 * 1024 * 1024
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 HUB_PATTERNS = ["*.json", "*.model", "*.txt", "*.tiktoken", "*.jinja"]
@@ -39,7 +31,7 @@ BIN_NAMES = re.compile(r"^(pytorch_model|model)(-\d+-of-\d+)?\.bin$")
 @dataclass(frozen=True)
 class TensorInfo:
     file: str  # absolute path
-    dtype: torch.dtype
+    dtype: str  # as torch names it ("bfloat16"): see ``distmerge.dtypes``
     shape: tuple[int, ...]
 
     @property
@@ -51,7 +43,7 @@ class TensorInfo:
 
     @property
     def nbytes(self) -> int:
-        return self.numel * torch.empty((), dtype=self.dtype).element_size()
+        return self.numel * dtypes.itemsize(self.dtype)
 
 
 def resolve_source(source: str, model: str) -> Path:
@@ -101,7 +93,7 @@ def read_safetensors_header(path: Path, model: str) -> dict[str, TensorInfo]:
         if name == "__metadata__":
             continue
         try:
-            dtype = SAFETENSORS_DTYPES[info["dtype"]]
+            dtype = dtypes.SAFETENSORS[info["dtype"]]
             shape = tuple(int(s) for s in info["shape"])
             begin, end = (int(x) for x in info["data_offsets"])
         except (KeyError, TypeError, ValueError) as exc:
@@ -161,7 +153,7 @@ class Checkpoint:
             if file.suffix == ".safetensors":
                 found = read_safetensors_header(file, self.name)
             else:
-                found = {k: TensorInfo(str(file), v.dtype, tuple(v.shape)) for k, v in self._load_bin(file).items()}
+                found = {k: TensorInfo(str(file), dtypes.name_of(v.dtype), tuple(v.shape)) for k, v in self._load_bin(file).items()}
             for key, info in found.items():
                 if key in tensors:
                     raise InputError(f"{where(model=self.name, file=str(file), tensor=key)}: tensor stored twice")

@@ -20,8 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from distmerge import dtypes
+from distmerge.deferred import torch
 from distmerge.errors import InputError, where
 from distmerge.io.checkpoint import Checkpoint, TensorInfo, read_safetensors_header, resolve_source
 
@@ -147,7 +147,7 @@ class LoraCheckpoint(Checkpoint):
     def _stored(self) -> dict[str, TensorInfo]:
         if self.adapter_file.suffix == ".safetensors":
             return read_safetensors_header(self.adapter_file, self.name)
-        return {k: TensorInfo(str(self.adapter_file), v.dtype, tuple(v.shape)) for k, v in self._bin().items()}
+        return {k: TensorInfo(str(self.adapter_file), dtypes.name_of(v.dtype), tuple(v.shape)) for k, v in self._bin().items()}
 
     def _bin(self) -> dict[str, torch.Tensor]:
         key = str(self.adapter_file)

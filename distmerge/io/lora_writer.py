@@ -22,8 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from distmerge.deferred import torch
 from distmerge.errors import OutputError
 from distmerge.io.lora import ADAPTER_CONFIG, PEFT_PREFIX
 from distmerge.io.writer import check_target, discard, finalize, make_staging, write_json, write_safetensors

@@ -12,9 +12,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import torch
-
 from distmerge.architectures import INPUT_EMBEDDING, VOCAB_TENSOR  # noqa: F401 (others import them from here)
+from distmerge.deferred import torch
 
 
 @dataclass(frozen=True)

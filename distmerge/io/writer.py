@@ -13,10 +13,9 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from distmerge import dtypes
+from distmerge.deferred import torch
 from distmerge.errors import OutputError
-from distmerge.io.checkpoint import SAFETENSORS_DTYPES as READ_DTYPES
 
 STAGING_MARK = ".distmerge-staging-"
 
@@ -171,9 +170,6 @@ def write_index(staging: Path, shard_results: list[dict[str, Any]], metadata: di
                                     "weight_map": dict(sorted(weight_map.items()))})
 
 
-SAFETENSORS_DTYPES = {dtype: code for code, dtype in READ_DTYPES.items()}  # torch dtype -> on-disk code
-
-
 class ShardWriter:
     """A safetensors file written tensor by tensor, chunk by chunk, as the merge produces them.
 
@@ -183,7 +179,7 @@ class ShardWriter:
     is written. The file appears under its name only once complete (temporary name, fsync, rename).
     """
 
-    def __init__(self, path: Path, entries: list[tuple[str, torch.dtype, tuple[int, ...]]],
+    def __init__(self, path: Path, entries: list[tuple[str, str | torch.dtype, tuple[int, ...]]],
                  metadata: dict[str, str] | None = None):
         import hashlib
 
@@ -194,8 +190,8 @@ class ShardWriter:
         self.sizes: dict[str, int] = {}
         offset = 0
         for name, dtype, shape in entries:
-            nbytes = _numel(shape) * torch.empty((), dtype=dtype).element_size()
-            header[name] = {"dtype": SAFETENSORS_DTYPES[dtype], "shape": list(shape),
+            nbytes = _numel(shape) * dtypes.itemsize(dtype)
+            header[name] = {"dtype": dtypes.CODES[dtypes.name_of(dtype)], "shape": list(shape),
                             "data_offsets": [offset, offset + nbytes]}
             self.order.append(name)
             self.sizes[name] = nbytes

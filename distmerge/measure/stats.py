@@ -24,8 +24,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
+from distmerge.deferred import torch
 from distmerge.errors import InputError
 
 FORMAT = 1
@@ -43,7 +42,7 @@ def model_fingerprint(checkpoint) -> dict[str, str]:
     """What identifies an expert: its config.json and its tensors' names, shapes and dtypes (hashed)."""
     config = checkpoint.config
     config_text = json.dumps(config, sort_keys=True) if config is not None else ""
-    listing = json.dumps(sorted((name, list(info.shape), str(info.dtype)) for name, info in checkpoint.tensors.items()))
+    listing = json.dumps(sorted((name, list(info.shape), f"torch.{info.dtype}") for name, info in checkpoint.tensors.items()))
     return {"config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
             "tensors_sha256": hashlib.sha256(listing.encode()).hexdigest()}
 

@@ -13,9 +13,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
-import torch
-
 from distmerge import validate
+from distmerge.deferred import torch
 from distmerge.errors import ConfigError
 from distmerge.methods.execute import ArtifactStream, ChunkResult, add_partials
 from distmerge.ops.task_vectors import task_vectors

@@ -9,8 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from distmerge.deferred import torch
 from distmerge.methods.base import MergeMethod, stack_task_vectors
 from distmerge.methods.execute import ChunkResult
 from distmerge.ops import emr as ops

@@ -14,13 +14,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
-import torch
-
+from distmerge import dtypes
+from distmerge.deferred import torch
 from distmerge.errors import MergeError
 
 CHUNK_ELEMENTS = 1 << 18
 
-Inputs = tuple["torch.Tensor | None", list[torch.Tensor]]
+Inputs = tuple["torch.Tensor | None", "list[torch.Tensor]"]
 Reader = Callable[[Any, "int | None", "int | None"], Inputs]  # (OutputTensor, start row, stop row)
 
 
@@ -221,10 +221,10 @@ def merge_tensor(method, tensor, state: dict, read: Reader, sink: Sink, deferred
         base, experts = read(tensor, start, stop)
         offset = chunk_offset(tensor, start)
         result = method.merge(base, experts, tensor.job, offset, state)
-        merged = result.merged.to("cpu", tensor.out_dtype)
+        merged = result.merged.to("cpu", dtypes.torch_dtype(tensor.out_dtype))
         check_finite_output(tensor.name, merged, method.name)
         if result.deferred is not None:
-            deferred.add(tensor.name, offset, result.deferred, tensor.out_dtype)
+            deferred.add(tensor.name, offset, result.deferred, dtypes.torch_dtype(tensor.out_dtype))
         if stream is not None:
             for key, values in stream.add(result.artifacts):
                 sink.artifact(key, values)
@@ -250,9 +250,10 @@ def settle(method, state: dict, deferred_vote: int, apply_patches: Callable[[], 
     return state
 
 
-def merge_in_memory(method, tensors, read: Reader, artifact_dtype: torch.dtype = torch.float32,
+def merge_in_memory(method, tensors, read: Reader, artifact_dtype: str | torch.dtype = "float32",
                     chunker: Chunker = row_chunks) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """The whole protocol in one process (tests, small models): (merged weights, artifacts, final state)."""
+    artifact_dtype = dtypes.torch_dtype(dtypes.name_of(artifact_dtype))
     merged = [t for t in tensors if t.merged]
     state = method.initial_state([t.job for t in merged])
     state = run_passes(method, state, lambda name, s: pass_partial(method, name, s, merged, read, chunker))
@@ -264,7 +265,7 @@ def merge_in_memory(method, tensors, read: Reader, artifact_dtype: torch.dtype =
 
 
 def merge_tensor_dicts(method, base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]],
-                       given: list[dict[str, Any]] | None = None, out_dtype: torch.dtype = torch.float32,
+                       given: list[dict[str, Any]] | None = None, out_dtype: str | torch.dtype = "float32",
                        chunker: Chunker = row_chunks) -> tuple[dict[str, torch.Tensor], dict]:
     """``merge_in_memory`` on tensors held in dicts (name -> tensor, every tensor merged, one job each); the
     experts are models e0, e1, ... with per-model settings ``given``. Returns (merged weights, final state)."""
@@ -278,12 +279,12 @@ def merge_tensor_dicts(method, base: dict[str, torch.Tensor], experts: list[dict
         weights = per_model.pop("weight")
         job = TensorJob(name=name, numel=base[name].numel(), model_names=tuple(f"e{i}" for i in range(len(experts))),
                         weights=weights, per_model=per_model, per_tensor=per_tensor)
-        tensors.append(OutputTensor(name=name, shape=tuple(base[name].shape), out_dtype=out_dtype, merged=True,
-                                    base=None, experts=(), job=job, group=name, layer=None))
+        tensors.append(OutputTensor(name=name, shape=tuple(base[name].shape), out_dtype=dtypes.name_of(out_dtype),
+                                    merged=True, base=None, experts=(), job=job, group=name, layer=None))
 
     def read(tensor, start, stop):
         cut = (lambda v: v) if start is None else (lambda v: v[start:stop])
         return cut(base[tensor.name]), [cut(e[tensor.name]) for e in experts]
 
-    merged, _, state = merge_in_memory(method, tensors, read, torch.float32, chunker)
+    merged, _, state = merge_in_memory(method, tensors, read, "float32", chunker)
     return merged, state

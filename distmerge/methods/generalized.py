@@ -24,8 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from distmerge.deferred import torch
 from distmerge.errors import ConfigError
 from distmerge.methods.base import TaskVectorMethod, require_number, stack_task_vectors
 from distmerge.methods.execute import ChunkResult, Deferred

@@ -10,8 +10,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-import torch
-
+from distmerge.deferred import torch
 from distmerge.dtypes import FULL_PRECISION
 from distmerge.errors import ConfigError, InputError
 from distmerge.methods.base import TaskVectorMethod, require_choice, require_number

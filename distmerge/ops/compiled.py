@@ -14,7 +14,8 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import numpy as np
-import torch
+
+from distmerge.deferred import torch
 
 LOG = logging.getLogger(__name__)
 BLOCK = 2048  # elements per inner block: the per-block arrays of a few tasks stay in L1

@@ -14,7 +14,8 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import torch
+
+from distmerge.deferred import torch
 
 MASK_BLOCK = 1 << 20
 WORDS_PER_DRAW = 4  # 16-bit words in one 64-bit PCG64 output

@@ -12,8 +12,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
+from distmerge.deferred import torch
 from distmerge.ops.compiled import BLOCK, flat_views, kernels, takes
 
 

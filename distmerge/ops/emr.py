@@ -7,8 +7,7 @@ size), so the engine accumulates ``sum|x| / numel`` per chunk.
 
 from __future__ import annotations
 
-import torch
-
+from distmerge.deferred import torch
 from distmerge.ops import emr_fused
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+from distmerge.deferred import torch
 
 NORM_FLOOR = 1e-6  # 0.1.5's clamp of the norm product
 SINGULAR = 1e-6  # |denominator| below this keeps the base

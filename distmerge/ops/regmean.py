@@ -20,9 +20,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-import torch
+from distmerge.deferred import torch
 
-GRAM_DTYPE = torch.float64
 
 
 @dataclass(frozen=True)
@@ -45,7 +44,7 @@ class GramSum:
 
 
 def empty_gram(features: int, device: torch.device | str = "cpu") -> GramSum:
-    return GramSum(torch.zeros((features, features), dtype=GRAM_DTYPE, device=device), 0)
+    return GramSum(torch.zeros((features, features), dtype=torch.float64, device=device), 0)
 
 
 def gram_of_inputs(inputs: torch.Tensor, token_mask: torch.Tensor | None = None) -> GramSum:
@@ -56,7 +55,7 @@ def gram_of_inputs(inputs: torch.Tensor, token_mask: torch.Tensor | None = None)
     rows = inputs.reshape(-1, inputs.shape[-1])
     if token_mask is not None:
         rows = rows[token_mask.reshape(-1).to(device=rows.device, dtype=torch.bool)]
-    wide = rows.to(GRAM_DTYPE)  # bf16/fp16/fp32 activations convert exactly; products then round at 2**-53
+    wide = rows.to(torch.float64)  # bf16/fp16/fp32 activations convert exactly; products then round at 2**-53
     return GramSum(wide.T @ wide, int(wide.shape[0]))
 
 
@@ -79,14 +78,14 @@ def regmean_linear(weights: Sequence[torch.Tensor], grams: Sequence[torch.Tensor
         raise ValueError(f"regmean needs one Gram per expert weight, got {len(weights)} weights, {len(grams)} Grams")
     scales = [1.0] * len(weights) if model_weights is None else [float(w) for w in model_weights]
     device = weights[0].device
-    system = torch.zeros_like(grams[0], dtype=GRAM_DTYPE, device=device)
-    rhs = torch.zeros((weights[0].shape[1], weights[0].shape[0]), dtype=GRAM_DTYPE, device=device)
+    system = torch.zeros_like(grams[0], dtype=torch.float64, device=device)
+    rhs = torch.zeros((weights[0].shape[1], weights[0].shape[0]), dtype=torch.float64, device=device)
     average = torch.zeros_like(rhs)
     for weight, gram, scale in zip(weights, grams, scales):
         if gram.shape != (weight.shape[1], weight.shape[1]):
             raise ValueError(f"Gram of shape {tuple(gram.shape)} does not fit a weight of shape {tuple(weight.shape)}")
-        shrunk = shrink_off_diagonal(gram.to(device, GRAM_DTYPE), alpha) * scale
-        weight_t = weight.to(GRAM_DTYPE).T
+        shrunk = shrink_off_diagonal(gram.to(device, torch.float64), alpha) * scale
+        weight_t = weight.to(torch.float64).T
         system += shrunk
         rhs += shrunk @ weight_t
         average += scale * weight_t

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
+from distmerge.deferred import torch
 
 DOT_THRESHOLD = 0.9995
 SLERP_EPS = 1e-8

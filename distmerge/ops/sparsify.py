@@ -22,14 +22,14 @@ reproduced; only their distribution is the same.
 from __future__ import annotations
 
 import numpy as np
-import torch
 
+from distmerge.deferred import torch
 from distmerge.ops import dare
 from distmerge.ops.ties import HIGH_BINS, l1_rescale, locate_rank
 
 WORD_RANGE = 65536.0  # 2**16 values of one stream word
 # the key of every NaN (one above inf's bit pattern) by the dtype whose bits are the keys
-NAN_KEYS = {torch.bfloat16: 0x7F81, torch.float16: 0x7C01, torch.float32: 0x7F800001}
+NAN_KEYS = {"torch.bfloat16": 0x7F81, "torch.float16": 0x7C01, "torch.float32": 0x7F800001}
 BLOCK_ELEMENTS = 1 << 16  # DELLA works on blocks of whole rows about this size (float64 temporaries in cache)
 
 
@@ -109,9 +109,9 @@ def magnitude_keys(values: torch.Tensor) -> torch.Tensor:
     the other NaNs, so all NaN patterns become one key, one above inf.
     """
     if values.dtype in (torch.bfloat16, torch.float16):
-        return (values.view(torch.int16) & 0x7FFF).clamp_(max=NAN_KEYS[values.dtype])
+        return (values.view(torch.int16) & 0x7FFF).clamp_(max=NAN_KEYS[str(values.dtype)])
     wide = values if values.dtype == torch.float32 else values.abs().float()
-    return (wide.view(torch.int32) & 0x7FFFFFFF).clamp_(max=NAN_KEYS[torch.float32])
+    return (wide.view(torch.int32) & 0x7FFFFFFF).clamp_(max=NAN_KEYS["torch.float32"])
 
 
 def stable_rank_window(keys: torch.Tensor, start: int, stop: int) -> torch.Tensor:

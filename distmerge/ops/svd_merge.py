@@ -24,7 +24,7 @@ Neither official code fixes alpha: both choose it on validation data over 0.1, 0
 
 from __future__ import annotations
 
-import torch
+from distmerge.deferred import torch
 
 COMMON_SPACE_FRACTION = 0.8  # iso-merging config/method/iso_cts.yaml
 

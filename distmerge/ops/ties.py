@@ -18,8 +18,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import torch
-
+from distmerge.deferred import torch
 from distmerge.ops.task_vectors import broadcast_weights
 
 HIGH_BINS = 1 << 16

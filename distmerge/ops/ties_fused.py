@@ -18,8 +18,8 @@ import threading
 from collections.abc import Sequence
 
 import numpy as np
-import torch
 
+from distmerge.deferred import torch
 from distmerge.ops.compiled import BLOCK, flat_views, kernels, takes
 
 

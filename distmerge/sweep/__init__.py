@@ -4,7 +4,17 @@ Inputs are read once per sweep by holder actors that keep them resident; each tr
 parameters on the holders and scores the merged model in memory. See ``distmerge.sweep.driver``.
 """
 
-from distmerge.sweep.driver import SweepError, SweepResult, run_sweep
-from distmerge.sweep.spec import SweepSpec, load_sweep
+from typing import TYPE_CHECKING
+
+from distmerge.deferred import exports
+
+if TYPE_CHECKING:
+    from distmerge.sweep.driver import SweepError, SweepResult, run_sweep
+    from distmerge.sweep.spec import SweepSpec, load_sweep
 
 __all__ = ["SweepError", "SweepResult", "SweepSpec", "load_sweep", "run_sweep"]
+
+__getattr__ = exports(__name__, {
+    "SweepError": "driver", "SweepResult": "driver", "run_sweep": "driver",
+    "SweepSpec": "spec", "load_sweep": "spec",
+})

@@ -89,7 +89,7 @@ class TaskVectorHolder:
                 value = self._read(model, source, cache)
                 if value.is_floating_point():  # as the engine copies: through the compute dtype
                     value = value.to(self.dtype)
-                self.copies[tensor.name] = value.to(tensor.out_dtype)
+                self.copies[tensor.name] = value.to(dtypes.torch_dtype(tensor.out_dtype))
         self.read_seconds = time.perf_counter() - began
         return self.report()
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from distmerge import dtypes
 from distmerge.io import writer
 from distmerge.io.checkpoint import Checkpoint
 from distmerge.io.lora import open_checkpoint
@@ -58,7 +59,7 @@ def router_device(device: str) -> str:
 
 
 def floating_tensors(checkpoint: Checkpoint) -> list[str]:
-    return sorted(n for n, info in checkpoint.tensors.items() if info.dtype.is_floating_point)
+    return sorted(n for n, info in checkpoint.tensors.items() if dtypes.is_floating(info.dtype))
 
 
 def compress_all(config: TwinConfig, staging: Path, experts: list[Checkpoint], workers: int | None,

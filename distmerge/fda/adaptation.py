@@ -21,7 +21,7 @@ from typing import Any, Callable
 from distmerge.engine.resume import make_private_folder
 from distmerge.errors import InputError, OutputError, where
 from distmerge.fda.schema import FdaConfig, engine_merge_config
-from distmerge.fda.construct import ANCHORS, TARGETS, anchor_files, read_anchor_meta
+from distmerge.fda.construction import ANCHORS, TARGETS, anchor_files, read_anchor_meta
 from distmerge.fda.inputs import FdaInputs, check_unit, open_inputs
 from distmerge.io.checkpoint import Checkpoint
 
