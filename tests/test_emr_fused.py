@@ -9,6 +9,7 @@ import torch
 
 from distmerge.methods import build_method
 from distmerge.methods.base import TensorJob
+from distmerge.methods.execute import add_partials
 from distmerge.ops import emr as emr_ops
 from distmerge.ops import emr_fused
 from distmerge.ops.task_vectors import task_vectors
@@ -58,27 +59,33 @@ def test_the_method_gives_the_same_artifacts_and_rescalers_without_numba(monkeyp
     job = TensorJob(name="w", numel=base.numel(), model_names=("a", "b", "c"), weights=(1.0, 1.0, 1.0))
 
     def run():
+        assert method.next_pass({}) is None  # the rescaler sums come with the merge: one read of the inputs
         totals = None
-        for rows in ((0, 6), (6, 13)):
-            totals = method.add_stats(totals, "rescale", base[slice(*rows)], [e[slice(*rows)] for e in experts],
-                                      job, rows[0] * 97, {})
-        state = method.finish_pass("rescale", totals, {})
         stream = method.artifact_stream(type("T", (), {"name": "w", "job": job})(), torch.float32)
         pieces = []
         for rows in ((0, 6), (6, 13)):  # 6 * 97 mask bits: the packer carries the odd bits over
-            result = method.merge(base[slice(*rows)], [e[slice(*rows)] for e in experts], job, rows[0] * 97, state)
+            result = method.merge(base[slice(*rows)], [e[slice(*rows)] for e in experts], job, rows[0] * 97, {})
             pieces += stream.add(result.artifacts)
-        return state, pieces + stream.finish()
+            totals = add_partials(totals, result.partial)
+        return method.finish_merge(totals, {}), pieces + stream.finish()
 
     calls = []
     compiled = emr_fused.elect
     monkeypatch.setattr(emr_fused, "elect", lambda *a, **k: calls.append(1) or compiled(*a, **k))
     fused_state, fused = run()
-    assert len(calls) == 4  # two chunks in the pass, two in the merge
+    assert len(calls) == 2  # one call a chunk: the election, with its sums
     monkeypatch.setattr(emr_fused, "_kernels", lambda: None)
     plain_state, plain = run()
-    assert len(calls) == 4
+    assert len(calls) == 2
     assert fused_state["rescalers"] == plain_state["rescalers"]
+    # the rescalers a pass over the same chunks gave before the merge took the sums over: the same bits
+    passed = None
+    for rows in ((0, 6), (6, 13)):
+        chunk_base, chunk_experts = base[slice(*rows)], [e[slice(*rows)] for e in experts]
+        tv = torch.stack([e - chunk_base for e in chunk_experts])
+        unified, masks = emr_ops.elect(tv)
+        passed = add_partials(passed, {"sums": emr_ops.rescaler_sums(tv, unified, masks, job.numel)})
+    assert fused_state["rescalers"] == emr_ops.rescalers(passed["sums"])
     assert [k for k, _ in fused] == [k for k, _ in plain]
     for (_, a), (_, b) in zip(fused, plain):
         assert a.dtype == b.dtype and torch.equal(a.view(torch.uint8) if a.dtype == torch.uint8 else _bits(a),

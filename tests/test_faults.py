@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -207,3 +208,31 @@ def test_progress_reports_bytes_and_summary(ties_config, tmp_path, capsys):
     assert all(r["peak_anon_bytes"] > 0 for r in result.worker_reports)
     card = (tmp_path / "merged" / "README.md").read_text()
     assert "read:" in card and "merge:" in card and "write:" in card and "peak_anon_mib" in card
+
+
+def test_an_interrupted_emr_merge_resumes_to_the_clean_runs_rescalers(llama_family, tmp_path):
+    """EMR's rescaler sums come with the merge, shard by shard: a resumed run takes the finished shards' sums
+    from their manifest records and writes the clean run's bytes, emr/index.json included; a record without
+    them (written before merge partials existed) is merged again."""
+    base, experts = llama_family
+    config = merge_config(base, experts, "emr")
+    clean = tmp_path / "clean"
+    merge(config, clean, workers=2, progress=False)
+    config_path = tmp_path / "merge.yaml"
+    config_path.write_text(yaml.safe_dump(config))
+    out = tmp_path / "merged"
+    killed = _cli_merge(config_path, out, {FAULT: "driver_exit_after_shards=3"})
+    assert killed.returncode == 3, killed.stderr[-2000:]
+    staging = next(p for p in tmp_path.iterdir() if p.name.startswith(f".merged{STAGING_MARK}"))
+    manifest = staging / ".distmerge-manifest.jsonl"
+    lines = [json.loads(line) for line in manifest.read_text().splitlines()]
+    shards = [record for record in lines if "shard" in record]
+    assert len(shards) >= 3 and all(record["partials"] for record in shards)
+    del shards[0]["partials"]
+    manifest.write_text("".join(json.dumps(record) + "\n" for record in lines))
+
+    rerun = merge(config_path, out, workers=2, progress=False)
+    assert f"reused {len(shards) - 1} verified shard(s)" in rerun.summary()
+    assert model_files(out) == model_files(clean)
+    assert json.loads((out / "emr" / "index.json").read_text())["metadata"]["rescalers"] == \
+        json.loads((clean / "emr" / "index.json").read_text())["metadata"]["rescalers"]

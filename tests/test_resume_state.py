@@ -292,3 +292,24 @@ def test_the_engine_refuses_a_staging_folder_others_could_write(interrupted, tmp
     assert str(staging) in str(refused.value) and "remove it" in str(refused.value)
     assert not marker.exists() and not out.exists()
     assert sorted(p.name for p in staging.iterdir()) == before  # nothing of it deleted or rewritten
+
+
+def test_merge_partials_round_trip_exactly_through_json():
+    """A shard's merge partials travel in its manifest record: float64 sums come back bit for bit."""
+    from distmerge.methods.execute import partial_from_json, partial_to_json
+
+    g = torch.Generator().manual_seed(3)
+    partial = {"sums": torch.rand(2, 5, generator=g, dtype=torch.float64) * 1e-7, "count": 17, "scale": 0.1,
+               "hist": torch.randint(0, 1 << 40, (4,), generator=g)}
+    document = json.loads(json.dumps(partial_to_json(partial)))
+    back = partial_from_json(document)
+    assert torch.equal(back["sums"], partial["sums"]) and back["sums"].dtype == torch.float64
+    assert torch.equal(back["hist"], partial["hist"]) and back["count"] == 17 and back["scale"] == 0.1
+    assert math.isfinite(back["scale"])
+    for bad in ({"sums": {"dtype": "float64", "shape": [2], "values": [1.0]}},
+                {"sums": {"dtype": "object", "shape": [1], "values": [1.0]}},
+                {"sums": [1.0, 2.0]}, ["not", "a", "mapping"]):
+        with pytest.raises(ValueError):
+            partial_from_json(bad)
+    with pytest.raises(TypeError, match="'state'"):
+        partial_to_json({"state": "text"})

@@ -114,7 +114,8 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
         run = RunFolder(out, run_key(config.to_yaml_dict(), models, plan))
         if not resume:
             run.discard()
-        finished = run.open()
+        # A shard recorded before merge partials existed lacks its share of them: merged again.
+        finished = {s: r for s, r in run.open().items() if "partials" in r}
         resumed = len(finished)
         try:
             count = len(plan.assignment)
@@ -139,6 +140,7 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
                 raise
             # Workers wait for the next merge only where Ray outlives this one and nothing else needs the CPUs.
             pool.shutdown(keep_warm=(session.borrowed and session.outermost) or session.on_cluster)
+            state = method.finish_merge(_merge_partials(results), state)
             state = _resolve_deferred(method, state, results, run.path)
             seconds = time.perf_counter() - began
             summary = _finish_folder(run.path, config, method, state, base, experts, vocab_plan, results, reports,
@@ -252,6 +254,22 @@ def _check_visible(staging: Path, result: dict) -> None:
             raise OutputError(f"shard '{file['name']}' written on node {result.get('node')} is not visible at "
                               f"'{path}' from the driver: the output folder must be on a filesystem every node "
                               "mounts at the same path (NFS, Lustre, a mounted bucket)")
+
+
+def _merge_partials(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """The shards' merge partials summed in (shard, group) order, as a pass sums its partials: the same bits
+    whatever the worker count, the timing or a resume."""
+    totals = None
+    for result in sorted(results, key=lambda r: r["shard"]):
+        partials = result.get("partials") or {}
+        for group in sorted(partials, key=int):
+            try:
+                part = execute.partial_from_json(partials[group])
+            except ValueError as exc:
+                raise OutputError(f"shard '{result['filename']}': its merge partials are unreadable ({exc}); rerun "
+                                  "with --no-resume") from None
+            totals = add_partials(totals, part)
+    return totals or {}
 
 
 def _resolve_deferred(method, state: dict, results: list[dict[str, Any]], staging: Path) -> dict:

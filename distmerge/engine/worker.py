@@ -71,6 +71,9 @@ class MergeWorker:
         # Deferred decisions of the shard being merged: its share of the model-wide vote and the elements to
         # rewrite should the method say so once every shard is in; written beside the shard.
         self.deferred = execute.DeferredLog()
+        # The shard's merge partials by layer group (``ChunkResult.partial``), summed per group as a pass sums
+        # them, and sent with the shard's result (JSON: its manifest record keeps them for a resume).
+        self.partials: dict[int, dict[str, Any]] = {}
         if getattr(self, "lease", None) is None:  # a reset keeps the lease of the set's first merge
             self.lease = parking.Lease(spec.lease) if spec.lease is not None else None
 
@@ -151,13 +154,20 @@ class MergeWorker:
 
     def _merge_group(self, state: dict, shard_index: int, group_index: int) -> dict[str, Any]:
         writer = self._shard_writer(shard_index)
-        for group in self._groups(shard_index, group_index):
+        groups = self._groups(shard_index, group_index)
+        indices = [group_index] if group_index is not None else range(len(groups))
+        for index, group in zip(indices, groups):
+            totals = None
             for tensor in group.tensors:
                 if tensor.merged:
-                    self._merge_tensor(tensor, state, writer)
+                    part = self._merge_tensor(tensor, state, writer)
+                    if part is not None:
+                        totals = add_partials(totals, part)
                 else:
                     self._copy_tensor(tensor, writer)
                 self._reconciled.clear()
+            if totals is not None:
+                self.partials[index] = totals
         self._sample_memory()
         self.groups_merged += 1
         telemetry.count("distmerge_layer_groups_merged", 1)
@@ -178,6 +188,7 @@ class MergeWorker:
                     raise OutputError(f"cannot write '{path}': {exc.strerror}") from None
             self.writer = ShardWriter(path, [(t.name, t.out_dtype, tuple(t.shape)) for t in shard.tensors])
             self.writer_shard = shard_index
+            self.partials = {}
             self.artifact_writer = self._artifact_writer(shard)
         return self.writer
 
@@ -202,13 +213,14 @@ class MergeWorker:
             writer.write(tensor.name, value)
             self.timings["write"] += time.perf_counter() - began
 
-    def _merge_tensor(self, tensor: OutputTensor, state: dict, writer: ShardWriter) -> None:
+    def _merge_tensor(self, tensor: OutputTensor, state: dict, writer: ShardWriter) -> dict[str, Any] | None:
         read_before, write_before = self.timings["read"], self.timings["write"]
         began = time.perf_counter()
         sink = _TimedSink(writer, self.artifact_writer, self.timings)
-        execute.merge_tensor(self.spec.method, tensor, state, self._inputs, sink, self.deferred, self.dtype)
+        part = execute.merge_tensor(self.spec.method, tensor, state, self._inputs, sink, self.deferred, self.dtype)
         spent = time.perf_counter() - began
         self.timings["merge"] += spent - (self.timings["read"] - read_before) - (self.timings["write"] - write_before)
+        return part
 
     def finish_shard(self, shard_index: int) -> dict[str, Any]:
         """Write the shard (and its artifacts, and its deferred patches) atomically inside the staging folder."""
@@ -216,6 +228,7 @@ class MergeWorker:
         writer, self.writer, self.writer_shard = self.writer, None, None
         artifacts, self.artifact_writer = self.artifact_writer, None
         deferred, self.deferred = self.deferred, execute.DeferredLog()
+        partials, self.partials = self.partials, {}
         if self.failed_shard == shard_index or writer is None or writer.path.name != shard.filename \
                 or not writer.complete or (artifacts is not None and not artifacts.complete):
             for open_writer in (writer, artifacts):
@@ -246,6 +259,7 @@ class MergeWorker:
             files.append(self._write(tensors, staging / patches))
         result = {"shard": shard_index, "filename": shard.filename, "tensors": written, "bytes": nbytes,
                   "artifacts": artifact, "deferred_vote": deferred.vote, "patches": patches, "files": files,
+                  "partials": {str(g): execute.partial_to_json(p) for g, p in sorted(partials.items())},
                   "node": _node_id()}
         self.timings["write"] += time.perf_counter() - began
         self._sample_memory()

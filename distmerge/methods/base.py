@@ -115,6 +115,11 @@ class MergeMethod:
         """Turn the summed partials of a pass into state for the next pass or the merge."""
         raise NotImplementedError(f"{self.name} has no pass {pass_name!r}")
 
+    def finish_merge(self, totals: dict[str, Any], state: dict) -> dict:
+        """After every chunk is merged: the state from the summed ``ChunkResult.partial`` of all chunks (summed
+        in the order a pass sums its partials), for the card and the artifacts' index (EMR's rescalers)."""
+        return state
+
     def divides_by_weight_sum(self) -> bool:
         """True when the merge divides by the sum of the models' weights (a zero sum is then refused)."""
         return False

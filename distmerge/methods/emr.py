@@ -28,26 +28,20 @@ class Emr(MergeMethod):
     artifact_folder = "emr"
     per_model_keys = frozenset()
 
-    def next_pass(self, state):
-        return None if "rescalers" in state else "rescale"
-
-    def stats(self, pass_name, base, experts, job, offset, state):
-        if base is not None and emr_fused.available(base, *experts):
-            _, _, abs_task, abs_masked = emr_fused.elect(base, experts, with_sums=True)
-            return {"sums": ops.magnitude_sums(abs_task, abs_masked, job.numel)}
-        task_vector = stack_task_vectors(base, experts)
-        unified, masks = ops.elect(task_vector)
-        return {"sums": ops.rescaler_sums(task_vector, unified, masks, job.numel)}
-
-    def finish_pass(self, pass_name, totals, state):
-        return {**state, "rescalers": ops.rescalers(totals["sums"])}
-
+    # The rescalers only go into emr/index.json, never into a written value: their sums come with the merge
+    # (one read of every input) instead of a pass before it (two reads).
     def merge(self, base, experts, job, offset, state):
         if base is not None and emr_fused.available(base, *experts):
-            unified, masks = emr_fused.elect(base, experts)
+            unified, masks, abs_task, abs_masked = emr_fused.elect(base, experts, with_sums=True)
+            sums = ops.magnitude_sums(abs_task, abs_masked, job.numel)
         else:
-            unified, masks = ops.elect(stack_task_vectors(base, experts))
-        return ChunkResult(base, artifacts={"vector": unified, "mask": masks})
+            task_vector = stack_task_vectors(base, experts)
+            unified, masks = ops.elect(task_vector)
+            sums = ops.rescaler_sums(task_vector, unified, masks, job.numel)
+        return ChunkResult(base, artifacts={"vector": unified, "mask": masks}, partial={"sums": sums})
+
+    def finish_merge(self, totals, state):
+        return {**state, "rescalers": ops.rescalers(totals["sums"])}
 
     def artifact_entries(self, tensor, dtype):
         tasks = len(tensor.job.model_names)

@@ -11,11 +11,12 @@ and what its deferred decisions mean, so nothing here names a method.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Protocol
 
 from distmerge import dtypes
-from distmerge.deferred import torch
+from distmerge.deferred import is_tensor, torch
 from distmerge.errors import MergeError
 
 CHUNK_ELEMENTS = 1 << 18
@@ -42,6 +43,9 @@ class ChunkResult:
     merged: torch.Tensor
     artifacts: dict[str, torch.Tensor] = field(default_factory=dict)  # handed to the method's ArtifactStream
     deferred: Deferred | None = None
+    # A summable share of a reduction only the finished merge needs (``MergeMethod.finish_merge``): computed
+    # from the chunk the merge has in hand, it saves a pass that would read every input again.
+    partial: dict[str, Any] | None = None
 
 
 class ArtifactStream(Protocol):
@@ -174,6 +178,40 @@ def add_partials(total: dict[str, Any] | None, part: dict[str, Any]) -> dict[str
     return total
 
 
+def partial_to_json(partial: dict[str, Any]) -> dict[str, Any]:
+    """A partial as JSON (a shard's result, kept in its manifest record for a resume): each tensor as its dtype,
+    shape and values. Exact: JSON writes a float as the shortest text that reads back as the same double."""
+    out: dict[str, Any] = {}
+    for key, value in partial.items():
+        if is_tensor(value):
+            out[key] = {"dtype": dtypes.name_of(value.dtype), "shape": list(value.shape),
+                        "values": value.detach().cpu().reshape(-1).tolist()}
+        elif type(value) in (int, float):
+            out[key] = value
+        else:
+            raise TypeError(f"merge partial '{key}': a {type(value).__name__} is neither a tensor nor a number")
+    return out
+
+
+def partial_from_json(document: Any) -> dict[str, Any]:
+    """``partial_to_json``'s partial; a ValueError for anything it would not have written."""
+    if not isinstance(document, dict):
+        raise ValueError("a merge partial is not a mapping")
+    out: dict[str, Any] = {}
+    for key, value in document.items():
+        if type(value) in (int, float):
+            out[key] = value
+            continue
+        if not isinstance(value, dict) or set(value) != {"dtype", "shape", "values"} \
+                or value["dtype"] not in dtypes.ITEMSIZE or not isinstance(value["values"], list) \
+                or not all(type(s) is int and s >= 0 for s in value["shape"]):
+            raise ValueError(f"merge partial '{key}' is not a tensor record")
+        if len(value["values"]) != math.prod(value["shape"]):
+            raise ValueError(f"merge partial '{key}' has {len(value['values'])} values for shape {value['shape']}")
+        out[key] = torch.tensor(value["values"], dtype=dtypes.torch_dtype(value["dtype"])).reshape(value["shape"])
+    return out
+
+
 # --- finite checks ------------------------------------------------------------------------------------
 def is_finite(value: torch.Tensor) -> bool:
     """No NaN or Inf. The sum is one cheap pass, finite for almost every tensor (accumulated in float32, so a
@@ -213,9 +251,11 @@ def run_passes(method, state: dict, partial: Callable[[str, dict], "dict[str, An
 
 
 def merge_tensor(method, tensor, state: dict, read: Reader, sink: Sink, deferred: DeferredLog,
-                 artifact_dtype: torch.dtype, chunker: Chunker = row_chunks) -> None:
+                 artifact_dtype: torch.dtype, chunker: Chunker = row_chunks,
+                 totals: dict[str, Any] | None = None) -> dict[str, Any] | None:
     """Merge one tensor into ``sink``: weights (checked finite, in the output dtype), the method's artifacts
-    through its stream, deferred decisions into ``deferred``."""
+    through its stream, deferred decisions into ``deferred``. Returns ``totals`` with the chunks' partials
+    (``ChunkResult.partial``) added in chunk order, as a pass over the same tensor would add them."""
     stream = method.artifact_stream(tensor, artifact_dtype) if method.artifact_folder else None
     for start, stop in chunker(tensor, method.chunkable()):
         base, experts = read(tensor, start, stop)
@@ -225,6 +265,8 @@ def merge_tensor(method, tensor, state: dict, read: Reader, sink: Sink, deferred
         check_finite_output(tensor.name, merged, method.name)
         if result.deferred is not None:
             deferred.add(tensor.name, offset, result.deferred, dtypes.torch_dtype(tensor.out_dtype))
+        if result.partial is not None:
+            totals = add_partials(totals, result.partial)
         if stream is not None:
             for key, values in stream.add(result.artifacts):
                 sink.artifact(key, values)
@@ -232,6 +274,7 @@ def merge_tensor(method, tensor, state: dict, read: Reader, sink: Sink, deferred
     if stream is not None:
         for key, values in stream.finish():
             sink.artifact(key, values)
+    return totals
 
 
 def artifact_entries(method, tensors, artifact_dtype: torch.dtype) -> list[tuple[str, torch.dtype, tuple]]:
@@ -258,8 +301,10 @@ def merge_in_memory(method, tensors, read: Reader, artifact_dtype: str | torch.d
     state = method.initial_state([t.job for t in merged])
     state = run_passes(method, state, lambda name, s: pass_partial(method, name, s, merged, read, chunker))
     sink, deferred = DictSink(), DeferredLog()
+    totals = None
     for tensor in merged:
-        merge_tensor(method, tensor, state, read, sink, deferred, artifact_dtype, chunker)
+        totals = merge_tensor(method, tensor, state, read, sink, deferred, artifact_dtype, chunker, totals)
+    state = method.finish_merge(totals or {}, state)
     state = settle(method, state, deferred.vote, lambda: deferred.apply(sink.outputs))
     return sink.outputs, sink.artifacts(), state
 

@@ -129,17 +129,19 @@ class TaskVectorHolder:
         self.merge_seconds += time.perf_counter() - began
         return totals
 
-    def merge(self, request: str, method: MergeMethod, state: dict, jobs: dict[str, TensorJob]) -> int:
+    def merge(self, request: str, method: MergeMethod, state: dict, jobs: dict[str, TensorJob]) -> dict[str, Any]:
         """Merge every held tensor for one trial; keep the result under ``request``; return this holder's share
-        of the method's deferred vote."""
+        of the method's deferred vote and its summed merge partials (``ChunkResult.partial``)."""
         began = time.perf_counter()
         sink, deferred = execute.DictSink(), execute.DeferredLog()
-        for tensor in self._merged(jobs):
-            execute.merge_tensor(method, tensor, state, self._operands, sink, deferred, self.dtype)
+        totals = None
+        for tensor in self._merged(jobs):  # partials in the order this holder's pass would sum them
+            totals = execute.merge_tensor(method, tensor, state, self._operands, sink, deferred, self.dtype,
+                                          totals=totals)
         self.requests[request] = {"sink": sink, "deferred": deferred}
         self.merges_served += 1
         self.merge_seconds += time.perf_counter() - began
-        return deferred.vote
+        return {"vote": deferred.vote, "partial": totals}
 
     def fetch(self, request: str, apply_patches: bool) -> dict[str, Any]:
         """A trial's merged tensors (deferred elements patched when the method decided so) and the method's

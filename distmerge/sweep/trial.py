@@ -120,8 +120,13 @@ def merged_outputs(context: SweepContext, values: dict[str, Any]):
     state = execute.run_passes(method, state, partial)
     request = uuid.uuid4().hex
     try:
-        vote = sum(_get([h.merge.remote(request, method, state, j) for h, j in zip(context.holders, holder_jobs)]))
-        settled, apply = method.settle_deferred(state, vote)
+        merged = _get([h.merge.remote(request, method, state, j) for h, j in zip(context.holders, holder_jobs)])
+        totals = None
+        for part in (m["partial"] for m in merged):  # holder order, as ``partial`` sums a pass
+            if part is not None:
+                totals = execute.add_partials(totals, part)
+        state = method.finish_merge(totals or {}, state)
+        settled, apply = method.settle_deferred(state, sum(m["vote"] for m in merged))
         parts = _get([h.fetch.remote(request, apply) for h in context.holders])
     except BaseException:
         for holder in context.holders:
