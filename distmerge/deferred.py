@@ -25,6 +25,10 @@ class DeferredModule(types.ModuleType):
         super().__init__(name)
         self.__dict__["_deferred_real"] = None
 
+    def __reduce__(self):
+        # cloudpickle ships a function by value with the modules it names: unpickled, this is the real module
+        return importlib.import_module, (self.__name__,)
+
     def __getattr__(self, attribute: str) -> Any:
         if attribute.startswith("__") and attribute.endswith("__"):
             # dunder probes (copy, pickle, inspect) must not import the module for nothing
@@ -55,6 +59,15 @@ def exports(package: str, names: dict[str, str]):
         return value
 
     return __getattr__
+
+
+def listing(names: dict[str, str]):
+    """The package's ``__dir__`` to go with ``exports``: the exported names show before they are first read."""
+
+    def __dir__() -> list[str]:
+        return sorted(names)
+
+    return __dir__
 
 
 if TYPE_CHECKING:

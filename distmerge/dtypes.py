@@ -1,4 +1,5 @@
-"""The floating dtypes a config may name, and the torch dtype each name stands for.
+"""dtype names: the floating ones a config may name (and the torch dtype each stands for), and the stored ones by
+safetensors code, with their sizes and kinds, so that plans carry names and a driver needs no torch.
 
 Every reader takes its allowed names from here, so a name means one dtype everywhere. The subsets differ on
 purpose, each for one reason:
@@ -49,12 +50,15 @@ def itemsize(dtype: str | torch.dtype) -> int:
 
 
 def is_floating(dtype: str | torch.dtype) -> bool:
-    return name_of(dtype) in FLOATING
+    name = name_of(dtype)
+    if name in FLOATING or name in ITEMSIZE:
+        return name in FLOATING
+    return torch_dtype(name).is_floating_point  # the rarer ones of .bin files (float8_e5m2fnuz, ...)
 
 
 def kind(dtype: str | torch.dtype) -> str:
     """floating-point, complex, boolean or integer: tensors of two kinds are never the same tensor."""
     name = name_of(dtype)
-    if name in FLOATING:
+    if is_floating(name):
         return "floating-point"
     return "complex" if name.startswith("complex") else "boolean" if name == "bool" else "integer"

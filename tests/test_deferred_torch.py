@@ -90,15 +90,27 @@ def test_deferred_torch_imports_on_first_attribute_and_then_reads_like_the_modul
         copy.copy([stand_in])  # dunder probes do not import it
         probed = "torch" in sys.modules
         not_a_tensor = is_tensor(1.0)
+        import pickle
+        from ray import cloudpickle
+        import distmerge.deferred
+
+        def uses_torch():  # shipped by value, as Ray ships a closure: it names the stand-in
+            return distmerge.deferred.torch.float16
+
+        shipped = cloudpickle.dumps([stand_in, uses_torch])
+        pickled_without_import = "torch" not in sys.modules
         dtype = stand_in.bfloat16
         import torch
         print(json.dumps({"before": before, "probed": probed, "after": "torch" in sys.modules,
                           "same": dtype is torch.bfloat16 and stand_in.Tensor is torch.Tensor,
                           "copied": "zeros" in vars(stand_in), "is_tensor": is_tensor(torch.zeros(1)),
-                          "not_a_tensor": not_a_tensor, "late": stand_in.distributed is torch.distributed}))
+                          "not_a_tensor": not_a_tensor, "late": stand_in.distributed is torch.distributed,
+                          "pickled_without_import": pickled_without_import,
+                          "unpickled": [pickle.loads(shipped)[0] is torch, pickle.loads(shipped)[1]() is torch.float16]}))
     """)
     assert result == {"before": False, "probed": False, "after": True, "same": True, "copied": True,
-                      "is_tensor": True, "not_a_tensor": False, "late": True}
+                      "is_tensor": True, "not_a_tensor": False, "late": True, "pickled_without_import": True,
+                      "unpickled": [True, True]}
 
 
 def test_package_exports_import_their_module_on_first_read():

@@ -75,3 +75,4 @@ def test_dtype_names_and_safetensors_codes_agree():
     assert [dtypes.kind(n) for n in ("bfloat16", "int64", "bool", "complex64")] == \
         ["floating-point", "integer", "boolean", "complex"]
     assert dtypes.itemsize("complex64") == 8  # a .bin file's rarer dtype: torch's own size
+    assert dtypes.is_floating("float8_e5m2fnuz") and dtypes.kind("float8_e4m3fnuz") == "floating-point"

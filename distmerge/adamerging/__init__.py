@@ -6,7 +6,7 @@ the task vectors sharded over the workers by FSDP2 and writes the merge with the
 
 from typing import TYPE_CHECKING
 
-from distmerge.deferred import exports
+from distmerge.deferred import exports, listing
 
 if TYPE_CHECKING:
     from distmerge.adamerging.config import AdaConfig, load_ada_config
@@ -14,7 +14,10 @@ if TYPE_CHECKING:
 
 __all__ = ["AdaConfig", "AdaResult", "load_ada_config", "run"]
 
-__getattr__ = exports(__name__, {
+_EXPORTS = {
     "AdaConfig": "config", "load_ada_config": "config",
     "AdaResult": "driver", "run": "driver",
-})
+}
+
+__getattr__ = exports(__name__, _EXPORTS)
+__dir__ = listing(_EXPORTS)

@@ -1,8 +1,9 @@
 """The merge driver: validate, plan, run reduction passes and the merge on Ray actors, finalize the folder.
 
 The driver never reads the model: actors read inputs and write shards themselves; the driver sums the
-small pass partials (histograms, scalars), records finished shards for resume, applies the few deferred
-element patches, writes the index, config, tokenizer and card, and renames the staging folder into place.
+small pass partials (histograms, scalars) and the merge partials that come with each shard's result (EMR's
+rescaler sums), records finished shards for resume, applies the few deferred element patches, writes the
+index, config, tokenizer and card, and renames the staging folder into place.
 
 Output location: every worker writes its shards straight into the staging folder beside the target, so on
 a cluster the target must be on a filesystem every node mounts at the same path (NFS, Lustre, a FUSE
@@ -31,6 +32,7 @@ from distmerge.engine.ray_session import cluster_cpus, cluster_gpus, ray_session
 from distmerge.engine.resume import RunFolder, run_key
 from distmerge.engine.worker import WorkerSpec
 from distmerge.methods import execute
+from distmerge.methods.base import MergeMethod
 from distmerge.methods.execute import add_partials
 from distmerge.errors import OutputError
 from distmerge.io import model_files, writer
@@ -114,8 +116,7 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
         run = RunFolder(out, run_key(config.to_yaml_dict(), models, plan))
         if not resume:
             run.discard()
-        # A shard recorded before merge partials existed lacks its share of them: merged again.
-        finished = {s: r for s, r in run.open().items() if "partials" in r}
+        finished = _resumable(run.open(), method)
         resumed = len(finished)
         try:
             count = len(plan.assignment)
@@ -256,19 +257,35 @@ def _check_visible(staging: Path, result: dict) -> None:
                               "mounts at the same path (NFS, Lustre, a mounted bucket)")
 
 
+def _resumable(records: dict[int, dict[str, Any]], method) -> dict[int, dict[str, Any]]:
+    """The finished shards a resume keeps. Where the method sums merge partials, a shard's must read back:
+    one recorded before they existed, or whose partials do not read, is merged again."""
+    if type(method).finish_merge is MergeMethod.finish_merge:
+        return records
+    kept = {}
+    for shard, record in records.items():
+        partials = record.get("partials")
+        try:
+            if not isinstance(partials, dict) or not all(str(g).isdigit() for g in partials):
+                raise ValueError("no partials")
+            for part in partials.values():
+                execute.partial_from_json(part)
+        except ValueError as exc:
+            LOG.warning("shard %s of the interrupted run is merged again: its merge partials are unusable (%s)",
+                        record.get("filename", shard), exc)
+            continue
+        kept[shard] = record
+    return kept
+
+
 def _merge_partials(results: list[dict[str, Any]]) -> dict[str, Any]:
     """The shards' merge partials summed in (shard, group) order, as a pass sums its partials: the same bits
-    whatever the worker count, the timing or a resume."""
+    whatever the worker count, the timing or a resume (``_resumable`` checked the recorded ones)."""
     totals = None
     for result in sorted(results, key=lambda r: r["shard"]):
         partials = result.get("partials") or {}
         for group in sorted(partials, key=int):
-            try:
-                part = execute.partial_from_json(partials[group])
-            except ValueError as exc:
-                raise OutputError(f"shard '{result['filename']}': its merge partials are unreadable ({exc}); rerun "
-                                  "with --no-resume") from None
-            totals = add_partials(totals, part)
+            totals = add_partials(totals, execute.partial_from_json(partials[group]))
     return totals or {}
 
 

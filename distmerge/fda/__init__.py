@@ -11,7 +11,7 @@ The math is in ``distmerge.ops.fda``; the config's fields in ``distmerge.fda.sch
 
 from typing import TYPE_CHECKING
 
-from distmerge.deferred import exports
+from distmerge.deferred import exports, listing
 
 if TYPE_CHECKING:
     from distmerge.fda.adaptation import AdaptResult, adapt
@@ -23,10 +23,13 @@ if TYPE_CHECKING:
 __all__ = ["AdaptResult", "ConstructResult", "FdaConfig", "SigmaResult", "adapt",
            "choose_sigma", "construct", "load_fda_config"]
 
-__getattr__ = exports(__name__, {
+_EXPORTS = {
     "AdaptResult": "adaptation", "adapt": "adaptation",
     "load_fda_config": "config",
     "ConstructResult": "construction", "construct": "construction",
     "FdaConfig": "schema",
     "SigmaResult": "sigma", "choose_sigma": "sigma",
-})
+}
+
+__getattr__ = exports(__name__, _EXPORTS)
+__dir__ = listing(_EXPORTS)

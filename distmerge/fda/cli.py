@@ -1,4 +1,4 @@
-"""``distmerge fda construct|adapt``: thin wrappers over ``distmerge.fda.construct`` / ``adapt``."""
+"""``distmerge fda construct|adapt``: thin wrappers over the functions ``fda.construct`` / ``fda.adapt``."""
 
 from __future__ import annotations
 

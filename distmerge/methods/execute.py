@@ -44,7 +44,8 @@ class ChunkResult:
     artifacts: dict[str, torch.Tensor] = field(default_factory=dict)  # handed to the method's ArtifactStream
     deferred: Deferred | None = None
     # A summable share of a reduction only the finished merge needs (``MergeMethod.finish_merge``): computed
-    # from the chunk the merge has in hand, it saves a pass that would read every input again.
+    # from the chunk the merge has in hand, it saves a pass that would read every input again. Keep it small
+    # (EMR's is [2, T] floats): each layer group's sum travels as JSON in its shard's result and resume record.
     partial: dict[str, Any] | None = None
 
 
@@ -203,8 +204,9 @@ def partial_from_json(document: Any) -> dict[str, Any]:
             out[key] = value
             continue
         if not isinstance(value, dict) or set(value) != {"dtype", "shape", "values"} \
-                or value["dtype"] not in dtypes.ITEMSIZE or not isinstance(value["values"], list) \
-                or not all(type(s) is int and s >= 0 for s in value["shape"]):
+                or value["dtype"] not in dtypes.ITEMSIZE or not isinstance(value["shape"], list) \
+                or not all(type(s) is int and s >= 0 for s in value["shape"]) \
+                or not isinstance(value["values"], list) or not all(type(v) in (int, float) for v in value["values"]):
             raise ValueError(f"merge partial '{key}' is not a tensor record")
         if len(value["values"]) != math.prod(value["shape"]):
             raise ValueError(f"merge partial '{key}' has {len(value['values'])} values for shape {value['shape']}")

@@ -6,7 +6,7 @@ parameters on the holders and scores the merged model in memory. See ``distmerge
 
 from typing import TYPE_CHECKING
 
-from distmerge.deferred import exports
+from distmerge.deferred import exports, listing
 
 if TYPE_CHECKING:
     from distmerge.sweep.driver import SweepError, SweepResult, run_sweep
@@ -14,7 +14,10 @@ if TYPE_CHECKING:
 
 __all__ = ["SweepError", "SweepResult", "SweepSpec", "load_sweep", "run_sweep"]
 
-__getattr__ = exports(__name__, {
+_EXPORTS = {
     "SweepError": "driver", "SweepResult": "driver", "run_sweep": "driver",
     "SweepSpec": "spec", "load_sweep": "spec",
-})
+}
+
+__getattr__ = exports(__name__, _EXPORTS)
+__dir__ = listing(_EXPORTS)
