@@ -125,3 +125,10 @@ def test_package_exports_import_their_module_on_first_read():
                           "name": construct.__module__}))
     """)
     assert result == {"lazy": True, "callable": True, "name": "distmerge.fda.construction"}
+
+
+def test_auto_device_follows_the_clusters_gpus_not_the_drivers():
+    from distmerge.engine.driver import resolve_device
+
+    assert resolve_device("auto", 0.0) == "cpu" and resolve_device("auto", 2.0) == "cuda"
+    assert resolve_device("cuda:1", 0.0) == "cuda:1" and resolve_device("cpu", 4.0) == "cpu"

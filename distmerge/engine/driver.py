@@ -25,7 +25,6 @@ from tqdm import tqdm
 
 from distmerge import telemetry, validate
 from distmerge.config import MergeConfig, load_config
-from distmerge.deferred import torch
 from distmerge.engine import faults
 from distmerge.engine.pool import WorkerPool, WorkItem
 from distmerge.engine.ray_session import cluster_cpus, cluster_gpus, ray_session
@@ -80,9 +79,10 @@ def _size(nbytes: int) -> str:
     return f"{nbytes / 1e9:.2f} GB" if nbytes >= 1e8 else f"{nbytes / 1e6:.1f} MB"
 
 
-def resolve_device(device: str) -> str:
+def resolve_device(device: str, cluster_gpus: float) -> str:
+    """``auto``: cuda where the cluster has GPUs for the workers (the driver's own machine may have none)."""
     if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        return "cuda" if cluster_gpus > 0 else "cpu"
     return device
 
 
@@ -106,12 +106,12 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
     method.check_models({spec.name: checkpoint for spec, checkpoint in zip(config.models, experts)})
     outputs, vocab_plan, _ = resolve_tensors(config, base, experts)
     initial_state = method.initial_state([o.job for o in outputs if o.merged])
-    device = resolve_device(config.device)
     injected = faults.parse()
     models = ([base] if base is not None else []) + experts
 
     with ray_session(address, keeps_warm_workers=True) as session:
         total_cpus = cluster_cpus()
+        device = resolve_device(config.device, cluster_gpus())
         plan = make_plan(outputs, config.out_shard_size, workers or max(1, int(total_cpus)), len(models))
         run = RunFolder(out, run_key(config.to_yaml_dict(), models, plan))
         if not resume:
