@@ -51,7 +51,7 @@ def itemsize(dtype: str | torch.dtype) -> int:
 
 def is_floating(dtype: str | torch.dtype) -> bool:
     name = name_of(dtype)
-    if name in FLOATING or name in ITEMSIZE:
+    if name in ITEMSIZE:
         return name in FLOATING
     return torch_dtype(name).is_floating_point  # the rarer ones of .bin files (float8_e5m2fnuz, ...)
 

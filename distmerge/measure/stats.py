@@ -42,6 +42,7 @@ def model_fingerprint(checkpoint) -> dict[str, str]:
     """What identifies an expert: its config.json and its tensors' names, shapes and dtypes (hashed)."""
     config = checkpoint.config
     config_text = json.dumps(config, sort_keys=True) if config is not None else ""
+    # "torch." as when dtypes were torch's: statistics measured before still match their experts
     listing = json.dumps(sorted((name, list(info.shape), f"torch.{info.dtype}") for name, info in checkpoint.tensors.items()))
     return {"config_sha256": hashlib.sha256(config_text.encode()).hexdigest(),
             "tensors_sha256": hashlib.sha256(listing.encode()).hexdigest()}

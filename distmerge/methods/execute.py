@@ -298,7 +298,7 @@ def settle(method, state: dict, deferred_vote: int, apply_patches: Callable[[], 
 def merge_in_memory(method, tensors, read: Reader, artifact_dtype: str | torch.dtype = "float32",
                     chunker: Chunker = row_chunks) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
     """The whole protocol in one process (tests, small models): (merged weights, artifacts, final state)."""
-    artifact_dtype = dtypes.torch_dtype(dtypes.name_of(artifact_dtype))
+    artifact_dtype = dtypes.torch_dtype(artifact_dtype)
     merged = [t for t in tensors if t.merged]
     state = method.initial_state([t.job for t in merged])
     state = run_passes(method, state, lambda name, s: pass_partial(method, name, s, merged, read, chunker))
