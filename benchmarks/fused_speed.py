@@ -26,6 +26,7 @@ from common import machine_info  # noqa: E402
 from distmerge.engine import allocator  # noqa: E402
 from distmerge.methods import build_method  # noqa: E402
 from distmerge.methods.base import TensorJob  # noqa: E402
+from distmerge.methods.execute import PassMemo  # noqa: E402
 from distmerge.ops import compiled  # noqa: E402
 
 METHODS = {  # label -> (method, parameters, per-model parameters): merge_throughput.py's settings
@@ -56,10 +57,13 @@ def run(method, base, experts, job):
 
 
 def chunk_work(method, base, experts, job, state, passes):
-    """What a worker does per chunk: each pass's partial and the merge (a pass's finish runs once per model, not
-    per chunk, so it is left out)."""
+    """What a worker does per chunk: each pass's partial, from what an earlier pass kept where it can (as
+    ``execute.pass_partial`` does), and the merge (a pass's finish runs once per model, not per chunk, so it is
+    left out)."""
+    memo = PassMemo()
     for name, before in passes:
-        method.add_stats(None, name, base, experts, job, 0, before)
+        if method.stats_from_memo(None, name, job, 0, before, memo) is None:
+            method.add_stats(None, name, base, experts, job, 0, before, memo)
     method.merge(base, experts, job, 0, state)
 
 

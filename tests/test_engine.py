@@ -182,6 +182,23 @@ def test_ties_global_equals_flat_reference(llama_family, merged):
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
 
 
+def test_global_ties_second_pass_is_answered_from_what_the_first_kept(llama_family, tmp_path):
+    """The workers keep the first trim pass's irregular keys (this family's task vectors are float32: all of
+    them) and answer the second pass without reading: TIES reads the model twice (a pass, the merge), not three
+    times, and the result is the flat reference's."""
+    base, experts = llama_family
+    plain = merge(merge_config(base, experts, "task_arithmetic", **{"lambda": 0.5}), tmp_path / "ta", workers=2,
+                  progress=False)
+    ties = merge(merge_config(base, experts, "ties", density=0.3, **{"lambda": 1.2}), tmp_path / "ties", workers=2,
+                 progress=False)
+    assert ties.bytes_read == 2 * plain.bytes_read
+    b, ex = load_folder(base), [load_folder(p) for p in experts]
+    expected = reference_ties_global(b, ex, 0.3, 1.2, sorted(b))
+    got = load_folder(tmp_path / "ties")
+    for name in sorted(b):
+        torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
+
+
 def test_dare_masks_follow_the_seed(llama_family, merged, tmp_path):
     """The same seed gives the same masks under any placement (the 1-vs-4 identity above); another seed others."""
     base, experts = llama_family

@@ -81,18 +81,42 @@ def test_fused_merge_is_the_torch_merge_bit_for_bit(case, seed):
         assert want[2].numel() > 0  # the inputs do reach the deferred zero-sign elements
 
 
+def _mixed_inputs(seed: int, tasks: int, n: int):
+    """bf16 inputs where most task vectors are regular (a step within the binade: low 16 bits 0) and some are
+    not (steps across a power of two, and float32 noise), as fine-tunes stored in bf16 give."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(n, generator=g) * 0.05).bfloat16().float()
+    experts = []
+    for _ in range(tasks):
+        expert = (base * (1 + torch.randn(n, generator=g) * 0.02)).bfloat16().float()
+        noisy = torch.rand(n, generator=g) < 0.02
+        expert[noisy] += torch.randn(int(noisy.sum()), generator=g) * 1e-4  # float32 values: irregular
+        experts.append(expert)
+    return base, experts
+
+
 @pytest.mark.parametrize("seed", [0, 3])
 def test_fused_histograms_are_the_radix_histograms(seed):
-    base, experts = _inputs(seed, 3, 7001)
+    base, experts = _mixed_inputs(seed, 3, 7001)
     tv = task_vectors(base, experts)
-    high = ties_fused.high_histograms(base, experts)
-    assert torch.equal(high, torch.stack([ties_ops.radix_high_histogram(tv[t]) for t in range(3)]))
-    bins = [ties_ops.high_bin_of(float(tv[0].abs().max())), -1, ties_ops.high_bin_of(0.0625)]
+    hist, irregular, kept = ties_fused.high_histograms(base, experts, keep=True)
+    assert torch.equal(hist, torch.stack([ties_ops.radix_high_histogram(tv[t]) for t in range(3)]))
+    assert torch.equal(irregular, torch.stack([ties_ops.radix_irregular_histogram(tv[t]) for t in range(3)]))
+    for t in range(3):
+        assert torch.equal(kept[t], ties_ops.radix_irregular_keys(tv[t]))
+        assert 0 < kept[t].numel() < 0.2 * tv[t].numel()  # both kinds occur
+    again, _, none = ties_fused.high_histograms(base, experts, into=(hist.clone(), irregular.clone()))
+    assert none is None and torch.equal(again, 2 * hist)
+    bins = [int(torch.argmax(irregular[0])), -1, ties_ops.high_bin_of(float(tv[2].abs().median()))]
     low = ties_fused.low_histograms(base, experts, bins)
-    assert torch.equal(low[0], ties_ops.radix_low_histogram(tv[0], bins[0]))
+    for t in (0, 2):
+        want = ties_ops.radix_low_histogram(tv[t], bins[t])
+        assert int(want[0]) > 0 or t == 0  # the median's bin holds regular values, which the pass leaves out
+        want[0] = 0
+        assert torch.equal(low[t], want)
+        assert torch.equal(ties_ops.low_histogram_of_keys(kept[t], bins[t], torch.zeros_like(want)), want)
     assert not low[1].any()
-    assert torch.equal(low[2], ties_ops.radix_low_histogram(tv[2], bins[2]))
-    assert int(low[2].sum()) > 0
+    assert int(low[0].sum()) > 0
 
 
 def test_read_only_and_writable_inputs_mix():

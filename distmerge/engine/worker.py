@@ -74,6 +74,9 @@ class MergeWorker:
         # The shard's merge partials by layer group (``ChunkResult.partial``), summed per group as a pass sums
         # them, and sent with the shard's result (JSON: its manifest record keeps them for a resume).
         self.partials: dict[int, dict[str, Any]] = {}
+        # What a reduction pass keeps for the next one (a pass's layer groups come back to the same worker);
+        # dropped when the merge starts.
+        self.memo = execute.PassMemo()
         if getattr(self, "lease", None) is None:  # a reset keeps the lease of the set's first merge
             self.lease = parking.Lease(spec.lease) if spec.lease is not None else None
 
@@ -136,7 +139,8 @@ class MergeWorker:
             read_before = self.timings["read"]
             began = time.perf_counter()
             for tensor in (t for t in group.tensors if t.merged):  # the reconciled vocabulary rows go with it
-                part = execute.pass_partial(self.spec.method, pass_name, state, [tensor], self._inputs)
+                part = execute.pass_partial(self.spec.method, pass_name, state, [tensor], self._inputs,
+                                            memo=self.memo)
                 if part is not None:
                     totals = add_partials(totals, part)
                 self._reconciled.clear()
@@ -153,6 +157,7 @@ class MergeWorker:
             raise
 
     def _merge_group(self, state: dict, shard_index: int, group_index: int) -> dict[str, Any]:
+        self.memo.clear()
         writer = self._shard_writer(shard_index)
         groups = self._groups(shard_index, group_index)
         indices = [group_index] if group_index is not None else range(len(groups))

@@ -16,7 +16,7 @@ from typing import Any, ClassVar
 from distmerge import validate
 from distmerge.deferred import torch
 from distmerge.errors import ConfigError
-from distmerge.methods.execute import ArtifactStream, ChunkResult, add_partials
+from distmerge.methods.execute import ArtifactStream, ChunkResult, PassMemo, add_partials
 from distmerge.ops.task_vectors import task_vectors
 
 
@@ -106,10 +106,18 @@ class MergeMethod:
         raise NotImplementedError(f"{self.name} has no pass {pass_name!r}")
 
     def add_stats(self, totals: dict[str, Any] | None, pass_name: str, base: torch.Tensor | None,
-                  experts: list[torch.Tensor], job: TensorJob, offset: int, state: dict) -> dict[str, Any]:
+                  experts: list[torch.Tensor], job: TensorJob, offset: int, state: dict,
+                  memo: PassMemo | None = None) -> dict[str, Any]:
         """``totals`` (None before the first chunk) with this chunk's ``stats`` added; a method whose partials
-        are large may add into ``totals`` in place instead."""
+        are large may add into ``totals`` in place instead, and one whose next pass needs a little of what this
+        one saw may keep it in ``memo`` (the process's, when it has one) for ``stats_from_memo``."""
         return add_partials(totals, self.stats(pass_name, base, experts, job, offset, state))
+
+    def stats_from_memo(self, totals: dict[str, Any] | None, pass_name: str, job: TensorJob, offset: int,
+                        state: dict, memo: PassMemo) -> dict[str, Any] | None:
+        """``add_stats`` of this chunk from what an earlier pass kept in ``memo``, without reading the chunk;
+        None when nothing was kept for it (the chunk is then read)."""
+        return None
 
     def finish_pass(self, pass_name: str, totals: dict[str, Any], state: dict) -> dict:
         """Turn the summed partials of a pass into state for the next pass or the merge."""

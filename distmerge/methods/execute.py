@@ -119,6 +119,76 @@ class GrowingBuffer:
         return self.data[:self.size]
 
 
+MEMO_BYTES = 256 << 20  # what a process keeps between two reduction passes (TIES' irregular keys)
+
+
+class PassMemo:
+    """What a process keeps from one reduction pass for the next, within a byte budget: a method keeps a chunk's
+    int32 rows (one per task) whole or not at all, and the next pass takes them instead of reading the chunk
+    again. Rows go into fixed pages rather than a tensor per chunk (which fragments the heap, see
+    ``GrowingBuffer``) or one doubling buffer (whose copy would hold three times the budget at once)."""
+
+    PAGE = 1 << 20  # int32 values per page (4 MiB)
+
+    def __init__(self, budget_bytes: int = MEMO_BYTES):
+        self.budget = budget_bytes
+        self.accepting = True  # False once a chunk did not fit: later chunks need not be offered
+        self._pages: list[torch.Tensor] = []
+        self._size = 0
+        self._entries: dict[Any, tuple[int, tuple[int, ...]]] = {}  # key -> (first value, length of each row)
+
+    @property
+    def nbytes(self) -> int:
+        return self._size * 4
+
+    def keep(self, key: Any, rows: list[torch.Tensor]) -> bool:
+        lengths = tuple(r.numel() for r in rows)
+        if (self._size + sum(lengths)) * 4 > self.budget:
+            self.accepting = False
+            return False
+        start = self._size
+        for row in rows:
+            self._append(row.reshape(-1).to(torch.int32))
+        self._entries[key] = (start, lengths)
+        return True
+
+    def kept(self, key: Any) -> list[torch.Tensor] | None:
+        if key not in self._entries:
+            return None
+        start, lengths = self._entries[key]
+        rows = []
+        for length in lengths:
+            rows.append(self._read(start, length))
+            start += length
+        return rows
+
+    def clear(self) -> None:
+        self._pages, self._size, self._entries, self.accepting = [], 0, {}, True
+
+    def _append(self, values: torch.Tensor) -> None:
+        done = 0
+        while done < values.numel():
+            page, at = divmod(self._size, self.PAGE)
+            if page == len(self._pages):
+                self._pages.append(torch.empty(self.PAGE, dtype=torch.int32))
+            step = min(self.PAGE - at, values.numel() - done)
+            self._pages[page][at:at + step] = values[done:done + step]
+            done += step
+            self._size += step
+
+    def _read(self, start: int, length: int) -> torch.Tensor:
+        pieces = []
+        while length > 0:
+            page, at = divmod(start, self.PAGE)
+            step = min(self.PAGE - at, length)
+            pieces.append(self._pages[page][at:at + step])
+            start += step
+            length -= step
+        if len(pieces) == 1:
+            return pieces[0]
+        return torch.cat(pieces) if pieces else torch.empty(0, dtype=torch.int32)
+
+
 @dataclass
 class DeferredLog:
     """The deferred decisions of the tensors merged so far: the summed vote and the elements to rewrite."""
@@ -232,15 +302,22 @@ def check_finite_output(tensor: str, value: torch.Tensor, method: str) -> None:
 
 
 # --- the protocol -------------------------------------------------------------------------------------
-def pass_partial(method, pass_name: str, state: dict, tensors, read: Reader,
-                 chunker: Chunker = row_chunks) -> dict[str, Any] | None:
-    """The summed partial of one reduction pass over ``tensors`` (the merged ones of a layer group, a holder)."""
+def pass_partial(method, pass_name: str, state: dict, tensors, read: Reader, chunker: Chunker = row_chunks,
+                 memo: PassMemo | None = None) -> dict[str, Any] | None:
+    """The summed partial of one reduction pass over ``tensors`` (the merged ones of a layer group, a holder);
+    with a ``memo``, a chunk an earlier pass kept enough of in this process is not read again."""
     chunked = method.chunkable()
     totals = None
     for tensor in tensors:
         for start, stop in chunker(tensor, chunked):
+            offset = chunk_offset(tensor, start)
+            if memo is not None:
+                remembered = method.stats_from_memo(totals, pass_name, tensor.job, offset, state, memo)
+                if remembered is not None:
+                    totals = remembered
+                    continue
             base, experts = read(tensor, start, stop)
-            totals = method.add_stats(totals, pass_name, base, experts, tensor.job, chunk_offset(tensor, start), state)
+            totals = method.add_stats(totals, pass_name, base, experts, tensor.job, offset, state, memo)
     return totals
 
 
@@ -301,7 +378,9 @@ def merge_in_memory(method, tensors, read: Reader, artifact_dtype: str | torch.d
     artifact_dtype = dtypes.torch_dtype(artifact_dtype)
     merged = [t for t in tensors if t.merged]
     state = method.initial_state([t.job for t in merged])
-    state = run_passes(method, state, lambda name, s: pass_partial(method, name, s, merged, read, chunker))
+    memo = PassMemo()
+    state = run_passes(method, state, lambda name, s: pass_partial(method, name, s, merged, read, chunker, memo))
+    memo.clear()
     sink, deferred = DictSink(), DeferredLog()
     totals = None
     for tensor in merged:

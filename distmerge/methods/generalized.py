@@ -130,36 +130,44 @@ class TaskVectorMerge(TaskVectorMethod):
 
     # --- passes: exact whole-model magnitude thresholds by radix selection --------------------------
     def stats(self, pass_name, base, experts, job, offset, state):
-        recipe = self.recipe()
-        stop = recipe.global_stage()
-        if stop is None:
-            return super().stats(pass_name, base, experts, job, offset, state)
-        task_vector = self.sparsified(stack_task_vectors(base, experts), job, offset, state, recipe.sparsify[:stop])
-        count = task_vector.shape[0]
-        if pass_name == "trim_high":
-            hist = torch.stack([ties_ops.radix_high_histogram(task_vector[t]) for t in range(count)])
-            return {"hist": hist, "numel": task_vector[0].numel()}
-        if pass_name == "trim_low":
-            hist = torch.stack([
-                ties_ops.radix_low_histogram(task_vector[t], b) if b >= 0
-                else torch.zeros(ties_ops.HIGH_BINS, dtype=torch.int64)
-                for t, b in enumerate(state["high_bins"])
-            ])
-            return {"hist": hist}
+        if pass_name in TRIM_PASSES and self.recipe().global_stage() is not None:
+            return self.add_stats(None, pass_name, base, experts, job, offset, state)
         return super().stats(pass_name, base, experts, job, offset, state)
 
-    def add_stats(self, totals, pass_name, base, experts, job, offset, state):
+    def add_stats(self, totals, pass_name, base, experts, job, offset, state, memo=None):
         recipe = self.recipe()
-        if pass_name not in TRIM_PASSES or recipe.global_stage() != 0 or not ties_fused.available(base, *experts):
-            return super().add_stats(totals, pass_name, base, experts, job, offset, state)
-        # The trim is the first stage: the same counts in one loop over the inputs, added in place.
-        if totals is None:
-            totals = {"hist": None, "numel": 0} if pass_name == "trim_high" else {"hist": None}
-        if pass_name == "trim_high":
-            totals["hist"] = ties_fused.high_histograms(base, experts, into=totals["hist"])
-            totals["numel"] += base.numel()
+        stop = recipe.global_stage()
+        if pass_name not in TRIM_PASSES or stop is None:
+            return super().add_stats(totals, pass_name, base, experts, job, offset, state, memo)
+        totals = totals if totals is not None else _trim_totals(pass_name, len(experts))
+        keep = memo is not None and memo.accepting and pass_name == "trim_high"
+        kept = None
+        if stop == 0 and ties_fused.available(base, *experts):
+            # The trim is the first stage: the same counts in one loop over the inputs, added in place.
+            if pass_name == "trim_high":
+                _, _, kept = ties_fused.high_histograms(base, experts, (totals["hist"], totals["irregular"]), keep)
+            else:
+                ties_fused.low_histograms(base, experts, state["high_bins"], into=totals["hist"])
         else:
-            totals["hist"] = ties_fused.low_histograms(base, experts, state["high_bins"], into=totals["hist"])
+            task_vector = self.sparsified(stack_task_vectors(base, experts), job, offset, state, recipe.sparsify[:stop])
+            kept = _add_trim_counts(totals, pass_name, task_vector, state, keep)
+        if pass_name == "trim_high":
+            totals["numel"] += experts[0].numel()
+            if kept is not None:
+                memo.keep((job.name, offset), kept)
+        return totals
+
+    def stats_from_memo(self, totals, pass_name, job, offset, state, memo):
+        """The second pass from the irregular keys the first kept: their low bits in the cut's bin."""
+        if pass_name != "trim_low" or self.recipe().global_stage() is None:
+            return None
+        kept = memo.kept((job.name, offset))
+        if kept is None:
+            return None
+        totals = totals if totals is not None else _trim_totals(pass_name, len(kept))
+        for t, high_bin in enumerate(state["high_bins"]):
+            if high_bin >= 0:
+                ties_ops.low_histogram_of_keys(kept[t], high_bin, totals["hist"][t])
         return totals
 
     def finish_pass(self, pass_name, totals, state):
@@ -167,19 +175,22 @@ class TaskVectorMerge(TaskVectorMethod):
         rule = self.recipe().sparsify[self.recipe().global_stage()].convention
         if pass_name == "trim_high":
             numel = int(totals["numel"])
-            high_bins, ranks, fixed = [], [], []
+            high_bins, ranks, fixed, regular = [], [], [], []
             for t, density in enumerate(state["densities"]):
                 rank = ties_ops.trim_rank(numel, density, rule)
                 if rank == 0 or rank > numel:  # keep all / keep none: no selection needed
                     high_bins.append(-1)
                     ranks.append(0)
                     fixed.append(ties_ops.KEEP_ALL if rank == 0 else ties_ops.KEEP_NONE)
+                    regular.append(0)
                     continue
                 bin_index, within = ties_ops.locate_rank(totals["hist"][t], rank)
                 high_bins.append(bin_index)
                 ranks.append(within)
                 fixed.append(None)
-            state.update(numel=numel, high_bins=high_bins, ranks=ranks, fixed=fixed)
+                # the bin's values with low bits 0: the second pass counts only the others
+                regular.append(int(totals["hist"][t][bin_index] - totals["irregular"][t][bin_index]))
+            state.update(numel=numel, high_bins=high_bins, ranks=ranks, fixed=fixed, regular=regular)
             return state
         if pass_name == "trim_low":
             thresholds = []
@@ -187,7 +198,9 @@ class TaskVectorMerge(TaskVectorMethod):
                 if b < 0:
                     thresholds.append(state["fixed"][t])
                 else:
-                    low, _ = ties_ops.locate_rank(totals["hist"][t], state["ranks"][t])
+                    low_counts = totals["hist"][t].clone()
+                    low_counts[0] += state["regular"][t]
+                    low, _ = ties_ops.locate_rank(low_counts, state["ranks"][t])
                     thresholds.append(ties_ops.bits_to_value(b, low))
             state["thresholds"] = thresholds
             return state
@@ -275,6 +288,32 @@ class TaskVectorMerge(TaskVectorMethod):
             out["majority_sign"] = _sign(state["sign_sum"])
             out["patched_elements"] = state.get("patched_elements", 0)
         return out
+
+
+def _trim_totals(pass_name: str, tasks: int) -> dict:
+    hist = torch.zeros((tasks, ties_ops.HIGH_BINS), dtype=torch.int64)
+    if pass_name == "trim_high":
+        return {"hist": hist, "irregular": torch.zeros_like(hist), "numel": 0}
+    return {"hist": hist}
+
+
+def _add_trim_counts(totals: dict, pass_name: str, task_vector: torch.Tensor, state: dict,
+                     keep: bool) -> list[torch.Tensor] | None:
+    """The torch formulation of a trim pass's counts, added into ``totals``; with ``keep``, the first pass's
+    irregular keys of each task (what the second pass needs)."""
+    kept: list[torch.Tensor] | None = [] if keep else None
+    for t in range(task_vector.shape[0]):
+        if pass_name == "trim_high":
+            totals["hist"][t] += ties_ops.radix_high_histogram(task_vector[t])
+            keys = ties_ops.radix_irregular_keys(task_vector[t])
+            totals["irregular"][t] += torch.bincount(keys >> 16, minlength=ties_ops.HIGH_BINS)
+            if kept is not None:
+                kept.append(keys)
+        elif state["high_bins"][t] >= 0:
+            low = ties_ops.radix_low_histogram(task_vector[t], state["high_bins"][t])
+            low[0] = 0  # the regular values: the first pass counted them
+            totals["hist"][t] += low
+    return kept
 
 
 # --- the sparsifiers: (method, stage, stacked task vectors, job, chunk offset, state) -> stacked ------------

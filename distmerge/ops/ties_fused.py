@@ -29,10 +29,11 @@ def _kernels():
 
 def _build(jit):
     @jit
-    def high_histogram(base, experts, hist):
+    def high_histogram(base, experts, hist, irregular, kept, counts):
         n = base.shape[0]
         bits = np.empty(BLOCK, dtype=np.float32)
         keys = bits.view(np.uint32)  # |tau| as float32 bits: monotone in the value
+        room = kept.shape[1]  # 0: count the irregular keys, keep none
         for block in range((n + BLOCK - 1) // BLOCK):  # range(0, n, BLOCK) compiles to slower loops
             start = block * BLOCK
             size = min(BLOCK, n - start)
@@ -40,10 +41,20 @@ def _build(jit):
             for t in range(len(experts)):
                 e = experts[t][start:start + size]
                 row = hist[t]
+                odd = irregular[t]
+                keep = kept[t]
+                count = counts[t]
                 for j in range(size):
                     bits[j] = abs(e[j] - b[j])
                 for j in range(size):
-                    row[keys[j] >> 16] += 1
+                    key = keys[j]
+                    row[key >> 16] += 1
+                    if key & 0xFFFF:  # rare for bf16 inputs: a well-predicted branch
+                        odd[key >> 16] += 1
+                        if count < room:
+                            keep[count] = key
+                        count += 1
+                counts[t] = count
 
     @jit
     def low_histogram(base, experts, high_bins, hist):
@@ -64,7 +75,7 @@ def _build(jit):
                     bits[j] = abs(e[j] - b[j])
                 for j in range(size):
                     low = keys[j] - first  # wraps around below the bin: one unsigned comparison
-                    if low < 65536:
+                    if low < 65536 and low != 0:  # low 0: the regular values, counted by the first pass
                         row[low] += 1
 
     @jit
@@ -166,17 +177,27 @@ def available(*tensors: torch.Tensor) -> bool:
     return takes(*tensors) and _kernels() is not None
 
 
-def high_histograms(base: torch.Tensor, experts: Sequence[torch.Tensor], into: torch.Tensor | None = None):
-    """``ops.ties.radix_high_histogram`` of each task vector, int64[T, 65536], added into ``into`` if given
-    (a pass sums thousands of chunks: adding in place spares a 65536-bin tensor per chunk and task)."""
-    hist = _histogram(len(experts), into)
-    _kernels()[0](*flat_views(base, experts), hist.numpy())
-    return hist
+def high_histograms(base: torch.Tensor, experts: Sequence[torch.Tensor],
+                    into: tuple[torch.Tensor, torch.Tensor] | None = None, keep: bool = False):
+    """(hist, irregular, kept): ``ops.ties.radix_high_histogram`` and ``radix_irregular_histogram`` of each task
+    vector, int64[T, 65536] each, added into ``into`` (that pair) if given (a pass sums thousands of chunks:
+    adding in place spares 65536-bin tensors per chunk and task); with ``keep``, each task vector's
+    ``radix_irregular_keys`` (int32), else None."""
+    tasks = len(experts)
+    hist, irregular = (None, None) if into is None else into
+    hist, irregular = _histogram(tasks, hist), _histogram(tasks, irregular)
+    flat_base, flat_experts = flat_views(base, experts)
+    scratch = _key_scratch(tasks, flat_base.shape[0] if keep else 0)
+    counts = np.zeros(tasks, dtype=np.int64)
+    _kernels()[0](flat_base, flat_experts, hist.numpy(), irregular.numpy(), scratch.numpy().view(np.uint32), counts)
+    kept = [scratch[t, :counts[t]].clone() for t in range(tasks)] if keep else None
+    return hist, irregular, kept
 
 
 def low_histograms(base: torch.Tensor, experts: Sequence[torch.Tensor], high_bins: Sequence[int],
                    into: torch.Tensor | None = None) -> torch.Tensor:
-    """``ops.ties.radix_low_histogram`` of each task vector in its bin (zeros where the bin is < 0)."""
+    """``ops.ties.radix_low_histogram`` of each task vector in its bin (zeros where the bin is < 0), bin 0 (the
+    regular values, which the first pass counted) left at 0."""
     hist = _histogram(len(experts), into)
     _kernels()[1](*flat_views(base, experts), np.asarray(high_bins, dtype=np.int64), hist.numpy())
     return hist
@@ -217,6 +238,14 @@ def merge_deferred_sign(base: torch.Tensor, experts: Sequence[torch.Tensor], thr
 
 
 _SCRATCH = threading.local()
+
+
+def _key_scratch(tasks: int, n: int) -> torch.Tensor:
+    """int32[tasks, n], reused from chunk to chunk (every key of a chunk fits; the kept ones leave as copies)."""
+    held = getattr(_SCRATCH, "keys", None)
+    if held is None or held.numel() < tasks * n:
+        held = _SCRATCH.keys = torch.empty(tasks * n, dtype=torch.int32)
+    return held[:tasks * n].view(tasks, n)  # contiguous, whatever the chunk's size
 
 
 def _scratch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
