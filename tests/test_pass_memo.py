@@ -9,22 +9,14 @@ import torch
 from distmerge.methods import build_method, execute
 from distmerge.methods.base import TensorJob
 from distmerge.ops import ties_fused
+from test_ties_fused import mixed_inputs
 
 SHAPE = (40, 257)
 
 
 def _family(seed: int, tasks: int = 3):
-    """bf16 weights fine-tuned in float32 and stored in bf16 (mostly regular task vectors), plus a few float32
-    values (irregular), as in ``test_ties_fused``."""
-    g = torch.Generator().manual_seed(seed)
-    base = (torch.randn(SHAPE, generator=g) * 0.05).bfloat16().float()
-    experts = []
-    for _ in range(tasks):
-        expert = (base * (1 + torch.randn(SHAPE, generator=g) * 0.02)).bfloat16().float()
-        noisy = torch.rand(SHAPE, generator=g) < 0.03
-        expert[noisy] += torch.randn(int(noisy.sum()), generator=g) * 1e-4
-        experts.append(expert)
-    return base, experts
+    base, experts = mixed_inputs(seed, tasks, SHAPE[0] * SHAPE[1])
+    return base.reshape(SHAPE), [e.reshape(SHAPE) for e in experts]
 
 
 def _passes(method, base, experts, memo, rows=7):

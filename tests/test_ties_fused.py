@@ -81,7 +81,7 @@ def test_fused_merge_is_the_torch_merge_bit_for_bit(case, seed):
         assert want[2].numel() > 0  # the inputs do reach the deferred zero-sign elements
 
 
-def _mixed_inputs(seed: int, tasks: int, n: int):
+def mixed_inputs(seed: int, tasks: int, n: int):
     """bf16 inputs where most task vectors are regular (a step within the binade: low 16 bits 0) and some are
     not (steps across a power of two, and float32 noise), as fine-tunes stored in bf16 give."""
     g = torch.Generator().manual_seed(seed)
@@ -97,7 +97,7 @@ def _mixed_inputs(seed: int, tasks: int, n: int):
 
 @pytest.mark.parametrize("seed", [0, 3])
 def test_fused_histograms_are_the_radix_histograms(seed):
-    base, experts = _mixed_inputs(seed, 3, 7001)
+    base, experts = mixed_inputs(seed, 3, 7001)
     tv = task_vectors(base, experts)
     hist, irregular, kept = ties_fused.high_histograms(base, experts, keep=True)
     assert torch.equal(hist, torch.stack([ties_ops.radix_high_histogram(tv[t]) for t in range(3)]))
