@@ -194,13 +194,15 @@ def _run_passes(pool: WorkerPool, plan: MergePlan, method, state: dict, sizes: d
 
     def partial(pass_name: str, state: dict) -> dict[str, Any] | None:
         state_ref = ray.put(state)
+        # a group's pass may read less than its inputs (what an earlier pass kept): its result says how much
         items = [[WorkItem(keys[i], lambda actor, s=keys[i][0], g=keys[i][1]:
-                           [actor.run_pass.remote(pass_name, state_ref, s, g)], [sizes[keys[i]]])
+                           [actor.run_pass.remote(pass_name, state_ref, s, g)], [sizes[keys[i]]],
+                           reads=lambda result: result["bytes_read"])
                   for i in slot] for slot in slots]
         parts: dict[tuple[int, int], Any] = {}
 
-        def add(item: WorkItem, part) -> None:
-            parts[item.key] = part
+        def add(item: WorkItem, result) -> None:
+            parts[item.key] = result["partial"]
 
         with _bar(sum(sizes.values()), f"pass {pass_name}", progress) as bar:
             pool.run(items, add, bar.update)

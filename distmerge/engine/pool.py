@@ -184,7 +184,11 @@ class WorkItem:
 
     key: Any
     submit: Callable[[Any], list]  # actor -> object refs, in order
-    sizes: list[int]  # bytes of input each call reads, for progress
+    sizes: list[int]  # bytes of input each call covers, for progress
+    reads: Callable[[Any], int] | None = None  # a call's result -> the bytes it read, where that may be less
+
+    def bytes_read(self, call: int, value: Any) -> int:
+        return self.reads(value) if self.reads is not None else self.sizes[call]
 
 
 class WorkerPool:
@@ -309,7 +313,7 @@ class WorkerPool:
                 submit(slot)
                 continue
             item = queued[slot][index]
-            self.incarnation_bytes[slot] += item.sizes[call]
+            self.incarnation_bytes[slot] += item.bytes_read(call, value)
             counted[slot][index] = counted[slot].get(index, 0) + item.sizes[call]
             on_progress(item.sizes[call])
             if call == len(item.sizes) - 1:

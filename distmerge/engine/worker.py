@@ -132,8 +132,10 @@ class MergeWorker:
         return shard.groups if group_index is None else (shard.groups[group_index],)
 
     # --- reduction passes -----------------------------------------------------------------------
-    def run_pass(self, pass_name: str, state: dict, shard_index: int, group_index: int) -> dict[str, Any] | None:
-        """This group's summable partial of a reduction pass (histograms, sums)."""
+    def run_pass(self, pass_name: str, state: dict, shard_index: int, group_index: int) -> dict[str, Any]:
+        """This group's summable partial of a reduction pass (histograms, sums) and the input bytes read for it
+        (less than the group's inputs where the memo answered)."""
+        bytes_before = self.bytes_read
         totals = None
         for group in self._groups(shard_index, group_index):
             read_before = self.timings["read"]
@@ -146,7 +148,7 @@ class MergeWorker:
                 self._reconciled.clear()
             self.timings["merge"] += time.perf_counter() - began - (self.timings["read"] - read_before)
         self._sample_memory()
-        return totals
+        return {"partial": totals, "bytes_read": self.bytes_read - bytes_before}
 
     # --- merging --------------------------------------------------------------------------------
     def merge_group(self, state: dict, shard_index: int, group_index: int) -> dict[str, Any]:

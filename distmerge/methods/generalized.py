@@ -145,7 +145,7 @@ class TaskVectorMerge(TaskVectorMethod):
         if stop == 0 and ties_fused.available(base, *experts):
             # The trim is the first stage: the same counts in one loop over the inputs, added in place.
             if pass_name == "trim_high":
-                _, _, kept = ties_fused.high_histograms(base, experts, (totals["hist"], totals["irregular"]), keep)
+                _, kept = ties_fused.high_histograms(base, experts, into=totals["hist"], keep=keep)
             else:
                 ties_fused.low_histograms(base, experts, state["high_bins"], into=totals["hist"])
         else:
@@ -175,22 +175,21 @@ class TaskVectorMerge(TaskVectorMethod):
         rule = self.recipe().sparsify[self.recipe().global_stage()].convention
         if pass_name == "trim_high":
             numel = int(totals["numel"])
-            high_bins, ranks, fixed, regular = [], [], [], []
+            high_bins, ranks, fixed, in_bin = [], [], [], []
             for t, density in enumerate(state["densities"]):
                 rank = ties_ops.trim_rank(numel, density, rule)
                 if rank == 0 or rank > numel:  # keep all / keep none: no selection needed
                     high_bins.append(-1)
                     ranks.append(0)
                     fixed.append(ties_ops.KEEP_ALL if rank == 0 else ties_ops.KEEP_NONE)
-                    regular.append(0)
+                    in_bin.append(0)
                     continue
                 bin_index, within = ties_ops.locate_rank(totals["hist"][t], rank)
                 high_bins.append(bin_index)
                 ranks.append(within)
                 fixed.append(None)
-                # the bin's values with low bits 0: the second pass counts only the others
-                regular.append(int(totals["hist"][t][bin_index] - totals["irregular"][t][bin_index]))
-            state.update(numel=numel, high_bins=high_bins, ranks=ranks, fixed=fixed, regular=regular)
+                in_bin.append(int(totals["hist"][t][bin_index]))
+            state.update(numel=numel, high_bins=high_bins, ranks=ranks, fixed=fixed, in_bin=in_bin)
             return state
         if pass_name == "trim_low":
             thresholds = []
@@ -198,8 +197,9 @@ class TaskVectorMerge(TaskVectorMethod):
                 if b < 0:
                     thresholds.append(state["fixed"][t])
                 else:
+                    # the second pass counts the irregular values only: the rest of the bin has low bits 0
                     low_counts = totals["hist"][t].clone()
-                    low_counts[0] += state["regular"][t]
+                    low_counts[0] = state["in_bin"][t] - int(low_counts.sum())
                     low, _ = ties_ops.locate_rank(low_counts, state["ranks"][t])
                     thresholds.append(ties_ops.bits_to_value(b, low))
             state["thresholds"] = thresholds
@@ -292,9 +292,7 @@ class TaskVectorMerge(TaskVectorMethod):
 
 def _trim_totals(pass_name: str, tasks: int) -> dict:
     hist = torch.zeros((tasks, ties_ops.HIGH_BINS), dtype=torch.int64)
-    if pass_name == "trim_high":
-        return {"hist": hist, "irregular": torch.zeros_like(hist), "numel": 0}
-    return {"hist": hist}
+    return {"hist": hist, "numel": 0} if pass_name == "trim_high" else {"hist": hist}
 
 
 def _add_trim_counts(totals: dict, pass_name: str, task_vector: torch.Tensor, state: dict,
@@ -305,10 +303,8 @@ def _add_trim_counts(totals: dict, pass_name: str, task_vector: torch.Tensor, st
     for t in range(task_vector.shape[0]):
         if pass_name == "trim_high":
             totals["hist"][t] += ties_ops.radix_high_histogram(task_vector[t])
-            keys = ties_ops.radix_irregular_keys(task_vector[t])
-            totals["irregular"][t] += torch.bincount(keys >> 16, minlength=ties_ops.HIGH_BINS)
             if kept is not None:
-                kept.append(keys)
+                kept.append(ties_ops.radix_irregular_keys(task_vector[t]))
         elif state["high_bins"][t] >= 0:
             low = ties_ops.radix_low_histogram(task_vector[t], state["high_bins"][t])
             low[0] = 0  # the regular values: the first pass counted them

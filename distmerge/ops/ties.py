@@ -16,9 +16,9 @@ the cut, and a second histogram of the low 16 bits inside that bin gives the exa
 The second histogram seldom needs the inputs again. A weight stored in bfloat16 (or float16) that fine-tuning
 moved within its binade gives a task vector with at most 8 significant bits, whose float32 pattern's low 16 bits
 are 0 ("regular"): its bin alone says its exact value. Only the others ("irregular": 0.5% of a bf16 1.1B Llama
-family's task vectors) need the low bits. The first pass counts them per bin (``radix_irregular_histogram``) and
-may keep their keys (``radix_irregular_keys``); the second pass then counts the kept keys in the cut's bin
-(``low_histogram_of_keys``) and adds the regular ones of that bin as one number, without reading the model.
+family's task vectors) need the low bits. The first pass may keep their keys (``radix_irregular_keys``); the second
+then counts the kept keys in the cut's bin (``low_histogram_of_keys``) without reading the model, and the bin's
+regular values are its count less the irregular ones.
 """
 
 from __future__ import annotations
@@ -235,12 +235,6 @@ def _abs_bits(values: torch.Tensor) -> torch.Tensor:
 def radix_high_histogram(values: torch.Tensor) -> torch.Tensor:
     """Counts of |x| by the high 16 bits of its float32 pattern: int64[65536]."""
     return torch.bincount(_abs_bits(values) >> 16, minlength=HIGH_BINS).to(torch.int64)
-
-
-def radix_irregular_histogram(values: torch.Tensor) -> torch.Tensor:
-    """Counts by the high 16 bits, as ``radix_high_histogram``, of the |x| whose low 16 bits are not all 0."""
-    keys = radix_irregular_keys(values)
-    return torch.bincount(keys >> 16, minlength=HIGH_BINS).to(torch.int64)
 
 
 def radix_irregular_keys(values: torch.Tensor) -> torch.Tensor:

@@ -29,11 +29,11 @@ def _kernels():
 
 def _build(jit):
     @jit
-    def high_histogram(base, experts, hist, irregular, kept, counts):
+    def high_histogram(base, experts, hist, kept, counts):
         n = base.shape[0]
         bits = np.empty(BLOCK, dtype=np.float32)
         keys = bits.view(np.uint32)  # |tau| as float32 bits: monotone in the value
-        room = kept.shape[1]  # 0: count the irregular keys, keep none
+        keeping = kept.shape[1] > 0  # room for every key of the chunk, or none kept
         for block in range((n + BLOCK - 1) // BLOCK):  # range(0, n, BLOCK) compiles to slower loops
             start = block * BLOCK
             size = min(BLOCK, n - start)
@@ -41,20 +41,18 @@ def _build(jit):
             for t in range(len(experts)):
                 e = experts[t][start:start + size]
                 row = hist[t]
-                odd = irregular[t]
-                keep = kept[t]
-                count = counts[t]
                 for j in range(size):
                     bits[j] = abs(e[j] - b[j])
                 for j in range(size):
-                    key = keys[j]
-                    row[key >> 16] += 1
-                    if key & 0xFFFF:  # rare for bf16 inputs: a well-predicted branch
-                        odd[key >> 16] += 1
-                        if count < room:
-                            keep[count] = key
-                        count += 1
-                counts[t] = count
+                    row[keys[j] >> 16] += 1
+                if keeping:
+                    keep = kept[t]
+                    count = counts[t]
+                    for j in range(size):
+                        if keys[j] & 0xFFFF:  # irregular: rare for bf16 inputs, a well-predicted branch
+                            keep[count] = keys[j]
+                            count += 1
+                    counts[t] = count
 
     @jit
     def low_histogram(base, experts, high_bins, hist):
@@ -177,21 +175,19 @@ def available(*tensors: torch.Tensor) -> bool:
     return takes(*tensors) and _kernels() is not None
 
 
-def high_histograms(base: torch.Tensor, experts: Sequence[torch.Tensor],
-                    into: tuple[torch.Tensor, torch.Tensor] | None = None, keep: bool = False):
-    """(hist, irregular, kept): ``ops.ties.radix_high_histogram`` and ``radix_irregular_histogram`` of each task
-    vector, int64[T, 65536] each, added into ``into`` (that pair) if given (a pass sums thousands of chunks:
-    adding in place spares 65536-bin tensors per chunk and task); with ``keep``, each task vector's
-    ``radix_irregular_keys`` (int32), else None."""
+def high_histograms(base: torch.Tensor, experts: Sequence[torch.Tensor], into: torch.Tensor | None = None,
+                    keep: bool = False) -> tuple[torch.Tensor, list[torch.Tensor] | None]:
+    """(hist, kept): ``ops.ties.radix_high_histogram`` of each task vector, int64[T, 65536], added into ``into``
+    if given (a pass sums thousands of chunks: adding in place spares a 65536-bin tensor per chunk and task);
+    with ``keep``, each task vector's ``radix_irregular_keys`` (int32), else None."""
     tasks = len(experts)
-    hist, irregular = (None, None) if into is None else into
-    hist, irregular = _histogram(tasks, hist), _histogram(tasks, irregular)
+    hist = _histogram(tasks, into)
     flat_base, flat_experts = flat_views(base, experts)
     scratch = _key_scratch(tasks, flat_base.shape[0] if keep else 0)
     counts = np.zeros(tasks, dtype=np.int64)
-    _kernels()[0](flat_base, flat_experts, hist.numpy(), irregular.numpy(), scratch.numpy().view(np.uint32), counts)
+    _kernels()[0](flat_base, flat_experts, hist.numpy(), scratch.numpy().view(np.uint32), counts)
     kept = [scratch[t, :counts[t]].clone() for t in range(tasks)] if keep else None
-    return hist, irregular, kept
+    return hist, kept
 
 
 def low_histograms(base: torch.Tensor, experts: Sequence[torch.Tensor], high_bins: Sequence[int],
