@@ -184,3 +184,38 @@ def test_finetune_on_cached_states_trains_only_the_last_layers_and_fits(tiny, ki
     after = merged.state_dict()
     moved = {k for k in before if not torch.equal(before[k], after[k])}
     assert moved and all(k.startswith(("model.layers.2.", "model.layers.3.")) for k in moved)
+
+
+def test_unit_error_is_zero_for_the_expert_itself_and_the_changed_units_share_elsewhere(tiny):
+    import copy
+
+    expert, tokenizer = tiny
+    examples = [decoder_data.Example(p, "w9 w10") for p in _prompts(7)]
+    batches = []
+    for begin in (0, 4):  # two left-padded batches, as the scorer caches them
+        inputs, _, _ = decoder.training_batch(tokenizer, examples[begin:begin + 4])
+        with torch.no_grad():
+            batches.append((inputs, expert.model(**inputs, output_hidden_states=True).hidden_states[2]))
+    for unit in ("mlp", "block"):
+        assert decoder.unit_errors(expert, expert, 2, batches, unit) == [0.0, 0.0]
+
+    merged = copy.deepcopy(expert)
+    with torch.no_grad():
+        merged.model.layers[2].mlp.down_proj.weight *= 3.0  # layer 2's MLP output tripled, layer 3 untouched
+    mlp = decoder.unit_errors(merged, expert, 2, batches, "mlp")
+    assert mlp[0] == pytest.approx(2.0, rel=1e-5) and mlp[1] == 0.0
+    # whole layer 2: (attention + 3 mlp) - (attention + mlp) = 2 mlp, over the layer's own residual change; by hand
+    # from the whole models' hidden states (layer 2's input is the same for both), real tokens only
+    squares = [0.0, 0.0]
+    for inputs, _ in batches:
+        with torch.no_grad():
+            theirs = expert.model(**inputs, output_hidden_states=True).hidden_states
+            mine = merged.model(**inputs, output_hidden_states=True).hidden_states
+        real = inputs["attention_mask"].bool()
+        squares[0] += float((mine[3] - theirs[3])[real].double().square().sum())
+        squares[1] += float((theirs[3] - theirs[2])[real].double().square().sum())
+    block = decoder.unit_errors(merged, expert, 2, batches, "block")
+    assert block[0] == pytest.approx((squares[0] / squares[1]) ** 0.5, rel=1e-4) and block[1] == 0.0
+    assert 0 < block[0] < mlp[0]
+    with pytest.raises(ValueError, match="unit 'attention'"):
+        decoder.unit_errors(merged, expert, 2, batches, "attention")

@@ -26,6 +26,7 @@ import hashlib
 import importlib.util
 import inspect
 import json
+import math
 import random
 import shutil
 import time
@@ -476,6 +477,51 @@ def same_prefix(model, base_state: dict, start: int) -> bool:
     return True
 
 
+def unit_errors(model, expert, start: int, batches: list, unit: str = "mlp") -> list[float]:
+    """FDA's unit of ``model`` against ``expert`` on real inputs, one figure per layer ``start..``: over the inputs
+    x that expert's own unit sees on ``batches`` ((batch, hidden entering layer ``start``) pairs, as the scorer
+    caches them), real tokens only, ||u_model(x) - u_expert(x)|| / ||u_expert(x)||. ``unit`` "mlp": u(x) = mlp(x),
+    x what the MLP gets (the paper's NLG unit); "block": u(x) = layer(x) - x, x the hidden states entering the
+    decoder layer (as ``fda_quality.py`` and the encoder track measure whole layers)."""
+    import torch
+
+    if unit not in ("mlp", "block"):
+        raise ValueError(f"unit_errors: unit {unit!r}: expected mlp or block")
+    layers = range(start, len(expert.model.layers))
+
+    def module(of, layer):
+        return of.model.layers[layer].mlp if unit == "mlp" else of.model.layers[layer]
+
+    squares = {layer: [0.0, 0.0] for layer in layers}  # (||difference||^2, ||u_expert||^2)
+    for batch, hidden in batches:
+        seen = {}
+
+        def keep(layer):
+            def hook(_, args, kwargs, output):
+                seen[layer] = (args, kwargs, output[0] if isinstance(output, tuple) else output)
+            return hook
+
+        hooks = [module(expert, layer).register_forward_hook(keep(layer), with_kwargs=True) for layer in layers]
+        try:
+            with torch.no_grad():
+                tail_logits(expert, start, hidden, batch, keep=1)
+        finally:
+            for hook in hooks:
+                hook.remove()
+        real = batch["attention_mask"].bool()
+        for layer in layers:
+            args, kwargs, theirs = seen[layer]
+            with torch.no_grad():
+                mine = module(model, layer)(*args, **kwargs)
+            mine = mine[0] if isinstance(mine, tuple) else mine
+            if unit == "block":
+                x = args[0] if args else kwargs["hidden_states"]
+                mine, theirs = mine - x, theirs - x
+            squares[layer][0] += float((mine - theirs)[real].double().square().sum())
+            squares[layer][1] += float(theirs[real].double().square().sum())
+    return [(difference / own) ** 0.5 for difference, own in squares.values()]
+
+
 class Scorer:
     """Greedy exact match of a model (folder, ``BASE+ADAPTER`` or EMR merge folder) on every task's split.
 
@@ -534,3 +580,14 @@ class Scorer:
     def score_merge(self, merged: Path, split: str = "test") -> dict[str, float]:
         """An EMR merge (``emr/`` inside) scores task t with its own task model; any other folder as it is."""
         return report.emr_scores(self.score, merged, split, decoder_data.TASKS)
+
+    def unit_error(self, source, experts_by_task: dict[str, str], unit: str = "mlp") -> dict[str, float]:
+        """Per task t, ``unit_errors`` of ``source`` against t's expert on t's test prompts, the mean over the
+        trained layers."""
+        model = load_any(str(source))
+        out = {}
+        for task, expert in experts_by_task.items():
+            batches = [(batch, hidden) for batch, _, _, hidden in self.cache[task, "test"]]
+            errors = unit_errors(model, load_any(expert), self.start, batches, unit)
+            out[task] = math.fsum(errors) / len(errors)
+        return out

@@ -39,6 +39,8 @@ class FdaSettings:
 
 # name -> (FDA unit, anchor init): the rows ``--fda`` adds, in this order
 FDA_RUNS = {"fda_gauss": ("mlp", "gauss"), "fda_weights": ("mlp", "weights"), "fda_block_gauss": ("block", "gauss")}
+# the merges whose units are compared with the experts' on real inputs (those the run made)
+UNIT_ERROR_ROWS = ("base", "ta_0.5", "task_arithmetic", "ties_global", "ties_tensor", *FDA_RUNS)
 
 
 @dataclass(frozen=True)
@@ -135,12 +137,19 @@ def run_kind(kind: str, seed: int, build_dir: Path, base: Path, scorer: decoder.
             record["adapt_mean_cos"] = [-loss / config["adapt"]["batch_size"] for loss in record["adapt_loss"]]
             rows[name] = report.score_record(scorer.score(folder, "test"), own_test)
             fda_runs[name] = record
+            folders[name] = folder
             log(f"    test normalized {rows[name]['mean_normalized']:.4f}; construction {record['construct_seconds']}s "
                 f"({record['job_seconds']:.1f}s per (layer, task) job, {record['jobs_reused']} reused), adaptation: "
                 f"mean cos {record['adapt_mean_cos'][0]:.4f} -> {record['adapt_mean_cos'][1]:.4f}")
+        folders["ta_0.5"] = initial
+    folders["base"] = base
+    log(f"[seed {seed} {kind}] unit error on real inputs")
+    unit_error = {unit: {name: scorer.unit_error(folders[name], experts, unit) for name in UNIT_ERROR_ROWS
+                         if name in folders}
+                  for unit in ("mlp", "block")}
     shutil.rmtree(merges, ignore_errors=True)
     return {"rows": rows, "experts": expert_rows, "own_validation": own_validation, "chosen": chosen,
-            "grids": grids_run, "fda": fda_runs}
+            "grids": grids_run, "fda": fda_runs, "unit_error": unit_error}
 
 
 def run_seed(seed: int, work: Path, grids: Grids, train: decoder.TrainSettings, kinds: tuple[str, ...], log,
@@ -177,11 +186,24 @@ def summarize(runs: list[dict]) -> dict:
                for name in of_kind[0]["fda"] if all(name in r["fda"] for r in of_kind)}
         for name, record in fda.items():
             record["adapt_final_cos"] = report.spread([r["fda"][name]["adapt_mean_cos"][1] for r in of_kind])
+        # runs recorded before the unit error was measured have none
+        measured = [r["unit_error"] for r in of_kind if "unit_error" in r]
+        unit_error = {}
+        for unit in measured[0] if len(measured) == len(of_kind) else ():
+            unit_error[unit] = {}
+            for name in measured[0][unit]:
+                if all(name in m[unit] for m in measured):
+                    row = {t: report.spread([m[unit][name][t] for m in measured]) for t in tasks}
+                    row["mean"] = report.spread([statistics.fmean(m[unit][name][t] for t in tasks) for m in measured])
+                    unit_error[unit][name] = row
         out[kind] = {"normalized": report.summarize_rows(of_kind, tasks, "normalized"),
                      "exact_match": report.summarize_rows(of_kind, tasks, "accuracy"), "experts_exact_match": experts,
-                     "fda": fda, "chosen": {r["seed"]: {k: v["label"] for k, v in k_run["chosen"].items()}
+                     "fda": fda, "unit_error": unit_error, "chosen": {r["seed"]: {k: v["label"] for k, v in k_run["chosen"].items()}
                                             for r, k_run in zip(runs, of_kind)}}
     return out
+
+
+UNIT_TEXT = {"mlp": "MLP units, u(x) = mlp(x)", "block": "whole decoder layers, u(x) = layer(x) - x"}
 
 
 def print_tables(summary: dict, seeds: int) -> None:
@@ -194,6 +216,10 @@ def print_tables(summary: dict, seeds: int) -> None:
         print(report.markdown(part["exact_match"], tasks, LABELS, seeds))
         print("\nEach expert on every task (exact match):\n")
         print(report.markdown(part["experts_exact_match"], tasks, {}, seeds))
+        for unit, rows in part.get("unit_error", {}).items():
+            print(f"\nUnit error on real inputs ({UNIT_TEXT[unit]}; ||u_merged(x) - u_expert(x)|| / ||u_expert(x)|| on "
+                  "each task's test prompts, mean over the trained layers):\n")
+            print(report.markdown(rows, tasks, LABELS, seeds))
         for name, record in part["fda"].items():
             print(f"{LABELS[name]}: construction {record['construct_seconds']['mean']:.0f}s "
                   f"({record['job_seconds']['mean']:.1f}s per (layer, task) job); adaptation: mean cos "
