@@ -197,6 +197,8 @@ class Checkpoint:
         """The tensor (or rows [start, stop) of its first dimension), in its stored dtype, on the CPU."""
         info = self.info(tensor)
         try:
+            if info.file.endswith(".safetensors") and info.offset is not None:
+                return self._mapped(info, start, stop)
             if info.file.endswith(".safetensors"):
                 handle = self._handles.get(info.file)
                 if handle is None:
@@ -204,8 +206,6 @@ class Checkpoint:
 
                     handle = safe_open(info.file, framework="pt", device="cpu")
                     self._handles[info.file] = handle
-                if info.offset is not None:
-                    return self._mapped(info, start, stop)
                 if start is None or not info.shape:
                     return handle.get_tensor(tensor)
                 return handle.get_slice(tensor)[start:stop]
@@ -228,8 +228,9 @@ class Checkpoint:
             mapped = self._handles[key] = np.memmap(info.file, dtype=np.uint8, mode="c")
         shape = list(info.shape)
         first, count = 0, (shape[0] if shape else 1)
-        if start is not None and shape:
-            first, count = max(0, min(start, shape[0])), max(0, min(stop, shape[0]) - max(0, min(start, shape[0])))
+        if start is not None and shape:  # clamped to the rows there are, as a slice is
+            first = min(max(start, 0), shape[0])
+            count = min(max(stop, first), shape[0]) - first
             shape[0] = count
         row_bytes = info.nbytes // info.shape[0] if info.shape and info.shape[0] else dtypes.itemsize(info.dtype)
         if count * row_bytes == 0:
