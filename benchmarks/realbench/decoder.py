@@ -32,6 +32,7 @@ import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from benchmarks.realbench import data, decoder_data, report
 from benchmarks.realbench.encoder import file_sha256
@@ -548,6 +549,7 @@ class Scorer:
         self.start = trained_layers(base.config, TrainSettings(**manifest["settings"]))[0]
         self.base_state = {k: v.clone() for k, v in base.state_dict().items()}
         self.cache: dict[tuple[str, str], list] = {}
+        self.experts: dict[str, Any] = {}  # source -> model, for ``unit_error``
         with torch.no_grad():
             for task, splits in self.datasets.items():
                 for split in ("validation", "test"):
@@ -581,13 +583,17 @@ class Scorer:
         """An EMR merge (``emr/`` inside) scores task t with its own task model; any other folder as it is."""
         return report.emr_scores(self.score, merged, split, decoder_data.TASKS)
 
-    def unit_error(self, source, experts_by_task: dict[str, str], unit: str = "mlp") -> dict[str, float]:
-        """Per task t, ``unit_errors`` of ``source`` against t's expert on t's test prompts, the mean over the
-        trained layers."""
+    def unit_error(self, source, experts_by_task: dict[str, str],
+                   units: tuple[str, ...] = ("mlp",)) -> dict[str, dict[str, float]]:
+        """Per unit and task t, ``unit_errors`` of ``source`` against t's expert on t's test prompts, the mean over
+        the trained layers. The experts are loaded once per scorer (every row compares with the same ones)."""
         model = load_any(str(source))
-        out = {}
-        for task, expert in experts_by_task.items():
+        out = {unit: {} for unit in units}
+        for task, expert_source in experts_by_task.items():
+            if expert_source not in self.experts:
+                self.experts[expert_source] = load_any(expert_source)
             batches = [(batch, hidden) for batch, _, _, hidden in self.cache[task, "test"]]
-            errors = unit_errors(model, load_any(expert), self.start, batches, unit)
-            out[task] = math.fsum(errors) / len(errors)
+            for unit in units:
+                errors = unit_errors(model, self.experts[expert_source], self.start, batches, unit)
+                out[unit][task] = math.fsum(errors) / len(errors)
         return out

@@ -41,6 +41,8 @@ class FdaSettings:
 FDA_RUNS = {"fda_gauss": ("mlp", "gauss"), "fda_weights": ("mlp", "weights"), "fda_block_gauss": ("block", "gauss")}
 # the merges whose units are compared with the experts' on real inputs (those the run made)
 UNIT_ERROR_ROWS = ("base", "ta_0.5", "task_arithmetic", "ties_global", "ties_tensor", *FDA_RUNS)
+# the units compared, each as the tables name it
+UNIT_TEXT = {"mlp": "MLP units, u(x) = mlp(x)", "block": "whole decoder layers, u(x) = layer(x) - x"}
 
 
 @dataclass(frozen=True)
@@ -144,9 +146,9 @@ def run_kind(kind: str, seed: int, build_dir: Path, base: Path, scorer: decoder.
         folders["ta_0.5"] = initial
     folders["base"] = base
     log(f"[seed {seed} {kind}] unit error on real inputs")
-    unit_error = {unit: {name: scorer.unit_error(folders[name], experts, unit) for name in UNIT_ERROR_ROWS
-                         if name in folders}
-                  for unit in ("mlp", "block")}
+    by_row = {name: scorer.unit_error(folders[name], experts, tuple(UNIT_TEXT)) for name in UNIT_ERROR_ROWS
+              if name in folders}
+    unit_error = {unit: {name: row[unit] for name, row in by_row.items()} for unit in UNIT_TEXT}
     shutil.rmtree(merges, ignore_errors=True)
     return {"rows": rows, "experts": expert_rows, "own_validation": own_validation, "chosen": chosen,
             "grids": grids_run, "fda": fda_runs, "unit_error": unit_error}
@@ -201,9 +203,6 @@ def summarize(runs: list[dict]) -> dict:
                      "fda": fda, "unit_error": unit_error, "chosen": {r["seed"]: {k: v["label"] for k, v in k_run["chosen"].items()}
                                             for r, k_run in zip(runs, of_kind)}}
     return out
-
-
-UNIT_TEXT = {"mlp": "MLP units, u(x) = mlp(x)", "block": "whole decoder layers, u(x) = layer(x) - x"}
 
 
 def print_tables(summary: dict, seeds: int) -> None:
