@@ -28,6 +28,8 @@ def _kernels():
 
 
 def _build(jit):
+    from numba.cpython.unsafe.numbers import trailing_zeros
+
     @jit
     def high_histogram(base, experts, hist, kept, counts):
         n = base.shape[0]
@@ -43,21 +45,23 @@ def _build(jit):
                 row = hist[t]
                 for j in range(size):
                     bits[j] = abs(e[j] - b[j])
+                for j in range(size):
+                    row[keys[j] >> 16] += 1
                 if keeping:
+                    # the irregular keys (nonzero low bits, under 1% of them) found 64 to a word, then only the
+                    # set bits visited: a store per key, or a branch per key, cost a quarter of the histogram
                     keep = kept[t]
                     count = counts[t]
-                    for j in range(size):
-                        # every key stored, the count advanced for the irregular ones (nonzero low bits): no
-                        # branch, one loop with the histogram's (a branch and a loop of its own cost twice the
-                        # histogram); the store stays in bounds, count <= start + j < n
-                        key = keys[j]
-                        row[key >> 16] += 1
-                        keep[count] = key
-                        count += (key & 0xFFFF) != 0
+                    for group in range((size + 63) // 64):
+                        first = group * 64
+                        word = np.uint64(0)
+                        for k in range(min(64, size - first)):
+                            word |= np.uint64((keys[first + k] & 0xFFFF) != 0) << np.uint64(k)
+                        while word:
+                            keep[count] = keys[first + trailing_zeros(word)]
+                            count += 1
+                            word &= word - np.uint64(1)
                     counts[t] = count
-                else:
-                    for j in range(size):
-                        row[keys[j] >> 16] += 1
 
     @jit
     def low_histogram(base, experts, high_bins, hist):
@@ -99,7 +103,8 @@ def _build(jit):
         down_sum = np.empty(BLOCK, dtype=np.float32)
         balance = np.empty(BLOCK, dtype=np.float32)
         voters = np.empty(BLOCK, dtype=np.float32)
-        flags = np.empty(BLOCK, dtype=np.int8)  # the elected sign, or 2 for a deferred zero-sign element
+        flipped = np.empty(BLOCK, dtype=np.float32)
+        flags = np.empty(BLOCK, dtype=np.uint8)
         sign_sum = 0
         deferred = 0
         for block in range((n + BLOCK - 1) // BLOCK):
@@ -125,6 +130,8 @@ def _build(jit):
                     vote = np.float32(x > zero) - np.float32(x < zero)
                     balance[j] += vote * w
                     voters[j] += abs(vote) * w
+            block_signs = 0
+            block_deferred = 0
             for j in range(size):
                 count_up = (voters[j] + balance[j]) * half
                 count_down = (voters[j] - balance[j]) * half
@@ -138,38 +145,28 @@ def _build(jit):
                 up = zero if negative else one  # zero signs as +1
                 down = one - up
                 o[j] = b[j] + lam * (mu * up + md * down)
-                # a zero-sign element that keeps a value depends on the majority sign: flagged
+                flipped[j] = b[j] + lam * (mu * zero + md * one)  # zero signs as -1
+                # a zero-sign element that keeps a value depends on the majority sign: deferred. Counted here,
+                # not in passes over the flags of their own: those ran scalar and, with bf16 inputs' exact
+                # cancellations (some % of elements), cost as much as the merge
                 agreed = count_up * up + count_down * down
-                flags[j] = np.int8(positive) - np.int8(negative) + np.int8(2 * (not (positive or negative)
-                                                                              and agreed != zero))
-            for j in range(size):
-                sign_sum += flags[j] if flags[j] != 2 else 0
-            for j in range(size):
-                if flags[j] == 2:
-                    index[deferred] = start + j
-                    deferred += 1
-        for k in range(deferred):
-            i = index[k]
-            b = base[i]
-            up_value = zero
-            down_value = zero
-            balance_k = zero
-            voters_k = zero
-            for t in range(tasks):
-                x = experts[t][i] - b
-                x = (x if abs(x) > below[t] else zero) * weights[t]
-                up_value += x if x > zero else zero
-                down_value += x if x < zero else zero
-                vote = np.float32(x > zero) - np.float32(x < zero)
-                balance_k += vote * weights[t]
-                voters_k += abs(vote) * weights[t]
-            count_down = (voters_k - balance_k) * half
-            if mean:
-                down_value = down_value / (count_down + (zero if abs(count_down) >= tiny else one))
-            count_up = (voters_k + balance_k) * half
-            if mean:
-                up_value = up_value / (count_up + (zero if abs(count_up) >= tiny else one))
-            alternative[k] = b + lam * (up_value * zero + down_value * one)  # zero signs as -1
+                defer = not (positive or negative) and agreed != zero
+                flags[j] = np.uint8(defer)
+                block_signs += np.int32(positive) - np.int32(negative)  # a zero-sign element votes 0
+                block_deferred += np.int32(defer)
+            sign_sum += block_signs
+            if block_deferred:
+                for group in range((size + 63) // 64):  # 64 flags to a word, then only the set bits visited
+                    first = group * 64
+                    word = np.uint64(0)
+                    for k in range(min(64, size - first)):
+                        word |= np.uint64(flags[first + k]) << np.uint64(k)
+                    while word:
+                        j = first + trailing_zeros(word)
+                        index[deferred] = start + j
+                        alternative[deferred] = flipped[j]
+                        deferred += 1
+                        word &= word - np.uint64(1)
         return sign_sum, deferred
 
     return high_histogram, low_histogram, merge
