@@ -21,6 +21,19 @@ LOG = logging.getLogger(__name__)
 BLOCK = 2048  # elements per inner block: the per-block arrays of a few tasks stay in L1
 
 
+def _lowest_bit_table() -> np.ndarray:
+    table = np.zeros(64, dtype=np.int64)
+    for bit in range(64):
+        table[((1 << bit) * int(DE_BRUIJN)) % (1 << 64) >> 58] = bit
+    return table
+
+
+# A word's lowest set bit's index, for loops that visit set bits: LOWEST_BIT[((w & (0 - w)) * DE_BRUIJN) >> 58]
+# (uint64). numba's count-trailing-zeros intrinsic, held by a kernel's closure, made its cache miss in every process.
+DE_BRUIJN = np.uint64(0x03F79D71B4CB0A89)
+LOWEST_BIT = _lowest_bit_table()
+
+
 @functools.lru_cache(maxsize=1)
 def jit() -> Callable | None:
     """numba's njit as these loops take it, or None without numba."""

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from distmerge.deferred import torch
-from distmerge.ops.compiled import BLOCK, flat_views, kernels, takes
+from distmerge.ops.compiled import BLOCK, DE_BRUIJN, LOWEST_BIT, flat_views, kernels, takes
 
 
 def _kernels():
@@ -28,14 +28,14 @@ def _kernels():
 
 
 def _build(jit):
-    from numba.cpython.unsafe.numbers import trailing_zeros
-
     @jit
     def high_histogram(base, experts, hist, kept, counts):
         n = base.shape[0]
         bits = np.empty(BLOCK, dtype=np.float32)
         keys = bits.view(np.uint32)  # |tau| as float32 bits: monotone in the value
         keeping = kept.shape[1] > 0  # room for every key of the chunk, or none kept
+        zero64 = np.uint64(0)
+        shift = np.uint64(58)
         for block in range((n + BLOCK - 1) // BLOCK):  # range(0, n, BLOCK) compiles to slower loops
             start = block * BLOCK
             size = min(BLOCK, n - start)
@@ -58,7 +58,7 @@ def _build(jit):
                         for k in range(min(64, size - first)):
                             word |= np.uint64((keys[first + k] & 0xFFFF) != 0) << np.uint64(k)
                         while word:
-                            keep[count] = keys[first + trailing_zeros(word)]
+                            keep[count] = keys[first + LOWEST_BIT[((word & (zero64 - word)) * DE_BRUIJN) >> shift]]
                             count += 1
                             word &= word - np.uint64(1)
                     counts[t] = count
@@ -98,6 +98,8 @@ def _build(jit):
         one = np.float32(1.0)
         half = np.float32(0.5)
         tiny = np.float32(1e-30)
+        zero64 = np.uint64(0)
+        shift = np.uint64(58)
         total = np.empty(BLOCK, dtype=np.float32)
         up_sum = np.empty(BLOCK, dtype=np.float32)
         down_sum = np.empty(BLOCK, dtype=np.float32)
@@ -162,7 +164,7 @@ def _build(jit):
                     for k in range(min(64, size - first)):
                         word |= np.uint64(flags[first + k]) << np.uint64(k)
                     while word:
-                        j = first + trailing_zeros(word)
+                        j = first + LOWEST_BIT[((word & (zero64 - word)) * DE_BRUIJN) >> shift]
                         index[deferred] = start + j
                         alternative[deferred] = flipped[j]
                         deferred += 1

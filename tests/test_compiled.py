@@ -1,0 +1,66 @@
+"""The compiled loops' shared pieces: the lowest-set-bit table, and numba's on-disk cache (a kernel that
+misses it compiles again in every fresh worker: seconds per actor)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from distmerge.ops.compiled import DE_BRUIJN, LOWEST_BIT
+
+pytest.importorskip("numba")
+
+
+def _lowest_bit(word: int) -> int:
+    w = np.uint64(word)
+    with np.errstate(over="ignore"):
+        return int(LOWEST_BIT[int(((w & (np.uint64(0) - w)) * DE_BRUIJN) >> np.uint64(58))])
+
+
+def test_the_table_finds_every_lowest_bit():
+    for bit in range(64):
+        assert _lowest_bit(1 << bit) == bit
+        assert _lowest_bit((1 << bit) | (1 << 63)) == bit  # higher bits do not matter
+    rng = np.random.default_rng(0)
+    for word in rng.integers(1, 2**63, size=2000, dtype=np.uint64):
+        word = int(word) << int(rng.integers(0, 2))
+        word &= (1 << 64) - 1
+        if word:
+            assert _lowest_bit(word) == (word & -word).bit_length() - 1
+
+
+_CALL_EVERY_KERNEL = """
+import json, numpy as np, torch
+from distmerge.ops import dare_fused, emr_fused, ties_fused
+base = torch.randn(4096); experts = [torch.randn(4096) for _ in range(3)]
+ties_fused.high_histograms(base, experts, keep=True)
+ties_fused.low_histograms(base, experts, [0, -1, 5])
+ties_fused.merge_deferred_sign(base, experts, [0.5, 0.5, 0.5], [1.0, 1.0, 1.0], "mean", 1.0)
+words = [np.zeros(4096, dtype=np.uint16) for _ in experts]
+dare_fused.drop_and_sum(base, experts, words, [1, 1, 1], [2.0, 2.0, 2.0], [1.0, 1.0, 1.0], 1.0, False)
+unified, masks = emr_fused.elect(base, experts)
+emr_fused.pack_mask(masks)
+kernels = [*ties_fused._kernels(), *dare_fused._kernels(), *emr_fused._kernels()]
+print(json.dumps({k.py_func.__name__: [sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values())]
+                  for k in kernels}))
+"""
+
+
+def test_a_fresh_process_loads_every_kernel_from_the_cache(tmp_path):
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path), "DISTMERGE_COMPILED": "1"}
+
+    def run() -> dict:
+        done = subprocess.run([sys.executable, "-c", _CALL_EVERY_KERNEL], env=env, capture_output=True, text=True,
+                              timeout=600)
+        assert done.returncode == 0, done.stderr[-2000:]
+        return json.loads(done.stdout.strip().splitlines()[-1])
+
+    first = run()
+    assert all(misses > 0 for _, misses in first.values()), first  # compiled and saved
+    second = run()
+    assert set(second) == {"high_histogram", "low_histogram", "merge", "drop_and_sum", "elect", "pack"}
+    for name, (hits, misses) in second.items():
+        assert hits > 0 and misses == 0, f"{name}: {hits} cache hits, {misses} misses in a second process"
