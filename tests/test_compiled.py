@@ -34,7 +34,7 @@ def test_the_table_finds_every_lowest_bit():
 
 _CALL_EVERY_KERNEL = """
 import json, numpy as np, torch
-from distmerge.ops import dare_fused, emr_fused, ties_fused
+from distmerge.ops import convert_fused, dare_fused, emr_fused, ties_fused
 base = torch.randn(4096); experts = [torch.randn(4096) for _ in range(3)]
 ties_fused.high_histograms(base, experts, keep=True)
 ties_fused.low_histograms(base, experts, [0, -1, 5])
@@ -43,7 +43,8 @@ words = [np.zeros(4096, dtype=np.uint16) for _ in experts]
 dare_fused.drop_and_sum(base, experts, words, [1, 1, 1], [2.0, 2.0, 2.0], [1.0, 1.0, 1.0], 1.0, False)
 unified, masks = emr_fused.elect(base, experts)
 emr_fused.pack_mask(masks)
-kernels = [*ties_fused._kernels(), *dare_fused._kernels(), *emr_fused._kernels()]
+convert_fused.to_bfloat16(convert_fused.to_float32(base.bfloat16())[0])
+kernels = [*ties_fused._kernels(), *dare_fused._kernels(), *emr_fused._kernels(), *convert_fused._kernels()]
 print(json.dumps({k.py_func.__name__: [sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values())]
                   for k in kernels}))
 """
@@ -61,6 +62,7 @@ def test_a_fresh_process_loads_every_kernel_from_the_cache(tmp_path):
     first = run()
     assert all(misses > 0 for _, misses in first.values()), first  # compiled and saved
     second = run()
-    assert set(second) == {"high_histogram", "low_histogram", "merge", "drop_and_sum", "elect", "pack"}
+    assert set(second) == {"high_histogram", "low_histogram", "merge", "drop_and_sum", "elect", "pack", "widen",
+                           "narrow"}
     for name, (hits, misses) in second.items():
         assert hits > 0 and misses == 0, f"{name}: {hits} cache hits, {misses} misses in a second process"

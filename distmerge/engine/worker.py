@@ -26,7 +26,7 @@ from distmerge.engine.resume import file_sha256
 from distmerge.io.writer import ShardWriter, write_safetensors
 from distmerge.methods import execute
 from distmerge.methods.base import MergeMethod
-from distmerge.methods.execute import add_partials, check_finite_output, is_finite, row_chunks  # noqa: F401
+from distmerge.methods.execute import add_partials, check_finite_output, converted, is_finite, row_chunks  # noqa: F401
 from distmerge.plan import MergePlan
 from distmerge.tensors import OutputTensor, TensorSource
 
@@ -115,8 +115,8 @@ class MergeWorker:
         else:
             value = model.read(source.tensor, start, stop)
         self.bytes_read += value.numel() * value.element_size()
-        value = value.to(self.device, self.dtype) if value.is_floating_point() else value.to(self.device)
-        check_finite(model, source.tensor, value)
+        value, finite = converted(value, self.device, self.dtype)
+        check_finite(model, source.tensor, value, finite)
         self.timings["read"] += time.perf_counter() - began
         return value
 
@@ -297,9 +297,9 @@ def _node_id() -> str | None:
         return None
 
 
-def check_finite(model, tensor: str, value) -> None:
-    """NaN/Inf in an input is an error naming the model, file and tensor."""
-    if not is_finite(value):
+def check_finite(model, tensor: str, value, finite: bool | None = None) -> None:
+    """NaN/Inf in an input is an error naming the model, file and tensor (``finite``: already known)."""
+    if not (is_finite(value) if finite is None else finite):
         raise InputError(f"{where(model=model.name, file=model.info(tensor).file, tensor=tensor)}: contains NaN or Inf")
 
 

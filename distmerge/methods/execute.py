@@ -18,6 +18,7 @@ from typing import Any, Callable, Protocol
 from distmerge import dtypes
 from distmerge.deferred import is_tensor, torch
 from distmerge.errors import MergeError
+from distmerge.ops import convert_fused
 
 CHUNK_ELEMENTS = 1 << 18
 
@@ -196,10 +197,14 @@ class DeferredLog:
     vote: int = 0
     patches: dict[str, tuple[GrowingBuffer, GrowingBuffer]] = field(default_factory=dict)
 
-    def add(self, name: str, offset: int, deferred: Deferred, out_dtype: torch.dtype) -> None:
+    def add(self, name: str, offset: int, deferred: Deferred, out_dtype: torch.dtype, numel: int) -> None:
+        """A chunk's deferred elements, ``offset`` its first flat element in a tensor of ``numel``."""
         self.vote += int(deferred.vote)
         if deferred.index.numel():
-            index, value = self.patches.setdefault(name, (GrowingBuffer(torch.int64), GrowingBuffer(out_dtype)))
+            # int32 indices where they reach: bf16 fine-tunes defer some % of all elements (exact cancellations),
+            # and the patch files are written, hashed and held per shard
+            index_dtype = torch.int32 if numel <= 2**31 else torch.int64
+            index, value = self.patches.setdefault(name, (GrowingBuffer(index_dtype), GrowingBuffer(out_dtype)))
             index.extend(deferred.index.cpu() + offset)
             value.extend(deferred.value.to("cpu", out_dtype))
 
@@ -293,10 +298,21 @@ def is_finite(value: torch.Tensor) -> bool:
     return bool(torch.isfinite(value.sum(dtype=torch.float32))) or bool(torch.isfinite(value).all())
 
 
-def check_finite_output(tensor: str, value: torch.Tensor, method: str) -> None:
+def converted(value: torch.Tensor, device, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
+    """(``value`` on ``device`` in ``dtype`` where it is floating point, whether that is free of NaN/Inf):
+    bf16 <-> float32 on the CPU in one compiled pass, anything else as torch's conversion and ``is_finite``."""
+    if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        fused = convert_fused.to_float32(value) if dtype == torch.float32 else convert_fused.to_bfloat16(value)
+        if fused is not None:
+            return fused
+    value = value.to(device, dtype) if value.is_floating_point() else value.to(device)
+    return value, is_finite(value)
+
+
+def check_finite_output(tensor: str, value: torch.Tensor, method: str, finite: bool | None = None) -> None:
     """A merged chunk with NaN/Inf (from parameters, an overflow in the output dtype, anything) stops the run
-    before it reaches a shard."""
-    if not is_finite(value):
+    before it reaches a shard (``finite``: already known from the conversion)."""
+    if not (is_finite(value) if finite is None else finite):
         raise MergeError(f"tensor '{tensor}': the {method} merge gives NaN or Inf in {str(value.dtype).removeprefix('torch.')} "
                          f"(check the parameters, and out_dtype's range)")
 
@@ -340,10 +356,11 @@ def merge_tensor(method, tensor, state: dict, read: Reader, sink: Sink, deferred
         base, experts = read(tensor, start, stop)
         offset = chunk_offset(tensor, start)
         result = method.merge(base, experts, tensor.job, offset, state)
-        merged = result.merged.to("cpu", dtypes.torch_dtype(tensor.out_dtype))
-        check_finite_output(tensor.name, merged, method.name)
+        merged, finite = converted(result.merged, "cpu", dtypes.torch_dtype(tensor.out_dtype))
+        check_finite_output(tensor.name, merged, method.name, finite)
         if result.deferred is not None:
-            deferred.add(tensor.name, offset, result.deferred, dtypes.torch_dtype(tensor.out_dtype))
+            deferred.add(tensor.name, offset, result.deferred, dtypes.torch_dtype(tensor.out_dtype),
+                         math.prod(tensor.shape))
         if result.partial is not None:
             totals = add_partials(totals, result.partial)
         if stream is not None:
