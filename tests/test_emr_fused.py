@@ -61,7 +61,7 @@ def test_the_method_gives_the_same_artifacts_and_rescalers_without_numba(monkeyp
     def run():
         assert method.next_pass({}) is None  # the rescaler sums come with the merge: one read of the inputs
         totals = None
-        stream = method.artifact_stream(type("T", (), {"name": "w", "job": job})(), torch.float32)
+        stream = method.artifact_stream(type("T", (), {"name": "w", "job": job, "shape": (13, 97)})(), torch.float32)
         pieces = []
         for rows in ((0, 6), (6, 13)):  # 6 * 97 mask bits: the packer carries the odd bits over
             result = method.merge(base[slice(*rows)], [e[slice(*rows)] for e in experts], job, rows[0] * 97, {})

@@ -990,12 +990,16 @@ def test_mask_packer_over_row_chunks_equals_packing_the_whole_mask(shape, rows):
     """EMR streams its masks chunk by chunk; chunk sizes that are not multiples of 8 carry bits over."""
     g = torch.Generator().manual_seed(sum(shape) + rows)
     mask = torch.rand((3,) + shape, generator=g) > 0.5
-    packer = emr.MaskPacker(3)
+    packer = emr.MaskPacker(3, shape)
     for a, b, _ in row_chunks(shape, rows):
         packer.add(mask[:, a:b])
     packed = packer.finish()
     assert packed.shape == (3, emr.packed_bytes(shape))
     assert torch.equal(packed, emr.pack_mask(mask))
+    short = emr.MaskPacker(3, shape)
+    short.add(mask[:, :1])
+    with pytest.raises(ValueError, match="masks of .* elements packed"):
+        short.finish()  # a tensor's chunks that do not add up are an error, not a mask with stale bytes
 
 
 def test_emr_artifacts_chunked_equal_whole_tensor():

@@ -49,7 +49,7 @@ class Emr(MergeMethod):
                 (f"{tensor.name}::mask", torch.uint8, (tasks, ops.packed_bytes(tensor.shape)))]
 
     def artifact_stream(self, tensor, dtype):
-        return _EmrStream(tensor.name, len(tensor.job.model_names))
+        return _EmrStream(tensor.name, len(tensor.job.model_names), tuple(tensor.shape))
 
     builds_task_models = True
 
@@ -75,9 +75,9 @@ class _EmrStream:
     """The unified vector goes out chunk by chunk; the masks are packed as they come (an eighth of a byte per
     element and task) and go out whole after the tensor, keeping ``pack_mask``'s [T, bytes] layout."""
 
-    def __init__(self, name: str, tasks: int):
+    def __init__(self, name: str, tasks: int, shape: tuple[int, ...]):
         self.name = name
-        self.packer = ops.MaskPacker(tasks)
+        self.packer = ops.MaskPacker(tasks, shape)
 
     def add(self, artifacts):
         self.packer.add(artifacts["mask"].cpu())

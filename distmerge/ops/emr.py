@@ -68,28 +68,36 @@ def packed_bytes(shape: tuple[int, ...]) -> int:
 
 
 class MaskPacker:
-    """``pack_mask`` of a tensor's mask given row chunk by row chunk: the bits that do not fill a byte wait for
-    the next chunk, so the result equals packing the whole mask at once."""
+    """``pack_mask`` of a tensor's mask given row chunk by row chunk, into one buffer of the packed size: the bits
+    that do not fill a byte wait for the next chunk, so the result equals packing the whole mask at once. (A
+    packed piece kept per chunk until the tensor ended split the heap around the chunks' temporaries: one of two
+    EMR workers peaked at 1.2-1.5 GB on the 1.1B family, against 0.3 GB.)"""
 
-    def __init__(self, tasks: int):
+    def __init__(self, tasks: int, shape: tuple[int, ...]):
         self.tasks = tasks
+        self.out = torch.empty((tasks, packed_bytes(shape)), dtype=torch.uint8)
+        self.filled = 0  # bytes per task written
         self.tail = torch.zeros((tasks, 0), dtype=torch.bool)
-        self.parts: list[torch.Tensor] = []
 
     def add(self, mask: torch.Tensor) -> None:
-        flat = torch.cat([self.tail, mask.reshape(self.tasks, -1)], dim=1)
+        flat = mask.reshape(self.tasks, -1)
+        if self.tail.shape[1]:
+            flat = torch.cat([self.tail, flat], dim=1)
         whole = flat.shape[1] // 8 * 8
         if whole:
             head = flat[:, :whole]
-            self.parts.append(emr_fused.pack_mask(head) if emr_fused.available() else pack_mask(head))
-        self.tail = flat[:, whole:]
+            self.out[:, self.filled:self.filled + whole // 8] = (emr_fused.pack_mask(head) if emr_fused.available()
+                                                                 else pack_mask(head))
+            self.filled += whole // 8
+        self.tail = flat[:, whole:].clone()  # a copy: a view would hold the whole chunk's mask
 
     def finish(self) -> torch.Tensor:
         if self.tail.shape[1]:
-            self.parts.append(pack_mask(self.tail))
-        if not self.parts:
-            return torch.zeros((self.tasks, 0), dtype=torch.uint8)
-        return torch.cat(self.parts, dim=1)
+            self.out[:, self.filled:self.filled + 1] = pack_mask(self.tail)
+            self.filled += 1
+        if self.filled != self.out.shape[1]:
+            raise ValueError(f"masks of {self.filled * 8} elements packed where the tensor has {self.out.shape[1] * 8}")
+        return self.out
 
 
 def unpack_mask(packed: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
