@@ -46,29 +46,27 @@ def _build(jit):
     return widen, narrow
 
 
-def _takes(value: torch.Tensor, dtype: torch.dtype) -> bool:
-    return value.dtype == dtype and value.device.type == "cpu" and value.is_contiguous()
+def _unsigned_bits(tensor: torch.Tensor) -> np.ndarray:
+    """A flat numpy view of a 2- or 4-byte tensor's bits as unsigned integers."""
+    signed, unsigned = {2: (torch.int16, np.uint16), 4: (torch.int32, np.uint32)}[tensor.element_size()]
+    return tensor.reshape(-1).view(signed).numpy().view(unsigned)
+
+
+def _convert(value: torch.Tensor, source: torch.dtype, target: torch.dtype, loop: int):
+    loops = _kernels() if (value.dtype == source and value.device.type == "cpu" and value.is_contiguous()) else None
+    if loops is None:
+        return None
+    out = torch.empty(value.shape, dtype=target)
+    return out, bool(loops[loop](_unsigned_bits(value), _unsigned_bits(out)))
 
 
 def to_float32(value: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     """(``value.float()``, whether every value is finite) of a contiguous bf16 CPU tensor, in one pass;
     None for anything else, or without numba."""
-    loops = _kernels() if _takes(value, torch.bfloat16) else None
-    if loops is None:
-        return None
-    out = torch.empty(value.shape, dtype=torch.float32)
-    finite = loops[0](value.reshape(-1).view(torch.int16).numpy().view(np.uint16),
-                      out.reshape(-1).view(torch.int32).numpy().view(np.uint32))
-    return out, bool(finite)
+    return _convert(value, torch.bfloat16, torch.float32, 0)
 
 
 def to_bfloat16(value: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     """(``value.bfloat16()``, whether every result is finite) of a contiguous float32 CPU tensor, in one
     pass; None for anything else, or without numba."""
-    loops = _kernels() if _takes(value, torch.float32) else None
-    if loops is None:
-        return None
-    out = torch.empty(value.shape, dtype=torch.bfloat16)
-    finite = loops[1](value.reshape(-1).view(torch.int32).numpy().view(np.uint32),
-                      out.reshape(-1).view(torch.int16).numpy().view(np.uint16))
-    return out, bool(finite)
+    return _convert(value, torch.float32, torch.bfloat16, 1)
