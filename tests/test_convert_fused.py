@@ -44,6 +44,18 @@ def test_widening_is_exact():
     assert torch.equal(_bits(out)[finite], _bits(values.float())[finite])
 
 
+@pytest.mark.parametrize("bits, finite", [(0x7F7F7FFF, True), (0xFF7F7FFF, True), (0x7F7F8000, False),
+                                          (0xFF7F8000, False), (0x7F7E8000, True), (0x00000001, True)])
+def test_the_verdict_at_bf16s_largest_value(bits, finite):
+    """Below 0x7F7F8000 a float32 rounds to bf16's largest finite value; from there it rounds to Inf."""
+    chunk = torch.full((9,), 0.25)
+    chunk.view(torch.int32)[4] = torch.tensor(bits, dtype=torch.int64).to(torch.int32)
+    narrowed, verdict = convert_fused.to_bfloat16(chunk)
+    assert verdict is finite is bool(torch.isfinite(chunk.bfloat16()).all())
+    if finite:
+        assert torch.equal(_bits(narrowed), _bits(chunk.bfloat16()))
+
+
 @pytest.mark.parametrize("value, finite", [(1.0, True), (-3.0e38, True), (3.3961e38, True), (3.4e38, False),
                                            (float("inf"), False), (float("-inf"), False), (float("nan"), False)])
 def test_the_verdict_is_is_finite_of_the_result(value, finite):

@@ -21,6 +21,7 @@ def test_indices_are_int32_where_they_reach_and_offsets_are_added():
     assert index.dtype == torch.int32 and index.tolist() == [1, 4, 6, 8]
     assert value.dtype == torch.bfloat16 and value.tolist() == [10.0, 40.0, 60.0, 80.0]
     assert log.vote == 2
+    assert _log(2**31).joined()["w"][0].dtype == torch.int32  # its last index is 2**31 - 1
     assert _log(2**31 + 1).joined()["w"][0].dtype == torch.int64  # a tensor int32 cannot index
 
 

@@ -300,7 +300,9 @@ def is_finite(value: torch.Tensor) -> bool:
 
 def converted(value: torch.Tensor, device, dtype: torch.dtype) -> tuple[torch.Tensor, bool]:
     """(``value`` on ``device`` in ``dtype`` where it is floating point, whether that is free of NaN/Inf):
-    bf16 <-> float32 on the CPU in one compiled pass, anything else as torch's conversion and ``is_finite``."""
+    bf16 <-> float32 on the CPU in one compiled pass, anything else as torch's conversion and ``is_finite``.
+    Where the verdict is False the converted values are unspecified (the compiled narrowing can turn a NaN into
+    a zero): a caller must stop on it, as both callers do."""
     if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16):
         fused = convert_fused.to_float32(value) if dtype == torch.float32 else convert_fused.to_bfloat16(value)
         if fused is not None:
