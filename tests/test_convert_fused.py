@@ -44,6 +44,22 @@ def test_widening_is_exact():
     assert torch.equal(_bits(out)[finite], _bits(values.float())[finite])
 
 
+def test_the_bf16_check_on_every_bit_pattern():
+    """The check that leaves a bf16 chunk as it is (loops that widen it themselves): isfinite of every one of
+    the 65,536 patterns, alone in a chunk of finite values."""
+    patterns = torch.arange(-2**15, 2**15, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    finite = torch.isfinite(patterns)
+    assert not finite.all() and finite.any()
+    chunk = torch.full((7,), 0.5, dtype=torch.bfloat16)
+    for pattern, want in zip(patterns[::97].tolist() + [float("inf"), float("nan")],
+                             finite[::97].tolist() + [False, False]):
+        chunk[3] = pattern
+        assert convert_fused.bfloat16_finite(chunk) is want
+    assert convert_fused.bfloat16_finite(patterns) is False
+    assert convert_fused.bfloat16_finite(patterns[finite]) is True
+    assert convert_fused.bfloat16_finite(patterns.float()) is None  # bf16 only
+
+
 @pytest.mark.parametrize("bits, finite", [(0x7F7F7FFF, True), (0xFF7F7FFF, True), (0x7F7F8000, False),
                                           (0xFF7F8000, False), (0x7F7E8000, True), (0x00000001, True)])
 def test_the_verdict_at_bf16s_largest_value(bits, finite):

@@ -42,7 +42,20 @@ def test_fused_dare_gives_the_torch_bits(params, rates, weights, monkeypatch):
     monkeypatch.setattr(dare_fused, "drop_and_sum", lambda *a: calls.append(1) or compiled(*a))
     fused = method.merge(base, experts, job, offset, {}).merged
     assert calls
-    monkeypatch.setattr(dare_fused, "_kernels", lambda: None)
+    monkeypatch.setattr(dare_fused, "_kernels", lambda widen=False: None)
     plain = method.merge(base, experts, job, offset, {}).merged
     assert len(calls) == 1
     assert torch.equal(fused.view(torch.int32), plain.view(torch.int32))
+
+
+@pytest.mark.parametrize("params,rates,weights", CASES[:3])
+def test_bf16_chunks_widened_in_the_loop_give_the_float32_bits(params, rates, weights):
+    method = build_method("dare", params)
+    widening = method.with_bfloat16_inputs()
+    base, experts = _inputs(len(rates), 3, (37, 1000))  # bf16 values held in float32
+    job = TensorJob(name="model.layers.0.mlp.up_proj.weight", numel=base.numel(), model_names=("a", "b", "c"),
+                    weights=weights, per_model={"drop_rate": rates})
+    want = method.merge(base, experts, job, 0, {}).merged
+    got = widening.merge(base.bfloat16(), [e.bfloat16() for e in experts], job, 0, {}).merged
+    assert got.dtype == torch.float32
+    assert torch.equal(got.view(torch.int32), want.view(torch.int32))

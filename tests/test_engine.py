@@ -10,9 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 from safetensors import safe_open
+from safetensors.torch import save_file
 
 from conftest import merge_config
 from distmerge import merge
+from distmerge.errors import InputError
 
 pytestmark = pytest.mark.usefixtures("ray_cluster")
 
@@ -371,8 +373,6 @@ def test_bin_checkpoints_and_single_files(llama_family, tmp_path):
         torch.save(load_folder(experts[1]), bin_expert / "pytorch_model.bin")
         for f in bin_expert.glob("*.safetensors*"):
             f.unlink()
-    from safetensors.torch import save_file
-
     single = tmp_path / "expert0.safetensors"
     save_file(load_folder(experts[0]), str(single))
     out = tmp_path / "merged"
@@ -403,8 +403,6 @@ def test_out_dtype_and_resolved_config_reproduces(llama_family, tmp_path):
 def test_ties_global_majority_sign_patches_written_shards(tmp_path):
     """Exact cancellations with a negative model-wide majority: the shards are patched after the merge."""
     import yaml
-    from safetensors.torch import save_file
-
     g = torch.Generator().manual_seed(11)
     shapes = {"model.layers.0.mlp.w": (16, 8), "model.layers.1.mlp.w": (16, 8), "model.norm.weight": (8,)}
     # values on coarse grids so that (base + tau) - base == tau exactly in float32
@@ -430,3 +428,58 @@ def test_ties_global_majority_sign_patches_written_shards(tmp_path):
     card = (out / "README.md").read_text()
     state = yaml.safe_load(card.split("## Computed during the merge")[1].split("```yaml")[1].split("```")[0])
     assert state["majority_sign"] == -1 and state["patched_elements"] > 0
+
+
+def _recast_family(source: Path, target: Path, cast) -> Path:
+    """A copy of a model folder, shard for shard, with ``cast`` applied to every tensor."""
+    import shutil
+
+    target.mkdir(parents=True)
+    for file in source.iterdir():
+        if file.suffix == ".safetensors":
+            with safe_open(str(file), "pt") as f:
+                save_file({k: cast(f.get_tensor(k)).contiguous() for k in f.keys()}, str(target / file.name),
+                          metadata={"format": "pt"})
+        else:
+            shutil.copy(file, target / file.name)
+    return target
+
+
+@pytest.mark.parametrize("method,params", [("ties", {"density": 0.4}), ("dare", {"drop_rate": 0.5, "lambda": 0.8})])
+def test_bf16_inputs_handed_to_the_loops_as_read_give_the_widened_merge(llama_family, tmp_path, method, params):
+    """TIES and DARE workers hand bf16 chunks to loops that widen them block by block: the float32 merge of a
+    bf16 family is bit for bit the merge of the same values stored in float32, bf16 and float32 inputs mixed
+    included; a NaN in a bf16 input still names its file and tensor."""
+    from distmerge.engine.worker import widening_method
+    from distmerge.methods import build_method
+
+    base, experts = llama_family
+    folders = [base, *experts]
+    bf16 = [_recast_family(f, tmp_path / "bf16" / f.name, lambda t: t.bfloat16()) for f in folders]
+    widened = [_recast_family(f, tmp_path / "f32" / f.name, lambda t: t.bfloat16().float()) for f in folders]
+    built = build_method(method, params)
+    assert widening_method(built, torch.float32, torch.device("cpu")) is not None  # the workers do widen
+    assert widening_method(built, torch.bfloat16, torch.device("cpu")) is None
+
+    def run(family, name):
+        config = merge_config(family[0], family[1:], method, **params)
+        config["out_dtype"] = "float32"
+        merge(config, tmp_path / name, workers=2, progress=False)
+        return load_folder(tmp_path / name)
+
+    want = run(widened, "from-f32")
+    for name, family in (("from-bf16", bf16), ("mixed", [widened[0], bf16[1], widened[2]])):
+        got = run(family, name)
+        assert set(got) == set(want)
+        for tensor in want:
+            assert torch.equal(got[tensor].view(torch.int32), want[tensor].view(torch.int32)), (name, tensor)
+
+    poisoned = "model.layers.1.mlp.up_proj.weight"
+    shard = next(f for f in (tmp_path / "bf16" / experts[0].name).glob("*.safetensors")
+                 if poisoned in safe_open(str(f), "pt").keys())
+    with safe_open(str(shard), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    tensors[poisoned][2, 3] = float("inf")
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(InputError, match=rf"model 'e0', file '.*{shard.name}', tensor '{poisoned}': contains NaN"):
+        run(bf16, "poisoned")

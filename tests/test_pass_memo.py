@@ -62,7 +62,7 @@ def test_the_second_pass_reads_nothing_and_finds_the_same_thresholds(seed, compi
     if compiled and ties_fused._kernels() is None:
         pytest.skip("numba is not installed")
     if not compiled:
-        monkeypatch.setattr(ties_fused, "_kernels", lambda: None)
+        monkeypatch.setattr(ties_fused, "_kernels", lambda widen=False: None)
     base, experts = _family(seed)
     method = build_method("ties", {"density": 0.2})
     kept, reads = _passes(method, base, experts, execute.PassMemo())

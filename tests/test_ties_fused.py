@@ -156,7 +156,7 @@ def test_the_method_gives_the_same_chunks_with_and_without_numba(params, monkeyp
     monkeypatch.setattr(ties_fused, "merge_deferred_sign", lambda *a: calls.append(1) or compiled(*a))
     fused_state, fused = run()
     assert calls  # the compiled loop did run
-    monkeypatch.setattr(ties_fused, "_kernels", lambda: None)
+    monkeypatch.setattr(ties_fused, "_kernels", lambda widen=False: None)
     torch_state, plain = run()
     assert len(calls) == 1
     assert fused_state["thresholds"] == torch_state["thresholds"]
@@ -177,3 +177,56 @@ def test_the_loops_can_be_switched_off(monkeypatch):
     monkeypatch.delenv("DISTMERGE_COMPILED")
     assert ties_fused.available(base, *experts)
     assert not ties_fused.available(base.double(), *(e.double() for e in experts))  # float32 only
+
+
+@pytest.mark.parametrize("case", CASES[:5])
+def test_bf16_chunks_widened_in_the_loops_give_the_float32_bits(case):
+    """Chunks as read from a bf16 checkpoint, widened block by block inside the loops (no float32 copy of the
+    chunk): the histograms, the kept keys, the merge and its deferred elements are those of the float32 chunk."""
+    tasks, weights, mode, lam, quantiles = case
+    g = torch.Generator().manual_seed(11)
+    wide = torch.randn(5003, generator=g) * 0.05
+    # task vectors across binades (irregular keys) and on a coarse grid (ties, zeros, cancellations) in one chunk
+    grid, grid_experts = _inputs(11, tasks, 5003)
+    stored = [torch.cat([wide, grid]).bfloat16()]
+    stored += [torch.cat([wide + torch.randn(5003, generator=g) * 0.05, e]).bfloat16() for e in grid_experts]
+    base, experts = stored[0].float(), [e.float() for e in stored[1:]]  # what the conversion gave before
+    assert not ties_fused.available(*stored)  # bf16 only where the caller asks for the float32 result
+    assert ties_fused.available(*stored, widening=True)
+    assert not ties_fused.available(base, *stored[1:], widening=True)  # one dtype for every input
+    hist, kept = ties_fused.high_histograms(stored[0], stored[1:], keep=True)
+    want_hist, want_kept = ties_fused.high_histograms(base, experts, keep=True)
+    assert torch.equal(hist, want_hist)
+    assert all(torch.equal(a, b) for a, b in zip(kept, want_kept)) and sum(k.numel() for k in kept) > 0
+    bins = [int(torch.mode(k >> 16).values) if k.numel() else -1 for k in kept]
+    assert torch.equal(ties_fused.low_histograms(stored[0], stored[1:], bins),
+                       ties_fused.low_histograms(base, experts, bins))
+    thresholds = _thresholds(base, experts, quantiles)
+    got = ties_fused.merge_deferred_sign(stored[0], stored[1:], thresholds, weights, mode, lam)
+    want = _torch_merge(base, experts, thresholds, weights, mode, lam)
+    assert tasks == 1 or want[2].numel() > 0  # deferred elements occur
+    assert torch.equal(_bits(got[0]), _bits(want[0])) and got[1] == want[1]
+    assert torch.equal(got[2], want[2]) and torch.equal(_bits(got[3]), _bits(want[3]))
+
+
+def test_only_the_widening_copy_of_the_method_takes_bf16():
+    """``with_bfloat16_inputs`` gives a copy whose merge of bf16 chunks is the float32 merge of their values;
+    the method itself, given bf16 chunks (a bf16 merge), still computes in bf16 as before."""
+    method = build_method("ties", {"density": 0.4})
+    widening = method.with_bfloat16_inputs()
+    assert widening is not None and widening is not method and not method.widens_bfloat16
+    assert build_method("ties", {"density": 0.4, "trim_scope": "tensor"}).with_bfloat16_inputs() is None
+    base, experts = mixed_inputs(2, 3, 4000)
+    stored = [x.bfloat16() for x in (base, *experts)]
+    job = TensorJob(name="w", numel=4000, model_names=("a", "b", "c"), weights=(1.0, 1.0, 1.0),
+                    per_model={"density": (0.4, 0.4, 0.4)})
+    state = method.initial_state([job])
+    for name in ("trim_high", "trim_low"):
+        state = method.finish_pass(name, method.add_stats(None, name, stored[0].float(),
+                                                          [e.float() for e in stored[1:]], job, 0, state), state)
+    widened = widening.merge(stored[0], stored[1:], job, 0, state)
+    want = method.merge(stored[0].float(), [e.float() for e in stored[1:]], job, 0, state)
+    assert torch.equal(_bits(widened.merged), _bits(want.merged))
+    assert widened.deferred.vote == want.deferred.vote
+    in_bf16 = method.merge(stored[0], stored[1:], job, 0, state)
+    assert in_bf16.merged.dtype == torch.bfloat16

@@ -57,6 +57,9 @@ class MergeWorker:
         torch.set_num_threads(max(1, spec.num_threads))
         keep_freed_memory()
         self.needs_base = spec.method.needs_base
+        widening = widening_method(spec.method, self.dtype, self.device)
+        self.method = widening or spec.method
+        self.keeps_bfloat16 = widening is not None
         self.writer: ShardWriter | None = None  # the shard being merged, streamed to its file
         self.writer_shard: int | None = None
         self.artifact_writer: ShardWriter | None = None  # the method's artifacts of that shard, streamed beside it
@@ -115,7 +118,8 @@ class MergeWorker:
         else:
             value = model.read(source.tensor, start, stop)
         self.bytes_read += value.numel() * value.element_size()
-        value, finite = converted(value, self.device, self.dtype)
+        kept = self.keeps_bfloat16 and value.dtype == torch.bfloat16
+        value, finite = converted(value, self.device, torch.bfloat16 if kept else self.dtype)
         check_finite(model, source.tensor, value, finite)
         self.timings["read"] += time.perf_counter() - began
         return value
@@ -125,6 +129,10 @@ class MergeWorker:
         spec = self.spec
         base = self._read(spec.base, tensor.base, start, stop) if (spec.base is not None and self.needs_base) else None
         experts = [self._read(m, s, start, stop) for m, s in zip(spec.experts, tensor.experts)]
+        if self.keeps_bfloat16 and len({t.dtype for t in (base, *experts) if t is not None}) > 1:
+            # inputs stored in different dtypes: the loops take one, so all come in the compute dtype
+            base = base.to(self.dtype) if base is not None else None
+            experts = [e.to(self.dtype) for e in experts]
         return base, experts
 
     def _groups(self, shard_index: int, group_index: int | None = None):
@@ -141,7 +149,7 @@ class MergeWorker:
             read_before = self.timings["read"]
             began = time.perf_counter()
             for tensor in (t for t in group.tensors if t.merged):  # the reconciled vocabulary rows go with it
-                part = execute.pass_partial(self.spec.method, pass_name, state, [tensor], self._inputs,
+                part = execute.pass_partial(self.method, pass_name, state, [tensor], self._inputs,
                                             memo=self.memo)
                 if part is not None:
                     totals = add_partials(totals, part)
@@ -224,7 +232,7 @@ class MergeWorker:
         read_before, write_before = self.timings["read"], self.timings["write"]
         began = time.perf_counter()
         sink = _TimedSink(writer, self.artifact_writer, self.timings)
-        part = execute.merge_tensor(self.spec.method, tensor, state, self._inputs, sink, self.deferred, self.dtype)
+        part = execute.merge_tensor(self.method, tensor, state, self._inputs, sink, self.deferred, self.dtype)
         spent = time.perf_counter() - began
         self.timings["merge"] += spent - (self.timings["read"] - read_before) - (self.timings["write"] - write_before)
         return part
@@ -295,6 +303,14 @@ def _node_id() -> str | None:
         return ray.get_runtime_context().get_node_id() if ray.is_initialized() else None
     except Exception:
         return None
+
+
+def widening_method(method: MergeMethod, dtype: torch.dtype, device: torch.device) -> MergeMethod | None:
+    """The copy of ``method`` a worker hands bfloat16 inputs as read (its loops widen them: no float32 copy of
+    every chunk), or None: only a float32 merge on the CPU, and only a method that can."""
+    if dtype != torch.float32 or torch.device(device).type != "cpu":
+        return None
+    return method.with_bfloat16_inputs()
 
 
 def check_finite(model, tensor: str, value, finite: bool | None = None) -> None:

@@ -92,6 +92,13 @@ class MergeMethod:
         stays bounded by the largest layer group)."""
         return True
 
+    def with_bfloat16_inputs(self) -> MergeMethod | None:
+        """A copy of this method whose ``stats`` and ``merge`` take bfloat16 chunks as they were read and compute
+        in float32 all the same (compiled loops widen a block at a time), or None where it cannot. A float32
+        merge on the CPU hands such a copy its bfloat16 inputs without widening them first; a chunk's inputs come
+        all bfloat16 or all float32. (This instance, given bfloat16, computes in bfloat16: a bfloat16 merge.)"""
+        return None
+
     def initial_state(self, jobs: list[TensorJob]) -> dict:
         """State before the first pass, from every tensor's resolved numbers (checked here, before any read)."""
         return {}

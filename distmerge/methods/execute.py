@@ -304,6 +304,10 @@ def converted(value: torch.Tensor, device, dtype: torch.dtype) -> tuple[torch.Te
     Where the verdict is False the converted values are unspecified (the compiled narrowing can turn a NaN into
     a zero): a caller must stop on it, as both callers do."""
     if torch.device(device).type == "cpu" and dtype in (torch.float32, torch.bfloat16):
+        if value.dtype == dtype == torch.bfloat16:
+            finite = convert_fused.bfloat16_finite(value)
+            if finite is not None:
+                return value, finite
         fused = convert_fused.to_float32(value) if dtype == torch.float32 else convert_fused.to_bfloat16(value)
         if fused is not None:
             return fused

@@ -22,6 +22,7 @@ found exactly by two histogram passes; its zero-sign rule (the model-wide majori
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
 from distmerge.deferred import torch
@@ -142,13 +143,14 @@ class TaskVectorMerge(TaskVectorMethod):
         totals = totals if totals is not None else _trim_totals(pass_name, len(experts))
         keep = memo is not None and memo.accepting and pass_name == "trim_high"
         kept = None
-        if stop == 0 and ties_fused.available(base, *experts):
+        if stop == 0 and ties_fused.available(base, *experts, widening=self.widens_bfloat16):
             # The trim is the first stage: the same counts in one loop over the inputs, added in place.
             if pass_name == "trim_high":
                 _, kept = ties_fused.high_histograms(base, experts, into=totals["hist"], keep=keep)
             else:
                 ties_fused.low_histograms(base, experts, state["high_bins"], into=totals["hist"])
         else:
+            base, experts = self._float32(base, experts)
             task_vector = self.sparsified(stack_task_vectors(base, experts), job, offset, state, recipe.sparsify[:stop])
             kept = _add_trim_counts(totals, pass_name, task_vector, state, keep)
         if pass_name == "trim_high":
@@ -216,23 +218,48 @@ class TaskVectorMerge(TaskVectorMethod):
             return ChunkResult(merged, deferred=Deferred(vote, index, value) if recipe.deferred_sign else None)
         if self._fused_dare(recipe, base, experts):
             return ChunkResult(self._dare_then_sum(recipe, base, experts, job, offset))
+        base, experts = self._float32(base, experts)
         # stack_task_vectors gives a fresh tensor: the stages may work on it in place
         trimmed = self.sparsified(stack_task_vectors(base, experts), job, offset, state, recipe.sparsify)
         return self.combined(recipe, base, trimmed, job.weights)
 
-    @staticmethod
-    def _fused_ties(recipe: Recipe, base, experts) -> bool:
-        """TIES over a whole-model trim alone (the paper's TIES): one compiled loop does the chunk."""
-        only_global_trim = recipe.global_stage() == 0 and len(recipe.sparsify) == 1
-        return (only_global_trim and recipe.consensus == "mass" and base is not None
-                and ties_fused.available(base, *experts))
+    widens_bfloat16 = False  # set on the copy ``with_bfloat16_inputs`` gives
+
+    def with_bfloat16_inputs(self):
+        recipe = self.recipe()
+        if not ((self._ties_loop(recipe) and ties_fused.available()) or
+                (self._dare_loop(recipe) and dare_fused.available())):
+            return None
+        widening = copy.copy(self)
+        widening.widens_bfloat16 = True
+        return widening
 
     @staticmethod
-    def _fused_dare(recipe: Recipe, base, experts) -> bool:
+    def _ties_loop(recipe: Recipe) -> bool:
+        """TIES over a whole-model trim alone (the paper's TIES): one compiled loop does the chunk."""
+        return recipe.global_stage() == 0 and len(recipe.sparsify) == 1 and recipe.consensus == "mass"
+
+    @staticmethod
+    def _dare_loop(recipe: Recipe) -> bool:
         """DARE then a plain (weighted) sum, with a rescale that does not depend on the values."""
         only_drop = len(recipe.sparsify) == 1 and recipe.sparsify[0].kind == "random"
-        return (only_drop and recipe.sparsify[0].rescale != "l1" and recipe.consensus == "none" and base is not None
-                and dare_fused.available(base, *experts))
+        return only_drop and recipe.sparsify[0].rescale != "l1" and recipe.consensus == "none"
+
+    def _fused_ties(self, recipe: Recipe, base, experts) -> bool:
+        return (self._ties_loop(recipe) and base is not None
+                and ties_fused.available(base, *experts, widening=self.widens_bfloat16))
+
+    def _fused_dare(self, recipe: Recipe, base, experts) -> bool:
+        return (self._dare_loop(recipe) and base is not None
+                and dare_fused.available(base, *experts, widening=self.widens_bfloat16))
+
+    def _float32(self, base, experts):
+        """The inputs for the torch formulation: widened where this copy was handed bfloat16 to widen itself
+        (a chunk no loop can take)."""
+        if not self.widens_bfloat16:
+            return base, experts
+        widen = (lambda t: t.float() if t is not None and t.dtype == torch.bfloat16 else t)
+        return widen(base), [widen(e) for e in experts]
 
     @staticmethod
     def _dare_then_sum(recipe: Recipe, base, experts, job, offset: int) -> torch.Tensor:

@@ -62,17 +62,27 @@ def kernels(build: Callable[[Callable], Any]) -> Any:
     return _BUILT[build]
 
 
-def takes(*tensors: torch.Tensor) -> bool:
-    """Whether compiled loops can take these chunks: float32, on the CPU, contiguous."""
-    return all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+def takes(*tensors: torch.Tensor, widening: bool = False) -> bool:
+    """Whether compiled loops can take these chunks: on the CPU, contiguous, float32 (or, ``widening``, all
+    float32 or all bfloat16: one array type for every input)."""
+    accepted = (torch.float32, torch.bfloat16) if widening else (torch.float32,)
+    same = not tensors or all(t.dtype == tensors[0].dtype for t in tensors)
+    return same and all(t.dtype in accepted and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def widens(*tensors: torch.Tensor) -> bool:
+    """Whether these chunks (as ``takes(..., widening=True)`` accepts them) need the loops that widen bfloat16."""
+    return bool(tensors) and tensors[0].dtype == torch.bfloat16
 
 
 def flat_views(base: torch.Tensor, experts: Sequence[torch.Tensor]) -> tuple[np.ndarray, tuple[np.ndarray, ...]]:
     """Flat read-only numpy views: one array type for every input (the tuple a loop indexes needs one type;
-    inputs read from a memory map are read-only, converted ones are not)."""
+    inputs read from a memory map are read-only, converted ones are not). bfloat16 comes as its bits (uint16):
+    numpy has no bfloat16."""
 
     def view(tensor: torch.Tensor) -> np.ndarray:
-        array = tensor.detach().reshape(-1).numpy().view()
+        flat = tensor.detach().reshape(-1)
+        array = flat.view(torch.int16).numpy().view(np.uint16) if flat.dtype == torch.bfloat16 else flat.numpy().view()
         array.flags.writeable = False
         return array
 

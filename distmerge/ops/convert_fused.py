@@ -43,7 +43,15 @@ def _build(jit):
             largest = max(largest, bits & np.uint32(0x7FFFFFFF))
         return largest < np.uint32(0x7F7F8000)
 
-    return widen, narrow
+    @jit
+    def check(source):
+        """Whether every bf16 value is finite, the chunk left as it is (for loops that widen it themselves)."""
+        largest = np.uint16(0)
+        for j in range(source.shape[0]):
+            largest = max(largest, source[j] & np.uint16(0x7FFF))
+        return largest < np.uint16(0x7F80)
+
+    return widen, narrow, check
 
 
 def _unsigned_bits(tensor: torch.Tensor) -> np.ndarray:
@@ -64,6 +72,14 @@ def to_float32(value: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
     """(``value.float()``, whether every value is finite) of a contiguous bf16 CPU tensor, in one pass;
     None for anything else, or without numba."""
     return _convert(value, torch.bfloat16, torch.float32, 0)
+
+
+def bfloat16_finite(value: torch.Tensor) -> bool | None:
+    """Whether a contiguous bf16 CPU tensor is free of NaN/Inf, in one pass over its bits; None for anything
+    else, or without numba."""
+    loops = _kernels() if (value.dtype == torch.bfloat16 and value.device.type == "cpu" and value.is_contiguous()) \
+        else None
+    return None if loops is None else bool(loops[2](_unsigned_bits(value)))
 
 
 def to_bfloat16(value: torch.Tensor) -> tuple[torch.Tensor, bool] | None:

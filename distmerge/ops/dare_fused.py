@@ -4,7 +4,8 @@ torch path (``methods.generalized``: ``dare.keep_scale`` multipliers, then ``tas
 The mask words are still numpy's PCG64 stream (``dare.stream_words``): the masks are the same. What the loop
 saves is the rest: the float32 multiplier tensor per task, the stacked task vectors and the separate sum,
 scale and shift passes. Multiplying by 1.0 (unit weights, lambda 1) and dividing by 1.0 (no normalization)
-are exact, so one formulation serves every case.
+are exact, so one formulation serves every case. bfloat16 inputs are widened block by block in the loop, as
+``ops.ties_fused`` does.
 """
 
 from __future__ import annotations
@@ -14,27 +15,50 @@ from collections.abc import Sequence
 import numpy as np
 
 from distmerge.deferred import torch
-from distmerge.ops.compiled import BLOCK, flat_views, kernels, takes
+from distmerge.ops.compiled import BLOCK, flat_views, kernels, takes, widens
 
 
-def _kernels():
-    return kernels(_build)
+def _kernels(widen: bool = False):
+    """The loop over float32 inputs, or with ``widen`` over bfloat16 inputs (their bits as uint16)."""
+    built = kernels(_build)
+    return None if built is None else built[widen]
 
 
 def _build(jit):
+    return _loops(jit, False), _loops(jit, True)
+
+
+def _loops(jit, widen: bool):
+    # ``widen``: a constant of the closure, as in ``ops.ties_fused``
     @jit
     def drop_and_sum(base, experts, words, thresholds, scales, weights, divisor, lam, out):
         n = base.shape[0]
         zero = np.float32(0.0)
         acc = np.empty(BLOCK, dtype=np.float32)
+        base_wide = np.empty(BLOCK, dtype=np.float32)
+        base_bits = base_wide.view(np.uint32)
+        expert_wide = np.empty(BLOCK, dtype=np.float32)
+        expert_bits = expert_wide.view(np.uint32)
         for block in range((n + BLOCK - 1) // BLOCK):  # range(0, n, BLOCK) compiles to slower loops
             start = block * BLOCK
             size = min(BLOCK, n - start)
-            b = base[start:start + size]  # slices: the loops below then vectorize
+            if widen:
+                raw = base[start:start + size]
+                for j in range(size):
+                    base_bits[j] = np.uint32(raw[j]) << np.uint32(16)
+                b = base_wide[:size]
+            else:
+                b = base[start:start + size]  # slices: the loops below then vectorize
             o = out[start:start + size]
             acc[:size] = zero  # torch's sum over the stacked dimension starts from +0
             for t in range(len(experts)):
-                e = experts[t][start:start + size]
+                if widen:
+                    raw = experts[t][start:start + size]
+                    for j in range(size):
+                        expert_bits[j] = np.uint32(raw[j]) << np.uint32(16)
+                    e = expert_wide[:size]
+                else:
+                    e = experts[t][start:start + size]
                 w = words[t][start:start + size]
                 threshold = thresholds[t]
                 scale = scales[t]
@@ -47,8 +71,10 @@ def _build(jit):
     return (drop_and_sum,)
 
 
-def available(*tensors: torch.Tensor) -> bool:
-    return takes(*tensors) and _kernels() is not None
+def available(*tensors: torch.Tensor, widening: bool = False) -> bool:
+    """Whether the loop can take these chunks: float32 (or, ``widening``, all float32 or all bfloat16, widened
+    in the loop), on the CPU, contiguous, and numba importable."""
+    return takes(*tensors, widening=widening) and _kernels() is not None
 
 
 def drop_and_sum(base: torch.Tensor, experts: Sequence[torch.Tensor], words: Sequence[np.ndarray],
@@ -62,7 +88,8 @@ def drop_and_sum(base: torch.Tensor, experts: Sequence[torch.Tensor], words: Seq
         if abs(divisor) < 1e-8:  # task_arithmetic's guard
             divisor = 1.0
     out = torch.empty(base.shape, dtype=torch.float32)
-    _kernels()[0](*flat_views(base, experts), tuple(np.ascontiguousarray(w, dtype=np.uint16) for w in words),
-                  np.asarray(thresholds, dtype=np.int64), np.asarray(scales, dtype=np.float32),
-                  np.asarray(weights, dtype=np.float32), np.float32(divisor), np.float32(lam), out.reshape(-1).numpy())
+    loop = _kernels(widens(base))[0]
+    loop(*flat_views(base, experts), tuple(np.ascontiguousarray(w, dtype=np.uint16) for w in words),
+         np.asarray(thresholds, dtype=np.int64), np.asarray(scales, dtype=np.float32),
+         np.asarray(weights, dtype=np.float32), np.float32(divisor), np.float32(lam), out.reshape(-1).numpy())
     return out

@@ -9,7 +9,10 @@ They replicate ``ops.ties`` exactly: the same float32 operations in the same ord
 task by task, as torch's reduction over the stacked dimension does; hardshrink's ``> nextafter(threshold, 0)``;
 ``lambda`` rounded to float32 before it multiplies), so a merge gives the same bytes with or without numba
 (``tests/test_ties_fused.py`` checks them against each other on inputs full of ties, zeros and cancellations).
-numba is an optional dependency: without it (or off the CPU, or for anything but float32) the torch path runs.
+The inputs may also come as read, in bfloat16 (compute still float32): each block of each input is widened into
+an L1 buffer as the loop goes, which spares the float32 copy of every chunk a merge would otherwise make and read
+back (the same float32 values, so the same bits). numba is an optional dependency: without it (or off the CPU,
+or for anything but float32 and bfloat16) the torch path runs.
 """
 
 from __future__ import annotations
@@ -20,28 +23,52 @@ from collections.abc import Sequence
 import numpy as np
 
 from distmerge.deferred import torch
-from distmerge.ops.compiled import BLOCK, DE_BRUIJN, LOWEST_BIT, flat_views, kernels, takes
+from distmerge.ops.compiled import BLOCK, DE_BRUIJN, LOWEST_BIT, flat_views, kernels, takes, widens
 
 
-def _kernels():
-    return kernels(_build)
+def _kernels(widen: bool = False):
+    """The loops over float32 inputs, or with ``widen`` over bfloat16 inputs (their bits as uint16)."""
+    built = kernels(_build)
+    return None if built is None else built[widen]
 
 
 def _build(jit):
+    return _loops(jit, False), _loops(jit, True)
+
+
+def _loops(jit, widen: bool):
+    # ``widen`` is a constant of each closure: numba prunes the branch not taken, and keys its disk cache on it.
+    # Where it is set, ``b`` and ``e`` are a block of the inputs widened into L1 buffers, else slices of them.
     @jit
     def high_histogram(base, experts, hist, kept, counts):
         n = base.shape[0]
         bits = np.empty(BLOCK, dtype=np.float32)
         keys = bits.view(np.uint32)  # |tau| as float32 bits: monotone in the value
+        base_wide = np.empty(BLOCK, dtype=np.float32)
+        base_bits = base_wide.view(np.uint32)
+        expert_wide = np.empty(BLOCK, dtype=np.float32)
+        expert_bits = expert_wide.view(np.uint32)
         keeping = kept.shape[1] > 0  # room for every key of the chunk, or none kept
         zero64 = np.uint64(0)
         shift = np.uint64(58)
         for block in range((n + BLOCK - 1) // BLOCK):  # range(0, n, BLOCK) compiles to slower loops
             start = block * BLOCK
             size = min(BLOCK, n - start)
-            b = base[start:start + size]  # slices: the loops below then vectorize
+            if widen:
+                raw = base[start:start + size]
+                for j in range(size):
+                    base_bits[j] = np.uint32(raw[j]) << np.uint32(16)
+                b = base_wide[:size]
+            else:
+                b = base[start:start + size]  # slices: the loops below then vectorize
             for t in range(len(experts)):
-                e = experts[t][start:start + size]
+                if widen:
+                    raw = experts[t][start:start + size]
+                    for j in range(size):
+                        expert_bits[j] = np.uint32(raw[j]) << np.uint32(16)
+                    e = expert_wide[:size]
+                else:
+                    e = experts[t][start:start + size]
                 row = hist[t]
                 for j in range(size):
                     bits[j] = abs(e[j] - b[j])
@@ -68,14 +95,30 @@ def _build(jit):
         n = base.shape[0]
         bits = np.empty(BLOCK, dtype=np.float32)
         keys = bits.view(np.uint32)
+        base_wide = np.empty(BLOCK, dtype=np.float32)
+        base_bits = base_wide.view(np.uint32)
+        expert_wide = np.empty(BLOCK, dtype=np.float32)
+        expert_bits = expert_wide.view(np.uint32)
         for block in range((n + BLOCK - 1) // BLOCK):
             start = block * BLOCK
             size = min(BLOCK, n - start)
-            b = base[start:start + size]
+            if widen:
+                raw = base[start:start + size]
+                for j in range(size):
+                    base_bits[j] = np.uint32(raw[j]) << np.uint32(16)
+                b = base_wide[:size]
+            else:
+                b = base[start:start + size]
             for t in range(len(experts)):
                 if high_bins[t] < 0:
                     continue
-                e = experts[t][start:start + size]
+                if widen:
+                    raw = experts[t][start:start + size]
+                    for j in range(size):
+                        expert_bits[j] = np.uint32(raw[j]) << np.uint32(16)
+                    e = expert_wide[:size]
+                else:
+                    e = experts[t][start:start + size]
                 row = hist[t]
                 first = np.uint32(high_bins[t] << 16)
                 for j in range(size):
@@ -107,12 +150,22 @@ def _build(jit):
         voters = np.empty(BLOCK, dtype=np.float32)
         flipped = np.empty(BLOCK, dtype=np.float32)
         flags = np.empty(BLOCK, dtype=np.uint8)
+        base_wide = np.empty(BLOCK, dtype=np.float32)
+        base_bits = base_wide.view(np.uint32)
+        expert_wide = np.empty(BLOCK, dtype=np.float32)
+        expert_bits = expert_wide.view(np.uint32)
         sign_sum = 0
         deferred = 0
         for block in range((n + BLOCK - 1) // BLOCK):
             start = block * BLOCK
             size = min(BLOCK, n - start)
-            b = base[start:start + size]
+            if widen:
+                raw = base[start:start + size]
+                for j in range(size):
+                    base_bits[j] = np.uint32(raw[j]) << np.uint32(16)
+                b = base_wide[:size]
+            else:
+                b = base[start:start + size]
             o = out[start:start + size]
             total[:size] = zero
             up_sum[:size] = zero
@@ -120,7 +173,13 @@ def _build(jit):
             balance[:size] = zero
             voters[:size] = zero
             for t in range(tasks):
-                e = experts[t][start:start + size]  # slices: the loops below then vectorize
+                if widen:
+                    raw = experts[t][start:start + size]
+                    for j in range(size):
+                        expert_bits[j] = np.uint32(raw[j]) << np.uint32(16)
+                    e = expert_wide[:size]
+                else:
+                    e = experts[t][start:start + size]  # slices: the loops below then vectorize
                 limit = below[t]
                 w = weights[t]
                 for j in range(size):
@@ -174,9 +233,10 @@ def _build(jit):
     return high_histogram, low_histogram, merge
 
 
-def available(*tensors: torch.Tensor) -> bool:
-    """Whether the loops can take these chunks: float32, on the CPU, contiguous, and numba importable."""
-    return takes(*tensors) and _kernels() is not None
+def available(*tensors: torch.Tensor, widening: bool = False) -> bool:
+    """Whether the loops can take these chunks: float32 (or, ``widening``, all float32 or all bfloat16, widened
+    in the loops), on the CPU, contiguous, and numba importable."""
+    return takes(*tensors, widening=widening) and _kernels() is not None
 
 
 def high_histograms(base: torch.Tensor, experts: Sequence[torch.Tensor], into: torch.Tensor | None = None,
@@ -189,7 +249,7 @@ def high_histograms(base: torch.Tensor, experts: Sequence[torch.Tensor], into: t
     flat_base, flat_experts = flat_views(base, experts)
     scratch = _key_scratch(tasks, flat_base.shape[0] if keep else 0)
     counts = np.zeros(tasks, dtype=np.int64)
-    _kernels()[0](flat_base, flat_experts, hist.numpy(), scratch.numpy().view(np.uint32), counts)
+    _kernels(widens(base))[0](flat_base, flat_experts, hist.numpy(), scratch.numpy().view(np.uint32), counts)
     kept = [scratch[t, :counts[t]].clone() for t in range(tasks)] if keep else None
     return hist, kept
 
@@ -199,7 +259,7 @@ def low_histograms(base: torch.Tensor, experts: Sequence[torch.Tensor], high_bin
     """``ops.ties.radix_low_histogram`` of each task vector in its bin (zeros where the bin is < 0), bin 0 (the
     regular values, which the first pass counted) left at 0."""
     hist = _histogram(len(experts), into)
-    _kernels()[1](*flat_views(base, experts), np.asarray(high_bins, dtype=np.int64), hist.numpy())
+    _kernels(widens(base))[1](*flat_views(base, experts), np.asarray(high_bins, dtype=np.int64), hist.numpy())
     return hist
 
 
@@ -231,9 +291,9 @@ def merge_deferred_sign(base: torch.Tensor, experts: Sequence[torch.Tensor], thr
             below[t] = np.nextafter(np.float32(threshold), np.float32(0.0))
     out = torch.empty(base.shape, dtype=torch.float32)
     index, alternative = _scratch(n)
-    sign_sum, deferred = _kernels()[2](flat_base, flat_experts, below, np.asarray(weights, dtype=np.float32),
-                                       mode == "mean", np.float32(lam), out.reshape(-1).numpy(), index.numpy(),
-                                       alternative.numpy())
+    loop = _kernels(widens(base))[2]
+    sign_sum, deferred = loop(flat_base, flat_experts, below, np.asarray(weights, dtype=np.float32), mode == "mean",
+                              np.float32(lam), out.reshape(-1).numpy(), index.numpy(), alternative.numpy())
     return out, int(sign_sum), index[:deferred].clone(), alternative[:deferred].clone()
 
 
