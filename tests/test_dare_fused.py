@@ -59,3 +59,31 @@ def test_bf16_chunks_widened_in_the_loop_give_the_float32_bits(params, rates, we
     got = widening.merge(base.bfloat16(), [e.bfloat16() for e in experts], job, 0, {}).merged
     assert got.dtype == torch.float32
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
+
+
+@pytest.mark.parametrize("params,weights", [({}, (1.0, 1.0, 1.0)), ({"lambda": 0.3}, (0.5, -1.0, 2.0)),
+                                            ({"normalize": True, "lambda": 1.2}, (1.0, 2.0, 1.0)),
+                                            ({"normalize": True}, (1.0, -1.0, 0.0))])
+def test_task_arithmetic_loop_gives_the_torch_bits(params, weights, monkeypatch):
+    """Task arithmetic is the same loop with nothing dropped: the torch path's bits, from float32 chunks and
+    from bf16 chunks the widening copy takes as read (a zero weight sum left undivided, as torch's guard)."""
+    method = build_method("task_arithmetic", params)
+    base, experts = _inputs(4, 3, (29, 1001))
+    job = TensorJob(name="w", numel=base.numel(), model_names=("a", "b", "c"), weights=weights, per_model={})
+    calls = []
+    compiled = dare_fused.weighted_sum
+    monkeypatch.setattr(dare_fused, "weighted_sum", lambda *a: calls.append(1) or compiled(*a))
+    fused = method.merge(base, experts, job, 0, {}).merged
+    widened = method.with_bfloat16_inputs().merge(base.bfloat16(), [e.bfloat16() for e in experts], job, 0, {}).merged
+    assert len(calls) == 2
+    monkeypatch.setattr(dare_fused, "_kernels", lambda widen=False: None)
+    plain = method.merge(base, experts, job, 0, {}).merged
+    assert len(calls) == 2
+    for got in (fused, widened):
+        assert torch.equal(got.view(torch.int32), plain.view(torch.int32))
+
+
+def test_weight_average_keeps_its_inputs_dtype():
+    """Weight average's merge is torch's weighted mean in the dtype it is given: no widening copy of it."""
+    assert build_method("weight_average", {}).with_bfloat16_inputs() is None
+    assert build_method("dare", {"drop_rate": 0.5, "then": "weight_average"}).with_bfloat16_inputs() is not None

@@ -218,6 +218,8 @@ class TaskVectorMerge(TaskVectorMethod):
             return ChunkResult(merged, deferred=Deferred(vote, index, value) if recipe.deferred_sign else None)
         if self._fused_dare(recipe, base, experts):
             return ChunkResult(self._dare_then_sum(recipe, base, experts, job, offset))
+        if self._fused_sum(recipe, base, experts):
+            return ChunkResult(dare_fused.weighted_sum(base, experts, job.weights, recipe.lam, recipe.combine == "mean"))
         base, experts = self._float32(base, experts)
         # stack_task_vectors gives a fresh tensor: the stages may work on it in place
         trimmed = self.sparsified(stack_task_vectors(base, experts), job, offset, state, recipe.sparsify)
@@ -228,7 +230,7 @@ class TaskVectorMerge(TaskVectorMethod):
     def with_bfloat16_inputs(self):
         recipe = self.recipe()
         if not ((self._ties_loop(recipe) and ties_fused.available()) or
-                (self._dare_loop(recipe) and dare_fused.available())):
+                ((self._dare_loop(recipe) or self._sum_loop(recipe)) and dare_fused.available())):
             return None
         widening = copy.copy(self)
         widening.widens_bfloat16 = True
@@ -245,12 +247,21 @@ class TaskVectorMerge(TaskVectorMethod):
         only_drop = len(recipe.sparsify) == 1 and recipe.sparsify[0].kind == "random"
         return only_drop and recipe.sparsify[0].rescale != "l1" and recipe.consensus == "none"
 
+    @staticmethod
+    def _sum_loop(recipe: Recipe) -> bool:
+        """Task arithmetic: nothing sparsified, no consensus."""
+        return not recipe.sparsify and recipe.consensus == "none"
+
     def _fused_ties(self, recipe: Recipe, base, experts) -> bool:
         return (self._ties_loop(recipe) and base is not None
                 and ties_fused.available(base, *experts, widening=self.widens_bfloat16))
 
     def _fused_dare(self, recipe: Recipe, base, experts) -> bool:
         return (self._dare_loop(recipe) and base is not None
+                and dare_fused.available(base, *experts, widening=self.widens_bfloat16))
+
+    def _fused_sum(self, recipe: Recipe, base, experts) -> bool:
+        return (self._sum_loop(recipe) and base is not None
                 and dare_fused.available(base, *experts, widening=self.widens_bfloat16))
 
     def _float32(self, base, experts):

@@ -34,5 +34,8 @@ class WeightAverage(TaskVectorMerge):
     def recipe(self) -> Recipe:
         return Recipe(combine="mean" if self.params.normalize else "sum")
 
+    def with_bfloat16_inputs(self):
+        return None  # its merge is torch's weighted mean, in the dtype of the chunks it is given
+
     def merge(self, base, experts, job, offset, state):
         return ChunkResult(weight_average(experts, job.weights, self.params.normalize))

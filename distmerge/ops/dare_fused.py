@@ -1,5 +1,6 @@
 """DARE followed by task arithmetic as one loop over the inputs and the mask words (numba), bit for bit the
-torch path (``methods.generalized``: ``dare.keep_scale`` multipliers, then ``task_vectors.task_arithmetic``).
+torch path (``methods.generalized``: ``dare.keep_scale`` multipliers, then ``task_vectors.task_arithmetic``);
+and task arithmetic itself, the same loop with nothing dropped (``weighted_sum``).
 
 The mask words are still numpy's PCG64 stream (``dare.stream_words``): the masks are the same. What the loop
 saves is the rest: the float32 multiplier tensor per task, the stacked task vectors and the separate sum,
@@ -19,17 +20,19 @@ from distmerge.ops.compiled import BLOCK, flat_views, kernels, takes, widens
 
 
 def _kernels(widen: bool = False):
-    """The loop over float32 inputs, or with ``widen`` over bfloat16 inputs (their bits as uint16)."""
+    """(the loop with masks, without) over float32 inputs, or with ``widen`` over bfloat16 inputs (their bits
+    as uint16)."""
     built = kernels(_build)
     return None if built is None else built[widen]
 
 
 def _build(jit):
-    return _loops(jit, False), _loops(jit, True)
+    return tuple((_loop(jit, widen, True), _loop(jit, widen, False)) for widen in (False, True))
 
 
-def _loops(jit, widen: bool):
-    # ``widen``: a constant of the closure, as in ``ops.ties_fused``
+def _loop(jit, widen: bool, masked: bool):
+    # ``widen`` and ``masked``: constants of the closure, as in ``ops.ties_fused`` (without masks ``words``,
+    # ``thresholds`` and ``scales`` are not read)
     @jit
     def drop_and_sum(base, experts, words, thresholds, scales, weights, divisor, lam, out):
         n = base.shape[0]
@@ -59,16 +62,20 @@ def _loops(jit, widen: bool):
                     e = expert_wide[:size]
                 else:
                     e = experts[t][start:start + size]
-                w = words[t][start:start + size]
-                threshold = thresholds[t]
-                scale = scales[t]
                 weight = weights[t]
-                for j in range(size):
-                    acc[j] += (e[j] - b[j]) * (scale if w[j] >= threshold else zero) * weight
+                if masked:
+                    w = words[t][start:start + size]
+                    threshold = thresholds[t]
+                    scale = scales[t]
+                    for j in range(size):
+                        acc[j] += (e[j] - b[j]) * (scale if w[j] >= threshold else zero) * weight
+                else:
+                    for j in range(size):
+                        acc[j] += (e[j] - b[j]) * weight  # torch's stacked * weights, then the sum
             for j in range(size):
                 o[j] = acc[j] / divisor * lam + b[j]
 
-    return (drop_and_sum,)
+    return drop_and_sum
 
 
 def available(*tensors: torch.Tensor, widening: bool = False) -> bool:
@@ -82,14 +89,27 @@ def drop_and_sum(base: torch.Tensor, experts: Sequence[torch.Tensor], words: Seq
                  normalize: bool) -> torch.Tensor:
     """base + lam * sum_t w_t tau_t m_t (divided by sum_t w_t with ``normalize``), m_t = scale_t where the
     task's word >= its threshold, else 0."""
+    return _run(0, base, experts, tuple(np.ascontiguousarray(w, dtype=np.uint16) for w in words),
+                np.asarray(thresholds, dtype=np.int64), np.asarray(scales, dtype=np.float32), weights, lam,
+                normalize)
+
+
+def weighted_sum(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float], lam: float,
+                 normalize: bool) -> torch.Tensor:
+    """Task arithmetic: base + lam * sum_t w_t tau_t (divided by sum_t w_t with ``normalize``), bit for bit
+    ``task_vectors.task_arithmetic`` of the stacked task vectors."""
+    return _run(1, base, experts, (), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), weights, lam,
+                normalize)
+
+
+def _run(which: int, base, experts, words, thresholds, scales, weights, lam, normalize) -> torch.Tensor:
     divisor = 1.0
     if normalize:
         divisor = float(sum(weights))
         if abs(divisor) < 1e-8:  # task_arithmetic's guard
             divisor = 1.0
     out = torch.empty(base.shape, dtype=torch.float32)
-    loop = _kernels(widens(base))[0]
-    loop(*flat_views(base, experts), tuple(np.ascontiguousarray(w, dtype=np.uint16) for w in words),
-         np.asarray(thresholds, dtype=np.int64), np.asarray(scales, dtype=np.float32),
-         np.asarray(weights, dtype=np.float32), np.float32(divisor), np.float32(lam), out.reshape(-1).numpy())
+    _kernels(widens(base))[which](*flat_views(base, experts), words, thresholds, scales,
+                                  np.asarray(weights, dtype=np.float32), np.float32(divisor), np.float32(lam),
+                                  out.reshape(-1).numpy())
     return out
