@@ -43,6 +43,7 @@ for dtype in (torch.float32, torch.bfloat16):  # the loops that widen bf16 as th
     words = [np.zeros(4096, dtype=np.uint16) for _ in experts]
     dare_fused.drop_and_sum(base, experts, words, [1, 1, 1], [2.0, 2.0, 2.0], [1.0, 1.0, 1.0], 1.0, False)
     dare_fused.weighted_sum(base, experts, [1.0, 1.0, 1.0], 1.0, False)
+    dare_fused.weighted_sum(None, experts, [1.0, 1.0, 1.0], 1.0, True)
 base = torch.randn(4096); experts = [torch.randn(4096) for _ in range(3)]
 unified, masks = emr_fused.elect(base, experts)
 emr_fused.pack_mask(masks)
@@ -50,7 +51,7 @@ convert_fused.to_bfloat16(convert_fused.to_float32(base.bfloat16())[0])
 convert_fused.bfloat16_finite(base.bfloat16())
 kernels = {f"{name}{'/bf16' if widen else ''}": k for widen in (False, True)
            for name, k in [*((k.py_func.__name__, k) for k in ties_fused._kernels(widen)),
-                           *zip(("drop_and_sum", "weighted_sum"), dare_fused._kernels(widen))]}
+                           *zip(("drop_and_sum", "weighted_sum", "weight_average"), dare_fused._kernels(widen))]}
 kernels.update({k.py_func.__name__: k for k in [*emr_fused._kernels(), *convert_fused._kernels()]})
 print(json.dumps({name: [sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values())]
                   for name, k in kernels.items()}))
@@ -69,7 +70,7 @@ def test_a_fresh_process_loads_every_kernel_from_the_cache(tmp_path):
     first = run()
     assert all(misses > 0 for _, misses in first.values()), first  # compiled and saved
     second = run()
-    fused = {"high_histogram", "low_histogram", "merge", "drop_and_sum", "weighted_sum"}
+    fused = {"high_histogram", "low_histogram", "merge", "drop_and_sum", "weighted_sum", "weight_average"}
     assert set(second) == {*fused, *(f"{name}/bf16" for name in fused), "elect", "pack", "widen", "narrow", "check"}
     for name, (hits, misses) in second.items():
         assert hits > 0 and misses == 0, f"{name}: {hits} cache hits, {misses} misses in a second process"

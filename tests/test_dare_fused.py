@@ -83,7 +83,19 @@ def test_task_arithmetic_loop_gives_the_torch_bits(params, weights, monkeypatch)
         assert torch.equal(got.view(torch.int32), plain.view(torch.int32))
 
 
-def test_weight_average_keeps_its_inputs_dtype():
-    """Weight average's merge is torch's weighted mean in the dtype it is given: no widening copy of it."""
-    assert build_method("weight_average", {}).with_bfloat16_inputs() is None
-    assert build_method("dare", {"drop_rate": 0.5, "then": "weight_average"}).with_bfloat16_inputs() is not None
+@pytest.mark.parametrize("params,weights", [({}, (1.0, 1.0, 1.0)), ({}, (0.5, 2.0, 1.5)),
+                                            ({"normalize": False}, (0.5, -1.0, 2.0)), ({}, (1.0, -1.0, 0.0))])
+def test_weight_average_loop_gives_the_torch_bits(params, weights, monkeypatch):
+    """Weight average is the loop without a base: torch's weighted mean bit for bit, from float32 chunks and
+    from bf16 chunks the widening copy takes as read; given bf16 chunks itself it still computes in bf16."""
+    method = build_method("weight_average", params)
+    _, experts = _inputs(6, 3, (31, 999))
+    job = TensorJob(name="w", numel=experts[0].numel(), model_names=("a", "b", "c"), weights=weights, per_model={})
+    fused = method.merge(None, experts, job, 0, {}).merged
+    widened = method.with_bfloat16_inputs().merge(None, [e.bfloat16() for e in experts], job, 0, {}).merged
+    in_bf16 = method.merge(None, [e.bfloat16() for e in experts], job, 0, {}).merged
+    monkeypatch.setattr(dare_fused, "_kernels", lambda widen=False: None)
+    plain = method.merge(None, experts, job, 0, {}).merged
+    for got in (fused, widened):
+        assert torch.equal(got.view(torch.int32), plain.view(torch.int32))
+    assert in_bf16.dtype == torch.bfloat16

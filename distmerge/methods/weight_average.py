@@ -10,6 +10,7 @@ from dataclasses import dataclass
 
 from distmerge.methods.execute import ChunkResult
 from distmerge.methods.generalized import Recipe, TaskVectorMerge
+from distmerge.ops import dare_fused
 from distmerge.ops.task_vectors import weight_average
 
 
@@ -34,8 +35,8 @@ class WeightAverage(TaskVectorMerge):
     def recipe(self) -> Recipe:
         return Recipe(combine="mean" if self.params.normalize else "sum")
 
-    def with_bfloat16_inputs(self):
-        return None  # its merge is torch's weighted mean, in the dtype of the chunks it is given
-
     def merge(self, base, experts, job, offset, state):
+        if dare_fused.available(*experts, widening=self.widens_bfloat16):
+            return ChunkResult(dare_fused.weighted_sum(None, experts, job.weights, 1.0, self.params.normalize))
+        _, experts = self._float32(None, experts)
         return ChunkResult(weight_average(experts, job.weights, self.params.normalize))

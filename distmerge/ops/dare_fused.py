@@ -1,6 +1,6 @@
 """DARE followed by task arithmetic as one loop over the inputs and the mask words (numba), bit for bit the
 torch path (``methods.generalized``: ``dare.keep_scale`` multipliers, then ``task_vectors.task_arithmetic``);
-and task arithmetic itself, the same loop with nothing dropped (``weighted_sum``).
+and task arithmetic and weight average, the same loop with nothing dropped (``weighted_sum``).
 
 The mask words are still numpy's PCG64 stream (``dare.stream_words``): the masks are the same. What the loop
 saves is the rest: the float32 multiplier tensor per task, the stacked task vectors and the separate sum,
@@ -27,12 +27,14 @@ def _kernels(widen: bool = False):
 
 
 def _build(jit):
-    return tuple((_loop(jit, widen, True), _loop(jit, widen, False)) for widen in (False, True))
+    return tuple((_loop(jit, widen, True, True), _loop(jit, widen, False, True), _loop(jit, widen, False, False))
+                 for widen in (False, True))
 
 
-def _loop(jit, widen: bool, masked: bool):
-    # ``widen`` and ``masked``: constants of the closure, as in ``ops.ties_fused`` (without masks ``words``,
-    # ``thresholds`` and ``scales`` are not read)
+def _loop(jit, widen: bool, masked: bool, based: bool):
+    # ``widen``, ``masked`` and ``based``: constants of the closure, as in ``ops.ties_fused`` (without masks
+    # ``words``, ``thresholds`` and ``scales`` are not read; without a base, ``base`` and ``lam`` are not, and
+    # the experts' weighted sum is the merge: weight average)
     @jit
     def drop_and_sum(base, experts, words, thresholds, scales, weights, divisor, lam, out):
         n = base.shape[0]
@@ -45,7 +47,9 @@ def _loop(jit, widen: bool, masked: bool):
         for block in range((n + BLOCK - 1) // BLOCK):  # range(0, n, BLOCK) compiles to slower loops
             start = block * BLOCK
             size = min(BLOCK, n - start)
-            if widen:
+            if not based:
+                b = base_wide[:size]  # not read
+            elif widen:
                 raw = base[start:start + size]
                 for j in range(size):
                     base_bits[j] = np.uint32(raw[j]) << np.uint32(16)
@@ -69,11 +73,18 @@ def _loop(jit, widen: bool, masked: bool):
                     scale = scales[t]
                     for j in range(size):
                         acc[j] += (e[j] - b[j]) * (scale if w[j] >= threshold else zero) * weight
-                else:
+                elif based:
                     for j in range(size):
                         acc[j] += (e[j] - b[j]) * weight  # torch's stacked * weights, then the sum
-            for j in range(size):
-                o[j] = acc[j] / divisor * lam + b[j]
+                else:
+                    for j in range(size):
+                        acc[j] += e[j] * weight
+            if based:
+                for j in range(size):
+                    o[j] = acc[j] / divisor * lam + b[j]
+            else:
+                for j in range(size):
+                    o[j] = acc[j] / divisor
 
     return drop_and_sum
 
@@ -94,12 +105,13 @@ def drop_and_sum(base: torch.Tensor, experts: Sequence[torch.Tensor], words: Seq
                 normalize)
 
 
-def weighted_sum(base: torch.Tensor, experts: Sequence[torch.Tensor], weights: Sequence[float], lam: float,
+def weighted_sum(base: torch.Tensor | None, experts: Sequence[torch.Tensor], weights: Sequence[float], lam: float,
                  normalize: bool) -> torch.Tensor:
     """Task arithmetic: base + lam * sum_t w_t tau_t (divided by sum_t w_t with ``normalize``), bit for bit
-    ``task_vectors.task_arithmetic`` of the stacked task vectors."""
-    return _run(1, base, experts, (), np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), weights, lam,
-                normalize)
+    ``task_vectors.task_arithmetic`` of the stacked task vectors; without a base, weight average: sum_t w_t
+    theta_t (divided likewise; ``lam`` unused), bit for bit ``task_vectors.weight_average``."""
+    return _run(1 if base is not None else 2, base if base is not None else experts[0], experts, (),
+                np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), weights, lam, normalize)
 
 
 def _run(which: int, base, experts, words, thresholds, scales, weights, lam, normalize) -> torch.Tensor:
