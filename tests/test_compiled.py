@@ -74,3 +74,49 @@ def test_a_fresh_process_loads_every_kernel_from_the_cache(tmp_path):
     assert set(second) == {*fused, *(f"{name}/bf16" for name in fused), "elect", "pack", "widen", "narrow", "check"}
     for name, (hits, misses) in second.items():
         assert hits > 0 and misses == 0, f"{name}: {hits} cache hits, {misses} misses in a second process"
+
+
+def test_torch_sums_up_to_ordered_sum_tasks_rows_in_order():
+    """What the loops rely on: torch's sum and mean over a stacked dimension of at most ORDERED_SUM_TASKS rows are
+    0 + x_1 + ... + x_T in order, on chunk tails too (from 5 rows they are not: the loops then step aside)."""
+    import torch
+
+    from distmerge.ops.compiled import ORDERED_SUM_TASKS
+
+    g = torch.Generator().manual_seed(0)
+    for tasks in range(1, ORDERED_SUM_TASKS + 1):
+        for n in (1000, 1024, 5003, 1 << 18):
+            x = torch.randn(tasks, n, generator=g) * torch.logspace(-3, 3, tasks).reshape(tasks, 1)
+            in_order = torch.zeros(n)
+            for row in x:
+                in_order = in_order + row
+            assert torch.equal(x.sum(dim=0), in_order)
+            assert torch.equal(x.mean(dim=0), in_order / tasks)
+
+
+@pytest.mark.parametrize("method,params", [("task_arithmetic", {"lambda": 0.7}), ("weight_average", {}),
+                                           ("ties", {"density": 0.5}), ("dare", {"drop_rate": 0.3}), ("emr", {})])
+@pytest.mark.parametrize("experts", [5, 18])
+def test_merges_of_more_models_than_sum_in_order_are_torchs(method, params, experts, monkeypatch):
+    """With more models than torch sums in order, every method gives the torch formulation's bits (the loops step
+    aside), from float32 chunks and from bf16 chunks handed to a widening copy."""
+    import torch
+
+    from distmerge.methods import build_method
+    from distmerge.methods.execute import merge_tensor_dicts
+
+    g = torch.Generator().manual_seed(experts)
+    base = {"w": (torch.randn(1000, generator=g) * 0.05).bfloat16().float()}
+    # deltas of very different sizes, so that the order of the sums shows in the rounding
+    models = [{"w": (base["w"] + torch.randn(1000, generator=g) * 10.0 ** (t % 7 - 4)).bfloat16().float()}
+              for t in range(experts)]
+    built = build_method(method, params)
+    fused, _ = merge_tensor_dicts(built, base, models)
+    widening = built.with_bfloat16_inputs()
+    if widening is not None:
+        widened, _ = merge_tensor_dicts(widening, {"w": base["w"].bfloat16()},
+                                        [{"w": m["w"].bfloat16()} for m in models])
+        assert torch.equal(widened["w"].view(torch.int32), fused["w"].view(torch.int32))
+    monkeypatch.setenv("DISTMERGE_COMPILED", "0")
+    plain, _ = merge_tensor_dicts(built, base, models)
+    assert torch.equal(fused["w"].view(torch.int32), plain["w"].view(torch.int32))

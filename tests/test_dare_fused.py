@@ -49,14 +49,18 @@ def test_fused_dare_gives_the_torch_bits(params, rates, weights, monkeypatch):
 
 
 @pytest.mark.parametrize("params,rates,weights", CASES[:3])
-def test_bf16_chunks_widened_in_the_loop_give_the_float32_bits(params, rates, weights):
+def test_bf16_chunks_widened_in_the_loop_give_the_float32_bits(params, rates, weights, monkeypatch):
     method = build_method("dare", params)
     widening = method.with_bfloat16_inputs()
     base, experts = _inputs(len(rates), 3, (37, 1000))  # bf16 values held in float32
     job = TensorJob(name="model.layers.0.mlp.up_proj.weight", numel=base.numel(), model_names=("a", "b", "c"),
                     weights=weights, per_model={"drop_rate": rates})
     want = method.merge(base, experts, job, 0, {}).merged
+    calls = []
+    compiled = dare_fused.drop_and_sum
+    monkeypatch.setattr(dare_fused, "drop_and_sum", lambda *a: calls.append(a[0].dtype) or compiled(*a))
     got = widening.merge(base.bfloat16(), [e.bfloat16() for e in experts], job, 0, {}).merged
+    assert calls == [torch.bfloat16]  # the loop took the chunks as they came
     assert got.dtype == torch.float32
     assert torch.equal(got.view(torch.int32), want.view(torch.int32))
 
@@ -91,9 +95,13 @@ def test_weight_average_loop_gives_the_torch_bits(params, weights, monkeypatch):
     method = build_method("weight_average", params)
     _, experts = _inputs(6, 3, (31, 999))
     job = TensorJob(name="w", numel=experts[0].numel(), model_names=("a", "b", "c"), weights=weights, per_model={})
+    calls = []
+    compiled = dare_fused.weighted_sum
+    monkeypatch.setattr(dare_fused, "weighted_sum", lambda *a: calls.append(a[1][0].dtype) or compiled(*a))
     fused = method.merge(None, experts, job, 0, {}).merged
     widened = method.with_bfloat16_inputs().merge(None, [e.bfloat16() for e in experts], job, 0, {}).merged
     in_bf16 = method.merge(None, [e.bfloat16() for e in experts], job, 0, {}).merged
+    assert calls == [torch.float32, torch.bfloat16]  # the loop ran twice; the bf16 merge stayed torch's
     monkeypatch.setattr(dare_fused, "_kernels", lambda widen=False: None)
     plain = method.merge(None, experts, job, 0, {}).merged
     for got in (fused, widened):

@@ -14,6 +14,7 @@ from distmerge.methods.base import MergeMethod, stack_task_vectors
 from distmerge.methods.execute import ChunkResult
 from distmerge.ops import emr as ops
 from distmerge.ops import emr_fused
+from distmerge.ops.compiled import ORDERED_SUM_TASKS
 
 
 @dataclass(frozen=True)
@@ -31,7 +32,7 @@ class Emr(MergeMethod):
     # The rescalers only go into emr/index.json, never into a written value: their sums come with the merge
     # (one read of every input) instead of a pass before it (two reads).
     def merge(self, base, experts, job, offset, state):
-        if base is not None and emr_fused.available(base, *experts):
+        if base is not None and len(experts) <= ORDERED_SUM_TASKS and emr_fused.available(base, *experts):
             unified, masks, abs_task, abs_masked = emr_fused.elect(base, experts, with_sums=True)
             sums = ops.magnitude_sums(abs_task, abs_masked, job.numel)
         else:

@@ -31,6 +31,7 @@ from distmerge.methods.base import TaskVectorMethod, require_number, stack_task_
 from distmerge.methods.execute import ChunkResult, Deferred
 from distmerge.ops import dare as dare_ops
 from distmerge.ops import dare_fused
+from distmerge.ops.compiled import ORDERED_SUM_TASKS
 from distmerge.ops import sparsify as sparsify_ops
 from distmerge.ops import ties as ties_ops
 from distmerge.ops import ties_fused
@@ -252,16 +253,18 @@ class TaskVectorMerge(TaskVectorMethod):
         """Task arithmetic: nothing sparsified, no consensus."""
         return not recipe.sparsify and recipe.consensus == "none"
 
+    # The merge loops sum the tasks in order, as torch does for at most ORDERED_SUM_TASKS of them (the trim
+    # passes count, in any order: they take every task count).
     def _fused_ties(self, recipe: Recipe, base, experts) -> bool:
-        return (self._ties_loop(recipe) and base is not None
+        return (self._ties_loop(recipe) and base is not None and len(experts) <= ORDERED_SUM_TASKS
                 and ties_fused.available(base, *experts, widening=self.widens_bfloat16))
 
     def _fused_dare(self, recipe: Recipe, base, experts) -> bool:
-        return (self._dare_loop(recipe) and base is not None
+        return (self._dare_loop(recipe) and base is not None and len(experts) <= ORDERED_SUM_TASKS
                 and dare_fused.available(base, *experts, widening=self.widens_bfloat16))
 
     def _fused_sum(self, recipe: Recipe, base, experts) -> bool:
-        return (self._sum_loop(recipe) and base is not None
+        return (self._sum_loop(recipe) and base is not None and len(experts) <= ORDERED_SUM_TASKS
                 and dare_fused.available(base, *experts, widening=self.widens_bfloat16))
 
     def _float32(self, base, experts):

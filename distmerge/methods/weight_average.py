@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from distmerge.methods.execute import ChunkResult
 from distmerge.methods.generalized import Recipe, TaskVectorMerge
 from distmerge.ops import dare_fused
+from distmerge.ops.compiled import ORDERED_SUM_TASKS
 from distmerge.ops.task_vectors import weight_average
 
 
@@ -36,7 +37,7 @@ class WeightAverage(TaskVectorMerge):
         return Recipe(combine="mean" if self.params.normalize else "sum")
 
     def merge(self, base, experts, job, offset, state):
-        if dare_fused.available(*experts, widening=self.widens_bfloat16):
+        if len(experts) <= ORDERED_SUM_TASKS and dare_fused.available(*experts, widening=self.widens_bfloat16):
             return ChunkResult(dare_fused.weighted_sum(None, experts, job.weights, 1.0, self.params.normalize))
         _, experts = self._float32(None, experts)
         return ChunkResult(weight_average(experts, job.weights, self.params.normalize))

@@ -109,7 +109,8 @@ def weighted_sum(base: torch.Tensor | None, experts: Sequence[torch.Tensor], wei
                  normalize: bool) -> torch.Tensor:
     """Task arithmetic: base + lam * sum_t w_t tau_t (divided by sum_t w_t with ``normalize``), bit for bit
     ``task_vectors.task_arithmetic`` of the stacked task vectors; without a base, weight average: sum_t w_t
-    theta_t (divided likewise; ``lam`` unused), bit for bit ``task_vectors.weight_average``."""
+    theta_t (divided likewise; ``lam`` unused), bit for bit ``task_vectors.weight_average``. Bit for bit up to
+    ``compiled.ORDERED_SUM_TASKS`` tasks, as every loop here (torch reorders larger sums)."""
     return _run(1 if base is not None else 2, base if base is not None else experts[0], experts, (),
                 np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), weights, lam, normalize)
 

@@ -5,8 +5,9 @@
 1 for reading the inputs. The loops here elect in one pass and pack eight mask bits per byte directly.
 
 Same bits as ``ops.emr``: the mean is (0 + tau_1 + ... + tau_T) / T in float32, as torch's mean over the stacked
-dimension; the rescaler sums stay torch's float64 reductions, over the very tensors the torch path builds
-(|tau_t| and |M_t * tau_uni|), so their order of summation is unchanged.
+dimension of up to ``compiled.ORDERED_SUM_TASKS`` tasks (the method takes the loop for no more); the rescaler
+sums stay torch's float64 reductions, over the very tensors the torch path builds (|tau_t| and |M_t * tau_uni|),
+so their order of summation is unchanged.
 """
 
 from __future__ import annotations

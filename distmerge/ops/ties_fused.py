@@ -6,7 +6,8 @@ spends 40+ ns per element where reading the inputs costs about 1. These loops re
 keep the per-element work in registers and write the merged value once.
 
 They replicate ``ops.ties`` exactly: the same float32 operations in the same order (sums start from 0 and add
-task by task, as torch's reduction over the stacked dimension does; hardshrink's ``> nextafter(threshold, 0)``;
+task by task, as torch's reduction over the stacked dimension does for up to ``compiled.ORDERED_SUM_TASKS``
+tasks, which is why the merge loop takes no more; hardshrink's ``> nextafter(threshold, 0)``;
 ``lambda`` rounded to float32 before it multiplies), so a merge gives the same bytes with or without numba
 (``tests/test_ties_fused.py`` checks them against each other on inputs full of ties, zeros and cancellations).
 The inputs may also come as read, in bfloat16 (compute still float32): each block of each input is widened into

@@ -111,7 +111,8 @@ class TaskVectorHolder:
 
     # --- merging, per trial ----------------------------------------------------------------------
     def _operands(self, tensor: OutputTensor, start, stop):
-        """The held inputs of a chunk, in the compute dtype: what the engine's worker reads for it."""
+        """The held inputs of a chunk, in the compute dtype: the values the engine's worker hands its method (as
+        bf16, where the method's loops widen them themselves: the same float32 values, the same bits)."""
         base, experts = self.inputs[tensor.name]
         if start is not None:
             base = base[start:stop] if base is not None else None
