@@ -313,3 +313,32 @@ def test_merge_partials_round_trip_exactly_through_json():
             partial_from_json(bad)
     with pytest.raises(TypeError, match="'state'"):
         partial_to_json({"state": "text"})
+
+
+def test_a_streamed_shards_hash_is_its_files_sha256(tmp_path):
+    """The shard's SHA-256 (what a resume verifies) is hashed piece by piece on a helper thread while the caller
+    goes on: it is the finished file's digest, pieces of every kind included; an aborted shard leaves nothing."""
+    from safetensors.torch import load_file
+
+    from distmerge.engine.resume import file_sha256
+    from distmerge.io.writer import ShardWriter
+
+    g = torch.Generator().manual_seed(0)
+    big = torch.randn(300, 1000, generator=g)
+    halves = torch.randn(64, 512, generator=g).bfloat16()
+    mapped = torch.from_numpy(torch.randn(7, 9, generator=g).numpy())
+    mapped.numpy().flags.writeable = False  # as a chunk of an input's read-only pages
+    path = tmp_path / "model-00001-of-00001.safetensors"
+    writer = ShardWriter(path, [("a", "float32", (300, 1000)), ("b", "bfloat16", (64, 512)), ("c", "float32", (7, 9))])
+    for rows in range(0, 300, 37):  # row chunks, as a merge streams them
+        writer.write("a", big[rows:rows + 37].clone())
+    writer.write("b", halves)
+    writer.write("c", mapped)
+    result = writer.close()
+    assert result["sha256"] == file_sha256(path)
+    loaded = load_file(str(path))
+    assert torch.equal(loaded["a"], big) and torch.equal(loaded["b"], halves) and torch.equal(loaded["c"], mapped)
+    aborted = ShardWriter(tmp_path / "gone.safetensors", [("a", "float32", (300, 1000))])
+    aborted.write("a", big[:100].clone())
+    aborted.abort()
+    assert not list(tmp_path.glob("gone*"))

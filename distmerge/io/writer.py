@@ -8,8 +8,10 @@ import json
 import os
 import shutil
 import struct
+import threading
 import time
 import uuid
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +20,18 @@ from distmerge.deferred import torch
 from distmerge.errors import OutputError
 
 STAGING_MARK = ".distmerge-staging-"
+
+_HASHER: ThreadPoolExecutor | None = None
+_HASHER_LOCK = threading.Lock()
+
+
+def _hasher() -> ThreadPoolExecutor:
+    """One helper thread per process for the shards' SHA-256 (hashlib releases the GIL on large buffers)."""
+    global _HASHER
+    with _HASHER_LOCK:
+        if _HASHER is None:
+            _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distmerge-sha256")
+        return _HASHER
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:
@@ -200,6 +214,7 @@ class ShardWriter:
         text += b" " * (-len(text) % 8)  # the data starts 8-byte aligned, as safetensors writes it
         self.data_bytes = offset
         self.hash = hashlib.sha256()
+        self._hashing: Future | None = None  # the last piece's hash update, running beside the caller
         self._next = 0  # index in ``order`` of the tensor being written
         self._written = 0  # bytes written of that tensor
         try:
@@ -227,7 +242,12 @@ class ShardWriter:
             self._written = 0
 
     def _emit(self, data) -> None:
-        self.hash.update(data)
+        # A piece is hashed on the helper thread while the caller computes the next one (SHA-256 runs at about
+        # 1.8 GB/s here: a second of a 1.1B merge's write time on one core). The pieces are hashed in order (each
+        # after the last one's update is done); the piece stays referenced until then, and nothing writes into
+        # it: the callers hand fresh tensors or read-only input pages.
+        self._hashed()
+        self._hashing = _hasher().submit(self.hash.update, data)
         view = memoryview(data).cast("B")
         while view:
             view = view[self.file.write(view):]
@@ -247,9 +267,17 @@ class ShardWriter:
             os.replace(self.tmp, self.path)
         except OSError as exc:
             self._fail(exc)
+        self._hashed()
         return {"bytes": self.path.stat().st_size, "sha256": self.hash.hexdigest()}
 
+    def _hashed(self) -> None:
+        """Wait for the last piece's hash update."""
+        if self._hashing is not None:
+            self._hashing.result()
+            self._hashing = None
+
     def abort(self) -> None:
+        self._hashed()
         try:
             self.file.close()
         except Exception:
