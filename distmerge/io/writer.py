@@ -4,11 +4,11 @@ an existing target is replaced only when asked (``force``)."""
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import shutil
 import struct
-import threading
 import time
 import uuid
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -21,17 +21,10 @@ from distmerge.errors import OutputError
 
 STAGING_MARK = ".distmerge-staging-"
 
-_HASHER: ThreadPoolExecutor | None = None
-_HASHER_LOCK = threading.Lock()
-
-
+@functools.lru_cache(maxsize=1)
 def _hasher() -> ThreadPoolExecutor:
     """One helper thread per process for the shards' SHA-256 (hashlib releases the GIL on large buffers)."""
-    global _HASHER
-    with _HASHER_LOCK:
-        if _HASHER is None:
-            _HASHER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="distmerge-sha256")
-        return _HASHER
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="distmerge-sha256")
 
 
 def write_safetensors(tensors: dict[str, torch.Tensor], path: Path) -> None:

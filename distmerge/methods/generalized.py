@@ -253,19 +253,21 @@ class TaskVectorMerge(TaskVectorMethod):
         """Task arithmetic: nothing sparsified, no consensus."""
         return not recipe.sparsify and recipe.consensus == "none"
 
-    # The merge loops sum the tasks in order, as torch does for at most ORDERED_SUM_TASKS of them (the trim
-    # passes count, in any order: they take every task count).
+    def _loops_take(self, loops, base, experts) -> bool:
+        """Whether a fused module's merge loops (``ties_fused``, ``dare_fused``) take this chunk: a base, at most
+        ORDERED_SUM_TASKS tasks (the loops sum them in torch's order; the trim passes count, in any order, and take
+        every task count), and inputs of a dtype they take."""
+        return (base is not None and len(experts) <= ORDERED_SUM_TASKS
+                and loops.available(base, *experts, widening=self.widens_bfloat16))
+
     def _fused_ties(self, recipe: Recipe, base, experts) -> bool:
-        return (self._ties_loop(recipe) and base is not None and len(experts) <= ORDERED_SUM_TASKS
-                and ties_fused.available(base, *experts, widening=self.widens_bfloat16))
+        return self._ties_loop(recipe) and self._loops_take(ties_fused, base, experts)
 
     def _fused_dare(self, recipe: Recipe, base, experts) -> bool:
-        return (self._dare_loop(recipe) and base is not None and len(experts) <= ORDERED_SUM_TASKS
-                and dare_fused.available(base, *experts, widening=self.widens_bfloat16))
+        return self._dare_loop(recipe) and self._loops_take(dare_fused, base, experts)
 
     def _fused_sum(self, recipe: Recipe, base, experts) -> bool:
-        return (self._sum_loop(recipe) and base is not None and len(experts) <= ORDERED_SUM_TASKS
-                and dare_fused.available(base, *experts, widening=self.widens_bfloat16))
+        return self._sum_loop(recipe) and self._loops_take(dare_fused, base, experts)
 
     def _float32(self, base, experts):
         """The inputs for the torch formulation: widened where this copy was handed bfloat16 to widen itself

@@ -60,8 +60,13 @@ def _unsigned_bits(tensor: torch.Tensor) -> np.ndarray:
     return tensor.reshape(-1).view(signed).numpy().view(unsigned)
 
 
+def _loops_for(value: torch.Tensor, dtype: torch.dtype):
+    """The compiled loops where ``value`` is a contiguous CPU tensor of ``dtype`` and numba loads, else None."""
+    return _kernels() if (value.dtype == dtype and value.device.type == "cpu" and value.is_contiguous()) else None
+
+
 def _convert(value: torch.Tensor, source: torch.dtype, target: torch.dtype, loop: int):
-    loops = _kernels() if (value.dtype == source and value.device.type == "cpu" and value.is_contiguous()) else None
+    loops = _loops_for(value, source)
     if loops is None:
         return None
     out = torch.empty(value.shape, dtype=target)
@@ -77,8 +82,7 @@ def to_float32(value: torch.Tensor) -> tuple[torch.Tensor, bool] | None:
 def bfloat16_finite(value: torch.Tensor) -> bool | None:
     """Whether a contiguous bf16 CPU tensor is free of NaN/Inf, in one pass over its bits; None for anything
     else, or without numba."""
-    loops = _kernels() if (value.dtype == torch.bfloat16 and value.device.type == "cpu" and value.is_contiguous()) \
-        else None
+    loops = _loops_for(value, torch.bfloat16)
     return None if loops is None else bool(loops[2](_unsigned_bits(value)))
 
 
