@@ -184,10 +184,14 @@ def test_ties_global_equals_flat_reference(llama_family, merged):
         torch.testing.assert_close(got[name], expected[name], rtol=0, atol=1e-6)
 
 
-def test_global_ties_second_pass_is_answered_from_what_the_first_kept(llama_family, tmp_path):
-    """The workers keep the first trim pass's irregular keys (this family's task vectors are float32: all of
-    them) and answer the second pass without reading: TIES reads the model twice (a pass, the merge), not three
-    times, and the result is the flat reference's."""
+def test_global_ties_second_pass_is_answered_from_what_the_first_kept(llama_family, tmp_path, monkeypatch):
+    """Where the trim runs its exact passes (no sample here: a GPU, a bf16 merge), the workers keep the first
+    pass's irregular keys (this family's task vectors are float32: all of them) and answer the second pass
+    without reading: TIES reads the model twice (a pass, the merge), not three times, and the result is the flat
+    reference's."""
+    from distmerge.methods.generalized import TaskVectorMerge
+
+    monkeypatch.setattr(TaskVectorMerge, "leaves_undecided", lambda self, state: state)
     base, experts = llama_family
     plain = merge(merge_config(base, experts, "task_arithmetic", **{"lambda": 0.5}), tmp_path / "ta", workers=2,
                   progress=False)
@@ -428,6 +432,39 @@ def test_ties_global_majority_sign_patches_written_shards(tmp_path):
     card = (out / "README.md").read_text()
     state = yaml.safe_load(card.split("## Computed during the merge")[1].split("```yaml")[1].split("```")[0])
     assert state["majority_sign"] == -1 and state["patched_elements"] > 0
+
+
+@pytest.mark.parametrize("estimate", ["guess", "bracket", "missed"])
+def test_a_sampled_trim_writes_the_exact_passes_merge(tmp_path, estimate, monkeypatch):
+    """Global TIES on the engine starts from a sample's estimates of the thresholds (a guess on bf16 inputs, a
+    bracket on float32 ones: its undecided elements travel beside the shards and are merged in the driver; one
+    that misses merges again from the exact passes): the files are the exact merge's, bit for bit."""
+    from test_methods_generalized import _sampled_family
+
+    from distmerge.methods import build_method, execute, generalized
+    from distmerge.ops import ties as ties_ops
+
+    if estimate == "missed":
+        far = ties_ops.high_bin_of(1000.0) << 16
+        monkeypatch.setattr(generalized, "_bracket", lambda *a: [far, far])
+    base, experts = _sampled_family(9, grid=estimate != "bracket")
+    stored = torch.bfloat16 if estimate != "bracket" else torch.float32  # grid values are bf16 values
+    rename = {name: f"model.layers.{i}.mlp.w" for i, name in enumerate(sorted(base))}
+    paths = []
+    for label, tensors in (("base", base), *((f"e{t}", e) for t, e in enumerate(experts))):
+        (tmp_path / label).mkdir()
+        save_file({rename[n]: v.to(stored) for n, v in tensors.items()}, str(tmp_path / label / "model.safetensors"))
+        paths.append(tmp_path / label)
+    params = {"density": 0.15, "lambda": 0.9}
+    result = merge(merge_config(paths[0], paths[1:], "ties", **params), tmp_path / "out", workers=2, progress=False)
+    expected, _ = execute.merge_tensor_dicts(build_method("ties", {"trim_scope": "global", **params}), base, experts)
+    got = load_folder(tmp_path / "out")
+    for name, value in expected.items():
+        assert torch.equal(got[rename[name]].view(torch.int16 if stored == torch.bfloat16 else torch.int32),
+                           value.to(stored).view(torch.int16 if stored == torch.bfloat16 else torch.int32)), name
+    want = "missed: merged again from exact passes" if estimate == "missed" else [estimate] * 3
+    assert result.method_state["trim_estimates"] == want
+    assert not (tmp_path / "out" / ".undecided").exists() and not (tmp_path / "out" / ".patches").exists()
 
 
 def _recast_family(source: Path, target: Path, cast) -> Path:

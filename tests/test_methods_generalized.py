@@ -11,6 +11,8 @@ import torch
 from distmerge.errors import ConfigError
 from distmerge.methods import build_method
 from distmerge.methods.base import MergeMethod, Setting, build_params, resolve_job_settings
+from distmerge.ops import ties as ties_ops
+from distmerge.ops import ties_fused
 
 
 @dataclass(frozen=True)
@@ -285,3 +287,75 @@ def test_della_on_the_engine_same_files_with_one_and_two_workers(llama_family, t
     name = "model.layers.0.mlp.up_proj.weight"
     moved = merged[name] != base_tensors[name]
     assert 0.2 < moved.float().mean() < 0.9  # about half the entries kept by either expert, none rescaled to 0
+
+
+# --- the whole-model trim from a sample (``leaves_undecided``) ----------------------------------------------
+
+SAMPLED_SHAPES = {"a.weight": (384, 128), "b.weight": (256, 192), "c.bias": (1000,)}
+
+
+def _sampled_family(seed: int, grid: bool):
+    """bf16-valued inputs on a coarse grid (a few |tau| values, each many times: the threshold is one of them)
+    or float32 ones on a fine grid (hundreds of |tau| values: a bracket). (base + tau) - base is tau exactly;
+    the task vectors lean negative (the model-wide majority sign is then -1, so the zero-sign patches apply) and
+    cancel exactly in some elements (zero signs)."""
+    g = torch.Generator().manual_seed(seed)
+    base, experts = {}, [{} for _ in range(3)]
+    for name, shape in SAMPLED_SHAPES.items():
+        if grid:
+            base[name] = (torch.randint(-8, 9, shape, generator=g) * 0.125).float()
+            taus = []
+            for _ in experts:
+                step = torch.randint(-4, 5, shape, generator=g)
+                step[(step > 0) & (torch.rand(shape, generator=g) < 0.2)] *= -1
+                taus.append(step * 0.0625)
+        else:
+            base[name] = torch.round(torch.randn(shape, generator=g) * 2**16) / 2**16
+            taus = [torch.round((torch.randn(shape, generator=g) - 0.05) * 0.01 * (t + 1) * 2**16) / 2**16
+                    for t in range(len(experts))]
+            cancel = torch.rand(shape, generator=g) < 0.3
+            taus[1] = torch.where(cancel, -taus[0], taus[1])
+        for expert, tau in zip(experts, taus):
+            expert[name] = base[name] + tau
+    return base, experts
+
+
+def _merged_both_ways(params, base, experts):
+    from distmerge.methods import execute
+
+    def chunker(tensor, chunked):
+        return execute.row_chunks(tensor, chunked, 40 * execute.row_elements(tensor))
+
+    method = build_method("ties", params)
+    exact = execute.merge_tensor_dicts(method, base, experts, chunker=chunker)
+    sampled = execute.merge_tensor_dicts(method, base, experts, chunker=chunker, leave_undecided=True)
+    for name in exact[0]:
+        assert torch.equal(exact[0][name].view(torch.int32), sampled[0][name].view(torch.int32)), name
+    return exact[1], sampled[1]
+
+
+@pytest.mark.skipif(ties_fused._kernels() is None, reason="numba is not installed")
+@pytest.mark.parametrize("grid, estimate", [(True, "guess"), (False, "bracket")])
+@pytest.mark.parametrize("params", [{"density": 0.15}, {"density": 0.5, "disjoint": "sum", "lambda": 0.7},
+                                    {"density": 0.35, "convention": "mergekit"}])
+def test_a_sampled_trim_merges_the_exact_passes_bits(grid, estimate, params):
+    """The merge from the sample's estimates gives the bits, thresholds and zero-sign patches of the exact passes:
+    from a guess that held (bf16 grid inputs) or a bracket whose elements were merged again (float32)."""
+    exact, sampled = _merged_both_ways({"trim_scope": "global", **params}, *_sampled_family(7, grid))
+    assert sampled["estimates"] == [estimate] * 3 and "estimates" not in exact
+    assert sampled["thresholds"] == exact["thresholds"]
+    assert sampled.get("patched_elements") == exact.get("patched_elements")
+    if params.get("convention") != "mergekit":
+        assert exact["patched_elements"] > 0  # the zero-sign rule was exercised
+
+
+@pytest.mark.skipif(ties_fused._kernels() is None, reason="numba is not installed")
+@pytest.mark.parametrize("estimate", ["guess", "bracket"])
+def test_an_estimate_that_misses_merges_again_from_the_exact_passes(estimate, monkeypatch):
+    from distmerge.methods import generalized
+
+    far = ties_ops.high_bin_of(1000.0) << 16  # above every |tau|: the threshold is not there
+    monkeypatch.setattr(generalized, "_bracket", lambda *a: [far, far if estimate == "guess" else far | 0xFFFF])
+    exact, sampled = _merged_both_ways({"trim_scope": "global", "density": 0.2}, *_sampled_family(8, True))
+    assert sampled["estimates"] == "missed: merged again from exact passes"
+    assert sampled["thresholds"] == exact["thresholds"]

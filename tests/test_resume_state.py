@@ -266,8 +266,10 @@ def test_a_planted_pickle_is_never_unpickled_and_the_resumed_merge_is_identical(
 def test_a_tampered_pass_state_is_recomputed_not_trusted(interrupted, clean_run, tmp_path, caplog):
     config_path, staging, out = copy_interrupted(interrupted, tmp_path)
     document = json.loads((staging / PASSES_JSON).read_text())
-    assert len(document["state"]["thresholds"]) == 2
-    document["state"]["thresholds"] = [0.0, 0.0]  # keep every value: a different model, were it trusted
+    # the trim's sampled brackets, or its exact thresholds (where the merge cannot leave elements undecided)
+    assert len(document["state"]["densities"]) == 2
+    # keep every value: a different model, were it trusted
+    document["state"].update(densities=[1.0, 1.0], ranks=[0, 0], fixed=[0.0, 0.0], thresholds=[0.0, 0.0])
     (staging / PASSES_JSON).write_text(json.dumps(document))
 
     with caplog.at_level("WARNING", logger="distmerge"):

@@ -230,3 +230,63 @@ def test_only_the_widening_copy_of_the_method_takes_bf16():
     assert widened.deferred.vote == want.deferred.vote
     in_bf16 = method.merge(stored[0], stored[1:], job, 0, state)
     assert in_bf16.merged.dtype == torch.bfloat16
+
+
+# --- a sampled trim: the merge from estimated thresholds -------------------------------------------------------
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("case", CASES[:6])
+def test_a_merge_from_brackets_and_guesses_leaves_exactly_the_open_elements(case, dtype):
+    """Where each threshold is bracketed or guessed, the elements with no |tau| inside a bracket get the exact
+    merge's bits; the open ones, merged again from their own inputs with the thresholds, get theirs too; the two
+    votes add up to the exact vote; the counts are |tau| > high and >= low."""
+    tasks, weights, mode, lam, quantiles = case
+    base, experts = _inputs(3, tasks, 7001)
+    base, experts = base.to(dtype), [e.to(dtype) for e in experts]
+    thresholds = _thresholds(base.float(), [e.float() for e in experts], quantiles)
+    exact = ties_fused.merge_deferred_sign(base, experts, thresholds, weights, mode, lam)
+    magnitudes = task_vectors(base.float(), [e.float() for e in experts]).abs()
+    brackets = []
+    for t, threshold in enumerate(thresholds):
+        if threshold in (ties_ops.KEEP_ALL, ties_ops.KEEP_NONE):
+            brackets.append(None)
+        elif t % 2 == 0:  # a bracket around the threshold, of values that occur (ties at both ends)
+            values = magnitudes[t].unique()
+            at = int(torch.searchsorted(values, threshold))
+            brackets.append((float(values[max(at - 2, 0)]), float(values[min(at + 3, values.numel() - 1)])))
+        else:
+            brackets.append((threshold, threshold))  # a guess that holds
+    merged, vote, index, alternative, undecided, above, reached = ties_fused.merge_bracketed(
+        base, experts, brackets, thresholds, weights, mode, lam)
+
+    open_ = torch.zeros(base.numel(), dtype=torch.bool)
+    for t, bracket in enumerate(brackets):
+        if bracket is None:
+            continue
+        low, high = bracket
+        assert int(above[t]) == int((magnitudes[t] > high).sum()) and int(reached[t]) == int((magnitudes[t] >= low).sum())
+        if low < high:
+            open_ |= (magnitudes[t] >= low) & (magnitudes[t] <= high)
+    assert torch.equal(undecided, open_.nonzero().reshape(-1))
+    assert torch.equal(_bits(merged[~open_]), _bits(exact[0][~open_]))
+    again = ties_fused.merge_deferred_sign(base[undecided].contiguous(), [e[undecided].contiguous() for e in experts],
+                                           thresholds, weights, mode, lam)
+    assert torch.equal(_bits(again[0]), _bits(exact[0][undecided]))
+    assert vote + again[1] == exact[1]
+    assert torch.equal(torch.cat([index, undecided[again[2]]]).sort().values, exact[2])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_sample_histograms_count_every_seventeenth_run_and_its_irregular_keys(dtype):
+    base, experts = _inputs(4, 3, 64 * 100 + 5)
+    base, experts = base.to(dtype), [(e + 1e-3 * torch.randn(e.shape)).to(dtype) for e in experts]
+    hist, irregular = torch.zeros(3, ties_ops.HIGH_BINS, dtype=torch.int64), torch.zeros(3, ties_ops.HIGH_BINS, dtype=torch.int64)
+    offset = 64 * 5  # the tensor's run 5: its runs 17, 34, ... are this chunk's 12, 29, ...
+    size = ties_fused.sampled_high_histograms(base, experts, hist, irregular, offset)
+    picked = torch.cat([torch.arange(r * 64, r * 64 + 64) for r in range(12, 100, 17)])
+    assert size == picked.numel()
+    tv = task_vectors(base.float()[picked], [e.float()[picked] for e in experts])
+    for t in range(3):
+        keys = tv[t].abs().view(torch.int32)
+        assert torch.equal(hist[t], ties_ops.radix_high_histogram(tv[t]))
+        assert torch.equal(irregular[t], torch.bincount(keys[(keys & 0xFFFF) != 0] >> 16, minlength=ties_ops.HIGH_BINS))

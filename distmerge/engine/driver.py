@@ -112,6 +112,8 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
     with ray_session(address, keeps_warm_workers=True) as session:
         total_cpus = cluster_cpus()
         device = resolve_device(config.device, cluster_gpus())
+        if device == "cpu" and config.dtype == "float32":  # what the undecided elements' merge here computes in
+            initial_state = method.leaves_undecided(initial_state)
         plan = make_plan(outputs, config.out_shard_size, workers or max(1, int(total_cpus)), len(models))
         run = RunFolder(out, run_key(config.to_yaml_dict(), models, plan))
         if not resume:
@@ -132,7 +134,17 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
                 if state is None:
                     state = _run_passes(pool, plan, method, initial_state, sizes, progress)
                     run.save_passes(state)
-                results = _run_merge(pool, plan, state, sizes, finished, run, injected, progress)
+                while True:
+                    results = _run_merge(pool, plan, state, sizes, finished, run, injected, progress)
+                    state, again = _finish(method, state, results, run.path, plan)
+                    if again is None:
+                        break
+                    LOG.warning("%s: the estimate its merge started from did not hold; merging again from its exact "
+                                "passes", config.method)
+                    run.forget()
+                    finished = {}
+                    state = _run_passes(pool, plan, method, again, sizes, progress)
+                    run.save_passes(state)
                 reports = pool.call_all("report")
                 bytes_read = sum(r["bytes_read"] for r in reports) + pool.retired_bytes_read
                 replaced = sum(pool.replacements)
@@ -141,8 +153,6 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
                 raise
             # Workers wait for the next merge only where Ray outlives this one and nothing else needs the CPUs.
             pool.shutdown(keep_warm=(session.borrowed and session.outermost) or session.on_cluster)
-            state = method.finish_merge(_merge_partials(results), state)
-            state = _resolve_deferred(method, state, results, run.path)
             seconds = time.perf_counter() - began
             summary = _finish_folder(run.path, config, method, state, base, experts, vocab_plan, results, reports,
                                      seconds, resumed, replaced)
@@ -291,24 +301,51 @@ def _merge_partials(results: list[dict[str, Any]]) -> dict[str, Any]:
     return totals or {}
 
 
-def _resolve_deferred(method, state: dict, results: list[dict[str, Any]], staging: Path) -> dict:
-    """Decisions only the whole merged model could make (the method settles them on the summed vote): patch
-    the few elements the shards recorded."""
+def _finish(method, state: dict, results: list[dict[str, Any]], staging: Path, plan: MergePlan):
+    """``execute.finish`` over the written shards: the undecided elements the workers left beside them are
+    merged here and, with the deferred ones the method decides to rewrite, patched into the shards."""
+    tensors = {t.name: t for shard in plan.shards for t in shard.tensors if t.merged}
+    shards = [_WrittenShard(staging, result) for result in results]
+    return execute.finish(method, state, _merge_partials(results), sum(r.get("deferred_vote", 0) for r in results),
+                          shards, tensors)
 
-    def apply_patches() -> int:
-        from safetensors.torch import load_file  # only methods that defer any element need torch in the driver
 
-        patched = 0
-        for result in results:
-            if not result.get("patches"):
-                continue
-            stored = load_file(str(staging / result["patches"]))
-            patches = {name[:-len("::index")]: (index, stored[name[:-len("::index")] + "::value"])
-                       for name, index in stored.items() if name.endswith("::index")}
-            patched += writer.patch_safetensors(staging / result["filename"], patches)
-        return patched
+class _WrittenShard:
+    def __init__(self, staging: Path, result: dict[str, Any]):
+        self.staging, self.result = staging, result
 
-    return execute.settle(method, state, sum(r.get("deferred_vote", 0) for r in results), apply_patches)
+    def undecided(self):
+        if not self.result.get("undecided"):
+            return iter(())
+        from safetensors import safe_open  # only methods that leave elements undecided need torch in the driver
+
+        handle = safe_open(str(self.staging / self.result["undecided"]), framework="pt", device="cpu")
+        return execute.undecided_groups(handle.keys(), handle.get_tensor)
+
+    def patch(self, decided, deferred: bool) -> int:
+        patches = dict(decided)
+        count = 0
+        if deferred and self.result.get("patches"):
+            from safetensors.torch import load_file
+
+            stored = load_file(str(self.staging / self.result["patches"]))
+            for name, index in stored.items():
+                if name.endswith("::index"):
+                    tensor = name[:-len("::index")]
+                    patches[tensor] = _joined(patches.get(tensor), (index, stored[tensor + "::value"]))
+                    count += index.numel()
+        if patches:
+            writer.patch_safetensors(self.staging / self.result["filename"], patches)
+        return count
+
+
+def _joined(first, second):
+    """Two (flat indices, values) of one tensor's patches (disjoint) as one."""
+    if first is None:
+        return second
+    import torch
+
+    return torch.cat([first[0].long(), second[0].long()]), torch.cat([first[1], second[1]])
 
 
 def _finish_folder(staging: Path, config: MergeConfig, method, state: dict, base, experts, vocab_plan,

@@ -161,17 +161,23 @@ class RunFolder:
         self._passes = {"passes": STATE_FORMAT, "files": [_file_record(self.path / name) for name in files]}
         self.record(self._passes)
 
+    def forget(self) -> None:
+        """Drop the finished shards and the pass state from the manifest: the merge runs again from its passes
+        (and a resume of that must not take a shard of this one)."""
+        _write_durable(self.path / MANIFEST, "")
+        self._passes = None
+
     def clear_bookkeeping(self) -> None:
         """Before the rename: the finished model holds no run files, and has the mode a plain mkdir would
         have given it (the folder was private only while it was staging)."""
         os.chmod(self.path, 0o777 & ~current_umask())
         for name in (MANIFEST, PASSES_JSON, PASSES_TENSORS, LEGACY_PASSES, LOCK):
             (self.path / name).unlink(missing_ok=True)
-        patches = self.path / ".patches"
-        if patches.exists():
-            for file in patches.iterdir():
-                file.unlink()
-            patches.rmdir()
+        for folder in (self.path / ".patches", self.path / ".undecided"):
+            if folder.exists():
+                for file in folder.iterdir():
+                    file.unlink()
+                folder.rmdir()
         for leftover in self.path.rglob("*.partial"):  # from a worker that died while writing
             leftover.unlink()
 

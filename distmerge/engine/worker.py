@@ -9,6 +9,7 @@ shard files directly.
 
 from __future__ import annotations
 
+import functools
 import os
 import time
 from dataclasses import dataclass, field
@@ -74,6 +75,8 @@ class MergeWorker:
         # Deferred decisions of the shard being merged: its share of the model-wide vote and the elements to
         # rewrite should the method say so once every shard is in; written beside the shard.
         self.deferred = execute.DeferredLog()
+        # Undecided elements of that shard with their inputs, for the driver to merge once every shard is in.
+        self.undecided = execute.UndecidedLog()
         # The shard's merge partials by layer group (``ChunkResult.partial``), summed per group as a pass sums
         # them, and sent with the shard's result (JSON: its manifest record keeps them for a resume).
         self.partials: dict[int, dict[str, Any]] = {}
@@ -100,7 +103,10 @@ class MergeWorker:
         return True
 
     # --- reading --------------------------------------------------------------------------------
-    def _read(self, model: Checkpoint, source: TensorSource, start: int | None, stop: int | None) -> torch.Tensor:
+    def _read(self, model: Checkpoint, source: TensorSource, start: int | None, stop: int | None,
+              check: bool = True) -> torch.Tensor:
+        """The rows in the dtype the method takes, checked finite (``check``: a pass that looks at a sample of
+        them leaves that to the merge, which reads every value)."""
         began = time.perf_counter()
         if self.spec.faults:
             file = model.info(source.tensor).file
@@ -119,16 +125,21 @@ class MergeWorker:
             value = model.read(source.tensor, start, stop)
         self.bytes_read += value.numel() * value.element_size()
         kept = self.keeps_bfloat16 and value.dtype == torch.bfloat16
-        value, finite = converted(value, self.device, torch.bfloat16 if kept else self.dtype)
-        check_finite(model, source.tensor, value, finite)
+        if check:
+            value, finite = converted(value, self.device, torch.bfloat16 if kept else self.dtype)
+            check_finite(model, source.tensor, value, finite)
+        elif not kept:
+            value = value.to(self.device, self.dtype)
         self.timings["read"] += time.perf_counter() - began
         return value
 
 
-    def _inputs(self, tensor: OutputTensor, start, stop) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
+    def _inputs(self, tensor: OutputTensor, start, stop, check: bool = True
+                ) -> tuple[torch.Tensor | None, list[torch.Tensor]]:
         spec = self.spec
-        base = self._read(spec.base, tensor.base, start, stop) if (spec.base is not None and self.needs_base) else None
-        experts = [self._read(m, s, start, stop) for m, s in zip(spec.experts, tensor.experts)]
+        base = (self._read(spec.base, tensor.base, start, stop, check)
+                if (spec.base is not None and self.needs_base) else None)
+        experts = [self._read(m, s, start, stop, check) for m, s in zip(spec.experts, tensor.experts)]
         if self.keeps_bfloat16 and len({t.dtype for t in (base, *experts) if t is not None}) > 1:
             # inputs stored in different dtypes: the loops take one, so all come in the compute dtype
             base = base.to(self.dtype) if base is not None else None
@@ -145,12 +156,12 @@ class MergeWorker:
         (less than the group's inputs where the memo answered)."""
         bytes_before = self.bytes_read
         totals = None
+        read = functools.partial(self._inputs, check=not self.method.samples(pass_name))
         for group in self._groups(shard_index, group_index):
             read_before = self.timings["read"]
             began = time.perf_counter()
             for tensor in (t for t in group.tensors if t.merged):  # the reconciled vocabulary rows go with it
-                part = execute.pass_partial(self.method, pass_name, state, [tensor], self._inputs,
-                                            memo=self.memo)
+                part = execute.pass_partial(self.method, pass_name, state, [tensor], read, memo=self.memo)
                 if part is not None:
                     totals = add_partials(totals, part)
                 self._reconciled.clear()
@@ -232,7 +243,8 @@ class MergeWorker:
         read_before, write_before = self.timings["read"], self.timings["write"]
         began = time.perf_counter()
         sink = _TimedSink(writer, self.artifact_writer, self.timings)
-        part = execute.merge_tensor(self.method, tensor, state, self._inputs, sink, self.deferred, self.dtype)
+        part = execute.merge_tensor(self.method, tensor, state, self._inputs, sink, self.deferred, self.dtype,
+                                    undecided=self.undecided)
         spent = time.perf_counter() - began
         self.timings["merge"] += spent - (self.timings["read"] - read_before) - (self.timings["write"] - write_before)
         return part
@@ -243,6 +255,7 @@ class MergeWorker:
         writer, self.writer, self.writer_shard = self.writer, None, None
         artifacts, self.artifact_writer = self.artifact_writer, None
         deferred, self.deferred = self.deferred, execute.DeferredLog()
+        undecided, self.undecided = self.undecided, execute.UndecidedLog()
         partials, self.partials = self.partials, {}
         if self.failed_shard == shard_index or writer is None or writer.path.name != shard.filename \
                 or not writer.complete or (artifacts is not None and not artifacts.complete):
@@ -272,8 +285,13 @@ class MergeWorker:
                 tensors[f"{tensor}::index"] = index
                 tensors[f"{tensor}::value"] = value
             files.append(self._write(tensors, staging / patches))
+        pending = None
+        if undecided.entries:
+            pending = f".undecided/{shard.filename}"
+            files.append(self._write(undecided.tensors(), staging / pending))
         result = {"shard": shard_index, "filename": shard.filename, "tensors": written, "bytes": nbytes,
-                  "artifacts": artifact, "deferred_vote": deferred.vote, "patches": patches, "files": files,
+                  "artifacts": artifact, "deferred_vote": deferred.vote, "patches": patches,
+                  "undecided": pending, "files": files,
                   "partials": {str(g): execute.partial_to_json(p) for g, p in sorted(partials.items())},
                   "node": _node_id()}
         self.timings["write"] += time.perf_counter() - began
@@ -281,7 +299,7 @@ class MergeWorker:
         return result
 
     def _write(self, tensors: dict[str, torch.Tensor], path: Path) -> dict[str, Any]:
-        """A small whole file beside a shard (deferred patches)."""
+        """A small whole file beside a shard (deferred patches, undecided elements)."""
         write_safetensors(tensors, path)
         return {"name": str(path.relative_to(self.spec.staging)), "bytes": path.stat().st_size,
                 "sha256": file_sha256(path)}

@@ -103,9 +103,26 @@ class MergeMethod:
         """State before the first pass, from every tensor's resolved numbers (checked here, before any read)."""
         return {}
 
-    def next_pass(self, state: dict) -> str | None:
-        """Name of the next whole-model reduction pass, or None when ``merge`` can run."""
+    def leaves_undecided(self, state: dict) -> dict:
+        """The initial state for a caller that places undecided elements after the merge (``ChunkResult.undecided``,
+        ``execute.finish``): a method may then trade a reduction pass over every input for an estimate, and leave
+        the elements the estimate cannot place to its passes and merge over them alone. Unchanged by default."""
+        return state
+
+    def merge_again(self, state: dict) -> dict | None:
+        """After the passes over the undecided elements: None, or the initial state of a merge to run again from
+        its first pass (an estimate that did not hold)."""
         return None
+
+    def next_pass(self, state: dict) -> str | None:
+        """Name of the next whole-model reduction pass, or None when ``merge`` can run (or, after the merge, the
+        undecided elements be merged)."""
+        return None
+
+    def samples(self, pass_name: str) -> bool:
+        """True for a pass that looks at a sample of each chunk: its reader may skip the finite check (the merge
+        reads and checks every value)."""
+        return False
 
     def stats(self, pass_name: str, base: torch.Tensor | None, experts: list[torch.Tensor], job: TensorJob,
               offset: int, state: dict) -> dict[str, Any]:

@@ -48,6 +48,10 @@ class ChunkResult:
     # from the chunk the merge has in hand, it saves a pass that would read every input again. Keep it small
     # (EMR's is [2, T] floats): each layer group's sum travels as JSON in its shard's result and resume record.
     partial: dict[str, Any] | None = None
+    # Flat indices (within the chunk) of elements merged provisionally: the caller keeps their inputs and the
+    # method merges them again once every chunk is in (``finish``). Only for a caller that asked
+    # (``MergeMethod.leaves_undecided``).
+    undecided: torch.Tensor | None = None
 
 
 class ArtifactStream(Protocol):
@@ -221,6 +225,47 @@ class DeferredLog:
         return count
 
 
+@dataclass
+class UndecidedLog:
+    """The undecided elements of the tensors merged so far, with their inputs as read: {tensor: (flat indices,
+    base values, each expert's values)}."""
+
+    entries: dict[str, tuple[GrowingBuffer, GrowingBuffer, list[GrowingBuffer]]] = field(default_factory=dict)
+
+    def add(self, name: str, offset: int, index: torch.Tensor, base: torch.Tensor, experts: list[torch.Tensor],
+            numel: int) -> None:
+        if not index.numel():
+            return
+        index_dtype = torch.int32 if numel <= 2**31 else torch.int64
+        held = self.entries.setdefault(name, (GrowingBuffer(index_dtype), GrowingBuffer(base.dtype),
+                                              [GrowingBuffer(e.dtype) for e in experts]))
+        held[0].extend(index + offset)
+        held[1].extend(base.reshape(-1)[index])
+        for buffer, expert in zip(held[2], experts):
+            buffer.extend(expert.reshape(-1)[index])
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """As a file holds them: ``<tensor>::index``, ``<tensor>::base``, ``<tensor>::<t>`` (``undecided_groups``)."""
+        out = {}
+        for name, (index, base, experts) in self.entries.items():
+            out[f"{name}::index"] = index.values()
+            out[f"{name}::base"] = base.values()
+            for t, expert in enumerate(experts):
+                out[f"{name}::{t}"] = expert.values()
+        return out
+
+
+def undecided_groups(keys, get: Callable[[str], torch.Tensor]):
+    """(tensor, flat indices, base values, experts' values) of each tensor in an ``UndecidedLog.tensors()``
+    layout (``keys`` its names, ``get`` one of its tensors: a file is read a tensor at a time)."""
+    keys = set(keys)
+    for name in sorted(k[:-len("::index")] for k in keys if k.endswith("::index")):
+        experts = []
+        while f"{name}::{len(experts)}" in keys:
+            experts.append(get(f"{name}::{len(experts)}"))
+        yield name, get(f"{name}::index"), get(f"{name}::base"), experts
+
+
 # --- chunks -------------------------------------------------------------------------------------------
 def row_elements(tensor) -> int:
     count = 1
@@ -353,10 +398,11 @@ def run_passes(method, state: dict, partial: Callable[[str, dict], "dict[str, An
 
 def merge_tensor(method, tensor, state: dict, read: Reader, sink: Sink, deferred: DeferredLog,
                  artifact_dtype: torch.dtype, chunker: Chunker = row_chunks,
-                 totals: dict[str, Any] | None = None) -> dict[str, Any] | None:
+                 totals: dict[str, Any] | None = None, undecided: UndecidedLog | None = None) -> dict[str, Any] | None:
     """Merge one tensor into ``sink``: weights (checked finite, in the output dtype), the method's artifacts
-    through its stream, deferred decisions into ``deferred``. Returns ``totals`` with the chunks' partials
-    (``ChunkResult.partial``) added in chunk order, as a pass over the same tensor would add them."""
+    through its stream, deferred decisions into ``deferred``, undecided elements' inputs into ``undecided``.
+    Returns ``totals`` with the chunks' partials (``ChunkResult.partial``) added in chunk order, as a pass over
+    the same tensor would add them."""
     stream = method.artifact_stream(tensor, artifact_dtype) if method.artifact_folder else None
     for start, stop in chunker(tensor, method.chunkable()):
         base, experts = read(tensor, start, stop)
@@ -369,6 +415,10 @@ def merge_tensor(method, tensor, state: dict, read: Reader, sink: Sink, deferred
                          math.prod(tensor.shape))
         if result.partial is not None:
             totals = add_partials(totals, result.partial)
+        if result.undecided is not None:
+            if undecided is None:
+                raise RuntimeError(f"{method.name} left elements undecided for a caller that cannot place them")
+            undecided.add(tensor.name, offset, result.undecided, base, experts, math.prod(tensor.shape))
         if stream is not None:
             for key, values in stream.add(result.artifacts):
                 sink.artifact(key, values)
@@ -386,36 +436,119 @@ def artifact_entries(method, tensors, artifact_dtype: torch.dtype) -> list[tuple
     return [entry for tensor in tensors if tensor.merged for entry in method.artifact_entries(tensor, artifact_dtype)]
 
 
-def settle(method, state: dict, deferred_vote: int, apply_patches: Callable[[], int]) -> dict:
-    """After the merge: the method settles its deferred decisions on the model-wide vote; ``apply_patches``
-    rewrites the recorded elements (returns how many) when it says so."""
-    state, apply = method.settle_deferred(state, deferred_vote)
+class Shard(Protocol):
+    """What ``finish`` needs of one part of the output (a shard file, or the tensors held in memory)."""
+
+    def undecided(self):
+        """Its undecided elements, as ``undecided_groups`` gives them."""
+
+    def patch(self, decided: dict[str, tuple[torch.Tensor, torch.Tensor]], deferred: bool) -> int:
+        """Rewrite the decided elements ({tensor: (flat indices, values)}) and, with ``deferred``, its own
+        deferred elements; returns how many deferred elements it rewrote."""
+
+
+def finish(method, state: dict, totals: dict[str, Any], vote: int, shards: list[Shard],
+           tensors: dict[str, Any]) -> tuple[dict, dict | None]:
+    """After every chunk is merged: the method's summed partials, its passes over the undecided elements and
+    their merge, then its deferred decisions on the model-wide ``vote`` (the chunks' share of it). Returns
+    (final state, None), or (state, the initial state of a merge to run again) where the method says so
+    (``merge_again``). ``tensors``: the merged ``OutputTensor``s by name (the jobs and dtypes)."""
+    state = method.finish_merge(totals, state)
+
+    def over_undecided(pass_name: str, state: dict) -> dict[str, Any] | None:
+        totals = None
+        for shard in shards:
+            for name, _, base, experts in shard.undecided():
+                totals = method.add_stats(totals, pass_name, _float32(base), [_float32(e) for e in experts],
+                                          tensors[name].job, 0, state)
+        return totals
+
+    state = run_passes(method, state, over_undecided)
+    again = method.merge_again(state)
+    if again is not None:
+        return state, again
+    # the decided elements' share of the vote first: whether the deferred elements change depends on it
+    for shard in shards:
+        for name, _, base, experts in shard.undecided():
+            vote += _decided(method, state, tensors[name], base, experts)[1]
+    state, apply = method.settle_deferred(state, vote)
+    rewritten = 0
+    for shard in shards:
+        decided = {}
+        for name, index, base, experts in shard.undecided():
+            values, _, deferred, alternative = _decided(method, state, tensors[name], base, experts)
+            if apply and deferred.numel():  # the decided elements are not among the shard's own deferred ones
+                values[deferred] = alternative
+                rewritten += deferred.numel()
+            decided[name] = (index, values)
+        rewritten += shard.patch(decided, apply)
     if apply:
-        state = method.record_patched(state, apply_patches())
-    return state
+        state = method.record_patched(state, rewritten)
+    return state, None
+
+
+def _float32(values: torch.Tensor) -> torch.Tensor:
+    return values.to(torch.float32)
+
+
+def _decided(method, state: dict, tensor, base: torch.Tensor, experts: list[torch.Tensor]):
+    """Undecided elements merged as a chunk of their own (each element's merge is its own): (values in the
+    output dtype, their vote, positions of the deferred ones among them, their alternative values)."""
+    result = method.merge(_float32(base), [_float32(e) for e in experts], tensor.job, 0, state)
+    out_dtype = dtypes.torch_dtype(tensor.out_dtype)
+    values, finite = converted(result.merged, "cpu", out_dtype)
+    check_finite_output(tensor.name, values, method.name, finite)
+    if result.deferred is None:
+        return values, 0, torch.empty(0, dtype=torch.int64), values[:0]
+    deferred = result.deferred
+    return values, int(deferred.vote), deferred.index, deferred.value.to("cpu", out_dtype)
+
+
+class _HeldShard:
+    """``finish``'s view of tensors merged in memory."""
+
+    def __init__(self, outputs: dict[str, torch.Tensor], deferred: DeferredLog, undecided: UndecidedLog):
+        self.outputs, self.deferred, self.held = outputs, deferred, undecided.tensors()
+
+    def undecided(self):
+        return undecided_groups(self.held, self.held.__getitem__)
+
+    def patch(self, decided, deferred):
+        for name, (index, values) in decided.items():
+            self.outputs[name].view(-1)[index.long()] = values
+        return self.deferred.apply(self.outputs) if deferred else 0
 
 
 def merge_in_memory(method, tensors, read: Reader, artifact_dtype: str | torch.dtype = "float32",
-                    chunker: Chunker = row_chunks) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
-    """The whole protocol in one process (tests, small models): (merged weights, artifacts, final state)."""
+                    chunker: Chunker = row_chunks, leave_undecided: bool = False
+                    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict]:
+    """The whole protocol in one process (tests, small models): (merged weights, artifacts, final state).
+    ``leave_undecided``: let the method leave elements undecided (``MergeMethod.leaves_undecided``); only for
+    a float32 merge on the CPU, as the engine asks it."""
     artifact_dtype = dtypes.torch_dtype(artifact_dtype)
     merged = [t for t in tensors if t.merged]
     state = method.initial_state([t.job for t in merged])
+    if leave_undecided:
+        state = method.leaves_undecided(state)
     memo = PassMemo()
-    state = run_passes(method, state, lambda name, s: pass_partial(method, name, s, merged, read, chunker, memo))
-    memo.clear()
-    sink, deferred = DictSink(), DeferredLog()
-    totals = None
-    for tensor in merged:
-        totals = merge_tensor(method, tensor, state, read, sink, deferred, artifact_dtype, chunker, totals)
-    state = method.finish_merge(totals or {}, state)
-    state = settle(method, state, deferred.vote, lambda: deferred.apply(sink.outputs))
-    return sink.outputs, sink.artifacts(), state
+    while True:
+        state = run_passes(method, state, lambda name, s: pass_partial(method, name, s, merged, read, chunker, memo))
+        memo.clear()
+        sink, deferred, undecided = DictSink(), DeferredLog(), UndecidedLog()
+        totals = None
+        for tensor in merged:
+            totals = merge_tensor(method, tensor, state, read, sink, deferred, artifact_dtype, chunker, totals,
+                                  undecided)
+        state, again = finish(method, state, totals or {}, deferred.vote,
+                              [_HeldShard(sink.outputs, deferred, undecided)], {t.name: t for t in merged})
+        if again is None:
+            return sink.outputs, sink.artifacts(), state
+        state = again
 
 
 def merge_tensor_dicts(method, base: dict[str, torch.Tensor], experts: list[dict[str, torch.Tensor]],
                        given: list[dict[str, Any]] | None = None, out_dtype: str | torch.dtype = "float32",
-                       chunker: Chunker = row_chunks) -> tuple[dict[str, torch.Tensor], dict]:
+                       chunker: Chunker = row_chunks, leave_undecided: bool = False) -> tuple[dict[str, torch.Tensor], dict]:
     """``merge_in_memory`` on tensors held in dicts (name -> tensor, every tensor merged, one job each); the
     experts are models e0, e1, ... with per-model settings ``given``. Returns (merged weights, final state)."""
     from distmerge.methods.base import TensorJob, resolve_job_settings
@@ -435,5 +568,5 @@ def merge_tensor_dicts(method, base: dict[str, torch.Tensor], experts: list[dict
         cut = (lambda v: v) if start is None else (lambda v: v[start:stop])
         return cut(base[tensor.name]), [cut(e[tensor.name]) for e in experts]
 
-    merged, _, state = merge_in_memory(method, tensors, read, "float32", chunker)
+    merged, _, state = merge_in_memory(method, tensors, read, "float32", chunker, leave_undecided)
     return merged, state

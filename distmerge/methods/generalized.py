@@ -18,11 +18,17 @@ Per tensor, with tau_t = theta_t - theta_0:
 The randomness (``random``, ``della``) is distmerge's counter-based stream per (seed, model, tensor, block), so
 any chunking and any actor layout draw the same masks. The whole-model magnitude trim (``scope: global``) is
 found exactly by two histogram passes; its zero-sign rule (the model-wide majority sign) is a deferred decision.
+Where the caller can place undecided elements after the merge (``leaves_undecided``) and the compiled TIES loop
+runs, the two passes over the inputs become one over a sample of them: it brackets each threshold, the merge
+counts the values above the bracket and leaves the elements with a value inside it undecided, and the two
+histogram passes then run over those elements alone (a bracket that missed the threshold: the merge runs again
+from the exact passes). The outputs are the exact passes' bits either way.
 """
 
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 
 from distmerge.deferred import torch
@@ -41,7 +47,12 @@ SPARSIFIERS = ("random", "magnitude", "breadcrumbs", "della")
 CONSENSUS = ("none", "mass", "count")
 COMBINE = ("sum", "mean")
 CONVENTIONS = ("paper", "mergekit")
-TRIM_PASSES = ("trim_high", "trim_low")  # the whole-model trim's two histogram passes
+SAMPLE_PASS = "trim_sample"  # the brackets of the whole-model trim's thresholds, from a sample of the inputs
+TRIM_PASSES = ("trim_high", "trim_low", SAMPLE_PASS)  # and its two exact histogram passes
+# A bracket spans the sample's rank of the threshold +- this many standard deviations of a rank in a sample of
+# independent values (a sample of runs varies more than that; a bracket that misses costs a second merge).
+BRACKET_SIGMAS = 8.0
+MAX_FINITE_KEY = 0x7F7FFFFF  # the float32 bits of the largest finite value
 
 
 @dataclass(frozen=True)
@@ -121,9 +132,30 @@ class TaskVectorMerge(TaskVectorMethod):
             require_number("models[].parameters", "density", density, 0.0, 1.0, lo_open=True)
         return {"densities": densities}
 
-    def next_pass(self, state):
-        if self.recipe().global_stage() is None:
+    def leaves_undecided(self, state):
+        """The sampled trim (module docstring) where the compiled TIES loop takes every chunk."""
+        recipe = self.recipe()
+        if (not state or not self._ties_loop(recipe) or not ties_fused.available()
+                or len(state["densities"]) > ORDERED_SUM_TASKS):
+            return state
+        return {**state, "sampled": True}
+
+    def merge_again(self, state):
+        if not state.get("missed"):
             return None
+        return {"densities": state["densities"], "estimates": "missed: merged again from exact passes"}
+
+    def samples(self, pass_name):
+        return pass_name == SAMPLE_PASS
+
+    def next_pass(self, state):
+        if self.recipe().global_stage() is None or state.get("missed"):
+            return None
+        if state.get("sampled"):
+            if "bracket" not in state:
+                return SAMPLE_PASS
+            if "below" not in state:  # the merge comes first; the histogram passes then see its undecided elements
+                return None
         if "high_bins" not in state:
             return "trim_high"
         if "thresholds" not in state:
@@ -142,6 +174,12 @@ class TaskVectorMerge(TaskVectorMethod):
         if pass_name not in TRIM_PASSES or stop is None:
             return super().add_stats(totals, pass_name, base, experts, job, offset, state, memo)
         totals = totals if totals is not None else _trim_totals(pass_name, len(experts))
+        if pass_name == SAMPLE_PASS:
+            base, experts = self._loop_inputs(base, experts)
+            totals["sampled"] += ties_fused.sampled_high_histograms(base, experts, totals["hist"], totals["irregular"],
+                                                                     offset)
+            totals["numel"] += experts[0].numel()
+            return totals
         keep = memo is not None and memo.accepting and pass_name == "trim_high"
         kept = None
         if stop == 0 and ties_fused.available(base, *experts, widening=self.widens_bfloat16):
@@ -176,6 +214,26 @@ class TaskVectorMerge(TaskVectorMethod):
     def finish_pass(self, pass_name, totals, state):
         state = dict(state)
         rule = self.recipe().sparsify[self.recipe().global_stage()].convention
+        if pass_name == SAMPLE_PASS:
+            numel, sampled = int(totals.get("numel", 0)), int(totals.get("sampled", 0))
+            brackets, ranks, fixed = [], [], []
+            for t, density in enumerate(state["densities"]):
+                rank = ties_ops.trim_rank(numel, density, rule)
+                if rank == 0 or rank > numel:  # keep all / keep none: no selection needed
+                    brackets.append(None)
+                    fixed.append(ties_ops.KEEP_ALL if rank == 0 else ties_ops.KEEP_NONE)
+                else:
+                    brackets.append(_bracket(totals["hist"][t], totals["irregular"][t], sampled, rank / numel))
+                    fixed.append(None)
+                ranks.append(rank)
+            state.update(numel=numel, ranks=ranks, fixed=fixed, bracket=brackets,
+                         estimates=["exact" if b is None else "guess" if b[0] == b[1] else "bracket" for b in brackets])
+            if all(b is None for b in brackets):
+                state["thresholds"] = fixed
+            return state
+        if pass_name == "trim_high" and state.get("sampled"):
+            totals = totals or _trim_totals(pass_name, len(state["densities"]))  # nothing was left undecided
+            return _within_brackets(totals["hist"], state)
         if pass_name == "trim_high":
             numel = int(totals["numel"])
             high_bins, ranks, fixed, in_bin = [], [], [], []
@@ -209,9 +267,37 @@ class TaskVectorMerge(TaskVectorMethod):
             return state
         return super().finish_pass(pass_name, totals, state)
 
+    def finish_merge(self, totals, state):
+        """A sampled trim's estimates checked against the merge's counts: a guess that held is the threshold; a
+        bracket that holds it leaves its rank among the undecided elements to the passes over them."""
+        if not state.get("sampled") or "thresholds" in state:
+            return state
+        tasks = len(state["densities"])
+        above, reached = (totals.get(key, torch.zeros(tasks, dtype=torch.int64)) for key in ("trim_above", "trim_reached"))
+        brackets, fixed, below = list(state["bracket"]), list(state["fixed"]), [0] * tasks
+        for t, bracket in enumerate(brackets):
+            if bracket is None:
+                continue
+            below[t] = state["numel"] - int(reached[t])
+            if not below[t] < state["ranks"][t] <= int(reached[t]) - int(above[t]) + below[t]:
+                return {**state, "missed": True}
+            if bracket[0] == bracket[1]:
+                fixed[t], brackets[t] = _key_value(bracket[0]), None
+        state = {**state, "bracket": brackets, "fixed": fixed, "below": below}
+        if all(b is None for b in brackets):
+            state["thresholds"] = fixed
+        return state
+
     # --- the merge ------------------------------------------------------------------------------
     def merge(self, base, experts, job, offset, state):
         recipe = self.recipe()
+        if state.get("sampled") and "thresholds" not in state:  # each threshold known to lie in its bracket
+            base, experts = self._loop_inputs(base, experts)
+            brackets = [None if b is None else (_key_value(b[0]), _key_value(b[1])) for b in state["bracket"]]
+            merged, vote, index, value, undecided, above, reached = ties_fused.merge_bracketed(
+                base, experts, brackets, state["fixed"], job.weights, recipe.combine, recipe.lam)
+            return ChunkResult(merged, deferred=Deferred(vote, index, value) if recipe.deferred_sign else None,
+                               undecided=undecided, partial={"trim_above": above, "trim_reached": reached})
         if self._fused_ties(recipe, base, experts):
             merged, vote, index, value = ties_fused.merge_deferred_sign(base, experts, state["thresholds"], job.weights,
                                                                         recipe.combine, recipe.lam)
@@ -268,6 +354,14 @@ class TaskVectorMerge(TaskVectorMethod):
 
     def _fused_sum(self, recipe: Recipe, base, experts) -> bool:
         return self._sum_loop(recipe) and self._loops_take(dare_fused, base, experts)
+
+    def _loop_inputs(self, base, experts):
+        """The chunk as the TIES loop takes it (a sampled trim runs every chunk through it): as read where it
+        can, else widened to float32 on the CPU (the same values, so the same bits)."""
+        if ties_fused.available(base, *experts, widening=self.widens_bfloat16):
+            return base, experts
+        loop_input = (lambda t: t.to("cpu", torch.float32).contiguous())
+        return loop_input(base), [loop_input(e) for e in experts]
 
     def _float32(self, base, experts):
         """The inputs for the torch formulation: widened where this copy was handed bfloat16 to widen itself
@@ -327,6 +421,8 @@ class TaskVectorMerge(TaskVectorMethod):
         if "thresholds" not in state:
             return {}
         out = {"trim_thresholds": [float(x) for x in state["thresholds"]], "trimmed_values": state.get("numel")}
+        if "estimates" in state:  # how the merge started: from a sample's estimates, or exact passes after a miss
+            out["trim_estimates"] = state["estimates"]
         if "sign_sum" in state and self.recipe().deferred_sign:
             out["majority_sign"] = _sign(state["sign_sum"])
             out["patched_elements"] = state.get("patched_elements", 0)
@@ -335,7 +431,54 @@ class TaskVectorMerge(TaskVectorMethod):
 
 def _trim_totals(pass_name: str, tasks: int) -> dict:
     hist = torch.zeros((tasks, ties_ops.HIGH_BINS), dtype=torch.int64)
+    if pass_name == SAMPLE_PASS:
+        return {"hist": hist, "irregular": torch.zeros_like(hist), "numel": 0, "sampled": 0}
     return {"hist": hist, "numel": 0} if pass_name == "trim_high" else {"hist": hist}
+
+
+def _bracket(hist: torch.Tensor, irregular: torch.Tensor, sampled: int, fraction: float) -> list[int]:
+    """The estimate of the value of ascending rank ``fraction`` of the model, from the high histogram of a sample
+    of ``sampled`` of its values (``irregular``: of those with nonzero low bits), as float32 bits [low, high]:
+    a guess (low == high) where the ranks it may have in the sample all fall on one bin's regular values (all
+    equal), else a bracket of whole bins."""
+    if sampled == 0:
+        return [0, MAX_FINITE_KEY]
+    spread = BRACKET_SIGMAS * math.sqrt(sampled * fraction * (1.0 - fraction)) + 1.0
+    low_rank, high_rank = math.floor(fraction * sampled - spread), math.ceil(fraction * sampled + spread)
+    if low_rank < 1 or high_rank > sampled:
+        low = 0 if low_rank < 1 else ties_ops.locate_rank(hist, low_rank)[0] << 16
+        high = MAX_FINITE_KEY if high_rank > sampled else (ties_ops.locate_rank(hist, high_rank)[0] << 16) | ties_ops.LOW_MASK
+        return [low, min(high, MAX_FINITE_KEY)]
+    (low_bin, low_within), (high_bin, high_within) = (ties_ops.locate_rank(hist, r) for r in (low_rank, high_rank))
+    if low_bin == high_bin and high_within <= int(hist[low_bin]) - int(irregular[low_bin]):
+        return [low_bin << 16, low_bin << 16]  # a bin's regular values come first: its lowest value
+    return [low_bin << 16, min((high_bin << 16) | ties_ops.LOW_MASK, MAX_FINITE_KEY)]
+
+
+def _key_value(key: int) -> float:
+    return ties_ops.bits_to_value(key >> 16, key & ties_ops.LOW_MASK)
+
+
+def _within_brackets(hist: torch.Tensor, state: dict) -> dict:
+    """``finish_pass('trim_high')`` of a sampled trim, over the undecided elements: each bracketed threshold's
+    rank among them (every value inside a bracket is an undecided element's; the merge counted those below)."""
+    state = dict(state)
+    high_bins, ranks, in_bin = [], [], []
+    for t, bracket in enumerate(state["bracket"]):
+        if bracket is None:
+            high_bins.append(-1)
+            ranks.append(0)
+            in_bin.append(0)
+            continue
+        # ranks among the undecided elements: theirs below the bracket (other tasks' undecided ones) come first
+        low_bin = bracket[0] >> 16
+        rank = state["ranks"][t] - state["below"][t] + int(hist[t][:low_bin].sum())
+        bin_index, within = ties_ops.locate_rank(hist[t], rank)
+        high_bins.append(bin_index)
+        ranks.append(within)
+        in_bin.append(int(hist[t][bin_index]))
+    state.update(high_bins=high_bins, ranks=ranks, in_bin=in_bin)
+    return state
 
 
 def _add_trim_counts(totals: dict, pass_name: str, task_vector: torch.Tensor, state: dict,

@@ -41,7 +41,7 @@ def _loops(jit, widen: bool):
     # ``widen`` is a constant of each closure: numba prunes the branch not taken, and keys its disk cache on it.
     # Where it is set, ``b`` and ``e`` are a block of the inputs widened into L1 buffers, else slices of them.
     @jit
-    def high_histogram(base, experts, hist, kept, counts):
+    def high_histogram(base, experts, hist, kept, counts, irregular):
         n = base.shape[0]
         bits = np.empty(BLOCK, dtype=np.float32)
         keys = bits.view(np.uint32)  # |tau| as float32 bits: monotone in the value
@@ -50,6 +50,7 @@ def _loops(jit, widen: bool):
         expert_wide = np.empty(BLOCK, dtype=np.float32)
         expert_bits = expert_wide.view(np.uint32)
         keeping = kept.shape[1] > 0  # room for every key of the chunk, or none kept
+        binning = irregular.shape[1] > 0  # the kept keys' high bins counted too (or not)
         zero64 = np.uint64(0)
         shift = np.uint64(58)
         for block in range((n + BLOCK - 1) // BLOCK):  # range(0, n, BLOCK) compiles to slower loops
@@ -86,7 +87,10 @@ def _loops(jit, widen: bool):
                         for k in range(min(64, size - first)):
                             word |= np.uint64((keys[first + k] & 0xFFFF) != 0) << np.uint64(k)
                         while word:
-                            keep[count] = keys[first + LOWEST_BIT[((word & (zero64 - word)) * DE_BRUIJN) >> shift]]
+                            key = keys[first + LOWEST_BIT[((word & (zero64 - word)) * DE_BRUIJN) >> shift]]
+                            keep[count] = key
+                            if binning:
+                                irregular[t, key >> 16] += 1
                             count += 1
                             word &= word - np.uint64(1)
                     counts[t] = count
@@ -130,12 +134,19 @@ def _loops(jit, widen: bool):
                         row[low] += 1
 
     @jit
-    def merge(base, experts, below, weights, mean, lam, out, index, alternative):
-        """TIES with global thresholds, zero signs taken as +1; returns (sum of elected signs, deferred count).
+    def merge(base, experts, below, low, high, open_low, open_high, weights, mean, lam, out, index, alternative,
+              above, reached, undecided):
+        """TIES with global thresholds, zero signs taken as +1; returns (sum of elected signs, deferred count,
+        undecided count).
 
         Block by block, task by task: the inner loops are branch-free and vectorize. Sums start from 0 and add
         the tasks in order, as torch's sum over the stacked dimension does. Unit weights multiply exactly and
-        their counts are integers, so one formulation serves both (``below`` -1 keeps every value)."""
+        their counts are integers, so one formulation serves both (``below`` -1 keeps every value).
+
+        ``above[t]`` counts |tau_t| > high[t] and ``reached[t]`` |tau_t| >= low[t] (how a guessed threshold or
+        a bracket is checked afterwards). An element with any |tau_t| in [open_low[t], open_high[t]] (a bracket
+        the threshold is known to lie in, not where) is undecided: merged with ``below`` as given, left out of
+        the vote and of the deferred ones, its index recorded."""
         n = base.shape[0]
         tasks = len(experts)
         zero = np.float32(0.0)
@@ -151,12 +162,17 @@ def _loops(jit, widen: bool):
         voters = np.empty(BLOCK, dtype=np.float32)
         flipped = np.empty(BLOCK, dtype=np.float32)
         flags = np.empty(BLOCK, dtype=np.uint8)
+        band = np.empty(BLOCK, dtype=np.uint8)
+        # per-lane counts, summed once per chunk: a running count in the loop below kept it from vectorizing
+        over_lanes = np.zeros((tasks, BLOCK), dtype=np.int32)
+        at_lanes = np.zeros((tasks, BLOCK), dtype=np.int32)
         base_wide = np.empty(BLOCK, dtype=np.float32)
         base_bits = base_wide.view(np.uint32)
         expert_wide = np.empty(BLOCK, dtype=np.float32)
         expert_bits = expert_wide.view(np.uint32)
         sign_sum = 0
         deferred = 0
+        pending = 0
         for block in range((n + BLOCK - 1) // BLOCK):
             start = block * BLOCK
             size = min(BLOCK, n - start)
@@ -173,6 +189,7 @@ def _loops(jit, widen: bool):
             down_sum[:size] = zero
             balance[:size] = zero
             voters[:size] = zero
+            band[:size] = 0
             for t in range(tasks):
                 if widen:
                     raw = experts[t][start:start + size]
@@ -183,9 +200,19 @@ def _loops(jit, widen: bool):
                     e = experts[t][start:start + size]  # slices: the loops below then vectorize
                 limit = below[t]
                 w = weights[t]
+                lo = low[t]
+                hi = high[t]
+                open_lo = open_low[t]
+                open_hi = open_high[t]
+                over = over_lanes[t]
+                at = at_lanes[t]
                 for j in range(size):
                     x = e[j] - b[j]
-                    x = (x if abs(x) > limit else zero) * w
+                    magnitude = abs(x)
+                    over[j] += np.int32(magnitude > hi)
+                    at[j] += np.int32(magnitude >= lo)
+                    band[j] |= np.uint8((magnitude >= open_lo) & (magnitude <= open_hi))
+                    x = (x if magnitude > limit else zero) * w
                     total[j] += x
                     up_sum[j] += x if x > zero else zero
                     down_sum[j] += x if x < zero else zero
@@ -194,6 +221,7 @@ def _loops(jit, widen: bool):
                     voters[j] += abs(vote) * w
             block_signs = 0
             block_deferred = 0
+            block_pending = 0
             for j in range(size):
                 count_up = (voters[j] + balance[j]) * half
                 count_down = (voters[j] - balance[j]) * half
@@ -212,10 +240,13 @@ def _loops(jit, widen: bool):
                 # not in passes over the flags of their own: those ran scalar and, with bf16 inputs' exact
                 # cancellations (some % of elements), cost as much as the merge
                 agreed = count_up * up + count_down * down
-                defer = not (positive or negative) and agreed != zero
+                open_ = band[j] != 0
+                defer = not (positive or negative) and agreed != zero and not open_
                 flags[j] = np.uint8(defer)
-                block_signs += np.int32(positive) - np.int32(negative)  # a zero-sign element votes 0
+                # a zero-sign element votes 0, an undecided one not yet
+                block_signs += (np.int32(positive) - np.int32(negative)) * np.int32(1 - band[j])
                 block_deferred += np.int32(defer)
+                block_pending += np.int32(band[j])
             sign_sum += block_signs
             if block_deferred:
                 for group in range((size + 63) // 64):  # 64 flags to a word, then only the set bits visited
@@ -229,7 +260,20 @@ def _loops(jit, widen: bool):
                         alternative[deferred] = flipped[j]
                         deferred += 1
                         word &= word - np.uint64(1)
-        return sign_sum, deferred
+            if block_pending:
+                for group in range((size + 63) // 64):
+                    first = group * 64
+                    word = np.uint64(0)
+                    for k in range(min(64, size - first)):
+                        word |= np.uint64(band[first + k]) << np.uint64(k)
+                    while word:
+                        undecided[pending] = start + first + LOWEST_BIT[((word & (zero64 - word)) * DE_BRUIJN) >> shift]
+                        pending += 1
+                        word &= word - np.uint64(1)
+        for t in range(tasks):
+            above[t] += over_lanes[t].astype(np.int64).sum()
+            reached[t] += at_lanes[t].astype(np.int64).sum()
+        return sign_sum, deferred, pending
 
     return high_histogram, low_histogram, merge
 
@@ -250,7 +294,7 @@ def high_histograms(base: torch.Tensor, experts: Sequence[torch.Tensor], into: t
     flat_base, flat_experts = flat_views(base, experts)
     scratch = _key_scratch(tasks, flat_base.shape[0] if keep else 0)
     counts = np.zeros(tasks, dtype=np.int64)
-    _kernels(widens(base))[0](flat_base, flat_experts, hist.numpy(), scratch.numpy().view(np.uint32), counts)
+    _kernels(widens(base))[0](flat_base, flat_experts, hist.numpy(), scratch.numpy().view(np.uint32), counts, _NO_BINS)
     kept = [scratch[t, :counts[t]].clone() for t in range(tasks)] if keep else None
     return hist, kept
 
@@ -278,12 +322,41 @@ def merge_deferred_sign(base: torch.Tensor, experts: Sequence[torch.Tensor], thr
                         weights: Sequence[float], mode: str, lam: float):
     """base + lam * ``ops.ties.merge_deferred_sign`` of the trimmed task vectors, and its deferred elements:
     (merged, sum of elected signs, flat indices, their value with zero signs as -1, base and lambda applied)."""
+    merged, vote, index, alternative, _, _, _ = _merge(base, experts, thresholds, None, weights, mode, lam)
+    return merged, vote, index, alternative
+
+
+def merge_bracketed(base: torch.Tensor, experts: Sequence[torch.Tensor], brackets: Sequence[tuple[float, float] | None],
+                    thresholds: Sequence[float], weights: Sequence[float], mode: str, lam: float):
+    """``merge_deferred_sign`` where each task's threshold is only estimated: ``brackets[t]`` (low, high) it is
+    known to lie in, or a guess (low == high), or None where ``thresholds[t]`` is exact. Returns (merged, vote,
+    deferred index, alternative, undecided flat indices, int64[T] count of |tau_t| > high, int64[T] count of
+    |tau_t| >= low). A guess is merged as the threshold; an element with any |tau_t| inside a bracket
+    (low < high) is undecided: merged with the bracket's values dropped and left out of the vote and the
+    deferred ones, for its caller to merge again once the thresholds are known."""
+    return _merge(base, experts, thresholds, brackets, weights, mode, lam)
+
+
+def _merge(base, experts, thresholds, brackets, weights, mode, lam):
     if mode not in ("mean", "sum"):
         raise ValueError(f"unknown disjoint mode {mode!r}")
     flat_base, flat_experts = flat_views(base, experts)
     n = flat_base.shape[0]
-    below = np.empty(len(experts), dtype=np.float32)
+    tasks = len(experts)
+    below = np.empty(tasks, dtype=np.float32)
+    low = np.full(tasks, np.inf, dtype=np.float32)  # counts nothing where there is no estimate to check
+    high = np.full(tasks, np.inf, dtype=np.float32)
+    open_low = np.full(tasks, np.inf, dtype=np.float32)  # open_low > open_high: nothing undecided
+    open_high = np.full(tasks, -1.0, dtype=np.float32)
     for t, threshold in enumerate(thresholds):
+        bracket = brackets[t] if brackets is not None else None
+        if bracket is not None:
+            low[t], high[t] = bracket
+            if low[t] < high[t]:
+                open_low[t], open_high[t] = low[t], high[t]
+                below[t] = high[t]  # merged as if the bracket's values were dropped
+                continue
+            threshold = float(low[t])  # a guess: merged as the threshold
         if threshold <= 0.0:
             below[t] = -1.0  # |x| > -1 keeps every value (and -0 as -0, as the torch path's copy)
         elif threshold == float("inf"):
@@ -291,13 +364,55 @@ def merge_deferred_sign(base: torch.Tensor, experts: Sequence[torch.Tensor], thr
         else:
             below[t] = np.nextafter(np.float32(threshold), np.float32(0.0))
     out = torch.empty(base.shape, dtype=torch.float32)
-    index, alternative = _scratch(n)
+    index, alternative, undecided = _scratch(n)
+    above = np.zeros(tasks, dtype=np.int64)
+    reached = np.zeros(tasks, dtype=np.int64)
     loop = _kernels(widens(base))[2]
-    sign_sum, deferred = loop(flat_base, flat_experts, below, np.asarray(weights, dtype=np.float32), mode == "mean",
-                              np.float32(lam), out.reshape(-1).numpy(), index.numpy(), alternative.numpy())
-    return out, int(sign_sum), index[:deferred].clone(), alternative[:deferred].clone()
+    sign_sum, deferred, pending = loop(flat_base, flat_experts, below, low, high, open_low, open_high,
+                                       np.asarray(weights, dtype=np.float32), mode == "mean", np.float32(lam),
+                                       out.reshape(-1).numpy(), index.numpy(), alternative.numpy(), above, reached,
+                                       undecided.numpy())
+    return (out, int(sign_sum), index[:deferred].clone(), alternative[:deferred].clone(), undecided[:pending].clone(),
+            torch.from_numpy(above), torch.from_numpy(reached))
 
 
+# The sample the bracket of a whole-model trim comes from: runs of SAMPLE_RUN consecutive elements, every
+# SAMPLE_EVERY-th run of the tensor (runs, not single elements: a run is a cache line or two, so the sample reads
+# about 1/SAMPLE_EVERY of the memory; ~65M values per task of a 1.1B model). SAMPLE_EVERY is odd: along rows
+# whose length is a multiple of SAMPLE_RUN the runs visit every column, not the same few (a column's values can
+# differ in scale from the rest: a sample of a few columns would bracket the wrong value).
+SAMPLE_RUN = 64
+SAMPLE_EVERY = 17
+
+
+def sampled_high_histograms(base: torch.Tensor, experts: Sequence[torch.Tensor], into: torch.Tensor,
+                            irregular: torch.Tensor, offset: int = 0) -> int:
+    """``high_histograms`` of a fixed sample of the chunk's elements (``offset`` its first element's in the
+    tensor) added into ``into``, and the same of the sample's irregular keys (nonzero low bits) into
+    ``irregular``; returns the sample's size (per task). A bin's regular values all equal its lowest value: in
+    the difference of two bfloat16 inputs nearly every value is regular, so a bin is then mostly one value."""
+    flat_base, flat_experts = flat_views(base, experts)
+    runs = flat_base.shape[0] // SAMPLE_RUN
+    first = -(offset // SAMPLE_RUN) % SAMPLE_EVERY
+
+    def sample(flat: np.ndarray) -> np.ndarray:
+        rows = flat[:runs * SAMPLE_RUN].reshape(runs, SAMPLE_RUN)[first::SAMPLE_EVERY]
+        picked = np.ascontiguousarray(rows).reshape(-1)
+        picked.flags.writeable = False  # the array type the loops were compiled for (``flat_views``)
+        return picked
+
+    sampled_base = sample(flat_base)
+    size = int(sampled_base.shape[0])
+    if not size:
+        return 0
+    tasks = len(experts)
+    _kernels(widens(base))[0](sampled_base, tuple(sample(e) for e in flat_experts), _histogram(tasks, into).numpy(),
+                              _key_scratch(tasks, size).numpy().view(np.uint32), np.zeros(tasks, dtype=np.int64),
+                              _histogram(tasks, irregular).numpy())
+    return size
+
+
+_NO_BINS = np.zeros((1, 0), dtype=np.int64)  # the irregular keys' bins not counted
 _SCRATCH = threading.local()
 
 
@@ -309,11 +424,12 @@ def _key_scratch(tasks: int, n: int) -> torch.Tensor:
     return held[:tasks * n].view(tasks, n)  # contiguous, whatever the chunk's size
 
 
-def _scratch(n: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Room for every element of a chunk to be deferred, reused from chunk to chunk; the deferred elements leave
-    as exact-size torch tensors. (Fresh numpy arrays per chunk, freed around the long-lived deferred copies,
-    fragmented the heap: a worker's peak memory doubled on a 1.1B merge.)"""
+def _scratch(n: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Room for every element of a chunk to be deferred (index, value) or undecided (index), reused from chunk
+    to chunk; they leave as exact-size torch tensors. (Fresh numpy arrays per chunk, freed around the long-lived
+    deferred copies, fragmented the heap: a worker's peak memory doubled on a 1.1B merge.)"""
     held = getattr(_SCRATCH, "tensors", None)
     if held is None or held[0].shape[0] < n:
-        held = _SCRATCH.tensors = (torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.float32))
-    return held[0][:n], held[1][:n]
+        held = _SCRATCH.tensors = (torch.empty(n, dtype=torch.int64), torch.empty(n, dtype=torch.float32),
+                                   torch.empty(n, dtype=torch.int64))
+    return held[0][:n], held[1][:n], held[2][:n]
