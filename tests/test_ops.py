@@ -259,6 +259,23 @@ def test_keep_mask_slices_equal_whole_across_block_boundary():
     assert torch.equal(torch.cat(parts), whole)
 
 
+def test_words_drawn_ahead_are_the_stream_words_in_any_order_of_requests(monkeypatch):
+    """The merge's read-ahead gives ``stream_words``'s words whether a span was drawn ahead (the next chunk), is
+    asked again, out of order, by another model or tensor, or after the oldest spans drawn ahead were dropped."""
+    monkeypatch.setattr(dare, "AHEAD_SPANS", 3)
+    n = dare.MASK_BLOCK + 70_001
+    step = 40_000
+    spans = [(a, min(a + step, n)) for a in range(0, n, step)]
+    requests = [("m", "w", s) for s in spans]  # walking a tensor: each next span was drawn ahead
+    requests += [("m", "w", spans[3]), ("m", "w", spans[1]), ("e", "w", spans[2]), ("m", "b", spans[0])]
+    requests += [(model, "w", s) for s in spans[:6] for model in ("m", "e", "f", "g")]  # more models than spans kept
+    requests += [("m", "w", (17, 50_017)), ("m", "w", (50_017, 100_017)), ("m", "w", (n - 5, n)), ("m", "w", (9, 9))]
+    for model, tensor, (a, b) in requests:
+        got = dare.stream_words_ahead(7, model, tensor, n, a, b)
+        assert (got == dare.stream_words(7, model, tensor, n, a, b)).all() and got.shape == (b - a,), (model, tensor, a, b)
+    assert len(dare._AHEAD) <= 3
+
+
 def test_keep_mask_empty_range():
     # A 0-element tensor merged unchunked asks for the range [a, a).
     assert dare.keep_mask(0.5, 0, "m", "t", 0, 0, 0).shape == (0,)

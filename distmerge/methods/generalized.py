@@ -376,7 +376,7 @@ class TaskVectorMerge(TaskVectorMethod):
         """``_random`` then ``task_arithmetic`` in one compiled loop, from the same mask words."""
         stop = offset + base.numel()
         rates = job.per_model["drop_rate"]
-        words = [dare_ops.stream_words(recipe.seed, model, job.name, job.numel, offset, stop)
+        words = [dare_ops.stream_words_ahead(recipe.seed, model, job.name, job.numel, offset, stop)
                  for model in job.model_names]
         return dare_fused.drop_and_sum(base, experts, words, [dare_ops.drop_threshold(r) for r in rates],
                                        [dare_ops.inverse_scale(r, recipe.sparsify[0].rescale) for r in rates],

@@ -11,7 +11,10 @@ words costs about a fifth of ``torch.rand`` here, which made DARE's masks the co
 
 from __future__ import annotations
 
+import functools
 import hashlib
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 
 import numpy as np
 
@@ -67,6 +70,34 @@ def stream_words(seed: int, model: str, tensor: str, numel: int, start: int, sto
         hi = min(stop, block_start + MASK_BLOCK, numel) - block_start
         parts.append(_block_words(seed, model, tensor, block, lo, hi))
     return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def stream_words_ahead(seed: int, model: str, tensor: str, numel: int, start: int, stop: int) -> np.ndarray:
+    """``stream_words``, with the span right after it drawn on a helper thread meanwhile: a caller that walks a
+    tensor chunk by chunk (a merge) finds the next chunk's words drawn beside its own work (PCG64's draws
+    release the GIL; on the CPU they were most of what DARE adds to task arithmetic). The same words."""
+    key = (seed, model, tensor, numel, start, stop)
+    with _AHEAD_LOCK:
+        drawn = _AHEAD.pop(key, None)
+    words = drawn.result() if drawn is not None else stream_words(*key)
+    if stop < numel:
+        following = (seed, model, tensor, numel, stop, min(numel, 2 * stop - start))
+        with _AHEAD_LOCK:
+            if following not in _AHEAD:
+                _AHEAD[following] = _drawer().submit(stream_words, *following)
+                while len(_AHEAD) > AHEAD_SPANS:  # spans nobody asked for (a chunking that changed): the oldest go
+                    _AHEAD.pop(next(iter(_AHEAD)))
+    return words
+
+
+AHEAD_SPANS = 16  # spans drawn ahead and not yet taken, at most (a chunk's words per model: 512 KiB)
+_AHEAD: dict[tuple, Future] = {}
+_AHEAD_LOCK = threading.Lock()
+
+
+@functools.lru_cache(maxsize=1)
+def _drawer() -> ThreadPoolExecutor:
+    return ThreadPoolExecutor(max_workers=1, thread_name_prefix="distmerge-dare-words")
 
 
 def keep_mask(drop_rate: float, seed: int, model: str, tensor: str, numel: int, start: int, stop: int) -> torch.Tensor:

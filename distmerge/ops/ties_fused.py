@@ -139,9 +139,11 @@ def _loops(jit, widen: bool):
         """TIES with global thresholds, zero signs taken as +1; returns (sum of elected signs, deferred count,
         undecided count).
 
-        Block by block, task by task: the inner loops are branch-free and vectorize. Sums start from 0 and add
-        the tasks in order, as torch's sum over the stacked dimension does. Unit weights multiply exactly and
-        their counts are integers, so one formulation serves both (``below`` -1 keeps every value).
+        Block by block: the inputs of a block are widened (or copied) into rows of one L1 buffer, then one loop
+        over its elements runs the tasks in registers (their loop unrolls: a handful of tasks) and vectorizes.
+        Sums start from 0 and add the tasks in order, as torch's sum over the stacked dimension does. Unit
+        weights multiply exactly and their counts are integers, so one formulation serves both (``below`` -1
+        keeps every value).
 
         ``above[t]`` counts |tau_t| > high[t] and ``reached[t]`` |tau_t| >= low[t] (how a guessed threshold or
         a bracket is checked afterwards). An element with any |tau_t| in [open_low[t], open_high[t]] (a bracket
@@ -155,21 +157,16 @@ def _loops(jit, widen: bool):
         tiny = np.float32(1e-30)
         zero64 = np.uint64(0)
         shift = np.uint64(58)
-        total = np.empty(BLOCK, dtype=np.float32)
-        up_sum = np.empty(BLOCK, dtype=np.float32)
-        down_sum = np.empty(BLOCK, dtype=np.float32)
-        balance = np.empty(BLOCK, dtype=np.float32)
-        voters = np.empty(BLOCK, dtype=np.float32)
         flipped = np.empty(BLOCK, dtype=np.float32)
         flags = np.empty(BLOCK, dtype=np.uint8)
         band = np.empty(BLOCK, dtype=np.uint8)
-        # per-lane counts, summed once per chunk: a running count in the loop below kept it from vectorizing
+        # per-lane counts, summed once per chunk (a running count per task would need a register per task)
         over_lanes = np.zeros((tasks, BLOCK), dtype=np.int32)
         at_lanes = np.zeros((tasks, BLOCK), dtype=np.int32)
         base_wide = np.empty(BLOCK, dtype=np.float32)
         base_bits = base_wide.view(np.uint32)
-        expert_wide = np.empty(BLOCK, dtype=np.float32)
-        expert_bits = expert_wide.view(np.uint32)
+        wide = np.empty((tasks, BLOCK), dtype=np.float32)
+        wide_bits = wide.view(np.uint32)
         sign_sum = 0
         deferred = 0
         pending = 0
@@ -180,73 +177,65 @@ def _loops(jit, widen: bool):
                 raw = base[start:start + size]
                 for j in range(size):
                     base_bits[j] = np.uint32(raw[j]) << np.uint32(16)
-                b = base_wide[:size]
-            else:
-                b = base[start:start + size]
-            o = out[start:start + size]
-            total[:size] = zero
-            up_sum[:size] = zero
-            down_sum[:size] = zero
-            balance[:size] = zero
-            voters[:size] = zero
-            band[:size] = 0
-            for t in range(tasks):
-                if widen:
+                for t in range(tasks):
                     raw = experts[t][start:start + size]
+                    row = wide_bits[t]
                     for j in range(size):
-                        expert_bits[j] = np.uint32(raw[j]) << np.uint32(16)
-                    e = expert_wide[:size]
-                else:
-                    e = experts[t][start:start + size]  # slices: the loops below then vectorize
-                limit = below[t]
-                w = weights[t]
-                lo = low[t]
-                hi = high[t]
-                open_lo = open_low[t]
-                open_hi = open_high[t]
-                over = over_lanes[t]
-                at = at_lanes[t]
-                for j in range(size):
-                    x = e[j] - b[j]
-                    magnitude = abs(x)
-                    over[j] += np.int32(magnitude > hi)
-                    at[j] += np.int32(magnitude >= lo)
-                    band[j] |= np.uint8((magnitude >= open_lo) & (magnitude <= open_hi))
-                    x = (x if magnitude > limit else zero) * w
-                    total[j] += x
-                    up_sum[j] += x if x > zero else zero
-                    down_sum[j] += x if x < zero else zero
-                    vote = np.float32(x > zero) - np.float32(x < zero)
-                    balance[j] += vote * w
-                    voters[j] += abs(vote) * w
+                        row[j] = np.uint32(raw[j]) << np.uint32(16)
+            else:
+                base_wide[:size] = base[start:start + size]
+                for t in range(tasks):
+                    wide[t, :size] = experts[t][start:start + size]
+            o = out[start:start + size]
             block_signs = 0
             block_deferred = 0
             block_pending = 0
             for j in range(size):
-                count_up = (voters[j] + balance[j]) * half
-                count_down = (voters[j] - balance[j]) * half
-                mu = up_sum[j]
-                md = down_sum[j]
+                bj = base_wide[j]
+                total = zero
+                up_sum = zero
+                down_sum = zero
+                balance = zero
+                voters = zero
+                open_ = np.int32(0)
+                for t in range(tasks):
+                    x = wide[t, j] - bj
+                    magnitude = abs(x)
+                    over_lanes[t, j] += np.int32(magnitude > high[t])
+                    at_lanes[t, j] += np.int32(magnitude >= low[t])
+                    open_ |= np.int32((magnitude >= open_low[t]) & (magnitude <= open_high[t]))
+                    w = weights[t]
+                    x = (x if magnitude > below[t] else zero) * w
+                    total += x
+                    up_sum += x if x > zero else zero
+                    down_sum += x if x < zero else zero
+                    vote = np.float32(x > zero) - np.float32(x < zero)
+                    balance += vote * w
+                    voters += abs(vote) * w
+                count_up = (voters + balance) * half
+                count_down = (voters - balance) * half
+                mu = up_sum
+                md = down_sum
                 if mean:
                     mu = mu / (count_up + (zero if abs(count_up) >= tiny else one))
                     md = md / (count_down + (zero if abs(count_down) >= tiny else one))
-                positive = total[j] > zero
-                negative = total[j] < zero
+                positive = total > zero
+                negative = total < zero
                 up = zero if negative else one  # zero signs as +1
                 down = one - up
-                o[j] = b[j] + lam * (mu * up + md * down)
-                flipped[j] = b[j] + lam * (mu * zero + md * one)  # zero signs as -1
-                # a zero-sign element that keeps a value depends on the majority sign: deferred. Counted here,
-                # not in passes over the flags of their own: those ran scalar and, with bf16 inputs' exact
-                # cancellations (some % of elements), cost as much as the merge
+                o[j] = bj + lam * (mu * up + md * down)
+                flipped[j] = bj + lam * (mu * zero + md * one)  # zero signs as -1
+                # a zero-sign element that keeps a value depends on the majority sign: deferred (counted here, in
+                # integers: flag passes of their own ran scalar and cost as much as the merge); an undecided one
+                # neither votes nor is deferred yet
                 agreed = count_up * up + count_down * down
-                open_ = band[j] != 0
-                defer = not (positive or negative) and agreed != zero and not open_
+                settled = np.int32(1) - open_
+                defer = (np.int32(1) - np.int32(positive) - np.int32(negative)) * np.int32(agreed != zero) * settled
                 flags[j] = np.uint8(defer)
-                # a zero-sign element votes 0, an undecided one not yet
-                block_signs += (np.int32(positive) - np.int32(negative)) * np.int32(1 - band[j])
-                block_deferred += np.int32(defer)
-                block_pending += np.int32(band[j])
+                band[j] = np.uint8(open_)
+                block_signs += (np.int32(positive) - np.int32(negative)) * settled
+                block_deferred += defer
+                block_pending += open_
             sign_sum += block_signs
             if block_deferred:
                 for group in range((size + 63) // 64):  # 64 flags to a word, then only the set bits visited
