@@ -19,10 +19,12 @@ The randomness (``random``, ``della``) is distmerge's counter-based stream per (
 any chunking and any actor layout draw the same masks. The whole-model magnitude trim (``scope: global``) is
 found exactly by two histogram passes; its zero-sign rule (the model-wide majority sign) is a deferred decision.
 Where the caller can place undecided elements after the merge (``leaves_undecided``) and the compiled TIES loop
-runs, the two passes over the inputs become one over a sample of them: it brackets each threshold, the merge
-counts the values above the bracket and leaves the elements with a value inside it undecided, and the two
-histogram passes then run over those elements alone (a bracket that missed the threshold: the merge runs again
-from the exact passes). The outputs are the exact passes' bits either way.
+runs, the two passes over the inputs become one over a sample of them, which estimates each threshold: a guess
+(one value: where the sample's possible ranks of the cut all fall on one value, as with bf16 fine-tunes) or a
+bracket of whole high bins. The merge counts the values above and at the estimate, which checks it; it leaves
+the elements with a value inside a bracket undecided, and the two histogram passes then run over those
+elements alone before they are merged. An estimate the counts refute makes the merge run again from the exact
+passes. The outputs are the exact passes' bits either way.
 """
 
 from __future__ import annotations
@@ -47,10 +49,10 @@ SPARSIFIERS = ("random", "magnitude", "breadcrumbs", "della")
 CONSENSUS = ("none", "mass", "count")
 COMBINE = ("sum", "mean")
 CONVENTIONS = ("paper", "mergekit")
-SAMPLE_PASS = "trim_sample"  # the brackets of the whole-model trim's thresholds, from a sample of the inputs
+SAMPLE_PASS = "trim_sample"  # estimates of the whole-model trim's thresholds, from a sample of the inputs
 TRIM_PASSES = ("trim_high", "trim_low", SAMPLE_PASS)  # and its two exact histogram passes
-# A bracket spans the sample's rank of the threshold +- this many standard deviations of a rank in a sample of
-# independent values (a sample of runs varies more than that; a bracket that misses costs a second merge).
+# An estimate spans the sample's rank of the threshold +- this many standard deviations of a rank in a sample
+# of independent values (a sample of runs varies more than that; an estimate that misses costs a second merge).
 BRACKET_SIGMAS = 8.0
 MAX_FINITE_KEY = 0x7F7FFFFF  # the float32 bits of the largest finite value
 
@@ -291,7 +293,7 @@ class TaskVectorMerge(TaskVectorMethod):
     # --- the merge ------------------------------------------------------------------------------
     def merge(self, base, experts, job, offset, state):
         recipe = self.recipe()
-        if state.get("sampled") and "thresholds" not in state:  # each threshold known to lie in its bracket
+        if state.get("sampled") and "thresholds" not in state:  # from the sample's estimates
             base, experts = self._loop_inputs(base, experts)
             brackets = [None if b is None else (_key_value(b[0]), _key_value(b[1])) for b in state["bracket"]]
             merged, vote, index, value, undecided, above, reached = ties_fused.merge_bracketed(
