@@ -359,3 +359,19 @@ def test_an_estimate_that_misses_merges_again_from_the_exact_passes(estimate, mo
     exact, sampled = _merged_both_ways({"trim_scope": "global", "density": 0.2}, *_sampled_family(8, True))
     assert sampled["estimates"] == "missed: merged again from exact passes"
     assert sampled["thresholds"] == exact["thresholds"]
+
+
+def test_the_sample_estimate_is_a_guess_only_where_every_possible_rank_is_one_value():
+    from distmerge.methods.generalized import MAX_FINITE_KEY, _bracket
+
+    hist = torch.zeros(ties_ops.HIGH_BINS, dtype=torch.int64)
+    none = torch.zeros_like(hist)
+    hist[100], hist[101], hist[102] = 10_000, 80_000, 10_000  # ranks 10001..90000 in bin 101
+    assert _bracket(hist, none, 0, 0.5) == [0, MAX_FINITE_KEY]  # nothing sampled: everything undecided
+    assert _bracket(hist, none, 100_000, 0.5) == [101 << 16, 101 << 16]  # a guess: bin 101's regular value
+    irregular = none.clone()
+    irregular[101] = 40_001  # bin 101's regular values are ranks 10001..49999: rank 50000 +- 8 sd is not all there
+    assert _bracket(hist, irregular, 100_000, 0.5) == [101 << 16, (101 << 16) | 0xFFFF]
+    assert _bracket(hist, none, 100_000, 0.1) == [100 << 16, (101 << 16) | 0xFFFF]  # 10000 +- 8 sd: two bins
+    assert _bracket(hist, none, 100_000, 0.99995) == [102 << 16, MAX_FINITE_KEY]  # past the sample's top
+    assert _bracket(hist, none, 100_000, 0.00001) == [0, (100 << 16) | 0xFFFF]  # below its bottom
