@@ -344,6 +344,7 @@ def test_a_sampled_trim_merges_the_exact_passes_bits(grid, estimate, params):
     exact, sampled = _merged_both_ways({"trim_scope": "global", **params}, *_sampled_family(7, grid))
     assert sampled["estimates"] == [estimate] * 3 and "estimates" not in exact
     assert sampled["thresholds"] == exact["thresholds"]
+    assert ("high_bins" in sampled) == (estimate == "bracket")  # guesses that held need no pass after the merge
     assert sampled.get("patched_elements") == exact.get("patched_elements")
     if params.get("convention") != "mergekit":
         assert exact["patched_elements"] > 0  # the zero-sign rule was exercised

@@ -156,7 +156,7 @@ class TaskVectorMerge(TaskVectorMethod):
         if state.get("sampled"):
             if "bracket" not in state:
                 return SAMPLE_PASS
-            if "below" not in state:  # the merge comes first; the histogram passes then see its undecided elements
+            if "below" not in state or "thresholds" in state:  # the merge first; then passes over its undecided
                 return None
         if "high_bins" not in state:
             return "trim_high"
