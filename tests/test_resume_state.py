@@ -263,6 +263,21 @@ def test_a_planted_pickle_is_never_unpickled_and_the_resumed_merge_is_identical(
 
 @pytest.mark.ray
 @pytest.mark.timeout(600)
+def test_a_run_started_from_a_sample_is_not_resumed_where_the_trim_cannot_sample(interrupted, clean_run, tmp_path,
+                                                                                  monkeypatch):
+    """The interrupted run trimmed from a sample (numba, the CPU); a rerun that cannot (numba gone, a GPU found)
+    starts over with the exact passes instead of finishing shards merged from estimates it cannot place."""
+    from distmerge.methods.generalized import TaskVectorMerge
+
+    config_path, staging, out = copy_interrupted(interrupted, tmp_path)
+    monkeypatch.setattr(TaskVectorMerge, "leaves_undecided", lambda self, state: state)
+    rerun = resume_in_process(config_path, out)
+    assert rerun.resumed_shards == 0 and "trim_estimates" not in rerun.method_state
+    assert model_files(out) == model_files(clean_run)
+
+
+@pytest.mark.ray
+@pytest.mark.timeout(600)
 def test_a_tampered_pass_state_is_recomputed_not_trusted(interrupted, clean_run, tmp_path, caplog):
     config_path, staging, out = copy_interrupted(interrupted, tmp_path)
     document = json.loads((staging / PASSES_JSON).read_text())

@@ -112,10 +112,14 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
     with ray_session(address, keeps_warm_workers=True) as session:
         total_cpus = cluster_cpus()
         device = resolve_device(config.device, cluster_gpus())
+        key_config = config.to_yaml_dict()
         if device == "cpu" and config.dtype == "float32":  # what the undecided elements' merge here computes in
-            initial_state = method.leaves_undecided(initial_state)
+            estimated = method.leaves_undecided(initial_state)
+            if estimated != initial_state:  # a resume must start as this run did (numba, the CPU): in the key
+                key_config["leaves_undecided"] = True
+            initial_state = estimated
         plan = make_plan(outputs, config.out_shard_size, workers or max(1, int(total_cpus)), len(models))
-        run = RunFolder(out, run_key(config.to_yaml_dict(), models, plan))
+        run = RunFolder(out, run_key(key_config, models, plan))
         if not resume:
             run.discard()
         finished = _resumable(run.open(), method)
