@@ -61,6 +61,24 @@ def exports(package: str, names: dict[str, str]):
     return __getattr__
 
 
+def import_in_background(name: str) -> None:
+    """Start importing module ``name`` on a daemon thread: for a driver that will need it only after waiting on
+    its workers (TIES' pass totals arrive as torch tensors), so the import overlaps the wait. An import of the
+    same module on another thread meanwhile waits for this one (the import system's module lock)."""
+    if name in sys.modules:
+        return
+    import threading
+
+    threading.Thread(target=_import_quietly, args=(name,), name=f"import-{name}", daemon=True).start()
+
+
+def _import_quietly(name: str) -> None:
+    try:
+        importlib.import_module(name)
+    except Exception:  # noqa: BLE001 -- the import where the module is used raises it again, where it matters
+        pass
+
+
 def listing(names: dict[str, str]):
     """The package's ``__dir__`` to go with ``exports``: the exported names show before they are first read."""
 

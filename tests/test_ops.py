@@ -885,6 +885,31 @@ def test_ties_method_global_by_hand_matches_flat_reference(seed, tasks, offset, 
         assert torch.allclose(got[n], expected[n], atol=1e-6), n
 
 
+@pytest.mark.parametrize("seed, tasks, offset, density, mode, lam, mirror, majority", TIES_CASES)
+def test_ties_chunks_lean_to_the_vote_so_far_and_only_overturned_ones_are_rewritten(
+        seed, tasks, offset, density, mode, lam, mirror, majority, monkeypatch):
+    """Each chunk merges its zero signs as the vote so far leans (a vote of 0 as -1, the rule's outcome), so
+    after the first chunks only those whose lean the model-wide vote overturns are rewritten; the card still
+    counts every element the rule set to -1, and the bits are the reference's."""
+    from distmerge.methods.generalized import TaskVectorMerge
+
+    rewritten, settled = [], []
+    apply, record = execute.DeferredLog.apply, TaskVectorMerge.record_settled
+    monkeypatch.setattr(execute.DeferredLog, "apply",
+                        lambda log, outputs, outcome: rewritten.append(apply(log, outputs, outcome)) or rewritten[-1])
+    monkeypatch.setattr(TaskVectorMerge, "record_settled",
+                        lambda self, state, count: settled.append(count) or record(self, state, count))
+    base, experts = make_model(seed, tasks, offset, mirror=mirror)
+    method = build_method("ties", {"density": density, "lambda": lam, "disjoint": mode, "trim_scope": "global"})
+    got, state, _, _ = run_by_hand(method, base, experts, rows=1)
+    deferred = settled[-1]
+    assert deferred > 0 and sum(rewritten) < deferred / 2
+    assert method.describe(state)["patched_elements"] == (deferred if majority <= 0 else 0)
+    expected = ref_ties(base, experts, density, mode, lam)
+    for n in SHAPES:
+        assert torch.allclose(got[n], expected[n], atol=1e-6), n
+
+
 def test_ties_method_exact_when_bins_are_crowded():
     # every |tau| in one radix bin: the exact threshold is picked inside it
     base, experts = make_model(20, 3, narrow=True, cancel=False)
@@ -995,6 +1020,11 @@ def test_deferred_sign_patches_only_exact_cancellations():
     assert torch.equal(merged, torch.tensor([0.0, 1.0, 1.5, 1.0, 0.0]))  # zero sums merged with +1
     assert torch.equal(alternative, torch.tensor([-1.0, -1.0]))  # with -1 instead
     assert sign_sum == 1
+    # merged with -1 (a chunk leaning negative): the same elements, the two values swapped
+    merged, sign_sum, index, alternative = ties.merge_deferred_sign(trimmed, [1.0, 1.0, 1.0], zero_sign=-1.0)
+    assert index.tolist() == [1, 3] and sign_sum == 1
+    assert torch.equal(merged, torch.tensor([0.0, -1.0, 1.5, -1.0, 0.0]))
+    assert torch.equal(alternative, torch.tensor([1.0, 1.0]))
 
 
 # =====================================================================================================

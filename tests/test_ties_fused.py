@@ -34,9 +34,9 @@ def _inputs(seed: int, tasks: int, n: int):
     return base, experts
 
 
-def _torch_merge(base, experts, thresholds, weights, mode, lam):
+def _torch_merge(base, experts, thresholds, weights, mode, lam, zero_sign=1):
     trimmed = ties_ops.trim(task_vectors(base, experts), thresholds)
-    merged, vote, index, alternative = ties_ops.merge_deferred_sign(trimmed, weights, mode)
+    merged, vote, index, alternative = ties_ops.merge_deferred_sign(trimmed, weights, mode, zero_sign)
     return base + lam * merged, vote, index, base.reshape(-1)[index] + lam * alternative
 
 
@@ -65,20 +65,27 @@ def _thresholds(base, experts, quantiles):
     return out
 
 
+@pytest.mark.parametrize("zero_sign", [1, -1])
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("case", CASES)
-def test_fused_merge_is_the_torch_merge_bit_for_bit(case, seed):
+def test_fused_merge_is_the_torch_merge_bit_for_bit(case, seed, zero_sign):
     tasks, weights, mode, lam, quantiles = case
     base, experts = _inputs(seed, tasks, 5003)  # not a multiple of the block
     thresholds = _thresholds(base, experts, quantiles)
-    want = _torch_merge(base, experts, thresholds, weights, mode, lam)
-    got = ties_fused.merge_deferred_sign(base, experts, thresholds, weights, mode, lam)
+    want = _torch_merge(base, experts, thresholds, weights, mode, lam, zero_sign)
+    got = ties_fused.merge_deferred_sign(base, experts, thresholds, weights, mode, lam, zero_sign)
     assert torch.equal(_bits(got[0]), _bits(want[0]))
     assert got[1] == want[1]
     assert torch.equal(got[2], want[2])
     assert torch.equal(_bits(got[3]), _bits(want[3]))
     if tasks > 1 and quantiles[0] is not None:
         assert want[2].numel() > 0  # the inputs do reach the deferred zero-sign elements
+    # merged one way with the other way's values patched in is the merge the other way, the same elements deferred
+    other = ties_fused.merge_deferred_sign(base, experts, thresholds, weights, mode, lam, -zero_sign)
+    patched = got[0].clone().reshape(-1)
+    patched[got[2]] = got[3]
+    assert torch.equal(_bits(patched), _bits(other[0].reshape(-1)))
+    assert torch.equal(got[2], other[2]) and other[1] == got[1]
 
 
 def mixed_inputs(seed: int, tasks: int, n: int):

@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from distmerge import telemetry, validate
 from distmerge.config import MergeConfig, load_config
+from distmerge.deferred import import_in_background
 from distmerge.engine import faults
 from distmerge.engine.pool import WorkerPool, WorkItem
 from distmerge.engine.ray_session import cluster_cpus, cluster_gpus, ray_session
@@ -118,6 +119,8 @@ def merge(config: MergeConfig | str | Path | dict, out: str | Path, *, workers: 
             if estimated != initial_state:  # a resume must start as this run did (numba, the CPU): in the key
                 key_config["leaves_undecided"] = True
             initial_state = estimated
+        if method.next_pass(initial_state) is not None:  # its totals come back as torch tensors
+            import_in_background("torch")
         plan = make_plan(outputs, config.out_shard_size, workers or max(1, int(total_cpus)), len(models))
         run = RunFolder(out, run_key(key_config, models, plan))
         if not resume:
@@ -326,21 +329,29 @@ class _WrittenShard:
         handle = safe_open(str(self.staging / self.result["undecided"]), framework="pt", device="cpu")
         return execute.undecided_groups(handle.keys(), handle.get_tensor)
 
-    def patch(self, decided, deferred: bool) -> int:
+    def patch(self, decided, outcome: int | None) -> int:
         patches = dict(decided)
-        count = 0
-        if deferred and self.result.get("patches"):
-            from safetensors.torch import load_file
+        # deferred elements by the outcome their chunk assumed (a record from before chunks leaned: all 1)
+        counts = {int(a): n for a, n in self.result.get("deferred_counts", {}).items()}
+        legacy = "deferred_counts" not in self.result
+        if self.result.get("patches") and outcome is not None and (legacy or any(
+                n for assumed, n in counts.items() if assumed != outcome)):
+            from safetensors import safe_open
 
-            stored = load_file(str(self.staging / self.result["patches"]))
-            for name, index in stored.items():
-                if name.endswith("::index"):
-                    tensor = name[:-len("::index")]
-                    patches[tensor] = _joined(patches.get(tensor), (index, stored[tensor + "::value"]))
-                    count += index.numel()
+            stored = safe_open(str(self.staging / self.result["patches"]), framework="pt", device="cpu")
+            for key in stored.keys():
+                tensor, part, assumed = execute.parse_patch_key(key)
+                if part != "index" or (assumed == outcome and not legacy):
+                    continue  # merged as decided: not read
+                index = stored.get_tensor(key)
+                if legacy:
+                    counts[assumed] = counts.get(assumed, 0) + index.numel()
+                if assumed != outcome:
+                    value = stored.get_tensor(execute.patch_key(tensor, "value", assumed))
+                    patches[tensor] = _joined(patches.get(tensor), (index, value))
         if patches:
             writer.patch_safetensors(self.staging / self.result["filename"], patches)
-        return count
+        return sum(counts.values())
 
 
 def _joined(first, second):

@@ -27,7 +27,7 @@ from distmerge.engine.resume import file_sha256
 from distmerge.io.writer import ShardWriter, write_safetensors
 from distmerge.methods import execute
 from distmerge.methods.base import MergeMethod
-from distmerge.methods.execute import add_partials, check_finite_output, converted, is_finite, row_chunks  # noqa: F401
+from distmerge.methods.execute import add_partials, check_finite_output, converted, is_finite, patch_key, row_chunks  # noqa: F401
 from distmerge.plan import MergePlan
 from distmerge.tensors import OutputTensor, TensorSource
 
@@ -254,7 +254,7 @@ class MergeWorker:
         shard = self.spec.plan.shards[shard_index]
         writer, self.writer, self.writer_shard = self.writer, None, None
         artifacts, self.artifact_writer = self.artifact_writer, None
-        deferred, self.deferred = self.deferred, execute.DeferredLog()
+        deferred, self.deferred = self.deferred, self.deferred.next()
         undecided, self.undecided = self.undecided, execute.UndecidedLog()
         partials, self.partials = self.partials, {}
         if self.failed_shard == shard_index or writer is None or writer.path.name != shard.filename \
@@ -281,9 +281,10 @@ class MergeWorker:
         if deferred.patches:
             patches = f".patches/{shard.filename}"
             tensors = {}
-            for tensor, (index, value) in deferred.joined().items():
-                tensors[f"{tensor}::index"] = index
-                tensors[f"{tensor}::value"] = value
+            for assumed in deferred.patches:
+                for tensor, (index, value) in deferred.joined(assumed).items():
+                    tensors[patch_key(tensor, "index", assumed)] = index
+                    tensors[patch_key(tensor, "value", assumed)] = value
             files.append(self._write(tensors, staging / patches))
         pending = None
         if undecided.entries:
@@ -291,6 +292,7 @@ class MergeWorker:
             files.append(self._write(undecided.tensors(), staging / pending))
         result = {"shard": shard_index, "filename": shard.filename, "tensors": written, "bytes": nbytes,
                   "artifacts": artifact, "deferred_vote": deferred.vote, "patches": patches,
+                  "deferred_counts": {str(assumed): count for assumed, count in deferred.counts.items()},
                   "undecided": pending, "files": files,
                   "partials": {str(g): execute.partial_to_json(p) for g, p in sorted(partials.items())},
                   "node": _node_id()}

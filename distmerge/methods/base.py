@@ -167,13 +167,20 @@ class MergeMethod:
         chunk's first flat element."""
         raise NotImplementedError
 
-    def settle_deferred(self, state: dict, vote: int) -> tuple[dict, bool]:
-        """With the model-wide sum of the chunks' ``Deferred.vote``: the state for the card, and whether the
-        recorded patches apply."""
-        return state, False
+    def deferred_outcome(self, vote: int) -> int | None:
+        """The outcome of the method's deferred decisions (``Deferred``) for a vote, None for a method that
+        defers none. Asked with the model-wide vote once every chunk is merged, and before each chunk with the
+        vote seen so far: the chunk is merged as that outcome (``execute.LEANING``), so only chunks whose lean
+        the final vote overturns are rewritten."""
+        return None
 
-    def record_patched(self, state: dict, count: int) -> dict:
-        """The state once ``count`` deferred elements were rewritten."""
+    def settle_deferred(self, state: dict, vote: int) -> tuple[dict, int | None]:
+        """With the model-wide sum of the chunks' ``Deferred.vote``: the state for the card, and the outcome
+        (elements merged as another are rewritten)."""
+        return state, self.deferred_outcome(vote)
+
+    def record_settled(self, state: dict, count: int) -> dict:
+        """The state once the ``count`` deferred elements of the model were settled."""
         return state
 
     # --- artifacts (methods with an ``artifact_folder``) ----------------------------------------------

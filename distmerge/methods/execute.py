@@ -22,19 +22,25 @@ from distmerge.ops import convert_fused
 
 CHUNK_ELEMENTS = 1 << 18
 
+# The state key through which ``merge_tensor`` tells a method that defers a decision the outcome the vote seen
+# so far leans to (``MergeMethod.deferred_outcome``): the chunk is merged that way, and only the chunks whose
+# lean the model-wide vote overturns are rewritten afterwards.
+LEANING = "deferred_leaning"
+
 Inputs = tuple["torch.Tensor | None", "list[torch.Tensor]"]
 Reader = Callable[[Any, "int | None", "int | None"], Inputs]  # (OutputTensor, start row, stop row)
 
 
 @dataclass
 class Deferred:
-    """A decision only the whole merged model can make: the chunk was merged one way; ``vote`` is this chunk's
-    share of the model-wide tally, and ``index`` (flat, within the chunk) / ``value`` the elements to rewrite
-    should the method's ``settle_deferred`` say so."""
+    """A decision only the whole merged model can make: the chunk was merged as if its outcome were
+    ``assumed``; ``vote`` is this chunk's share of the model-wide tally, and ``index`` (flat, within the chunk)
+    / ``value`` the elements to rewrite should the method's ``settle_deferred`` decide the other outcome."""
 
     vote: int
     index: torch.Tensor
     value: torch.Tensor
+    assumed: int = 1
 
 
 @dataclass
@@ -196,10 +202,14 @@ class PassMemo:
 
 @dataclass
 class DeferredLog:
-    """The deferred decisions of the tensors merged so far: the summed vote and the elements to rewrite."""
+    """The deferred decisions of the tensors merged so far: the summed vote and, by the outcome their chunk
+    assumed, the elements to rewrite should the model-wide decision be another. ``prior``: the vote of what the
+    same process merged before this log began (its earlier shards), which the chunks' lean counts too."""
 
     vote: int = 0
-    patches: dict[str, tuple[GrowingBuffer, GrowingBuffer]] = field(default_factory=dict)
+    prior: int = 0
+    counts: dict[int, int] = field(default_factory=dict)  # deferred elements by assumed outcome
+    patches: dict[int, dict[str, tuple[GrowingBuffer, GrowingBuffer]]] = field(default_factory=dict)
 
     def add(self, name: str, offset: int, deferred: Deferred, out_dtype: torch.dtype, numel: int) -> None:
         """A chunk's deferred elements, ``offset`` its first flat element in a tensor of ``numel``."""
@@ -208,21 +218,52 @@ class DeferredLog:
             # int32 indices where they reach: bf16 fine-tunes defer some % of all elements (exact cancellations),
             # and the patch files are written, hashed and held per shard
             index_dtype = torch.int32 if numel <= 2**31 else torch.int64
-            index, value = self.patches.setdefault(name, (GrowingBuffer(index_dtype), GrowingBuffer(out_dtype)))
+            index, value = self.patches.setdefault(deferred.assumed, {}).setdefault(
+                name, (GrowingBuffer(index_dtype), GrowingBuffer(out_dtype)))
             index.extend(deferred.index.cpu() + offset)
             value.extend(deferred.value.to("cpu", out_dtype))
+            self.counts[deferred.assumed] = self.counts.get(deferred.assumed, 0) + deferred.index.numel()
 
-    def joined(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """{tensor: (flat indices, values)}, as ``patch_safetensors`` takes them."""
-        return {name: (index.values(), value.values()) for name, (index, value) in self.patches.items()}
+    @property
+    def count(self) -> int:
+        """Deferred elements recorded, whichever outcome they assumed."""
+        return sum(self.counts.values())
 
-    def apply(self, outputs: dict[str, torch.Tensor]) -> int:
-        """Rewrite the recorded elements in whole tensors held in memory; how many."""
+    def next(self) -> DeferredLog:
+        """An empty log for what this process merges next, leaning as this one ended."""
+        return DeferredLog(prior=self.prior + self.vote)
+
+    def joined(self, assumed: int) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """{tensor: (flat indices, values)} of the elements merged as ``assumed``, as ``patch_safetensors``
+        takes them."""
+        return {name: (index.values(), value.values())
+                for name, (index, value) in self.patches.get(assumed, {}).items()}
+
+    def apply(self, outputs: dict[str, torch.Tensor], outcome: int | None) -> int:
+        """Rewrite, in whole tensors held in memory, the elements merged as another outcome than ``outcome``
+        (None: no decision, nothing to rewrite); how many."""
         count = 0
-        for name, (index, value) in self.joined().items():
-            outputs[name].view(-1)[index] = value
-            count += index.numel()
+        for assumed in self.patches:
+            if outcome is None or assumed == outcome:
+                continue
+            for name, (index, value) in self.joined(assumed).items():
+                outputs[name].view(-1)[index] = value
+                count += index.numel()
         return count
+
+
+def patch_key(tensor: str, part: str, assumed: int) -> str:
+    """A key of a shard's deferred patch file: ``{tensor}::{part}`` (part ``index`` or ``value``) for elements
+    merged as outcome 1 (the only kind such files held before chunks leaned), ``{tensor}::{part}@{assumed}``
+    otherwise."""
+    return f"{tensor}::{part}" if assumed == 1 else f"{tensor}::{part}@{assumed}"
+
+
+def parse_patch_key(key: str) -> tuple[str, str, int]:
+    """(tensor, part, assumed) of a ``patch_key``."""
+    tensor, part = key.rsplit("::", 1)
+    part, _, assumed = part.partition("@")
+    return tensor, part, int(assumed or 1)
 
 
 @dataclass
@@ -407,7 +448,9 @@ def merge_tensor(method, tensor, state: dict, read: Reader, sink: Sink, deferred
     for start, stop in chunker(tensor, method.chunkable()):
         base, experts = read(tensor, start, stop)
         offset = chunk_offset(tensor, start)
-        result = method.merge(base, experts, tensor.job, offset, state)
+        leaning = method.deferred_outcome(deferred.prior + deferred.vote)
+        result = method.merge(base, experts, tensor.job, offset,
+                              state if leaning is None else {**state, LEANING: leaning})
         merged, finite = converted(result.merged, "cpu", dtypes.torch_dtype(tensor.out_dtype))
         check_finite_output(tensor.name, merged, method.name, finite)
         if result.deferred is not None:
@@ -442,9 +485,9 @@ class Shard(Protocol):
     def undecided(self):
         """Its undecided elements, as ``undecided_groups`` gives them."""
 
-    def patch(self, decided: dict[str, tuple[torch.Tensor, torch.Tensor]], deferred: bool) -> int:
-        """Rewrite the decided elements ({tensor: (flat indices, values)}) and, with ``deferred``, its own
-        deferred elements; returns how many deferred elements it rewrote."""
+    def patch(self, decided: dict[str, tuple[torch.Tensor, torch.Tensor]], outcome: int | None) -> int:
+        """Rewrite the decided elements ({tensor: (flat indices, values)}) and its own deferred elements that
+        were merged as another outcome than ``outcome``; returns how many deferred elements it holds."""
 
 
 def finish(method, state: dict, totals: dict[str, Any], vote: int, shards: list[Shard],
@@ -471,19 +514,18 @@ def finish(method, state: dict, totals: dict[str, Any], vote: int, shards: list[
     for shard in shards:
         for name, _, base, experts in shard.undecided():
             vote += _decided(method, state, tensors[name], base, experts)[1]
-    state, apply = method.settle_deferred(state, vote)
-    rewritten = 0
+    state, outcome = method.settle_deferred(state, vote)
+    settled = state if outcome is None else {**state, LEANING: outcome}  # the decided elements merge as decided
+    count = 0
     for shard in shards:
         decided = {}
         for name, index, base, experts in shard.undecided():
-            values, _, deferred, alternative = _decided(method, state, tensors[name], base, experts)
-            if apply and deferred.numel():  # the decided elements are not among the shard's own deferred ones
-                values[deferred] = alternative
-                rewritten += deferred.numel()
+            values, _, deferred, _ = _decided(method, settled, tensors[name], base, experts)
+            count += deferred.numel()  # not among the shard's own deferred elements
             decided[name] = (index, values)
-        rewritten += shard.patch(decided, apply)
-    if apply:
-        state = method.record_patched(state, rewritten)
+        count += shard.patch(decided, outcome)
+    if outcome is not None:
+        state = method.record_settled(state, count)
     return state, None
 
 
@@ -513,10 +555,11 @@ class _HeldShard:
     def undecided(self):
         return undecided_groups(self.held, self.held.__getitem__)
 
-    def patch(self, decided, deferred):
+    def patch(self, decided, outcome):
         for name, (index, values) in decided.items():
             self.outputs[name].view(-1)[index.long()] = values
-        return self.deferred.apply(self.outputs) if deferred else 0
+        self.deferred.apply(self.outputs, outcome)
+        return self.deferred.count
 
 
 def merge_in_memory(method, tensors, read: Reader, artifact_dtype: str | torch.dtype = "float32",

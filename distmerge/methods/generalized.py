@@ -34,11 +34,12 @@ import math
 from dataclasses import dataclass
 
 from distmerge.deferred import torch
-from distmerge.errors import ConfigError
+from distmerge.errors import ConfigError, MergeError
 from distmerge.methods.base import TaskVectorMethod, require_number, stack_task_vectors
-from distmerge.methods.execute import ChunkResult, Deferred
+from distmerge.methods.execute import LEANING, ChunkResult, Deferred
 from distmerge.ops import dare as dare_ops
 from distmerge.ops import dare_fused
+from distmerge.ops import compiled
 from distmerge.ops.compiled import ORDERED_SUM_TASKS
 from distmerge.ops import sparsify as sparsify_ops
 from distmerge.ops import ties as ties_ops
@@ -135,9 +136,10 @@ class TaskVectorMerge(TaskVectorMethod):
         return {"densities": densities}
 
     def leaves_undecided(self, state):
-        """The sampled trim (module docstring) where the compiled TIES loop takes every chunk."""
+        """The sampled trim (module docstring) where the compiled TIES loop takes every chunk (asked in the
+        driver, which runs no loop: numba's presence, not an import of it and torch)."""
         recipe = self.recipe()
-        if (not state or not self._ties_loop(recipe) or not ties_fused.available()
+        if (not state or not self._ties_loop(recipe) or not compiled.buildable()
                 or len(state["densities"]) > ORDERED_SUM_TASKS):
             return state
         return {**state, "sampled": True}
@@ -238,21 +240,13 @@ class TaskVectorMerge(TaskVectorMethod):
             return _within_brackets(totals["hist"], state)
         if pass_name == "trim_high":
             numel = int(totals["numel"])
-            high_bins, ranks, fixed, in_bin = [], [], [], []
-            for t, density in enumerate(state["densities"]):
+            ranks, fixed = [], []
+            for density in state["densities"]:
                 rank = ties_ops.trim_rank(numel, density, rule)
-                if rank == 0 or rank > numel:  # keep all / keep none: no selection needed
-                    high_bins.append(-1)
-                    ranks.append(0)
-                    fixed.append(ties_ops.KEEP_ALL if rank == 0 else ties_ops.KEEP_NONE)
-                    in_bin.append(0)
-                    continue
-                bin_index, within = ties_ops.locate_rank(totals["hist"][t], rank)
-                high_bins.append(bin_index)
-                ranks.append(within)
-                fixed.append(None)
-                in_bin.append(int(totals["hist"][t][bin_index]))
-            state.update(numel=numel, high_bins=high_bins, ranks=ranks, fixed=fixed, in_bin=in_bin)
+                selects = 0 < rank <= numel  # else keep all / keep none: no selection needed
+                ranks.append(rank if selects else None)
+                fixed.append(None if selects else ties_ops.KEEP_ALL if rank == 0 else ties_ops.KEEP_NONE)
+            state.update(numel=numel, fixed=fixed, **_located(totals["hist"], ranks))
             return state
         if pass_name == "trim_low":
             thresholds = []
@@ -294,17 +288,21 @@ class TaskVectorMerge(TaskVectorMethod):
     def merge(self, base, experts, job, offset, state):
         recipe = self.recipe()
         if state.get("sampled") and "thresholds" not in state:  # from the sample's estimates
+            if not ties_fused.available():
+                raise MergeError("TIES' sampled trim needs numba on every worker (the driver found it; this worker "
+                                 "cannot import it): install numba on every node, or set DISTMERGE_COMPILED=0")
             base, experts = self._loop_inputs(base, experts)
             brackets = [None if b is None else (_key_value(b[0]), _key_value(b[1])) for b in state["bracket"]]
+            zero_sign = _zero_sign(recipe, state)
             merged, vote, index, value, undecided, above, reached = ties_fused.merge_bracketed(
-                base, experts, brackets, state["fixed"], job.weights, recipe.combine, recipe.lam)
-            return ChunkResult(merged, deferred=Deferred(vote, index, value) if recipe.deferred_sign else None,
-                               undecided=undecided, partial={"trim_above": above, "trim_reached": reached})
+                base, experts, brackets, state["fixed"], job.weights, recipe.combine, recipe.lam, zero_sign)
+            return ChunkResult(merged, deferred=_deferred(recipe, vote, index, value, zero_sign), undecided=undecided,
+                               partial={"trim_above": above, "trim_reached": reached})
         if self._fused_ties(recipe, base, experts):
+            zero_sign = _zero_sign(recipe, state)
             merged, vote, index, value = ties_fused.merge_deferred_sign(base, experts, state["thresholds"], job.weights,
-                                                                        recipe.combine, recipe.lam)
-            # without the paper's zero-sign rule, zero signs are +1: the merge as it stands
-            return ChunkResult(merged, deferred=Deferred(vote, index, value) if recipe.deferred_sign else None)
+                                                                        recipe.combine, recipe.lam, zero_sign)
+            return ChunkResult(merged, deferred=_deferred(recipe, vote, index, value, zero_sign))
         if self._fused_dare(recipe, base, experts):
             return ChunkResult(self._dare_then_sum(recipe, base, experts, job, offset))
         if self._fused_sum(recipe, base, experts):
@@ -312,7 +310,7 @@ class TaskVectorMerge(TaskVectorMethod):
         base, experts = self._float32(base, experts)
         # stack_task_vectors gives a fresh tensor: the stages may work on it in place
         trimmed = self.sparsified(stack_task_vectors(base, experts), job, offset, state, recipe.sparsify)
-        return self.combined(recipe, base, trimmed, job.weights)
+        return self.combined(recipe, base, trimmed, job.weights, state)
 
     widens_bfloat16 = False  # set on the copy ``with_bfloat16_inputs`` gives
 
@@ -390,16 +388,19 @@ class TaskVectorMerge(TaskVectorMethod):
             task_vector = SPARSIFY[stage.kind](self, stage, task_vector, job, offset, state)
         return task_vector
 
-    def combined(self, recipe: Recipe, base: torch.Tensor, trimmed: torch.Tensor, weights) -> ChunkResult:
+    def combined(self, recipe: Recipe, base: torch.Tensor, trimmed: torch.Tensor, weights, state: dict) -> ChunkResult:
         lam = recipe.lam
         if recipe.consensus == "none":
             return ChunkResult(task_arithmetic(base, trimmed, weights, lam, recipe.combine == "mean"))
         if recipe.deferred_sign:
             # The zero-sign rule needs the model-wide majority sign, known only after every chunk is merged:
-            # merge with +1 now and hand back the (rare) elements that would change with -1 or 0.
-            delta, sign_sum, index, alternative = ties_ops.merge_deferred_sign(trimmed, weights, recipe.combine)
+            # merge with the sign the vote so far leans to and hand back the elements that the other would change.
+            zero_sign = _zero_sign(recipe, state)
+            delta, sign_sum, index, alternative = ties_ops.merge_deferred_sign(trimmed, weights, recipe.combine,
+                                                                               zero_sign)
             flat_base = base.reshape(-1)
-            return ChunkResult(base + lam * delta, deferred=Deferred(sign_sum, index, flat_base[index] + lam * alternative))
+            return ChunkResult(base + lam * delta,
+                               deferred=Deferred(sign_sum, index, flat_base[index] + lam * alternative, zero_sign))
         zero_sign = 1.0 if recipe.zero_sign == "mergekit" else None
         if recipe.consensus == "count":
             delta = count_consensus(trimmed, weights, zero_sign, recipe.combine)
@@ -408,16 +409,19 @@ class TaskVectorMerge(TaskVectorMethod):
         return ChunkResult(base + lam * delta)
 
     # --- deferred decisions and reporting ---------------------------------------------------------
-    def settle_deferred(self, state, vote):
-        """The vote is the summed elected signs; the patches (merged with zero signs as +1) apply when the
-        model-wide majority is <= 0."""
-        state = {**state, "sign_sum": vote}
+    def deferred_outcome(self, vote):
+        """The sign zero signs take: the majority of the elected signs (the vote), where a majority of 0 acts
+        as -1 (it selects the negative values)."""
         if not self.recipe().deferred_sign:
-            return state, False
-        return state, _sign(vote) <= 0
+            return None
+        return 1 if vote > 0 else -1
 
-    def record_patched(self, state, count):
-        return {**state, "patched_elements": count}
+    def settle_deferred(self, state, vote):
+        return {**state, "sign_sum": vote}, self.deferred_outcome(vote)
+
+    def record_settled(self, state, count):
+        # the card counts the elements the rule set otherwise than mergekit's +1, however they were merged
+        return {**state, "patched_elements": count if self.deferred_outcome(state["sign_sum"]) < 0 else 0}
 
     def describe(self, state):
         if "thresholds" not in state:
@@ -464,23 +468,22 @@ def _key_value(key: int) -> float:
 def _within_brackets(hist: torch.Tensor, state: dict) -> dict:
     """``finish_pass('trim_high')`` of a sampled trim, over the undecided elements: each bracketed threshold's
     rank among them (every value inside a bracket is an undecided element's; the merge counted those below)."""
-    state = dict(state)
-    high_bins, ranks, in_bin = [], [], []
-    for t, bracket in enumerate(state["bracket"]):
-        if bracket is None:
-            high_bins.append(-1)
-            ranks.append(0)
-            in_bin.append(0)
-            continue
-        # ranks among the undecided elements: theirs below the bracket (other tasks' undecided ones) come first
-        low_bin = bracket[0] >> 16
-        rank = state["ranks"][t] - state["below"][t] + int(hist[t][:low_bin].sum())
-        bin_index, within = ties_ops.locate_rank(hist[t], rank)
-        high_bins.append(bin_index)
-        ranks.append(within)
-        in_bin.append(int(hist[t][bin_index]))
-    state.update(high_bins=high_bins, ranks=ranks, in_bin=in_bin)
-    return state
+    # ranks among the undecided elements: theirs below the bracket (other tasks' undecided ones) come first
+    ranks = [None if bracket is None else state["ranks"][t] - state["below"][t] + int(hist[t][:bracket[0] >> 16].sum())
+             for t, bracket in enumerate(state["bracket"])]
+    return {**state, **_located(hist, ranks)}
+
+
+def _located(hist: torch.Tensor, ranks: list[int | None]) -> dict[str, list[int]]:
+    """Where each task's rank falls in its high histogram: {high_bins, ranks (within the bin), in_bin (the
+    bin's count)}; a task without a rank (None: nothing to select) gets bin -1."""
+    located = {"high_bins": [], "ranks": [], "in_bin": []}
+    for t, rank in enumerate(ranks):
+        bin_index, within = ties_ops.locate_rank(hist[t], rank) if rank is not None else (-1, 0)
+        located["high_bins"].append(bin_index)
+        located["ranks"].append(within)
+        located["in_bin"].append(int(hist[t][bin_index]) if rank is not None else 0)
+    return located
 
 
 def _add_trim_counts(totals: dict, pass_name: str, task_vector: torch.Tensor, state: dict,
@@ -587,6 +590,17 @@ def count_consensus(trimmed: torch.Tensor, weights, zero_sign: float | None, com
     if zero_sign is None:
         zero_sign = ties_ops.majority_sign(sign)
     return ties_ops.disjoint_merge(weighted, weights, sign, zero_sign, combine)
+
+
+def _zero_sign(recipe: Recipe, state: dict) -> int:
+    """The sign a chunk takes for its zero signs: mergekit's +1, or (the paper's majority rule, deferred) the
+    majority the vote seen so far leans to."""
+    return state.get(LEANING, 1) if recipe.deferred_sign else 1
+
+
+def _deferred(recipe: Recipe, vote: int, index, value, zero_sign: int) -> Deferred | None:
+    # without the paper's zero-sign rule, zero signs are +1: the merge as it stands
+    return Deferred(vote, index, value, zero_sign) if recipe.deferred_sign else None
 
 
 def _sign(value: int) -> int:

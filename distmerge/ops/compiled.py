@@ -8,6 +8,7 @@ numba is optional: ``kernels(build)`` gives None where it is missing, or where `
 from __future__ import annotations
 
 import functools
+import importlib.util
 import logging
 import os
 from collections.abc import Callable, Sequence
@@ -50,6 +51,12 @@ def jit() -> Callable | None:
     # error_model numpy: a float division needs no zero check (which stops a loop vectorizing). No fastmath:
     # the bits must be torch's. cache: compiled once per machine, not in every worker.
     return numba.njit(cache=True, nogil=True, fastmath=False, boundscheck=False, error_model="numpy")
+
+
+def buildable() -> bool:
+    """Whether ``kernels`` can build loops here, without importing numba (or torch): for a driver that decides
+    what its workers run and runs no loop itself."""
+    return os.environ.get("DISTMERGE_COMPILED", "1") != "0" and importlib.util.find_spec("numba") is not None
 
 
 _BUILT: dict[Callable, Any] = {}

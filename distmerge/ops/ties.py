@@ -175,24 +175,24 @@ def _nonzero_divisor(count: torch.Tensor, integral: bool) -> torch.Tensor:
     return count + (1.0 - _at_least(count.abs(), 1e-30))
 
 
-def merge_deferred_sign(trimmed: torch.Tensor, weights: Sequence[float], mode: str = "mean"):
+def merge_deferred_sign(trimmed: torch.Tensor, weights: Sequence[float], mode: str = "mean", zero_sign: float = 1.0):
     """The global-scope merge before the model-wide majority sign is known.
 
-    Returns (merged with zero signs taken as +1, the sum of elected signs of this chunk, flat indices of the
-    elements whose elected sign is 0 but that hold a nonzero value, their merged value with zero signs taken
-    as -1). Such elements need exact cancellation between tasks and are rare; the caller patches them once
-    the majority sign is known.
+    Returns (merged with zero signs taken as ``zero_sign`` (+1 or -1), the sum of elected signs of this chunk,
+    flat indices of the elements whose elected sign is 0 but that hold a nonzero value, their merged value with
+    zero signs taken as the other one). Such elements need exact cancellation between tasks; the caller patches
+    them once the majority sign is known, should it differ from ``zero_sign``.
     """
     weighted = _weighted(trimmed, weights)
     sign = elected_sign(weighted)
-    merged, agreed = _disjoint(weighted, weights, sign, 1.0, mode)
+    merged, agreed = _disjoint(weighted, weights, sign, zero_sign, mode)
     sign_sum = int(sign.sum(dtype=torch.float64))
-    # With a zero sum, a positive value that agreed with +1 implies a negative one: the choice matters.
+    # A zero sum with a value on the chosen side implies one on the other side: the choice matters.
     index = (1.0 - sign.abs()).mul_(agreed).reshape(-1).nonzero().squeeze(1)
     if index.numel() == 0:
         return merged, sign_sum, index, merged.reshape(-1)[:0]
     alternative = disjoint_merge(weighted.reshape(weighted.shape[0], -1)[:, index], weights,
-                                 sign.reshape(-1)[index], -1.0, mode)
+                                 sign.reshape(-1)[index], -zero_sign, mode)
     return merged, sign_sum, index, alternative
 
 

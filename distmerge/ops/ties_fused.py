@@ -134,10 +134,10 @@ def _loops(jit, widen: bool):
                         row[low] += 1
 
     @jit
-    def merge(base, experts, below, low, high, open_low, open_high, weights, mean, lam, out, index, alternative,
-              above, reached, undecided):
-        """TIES with global thresholds, zero signs taken as +1; returns (sum of elected signs, deferred count,
-        undecided count).
+    def merge(base, experts, below, low, high, open_low, open_high, weights, mean, lam, zero_up, out, index,
+              alternative, above, reached, undecided):
+        """TIES with global thresholds, zero signs taken as +1 (``zero_up`` 1) or -1 (0), the other way into
+        ``alternative``; returns (sum of elected signs, deferred count, undecided count).
 
         Block by block: the inputs of a block are widened (or copied) into rows of one L1 buffer, then one loop
         over its elements runs the tasks in registers (their loop unrolls: a handful of tasks) and vectorizes.
@@ -221,10 +221,10 @@ def _loops(jit, widen: bool):
                     md = md / (count_down + (zero if abs(count_down) >= tiny else one))
                 positive = total > zero
                 negative = total < zero
-                up = zero if negative else one  # zero signs as +1
+                up = one if positive else (zero if negative else zero_up)
                 down = one - up
                 o[j] = bj + lam * (mu * up + md * down)
-                flipped[j] = bj + lam * (mu * zero + md * one)  # zero signs as -1
+                flipped[j] = bj + lam * (mu * (one - zero_up) + md * zero_up)  # zero signs the other way
                 # a zero-sign element that keeps a value depends on the majority sign: deferred (counted here, in
                 # integers: flag passes of their own ran scalar and cost as much as the merge); an undecided one
                 # neither votes nor is deferred yet
@@ -308,25 +308,27 @@ def _histogram(tasks: int, into: torch.Tensor | None) -> torch.Tensor:
 
 
 def merge_deferred_sign(base: torch.Tensor, experts: Sequence[torch.Tensor], thresholds: Sequence[float],
-                        weights: Sequence[float], mode: str, lam: float):
+                        weights: Sequence[float], mode: str, lam: float, zero_sign: float = 1.0):
     """base + lam * ``ops.ties.merge_deferred_sign`` of the trimmed task vectors, and its deferred elements:
-    (merged, sum of elected signs, flat indices, their value with zero signs as -1, base and lambda applied)."""
-    merged, vote, index, alternative, _, _, _ = _merge(base, experts, thresholds, None, weights, mode, lam)
+    (merged, sum of elected signs, flat indices, their value with zero signs the other way than ``zero_sign``,
+    base and lambda applied)."""
+    merged, vote, index, alternative, _, _, _ = _merge(base, experts, thresholds, None, weights, mode, lam, zero_sign)
     return merged, vote, index, alternative
 
 
 def merge_bracketed(base: torch.Tensor, experts: Sequence[torch.Tensor], brackets: Sequence[tuple[float, float] | None],
-                    thresholds: Sequence[float], weights: Sequence[float], mode: str, lam: float):
+                    thresholds: Sequence[float], weights: Sequence[float], mode: str, lam: float,
+                    zero_sign: float = 1.0):
     """``merge_deferred_sign`` where each task's threshold is only estimated: ``brackets[t]`` (low, high) it is
     known to lie in, or a guess (low == high), or None where ``thresholds[t]`` is exact. Returns (merged, vote,
     deferred index, alternative, undecided flat indices, int64[T] count of |tau_t| > high, int64[T] count of
     |tau_t| >= low). A guess is merged as the threshold; an element with any |tau_t| inside a bracket
     (low < high) is undecided: merged with the bracket's values dropped and left out of the vote and the
     deferred ones, for its caller to merge again once the thresholds are known."""
-    return _merge(base, experts, thresholds, brackets, weights, mode, lam)
+    return _merge(base, experts, thresholds, brackets, weights, mode, lam, zero_sign)
 
 
-def _merge(base, experts, thresholds, brackets, weights, mode, lam):
+def _merge(base, experts, thresholds, brackets, weights, mode, lam, zero_sign):
     if mode not in ("mean", "sum"):
         raise ValueError(f"unknown disjoint mode {mode!r}")
     flat_base, flat_experts = flat_views(base, experts)
@@ -359,8 +361,8 @@ def _merge(base, experts, thresholds, brackets, weights, mode, lam):
     loop = _kernels(widens(base))[2]
     sign_sum, deferred, pending = loop(flat_base, flat_experts, below, low, high, open_low, open_high,
                                        np.asarray(weights, dtype=np.float32), mode == "mean", np.float32(lam),
-                                       out.reshape(-1).numpy(), index.numpy(), alternative.numpy(), above, reached,
-                                       undecided.numpy())
+                                       np.float32(zero_sign > 0), out.reshape(-1).numpy(), index.numpy(),
+                                       alternative.numpy(), above, reached, undecided.numpy())
     return (out, int(sign_sum), index[:deferred].clone(), alternative[:deferred].clone(), undecided[:pending].clone(),
             torch.from_numpy(above), torch.from_numpy(reached))
 

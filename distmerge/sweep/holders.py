@@ -144,13 +144,15 @@ class TaskVectorHolder:
         self.merge_seconds += time.perf_counter() - began
         return {"vote": deferred.vote, "partial": totals}
 
-    def fetch(self, request: str, apply_patches: bool) -> dict[str, Any]:
-        """A trial's merged tensors (deferred elements patched when the method decided so) and the method's
-        artifacts: {"weights": ..., "artifacts": ..., "patched": elements rewritten}."""
+    def fetch(self, request: str, outcome: int | None) -> dict[str, Any]:
+        """A trial's merged tensors (deferred elements merged as another outcome than the method's decision
+        ``outcome`` rewritten) and the method's artifacts: {"weights": ..., "artifacts": ..., "deferred": how
+        many deferred elements it holds}."""
         held = self.requests.pop(request)
         sink = held["sink"]
-        patched = held["deferred"].apply(sink.outputs) if apply_patches else 0
-        return {"weights": {name: to_wire(value) for name, value in sink.outputs.items()}, "patched": patched,
+        held["deferred"].apply(sink.outputs, outcome)
+        return {"weights": {name: to_wire(value) for name, value in sink.outputs.items()},
+                "deferred": held["deferred"].count,
                 "artifacts": {key: to_wire(value) for key, value in sink.artifacts().items()}}
 
     def discard(self, request: str) -> None:

@@ -126,14 +126,14 @@ def merged_outputs(context: SweepContext, values: dict[str, Any]):
             if part is not None:
                 totals = execute.add_partials(totals, part)
         state = method.finish_merge(totals or {}, state)
-        settled, apply = method.settle_deferred(state, sum(m["vote"] for m in merged))
-        parts = _get([h.fetch.remote(request, apply) for h in context.holders])
+        settled, outcome = method.settle_deferred(state, sum(m["vote"] for m in merged))
+        parts = _get([h.fetch.remote(request, outcome) for h in context.holders])
     except BaseException:
         for holder in context.holders:
             holder.discard.remote(request)
         raise
-    if apply:
-        settled = method.record_patched(settled, sum(p["patched"] for p in parts))
+    if outcome is not None:
+        settled = method.record_settled(settled, sum(p["deferred"] for p in parts))
     tensors, artifacts = {}, {}
     for part in [p["weights"] for p in parts] + _copied(context):
         for name, (array, dtype) in part.items():
