@@ -101,9 +101,57 @@ def test_weight_average_loop_gives_the_torch_bits(params, weights, monkeypatch):
     fused = method.merge(None, experts, job, 0, {}).merged
     widened = method.with_bfloat16_inputs().merge(None, [e.bfloat16() for e in experts], job, 0, {}).merged
     in_bf16 = method.merge(None, [e.bfloat16() for e in experts], job, 0, {}).merged
-    assert calls == [torch.float32, torch.bfloat16]  # the loop ran twice; the bf16 merge stayed torch's
+    assert calls == [torch.float32, torch.bfloat16]  # the widening loop ran twice; the bf16 merge is the rounding loop
     monkeypatch.setattr(dare_fused, "_kernels", lambda widen=False: None)
     plain = method.merge(None, experts, job, 0, {}).merged
     for got in (fused, widened):
         assert torch.equal(got.view(torch.int32), plain.view(torch.int32))
     assert in_bf16.dtype == torch.bfloat16
+
+
+def _bfloat16_inputs(seed: int, tasks: int, shape):
+    """bf16 inputs whose bf16 arithmetic rounds everywhere: fine-tune-like steps, zeros of both signs, zero task
+    vectors, and elements whose task vector overflows to inf (NaN where a zero weight multiplies it)."""
+    g = torch.Generator().manual_seed(seed)
+    base = (torch.randn(shape, generator=g) * 0.02).bfloat16()
+    base.view(-1)[::11] = -0.0
+    experts = []
+    for t in range(tasks):
+        expert = (base.float() * (1 + torch.randn(shape, generator=g) * 0.05)
+                  + torch.randn(shape, generator=g) * 1e-3).bfloat16()
+        expert.view(-1)[t::13] = base.view(-1)[t::13]  # zero task vectors
+        expert.view(-1)[7::97] = 3.0e38 if t % 2 == 0 else -3.0e38  # against the base's -3e38: inf and 0
+        experts.append(expert)
+    base.view(-1)[7::97] = -3.0e38
+    return base, experts
+
+
+@pytest.mark.parametrize("tasks", [1, 2, 3, 4])
+@pytest.mark.parametrize("method_name,params,weights", [
+    ("task_arithmetic", {}, (1.0, 1.0, 1.0, 1.0)), ("task_arithmetic", {"lambda": 0.3}, (0.5, -1.0, 2.0, 0.7)),
+    ("task_arithmetic", {"normalize": True, "lambda": 1.2}, (1.0, 2.0, 1.0, 0.1)),
+    ("task_arithmetic", {"normalize": True}, (1.0, -1.0, 0.0, 0.0)),
+    ("weight_average", {}, (0.5, 2.0, 1.5, 0.3)), ("weight_average", {"normalize": False}, (0.5, -1.0, 2.0, 1.1)),
+])
+def test_bfloat16_compute_loop_gives_torch_bfloat16_bits(tasks, method_name, params, weights, monkeypatch):
+    """Compute in bf16 (chunks handed over as bf16, not to widen): the loop rounds each operation as torch's
+    bf16 kernels do, so its bits are the torch path's, inf and NaN included; a merge of more tasks than the loop
+    sums in torch's order runs torch."""
+    method = build_method(method_name, params)
+    base, experts = _bfloat16_inputs(tasks, tasks, (37, 1001))
+    weights = weights[:tasks]
+    job = TensorJob(name="w", numel=base.numel(), model_names=tuple("abcd"[:tasks]), weights=weights, per_model={})
+    given = base if method.needs_base else None
+    calls = []
+    compiled = dare_fused.rounded_sum
+    monkeypatch.setattr(dare_fused, "rounded_sum", lambda *a: calls.append(1) or compiled(*a))
+    got = method.merge(given, experts, job, 0, {}).merged
+    assert calls == [1] and got.dtype == torch.bfloat16
+    monkeypatch.setattr(dare_fused, "_kernels", lambda widen=False: None)
+    want = method.merge(given, experts, job, 0, {}).merged
+    assert calls == [1] and want.dtype == torch.bfloat16
+    # the same bits, but for a NaN's (torch's vectorized conversion keeps the payload; a merge refuses a NaN)
+    nan = torch.isnan(want.float())
+    assert torch.equal(torch.isnan(got.float()), nan)
+    assert torch.equal(got.view(torch.int16)[~nan], want.view(torch.int16)[~nan])
+    assert not bool(torch.isfinite(want.float()).all()) or (method_name == "weight_average" and tasks == 1)

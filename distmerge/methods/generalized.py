@@ -307,6 +307,8 @@ class TaskVectorMerge(TaskVectorMethod):
             return ChunkResult(self._dare_then_sum(recipe, base, experts, job, offset))
         if self._fused_sum(recipe, base, experts):
             return ChunkResult(dare_fused.weighted_sum(base, experts, job.weights, recipe.lam, recipe.combine == "mean"))
+        if self._rounded_sum(recipe, base, experts):
+            return ChunkResult(dare_fused.rounded_sum(base, experts, job.weights, recipe.lam, recipe.combine == "mean"))
         base, experts = self._float32(base, experts)
         # stack_task_vectors gives a fresh tensor: the stages may work on it in place
         trimmed = self.sparsified(stack_task_vectors(base, experts), job, offset, state, recipe.sparsify)
@@ -354,6 +356,11 @@ class TaskVectorMerge(TaskVectorMethod):
 
     def _fused_sum(self, recipe: Recipe, base, experts) -> bool:
         return self._sum_loop(recipe) and self._loops_take(dare_fused, base, experts)
+
+    def _rounded_sum(self, recipe: Recipe, base, experts) -> bool:
+        """Task arithmetic computed in bfloat16 (inputs handed over as bfloat16, not to widen)."""
+        return (self._sum_loop(recipe) and base is not None and len(experts) <= ORDERED_SUM_TASKS
+                and not self.widens_bfloat16 and dare_fused.rounds_bfloat16(base, *experts))
 
     def _loop_inputs(self, base, experts):
         """The chunk as the TIES loop takes it (a sampled trim runs every chunk through it): as read where it

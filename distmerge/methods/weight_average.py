@@ -39,5 +39,7 @@ class WeightAverage(TaskVectorMerge):
     def merge(self, base, experts, job, offset, state):
         if len(experts) <= ORDERED_SUM_TASKS and dare_fused.available(*experts, widening=self.widens_bfloat16):
             return ChunkResult(dare_fused.weighted_sum(None, experts, job.weights, 1.0, self.params.normalize))
+        if len(experts) <= ORDERED_SUM_TASKS and not self.widens_bfloat16 and dare_fused.rounds_bfloat16(*experts):
+            return ChunkResult(dare_fused.rounded_sum(None, experts, job.weights, 1.0, self.params.normalize))  # bf16
         _, experts = self._float32(None, experts)
         return ChunkResult(weight_average(experts, job.weights, self.params.normalize))

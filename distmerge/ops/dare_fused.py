@@ -28,7 +28,7 @@ def _kernels(widen: bool = False):
 
 def _build(jit):
     return tuple((_loop(jit, widen, True, True), _loop(jit, widen, False, True), _loop(jit, widen, False, False))
-                 for widen in (False, True))
+                 for widen in (False, True)) + ((_rounding_loop(jit, True), _rounding_loop(jit, False)),)
 
 
 def _loop(jit, widen: bool, masked: bool, based: bool):
@@ -89,6 +89,57 @@ def _loop(jit, widen: bool, masked: bool, based: bool):
     return drop_and_sum
 
 
+def _rounding_loop(jit, based: bool):
+    # bfloat16 compute: torch's CPU kernels compute each bfloat16 operation in float32 and round its result to
+    # bfloat16 (nearest, ties to even); its sum over the stacked dimension adds in float32 and rounds once. The
+    # loop does the same operations in the same order on float32 values, each rounded where torch rounds.
+    @jit
+    def bfloat16(x):
+        # c10::BFloat16's round to nearest even, as a float32 value; a NaN stays a (quiet) NaN instead of
+        # carrying into the sign
+        u = np.float32(x).view(np.uint32)
+        rounded = np.uint32((u + np.uint32(0x7FFF) + ((u >> np.uint32(16)) & np.uint32(1))) & np.uint32(0xFFFF0000))
+        nan = (u & np.uint32(0x7FFFFFFF)) > np.uint32(0x7F800000)
+        return np.uint32(np.uint32(0x7FC00000) if nan else rounded).view(np.float32)
+
+    @jit
+    def rounded_sum(base, experts, weights, divisor, lam, out):
+        n = out.shape[0]
+        tasks = len(experts)
+        zero = np.float32(0.0)
+        base_wide = np.zeros(BLOCK, dtype=np.float32)  # stays 0 without a base
+        base_bits = base_wide.view(np.uint32)
+        wide = np.empty((tasks, BLOCK), dtype=np.float32)
+        wide_bits = wide.view(np.uint32)
+        for block in range((n + BLOCK - 1) // BLOCK):
+            start = block * BLOCK
+            size = min(BLOCK, n - start)
+            if based:
+                raw = base[start:start + size]
+                for j in range(size):
+                    base_bits[j] = np.uint32(raw[j]) << np.uint32(16)
+            for t in range(tasks):
+                raw = experts[t][start:start + size]
+                row = wide_bits[t]
+                for j in range(size):
+                    row[j] = np.uint32(raw[j]) << np.uint32(16)
+            o = out[start:start + size]
+            for j in range(size):
+                bj = base_wide[j]
+                total = zero  # the stacked sum: float32 from +0, one rounding at its end
+                for t in range(tasks):
+                    x = wide[t, j]
+                    if based:
+                        x = bfloat16(x - bj)  # the task vector, a bfloat16 tensor
+                    total += bfloat16(x * weights[t])  # the weights are bfloat16 values already
+                merged = bfloat16(bfloat16(total) / divisor)
+                if based:
+                    merged = bfloat16(bfloat16(merged * lam) + bj)
+                o[j] = np.uint16(np.float32(merged).view(np.uint32) >> np.uint32(16))
+
+    return rounded_sum
+
+
 def available(*tensors: torch.Tensor, widening: bool = False) -> bool:
     """Whether the loop can take these chunks: float32 (or, ``widening``, all float32 or all bfloat16, widened
     in the loop), on the CPU, contiguous, and numba importable."""
@@ -115,12 +166,36 @@ def weighted_sum(base: torch.Tensor | None, experts: Sequence[torch.Tensor], wei
                 np.empty(0, dtype=np.int64), np.empty(0, dtype=np.float32), weights, lam, normalize)
 
 
+def rounds_bfloat16(*tensors: torch.Tensor) -> bool:
+    """Whether ``rounded_sum`` can take these chunks: all bfloat16 on the CPU, contiguous, numba importable."""
+    return bool(tensors) and tensors[0].dtype == torch.bfloat16 and available(*tensors, widening=True)
+
+
+def rounded_sum(base: torch.Tensor | None, experts: Sequence[torch.Tensor], weights: Sequence[float], lam: float,
+                normalize: bool) -> torch.Tensor:
+    """``weighted_sum`` computed in bfloat16 as torch computes on bfloat16 tensors (each operation rounded to
+    bfloat16, the stacked sum added in float32 and rounded once): bit for bit ``task_arithmetic`` (without a
+    base, ``weight_average``) of bfloat16 inputs up to ``compiled.ORDERED_SUM_TASKS`` tasks, where torch's own
+    bfloat16 sum over the stacked dimension runs at a fraction of a float32 one. Returns bfloat16."""
+    reference = base if base is not None else experts[0]
+    out = torch.empty(reference.shape, dtype=torch.bfloat16)
+    # torch's weights tensor takes the inputs' dtype: each weight is rounded to bfloat16 first
+    rounded = torch.tensor([float(w) for w in weights], dtype=torch.bfloat16).float().numpy()
+    kernels(_build)[2][0 if base is not None else 1](*flat_views(reference, experts), rounded,
+                                                     np.float32(_divisor(weights, normalize)), np.float32(lam),
+                                                     out.reshape(-1).view(torch.int16).numpy().view(np.uint16))
+    return out
+
+
+def _divisor(weights: Sequence[float], normalize: bool) -> float:
+    if not normalize:
+        return 1.0
+    divisor = float(sum(weights))
+    return 1.0 if abs(divisor) < 1e-8 else divisor  # task_arithmetic's guard
+
+
 def _run(which: int, base, experts, words, thresholds, scales, weights, lam, normalize) -> torch.Tensor:
-    divisor = 1.0
-    if normalize:
-        divisor = float(sum(weights))
-        if abs(divisor) < 1e-8:  # task_arithmetic's guard
-            divisor = 1.0
+    divisor = _divisor(weights, normalize)
     out = torch.empty(base.shape, dtype=torch.float32)
     _kernels(widens(base))[which](*flat_views(base, experts), words, thresholds, scales,
                                   np.asarray(weights, dtype=np.float32), np.float32(divisor), np.float32(lam),
