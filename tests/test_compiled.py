@@ -44,6 +44,8 @@ for dtype in (torch.float32, torch.bfloat16):  # the loops that widen bf16 as th
     dare_fused.drop_and_sum(base, experts, words, [1, 1, 1], [2.0, 2.0, 2.0], [1.0, 1.0, 1.0], 1.0, False)
     dare_fused.weighted_sum(base, experts, [1.0, 1.0, 1.0], 1.0, False)
     dare_fused.weighted_sum(None, experts, [1.0, 1.0, 1.0], 1.0, True)
+dare_fused.rounded_sum(base, experts, [1.0, 1.0, 1.0], 1.0, False)  # bf16 compute (the last inputs: bf16)
+dare_fused.rounded_sum(None, experts, [1.0, 1.0, 1.0], 1.0, True)
 base = torch.randn(4096); experts = [torch.randn(4096) for _ in range(3)]
 unified, masks = emr_fused.elect(base, experts)
 emr_fused.pack_mask(masks)
@@ -53,6 +55,7 @@ kernels = {f"{name}{'/bf16' if widen else ''}": k for widen in (False, True)
            for name, k in [*((k.py_func.__name__, k) for k in ties_fused._kernels(widen)),
                            *zip(("drop_and_sum", "weighted_sum", "weight_average"), dare_fused._kernels(widen))]}
 kernels.update({k.py_func.__name__: k for k in [*emr_fused._kernels(), *convert_fused._kernels()]})
+kernels.update(zip(("rounded_sum", "rounded_average"), dare_fused.kernels(dare_fused._build)[2]))
 print(json.dumps({name: [sum(k.stats.cache_hits.values()), sum(k.stats.cache_misses.values())]
                   for name, k in kernels.items()}))
 """
@@ -71,7 +74,8 @@ def test_a_fresh_process_loads_every_kernel_from_the_cache(tmp_path):
     assert all(misses > 0 for _, misses in first.values()), first  # compiled and saved
     second = run()
     fused = {"high_histogram", "low_histogram", "merge", "drop_and_sum", "weighted_sum", "weight_average"}
-    assert set(second) == {*fused, *(f"{name}/bf16" for name in fused), "elect", "pack", "widen", "narrow", "check"}
+    assert set(second) == {*fused, *(f"{name}/bf16" for name in fused), "elect", "pack", "widen", "narrow", "check",
+                           "rounded_sum", "rounded_average"}
     for name, (hits, misses) in second.items():
         assert hits > 0 and misses == 0, f"{name}: {hits} cache hits, {misses} misses in a second process"
 
