@@ -40,6 +40,8 @@ for dtype in (torch.float32, torch.bfloat16):  # the loops that widen bf16 as th
     ties_fused.high_histograms(base, experts, keep=True)
     ties_fused.low_histograms(base, experts, [0, -1, 5])
     ties_fused.merge_deferred_sign(base, experts, [0.5, 0.5, 0.5], [1.0, 1.0, 1.0], "mean", 1.0)
+    ties_fused.merge_bracketed(base, experts, [(0.5, 0.5)] * 3, [None] * 3, [1.0, 1.0, 1.0], "mean", 1.0)
+    ties_fused.merge_bracketed(base, experts, [(0.25, 0.5)] * 3, [None] * 3, [1.0, 1.0, 1.0], "mean", 1.0)
     words = [np.zeros(4096, dtype=np.uint16) for _ in experts]
     dare_fused.drop_and_sum(base, experts, words, [1, 1, 1], [2.0, 2.0, 2.0], [1.0, 1.0, 1.0], 1.0, False)
     dare_fused.weighted_sum(base, experts, [1.0, 1.0, 1.0], 1.0, False)
@@ -52,7 +54,8 @@ emr_fused.pack_mask(masks)
 convert_fused.to_bfloat16(convert_fused.to_float32(base.bfloat16())[0])
 convert_fused.bfloat16_finite(base.bfloat16())
 kernels = {f"{name}{'/bf16' if widen else ''}": k for widen in (False, True)
-           for name, k in [*((k.py_func.__name__, k) for k in ties_fused._kernels(widen)),
+           for name, k in [*zip(("high_histogram", "low_histogram", "merge", "merge_checked", "merge_bracketed"),
+                                ties_fused._kernels(widen)),
                            *zip(("drop_and_sum", "weighted_sum", "weight_average"), dare_fused._kernels(widen))]}
 kernels.update({k.py_func.__name__: k for k in [*emr_fused._kernels(), *convert_fused._kernels()]})
 kernels.update(zip(("rounded_sum", "rounded_average"), dare_fused.kernels(dare_fused._build)[2]))
@@ -73,7 +76,8 @@ def test_a_fresh_process_loads_every_kernel_from_the_cache(tmp_path):
     first = run()
     assert all(misses > 0 for _, misses in first.values()), first  # compiled and saved
     second = run()
-    fused = {"high_histogram", "low_histogram", "merge", "drop_and_sum", "weighted_sum", "weight_average"}
+    fused = {"high_histogram", "low_histogram", "merge", "merge_checked", "merge_bracketed", "drop_and_sum",
+             "weighted_sum", "weight_average"}
     assert set(second) == {*fused, *(f"{name}/bf16" for name in fused), "elect", "pack", "widen", "narrow", "check",
                            "rounded_sum", "rounded_average"}
     for name, (hits, misses) in second.items():

@@ -133,6 +133,14 @@ def _loops(jit, widen: bool):
                     if low < 65536 and low != 0:  # low 0: the regular values, counted by the first pass
                         row[low] += 1
 
+    return (high_histogram, low_histogram, _merge_loop(jit, widen, False, False), _merge_loop(jit, widen, True, False),
+            _merge_loop(jit, widen, True, True))
+
+
+def _merge_loop(jit, widen: bool, counting: bool, bracketing: bool):
+    # ``counting`` and ``bracketing``: constants of the closure, as ``widen`` (three loops: the exact merge, a
+    # merge from guessed thresholds it checks, a merge from brackets that also leaves elements undecided; the
+    # counts and the bracket test cost a sixth of the loop, which the exact merge does not pay)
     @jit
     def merge(base, experts, below, low, high, open_low, open_high, weights, mean, lam, zero_up, out, index,
               alternative, above, reached, undecided):
@@ -145,10 +153,10 @@ def _loops(jit, widen: bool):
         weights multiply exactly and their counts are integers, so one formulation serves both (``below`` -1
         keeps every value).
 
-        ``above[t]`` counts |tau_t| > high[t] and ``reached[t]`` |tau_t| >= low[t] (how a guessed threshold or
-        a bracket is checked afterwards). An element with any |tau_t| in [open_low[t], open_high[t]] (a bracket
-        the threshold is known to lie in, not where) is undecided: merged with ``below`` as given, left out of
-        the vote and of the deferred ones, its index recorded."""
+        With ``counting``, ``above[t]`` counts |tau_t| > high[t] and ``reached[t]`` |tau_t| >= low[t] (how a
+        guessed threshold or a bracket is checked afterwards). With ``bracketing``, an element with any |tau_t|
+        in [open_low[t], open_high[t]] (a bracket the threshold is known to lie in, not where) is undecided:
+        merged with ``below`` as given, left out of the vote and of the deferred ones, its index recorded."""
         n = base.shape[0]
         tasks = len(experts)
         zero = np.float32(0.0)
@@ -160,9 +168,6 @@ def _loops(jit, widen: bool):
         flipped = np.empty(BLOCK, dtype=np.float32)
         flags = np.empty(BLOCK, dtype=np.uint8)
         band = np.empty(BLOCK, dtype=np.uint8)
-        # per-lane counts, summed once per chunk (a running count per task would need a register per task)
-        over_lanes = np.zeros((tasks, BLOCK), dtype=np.int32)
-        at_lanes = np.zeros((tasks, BLOCK), dtype=np.int32)
         base_wide = np.empty(BLOCK, dtype=np.float32)
         base_bits = base_wide.view(np.uint32)
         wide = np.empty((tasks, BLOCK), dtype=np.float32)
@@ -201,9 +206,8 @@ def _loops(jit, widen: bool):
                 for t in range(tasks):
                     x = wide[t, j] - bj
                     magnitude = abs(x)
-                    over_lanes[t, j] += np.int32(magnitude > high[t])
-                    at_lanes[t, j] += np.int32(magnitude >= low[t])
-                    open_ |= np.int32((magnitude >= open_low[t]) & (magnitude <= open_high[t]))
+                    if bracketing:
+                        open_ |= np.int32((magnitude >= open_low[t]) & (magnitude <= open_high[t]))
                     w = weights[t]
                     x = (x if magnitude > below[t] else zero) * w
                     total += x
@@ -237,6 +241,16 @@ def _loops(jit, widen: bool):
                 block_deferred += defer
                 block_pending += open_
             sign_sum += block_signs
+            if counting:  # a loop per task over the block in L1: cheaper than counts kept per lane in the loop above
+                for t in range(tasks):
+                    over = 0
+                    at = 0
+                    for j in range(size):
+                        magnitude = abs(wide[t, j] - base_wide[j])
+                        over += np.int64(magnitude > high[t])
+                        at += np.int64(magnitude >= low[t])
+                    above[t] += over
+                    reached[t] += at
             if block_deferred:
                 for group in range((size + 63) // 64):  # 64 flags to a word, then only the set bits visited
                     first = group * 64
@@ -259,12 +273,9 @@ def _loops(jit, widen: bool):
                         undecided[pending] = start + first + LOWEST_BIT[((word & (zero64 - word)) * DE_BRUIJN) >> shift]
                         pending += 1
                         word &= word - np.uint64(1)
-        for t in range(tasks):
-            above[t] += over_lanes[t].astype(np.int64).sum()
-            reached[t] += at_lanes[t].astype(np.int64).sum()
         return sign_sum, deferred, pending
 
-    return high_histogram, low_histogram, merge
+    return merge
 
 
 def available(*tensors: torch.Tensor, widening: bool = False) -> bool:
@@ -358,7 +369,9 @@ def _merge(base, experts, thresholds, brackets, weights, mode, lam, zero_sign):
     index, alternative, undecided = _scratch(n)
     above = np.zeros(tasks, dtype=np.int64)
     reached = np.zeros(tasks, dtype=np.int64)
-    loop = _kernels(widens(base))[2]
+    # the loop that does only what is asked: the exact merge, checking estimates, or leaving elements undecided
+    checks = brackets is not None and any(b is not None for b in brackets)
+    loop = _kernels(widens(base))[4 if bool((open_low <= open_high).any()) else 3 if checks else 2]
     sign_sum, deferred, pending = loop(flat_base, flat_experts, below, low, high, open_low, open_high,
                                        np.asarray(weights, dtype=np.float32), mode == "mean", np.float32(lam),
                                        np.float32(zero_sign > 0), out.reshape(-1).numpy(), index.numpy(),
