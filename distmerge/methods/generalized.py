@@ -407,7 +407,8 @@ class TaskVectorMerge(TaskVectorMethod):
                                                                                zero_sign)
             flat_base = base.reshape(-1)
             return ChunkResult(base + lam * delta,
-                               deferred=Deferred(sign_sum, index, flat_base[index] + lam * alternative, zero_sign))
+                               deferred=_deferred(recipe, sign_sum, index, flat_base[index] + lam * alternative,
+                                                  zero_sign))
         zero_sign = 1.0 if recipe.zero_sign == "mergekit" else None
         if recipe.consensus == "count":
             delta = count_consensus(trimmed, weights, zero_sign, recipe.combine)
